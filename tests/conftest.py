@@ -18,11 +18,13 @@ TINY_WORDS = (
 )
 
 
-def make_tiny_model(path, seed: int = 0, *, noise_from=None, noise: float = 0.0):
+def make_tiny_model(path, seed: int = 0, *, noise_from=None, noise: float = 0.0, tie_word_embeddings: bool = False,
+                    dtype: torch.dtype | None = None, max_shard_size: str | None = None, extra_tokens: int = 0):
     """Save a tiny LlamaForCausalLM (+ toy tokenizer) at `path`.
 
     With `noise_from`, start from that directory's weights and add Gaussian noise: a stand-in expert
-    that shares the base's architecture and names.
+    that shares the base's architecture and names. `dtype` and `max_shard_size` change how it is
+    stored; `extra_tokens` grows its vocabulary (an expert with added tokens).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,7 +34,7 @@ def make_tiny_model(path, seed: int = 0, *, noise_from=None, noise: float = 0.0)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=tie_word_embeddings, pad_token_id=tok.pad_token_id,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = LlamaForCausalLM(cfg)
     if noise_from is not None:
@@ -41,7 +43,12 @@ def make_tiny_model(path, seed: int = 0, *, noise_from=None, noise: float = 0.0)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(noise * torch.randn(p.shape, generator=g))
-    model.save_pretrained(path)
+    if extra_tokens:
+        tok.add_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok.save_pretrained(path)
     return path
 

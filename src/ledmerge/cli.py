@@ -88,10 +88,22 @@ def cmd_calibrate(a):
 
 
 def cmd_score(a):
+    import inspect
+
     from .importance import score_model
 
     _threads(a.threads)
-    summary = score_model(a.model, a.calibration, a.out, **_json(a.options, "--options"))
+    options = _json(a.options, "--options")
+    if not isinstance(options, dict):
+        raise LedmergeError(f"--options must be a JSON object, got {a.options!r}")
+    allowed = [k for k in inspect.signature(score_model).parameters
+               if k not in ("model_dir", "calibration_path", "out_path")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise LedmergeError(f"unknown scoring option(s) {unknown}: the options are {allowed}")
+    if a.trust_remote_code:
+        options["trust_remote_code"] = True
+    summary = score_model(a.model, a.calibration, a.out, **options)
     print(json.dumps(summary))
 
 
@@ -121,7 +133,8 @@ def cmd_merge(a):
             raise LedmergeError(f"cannot read the merge spec file {spec[1:]} ({exc.strerror}): "
                                 "run its search first") from None
     merge_models(a.base, _pairs(a.expert, "--expert"), _json(spec, "--spec"), a.out,
-                 masks=_pairs(a.mask, "--mask") or None)
+                 masks=_pairs(a.mask, "--mask") or None, device=a.device, shard_size=a.shard_size,
+                 vocab_policy=a.vocab_policy, allow_pickle=a.allow_pickle)
 
 
 def cmd_synthesize(a):
@@ -245,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("score", cmd_score, "SNIP importance scores |W| * sum|grad| of one model on one calibration set")
     sp.add_argument("--model", required=True); sp.add_argument("--calibration", required=True); sp.add_argument("--out", required=True)
     sp.add_argument("--options", default="{}", help="JSON of the config's scoring section")
+    sp.add_argument("--trust-remote-code", action="store_true",
+                    help="let transformers run the model repository's own Python code (off by default)")
 
     sp = add("elect", cmd_elect, "elected mask TopR(expert) and TopR(base) for one task")
     sp.add_argument("--expert", required=True); sp.add_argument("--base", required=True)
@@ -260,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mask", nargs="*", metavar="TASK=PATH")
     sp.add_argument("--spec", required=True, help="JSON merge spec, or @FILE holding one")
     sp.add_argument("--out", required=True)
+    sp.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu (default) or cuda[:i]")
+    sp.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+    sp.add_argument("--vocab-policy", default="error", choices=["error", "base"],
+                    help="experts whose vocabulary differs from the base's: error (default), or base (merge "
+                         "into the base's vocabulary, dropping extra token rows)")
+    sp.add_argument("--allow-pickle", action="store_true",
+                    help="also read pickle (.bin) checkpoints; only for files you trust: unpickling can run code")
 
     sp = add("synthesize", cmd_synthesize, "synthetic alignment and domain data for data-aware merging")
     sp.add_argument("--aligned", required=True, help="the aligned model (answers the harmful questions)")

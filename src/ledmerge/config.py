@@ -86,7 +86,7 @@ def _at(key: str, func, *args, **kwargs):
 
 def check(config: dict) -> None:
     """Checks the schema cannot express: names, files, checkpoints, merge specs."""
-    from .checkpoint import check_compatible, tensor_shapes
+    from .checkpoint import check_compatible, parse_size, tensor_shapes
     from .fileio import read_jsonl
     from .merge import get_method
 
@@ -119,11 +119,13 @@ def check(config: dict) -> None:
         present = {}
         for name, key in keys.items():
             if not is_hub(sources[name]) or Path(model_dir(config, name)).is_dir():
-                _at(key, tensor_shapes, model_dir(config, name))
+                _at(key, tensor_shapes, model_dir(config, name), allow_pickle=config["allow_pickle"])
                 present[name] = model_dir(config, name)
         if "base" in present:
             for name in [n for n in present if n != "base"]:
-                _at(keys[name], check_compatible, present["base"], {name: present[name]})
+                _at(keys[name], check_compatible, present["base"], {name: present[name]},
+                    vocab_policy=config["merging"]["vocab_policy"], allow_pickle=config["allow_pickle"])
+    _at("merging.shard_size", parse_size, config["merging"]["shard_size"])
     for key in ("harmful", "benign", "math", "code"):
         source = config["evaluation"][key]
         if source not in (None, ZOO) and not isinstance(source, dict):

@@ -97,6 +97,13 @@ def merge_spec_arg(name):
     return as_json(merge_spec(config, name)) if name in config["merges"] else f"@{R}/data_aware/{name}/recipe.json"
 
 
+def merge_options():
+    """`ledmerge merge` flags from the config's `merging` section and `allow_pickle`."""
+    m = config["merging"]
+    flags = f"--device {m['device']} --shard-size {m['shard_size']} --vocab-policy {m['vocab_policy']}"
+    return flags + (" --allow-pickle" if config["allow_pickle"] else "")
+
+
 def eval_data(key):
     """Evaluation set `key` (harmful, benign, math, code): a zoo file, a user file, or none."""
     source = config["evaluation"][key]
@@ -157,6 +164,7 @@ def evaluation_options():
         "device": ev["device"],
         "seed": config["seed"],
     }
-    if ev["backend"] != "hf" or ev["model_args"]:  # only when set, so default runs keep their params
-        opts.update(backend=ev["backend"], model_args=ev["model_args"])
+    model_args = dict(ev["model_args"], **({"trust_remote_code": True} if config["trust_remote_code"] else {}))
+    if ev["backend"] != "hf" or model_args:  # only when set, so default runs keep their params
+        opts.update(backend=ev["backend"], model_args=model_args)
     return as_json(opts)

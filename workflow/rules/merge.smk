@@ -14,13 +14,14 @@ rule merge:
             if merge_method(w.merge) == "led"
             else ""
         ),
+        options=merge_options(),
     threads: rule_threads("merge")
     resources:
-        **rule_resources("merge"),
+        **rule_resources("merge", config["merging"]["device"]),
     conda:
         CONDA_ENV
     log:
         f"{LOG}/merge_{{merge}}.log",
     shell:
         "$LEDMERGE --threads {threads} merge --base {input.base} --expert {params.experts} {params.masks} "
-        "--spec {params.spec:q} --out {output} > {log} 2>&1"
+        "--spec {params.spec:q} --out {output} {params.options} > {log} 2>&1"

@@ -6,18 +6,22 @@ turns it into a validated method object and `merge_models` applies it tensor by 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
+import torch
 import yaml
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import (check_compatible, file_sha256, load_state_dict, save_model_dir, stored_dtype,
-                          tensor_shapes, weight_files)
+from ..checkpoint import (DEFAULT_SHARD_SIZE, ModelReader, ShardedWriter, align_rows, check_compatible,
+                          copy_sidecar_files, file_sha256)
 from ..errors import LedmergeError
+from ..fileio import atomic_path
 from .base import MaskFiles, MergeMethod, TensorContext
 
 log = logging.getLogger(__name__)
@@ -41,41 +45,101 @@ def get_method(spec: Mapping) -> MergeMethod:
     return METHODS[spec["method"]].from_spec(spec)
 
 
+def merge_device(device: str) -> torch.device:
+    """The device merges compute on: cpu (default), or cuda[:i] when one is present."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LedmergeError(f"merge device {device!r} is not a device: use cpu or cuda (cuda:0, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LedmergeError(f"merge device {device!r} asked for, but torch sees no CUDA device here: use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise LedmergeError(f"merge device {device!r} is not supported: use cpu or cuda")
+    return dev
+
+
 def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os.PathLike], spec: Mapping,
-                 out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None) -> None:
-    """Merge the experts into the base with `spec`; write a HF model directory (atomic) with a model card."""
+                 out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None, *,
+                 device: str = "cpu", shard_size: int | str = DEFAULT_SHARD_SIZE, vocab_policy: str = "error",
+                 allow_pickle: bool = False, progress: bool | None = None) -> None:
+    """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card.
+
+    Streams: one tensor of every input is in memory at a time (plus the next one, read ahead by a
+    thread while the current one is merged), cast to float32 for the arithmetic and written back in
+    the base's stored dtype, so peak memory is a small multiple of the largest tensor, whatever the
+    model's size.
+    """
     method = get_method(spec)
     if not expert_dirs:
         raise LedmergeError("no expert models to merge: list at least one expert in the config")
     tasks = sorted(expert_dirs)
     method.check_inputs(tasks, masks)
-    check_compatible(base_dir, expert_dirs)
-    mask_files = MaskFiles(masks, tensor_shapes(base_dir)) if masks and method.uses_masks else None
+    dev = merge_device(device)
+    aligned = check_compatible(base_dir, expert_dirs, vocab_policy=vocab_policy, allow_pickle=allow_pickle)
+    log.info("merging %s into %s with %s on %s", tasks, base_dir, method.recipe(), dev)
 
-    log.info("merging %s into %s with %s", tasks, base_dir, method.recipe())
-    base = load_state_dict(base_dir)
-    experts = {t: load_state_dict(expert_dirs[t]) for t in tasks}
-    merged = {}
-    for name in tqdm(sorted(base), desc=f"merge ({method.name})", unit="tensor", disable=None):
-        ctx = TensorContext(name, seed=method.seed, masks=mask_files.for_tensor(name) if mask_files else {})
-        merged[name] = method.merge_tensor(name, base[name], {t: experts[t][name] for t in tasks}, ctx)
-        del base[name]  # free as we go: only the output accumulates
-        for t in tasks:
-            del experts[t][name]
+    with contextlib.ExitStack() as stack:
+        open_reader = lambda d: stack.enter_context(ModelReader(d, allow_pickle=allow_pickle, hash_files=True))
+        base = open_reader(base_dir)
+        experts = {t: open_reader(expert_dirs[t]) for t in tasks}
+        mask_files = MaskFiles(masks, base.shapes) if masks and method.uses_masks else None
+        out = stack.enter_context(atomic_path(out_dir, directory=True))
+        writer = ShardedWriter(out, [(n, base.infos[n].dtype, base.infos[n].shape) for n in base.names], shard_size)
 
-    card = model_card(method, base_dir, {t: expert_dirs[t] for t in tasks}, masks if mask_files else None)
-    save_model_dir(out_dir, merged, template_dir=base_dir, model_card=card, dtype=stored_dtype(base_dir))
-    log.info("wrote merged model to %s", out_dir)
+        def load(name: str):
+            """Everything one tensor's merge needs (run in the read-ahead thread)."""
+            b = base.read(name)
+            if not b.is_floating_point():  # integer buffers are copied from the base
+                return b, None, None
+            b = b.float()
+            inputs = {}
+            for t in tasks:
+                e = experts[t].read(name, torch.float32)
+                inputs[t] = align_rows(e, b) if name in aligned.get(t, ()) else e
+            return b, inputs, (mask_files.for_tensor(name) if mask_files else {})
+
+        def merge_one(name: str, b: torch.Tensor, inputs, tensor_masks) -> torch.Tensor:
+            if inputs is None:
+                return b
+            to_dev = lambda x: x if x is None else x.to(dev, non_blocking=True)
+            ctx = TensorContext(name, seed=method.seed, masks={t: to_dev(m) for t, m in tensor_masks.items()})
+            merged = method.merge_tensor(name, to_dev(b), {t: to_dev(e) for t, e in inputs.items()}, ctx)
+            return merged.to(base.infos[name].dtype).cpu()
+
+        bar = tqdm(total=writer.total_size, desc=f"merge ({method.name})", unit="B", unit_scale=True, disable=progress is False)
+        with bar, ThreadPoolExecutor(1, "read") as reader, ThreadPoolExecutor(1, "write") as writer_thread:
+            order = writer.order
+            ahead = reader.submit(load, order[0])
+            written = None
+            for i, name in enumerate(order):
+                loaded = ahead.result()
+                if i + 1 < len(order):
+                    ahead = reader.submit(load, order[i + 1])
+                merged = merge_one(name, *loaded)
+                del loaded
+                if written is not None:
+                    written.result()  # at most one tensor waits for the disk
+                written = writer_thread.submit(writer.write, name, merged)
+                bar.update(merged.numel() * merged.element_size())
+            if written is not None:
+                written.result()
+        writer.close()
+        copy_sidecar_files(base_dir, out)
+        hashes = {"base": base.sha256s(), **{f"expert `{t}`": experts[t].sha256s() for t in tasks}}
+        (out / "README.md").write_text(model_card(method, base_dir, expert_dirs, hashes,
+                                                  masks if mask_files else None, vocab_policy if aligned else None))
+    log.info("wrote merged model to %s (%d shard(s))", out_dir, len(writer.files))
 
 
-def model_card(method: MergeMethod, base_dir, expert_dirs: Mapping, masks: Mapping | None) -> str:
+def model_card(method: MergeMethod, base_dir, expert_dirs: Mapping, hashes: Mapping[str, Mapping[Path, str]],
+               masks: Mapping | None, vocab_policy: str | None = None) -> str:
     """README.md: HF front matter, then the full recipe and the sha256 of every input file."""
     front = {"base_model": str(base_dir), "library_name": "transformers", "tags": ["merge", "ledmerge"]}
-    rows = [("base", base_dir)] + [(f"expert `{t}`", d) for t, d in expert_dirs.items()]
+    dirs = {"base": base_dir, **{f"expert `{t}`": expert_dirs[t] for t in sorted(expert_dirs)}}
     lines = []
-    for role, d in rows:
-        for path in weight_files(d):
-            lines.append(f"| {role} | `{d}` | `{path.name}` | `{file_sha256(path)}` |")
+    for role, files in hashes.items():
+        for path, digest in files.items():
+            lines.append(f"| {role} | `{dirs[role]}` | `{path.name}` | `{digest}` |")
     for t, path in (masks or {}).items():
         lines.append(f"| mask `{t}` | `{Path(path).parent}` | `{Path(path).name}` | `{file_sha256(path)}` |")
     return "\n".join([
@@ -83,6 +147,8 @@ def model_card(method: MergeMethod, base_dir, expert_dirs: Mapping, masks: Mappi
         f"# Merged model ({method.name})", "",
         f"Merged with ledmerge {__version__} using the `{method.name}` method.", "",
         "## Recipe", "", "```yaml", yaml.safe_dump(method.recipe(), sort_keys=False).strip(), "```", "",
+        *([f"Experts with another vocabulary were merged into the base's (vocab_policy: {vocab_policy}).", ""]
+          if vocab_policy else []),
         "## Inputs", "", "| role | model | file | sha256 |", "|---|---|---|---|", *lines, "",
     ])
 

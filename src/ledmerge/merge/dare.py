@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def dare(delta: Tensor, drop: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
     """Zero each entry with probability `drop`; scale survivors by 1/(1-drop) to keep the expectation."""
-    keep = torch.rand(delta.shape, generator=generator) >= drop
+    # Drawn on the CPU generator whatever the device, so a CUDA merge drops the same entries.
+    keep = (torch.rand(delta.shape, generator=generator) >= drop).to(delta.device)
     out = delta * keep
     return out / (1 - drop) if rescale else out
 

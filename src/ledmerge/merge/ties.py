@@ -43,8 +43,8 @@ def elect_disjoint_mean(deltas: dict[str, Tensor], weights: dict[str, float] | N
     zeros never count as agreeing, and a zero sum elects no sign (the weight keeps the base value).
     """
     tasks = sorted(deltas)
-    w = torch.tensor(task_weights(weights, tasks), dtype=torch.float32)
     stacked = torch.stack([deltas[t] for t in tasks])
+    w = torch.tensor(task_weights(weights, tasks), dtype=torch.float32, device=stacked.device)
     w = w.view(-1, *([1] * (stacked.dim() - 1)))
     stacked = stacked * w
     sign = stacked.sum(0).sign()
