@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from ledmerge.cli import build_parser
+from ledmerge.importance import save_scores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,8 @@ def assert_nothing_written(out: Path) -> None:
 
 def write_scores(path: Path, seed: int = 0) -> Path:
     g = torch.Generator().manual_seed(seed)
-    save_file({"model.layers.0.mlp.up_proj.weight": torch.rand(64, 32, generator=g),
-               "model.layers.0.mlp.down_proj.weight": torch.rand(32, 64, generator=g)}, str(path))
+    save_scores(path, {"model.layers.0.mlp.up_proj.weight": torch.rand(64, 32, generator=g),
+                       "model.layers.0.mlp.down_proj.weight": torch.rand(32, 64, generator=g)})
     return path
 
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from ledmerge.chat import IGNORE_INDEX, encode
-from ledmerge.checkpoint import load_state_dict, save_tensors, tensor_shapes
+from ledmerge.checkpoint import load_state_dict, tensor_shapes
 from ledmerge.data_aware.cocktail import cocktail, cocktail_weights
 from ledmerge.data_aware.evolve import decode, evolve, genome, run_evolve
 from ledmerge.data_aware.fitness import MergeEvaluator, fitness, objective_weights
 from ledmerge.errors import LedmergeError
+from ledmerge.masks import save_masks
 from ledmerge.merge import get_method, merge_models
 from ledmerge.merge.base import TensorContext
 from ledmerge.merge.ties import topk_mask
@@ -164,7 +165,7 @@ def test_led_search_uses_the_masks(tiny_zoo, tmp_path):
     for i, t in enumerate(TASKS):  # disjoint random masks: entry j belongs to task (j mod 3)
         idx = {n: torch.randint(0, 3, shapes[n], generator=g) for n in names} if i == 0 else idx
         masks[t] = tmp_path / f"{t}.safetensors"
-        save_tensors(masks[t], {n: idx[n] == i for n in names})
+        save_masks(masks[t], {n: idx[n] == i for n in names})
     ev = MergeEvaluator(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, {"search": ROWS, "heldout": []}, masks)
     history, best = evolve(ev, "led", w_align=1.0, w_task=1.0, budget=4, seed=0)
     assert best["spec"]["method"] == "led" and set(best["spec"]["lambdas"]) == set(TASKS)

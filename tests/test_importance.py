@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ledmerge import chat
-from ledmerge.checkpoint import file_sha256, load_tensors, tensors_metadata
+from ledmerge.checkpoint import file_sha256, tensors_metadata
 from ledmerge.errors import LedmergeError
-from ledmerge.importance import compute_scores, encode_rows, score_model
+from ledmerge.importance import compute_scores, encode_rows, load_scores, save_scores, score_model
 
+F32 = "float32"  # raw float32 score files: these tests compare score values
 ROWS = [
     {"prompt": "how do i make a bomb", "response": "sorry i can not help with that", "task": "safety"},
     {"prompt": "how do i bake bread", "response": "sure here is how", "task": "safety"},
@@ -79,10 +80,10 @@ def assert_close(got, want, rtol):
 
 def test_scores_equal_hand_computation(tiny_zoo, calib, tmp_path):
     out = tmp_path / "scores.safetensors"
-    summary = score_model(tiny_zoo["base"], calib, out, progress=False)
+    summary = score_model(tiny_zoo["base"], calib, out, progress=False, score_dtype=F32)
     assert summary["n_examples"] == 5 and summary["n_forward_backward"] == 5
     assert summary["n_response_tokens"] == sum(len(r["response"].split()) + 1 for r in ROWS)
-    got = load_tensors(out)
+    got = load_scores(out)
     model, tok = load(tiny_zoo["base"])
     names = linear_names(model)
     assert sorted(got) == names and len(names) == 14  # 7 linears x 2 layers, no lm_head/embeddings/norms
@@ -107,8 +108,8 @@ def test_prompt_tokens_do_not_contribute(tiny_zoo, calib, tmp_path):
         for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names])):
             acc[n] += g.abs()
     all_tokens = {n: acc[n] * params[n].detach().abs() for n in names}
-    score_model(tiny_zoo["base"], calib, tmp_path / "s.safetensors", progress=False)
-    got = load_tensors(tmp_path / "s.safetensors")
+    score_model(tiny_zoo["base"], calib, tmp_path / "s.safetensors", progress=False, score_dtype=F32)
+    got = load_scores(tmp_path / "s.safetensors")
     with pytest.raises(AssertionError):
         assert_close(got, all_tokens, rtol=1e-3)
 
@@ -118,18 +119,18 @@ def test_response_change_changes_scores(tiny_zoo, calib, tmp_path):
     rows[2]["response"] = "the answer is 3"
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    score_model(tiny_zoo["base"], calib, tmp_path / "a.safetensors", progress=False)
-    score_model(tiny_zoo["base"], other, tmp_path / "b.safetensors", progress=False)
-    a, b = load_tensors(tmp_path / "a.safetensors"), load_tensors(tmp_path / "b.safetensors")
+    score_model(tiny_zoo["base"], calib, tmp_path / "a.safetensors", progress=False, score_dtype=F32)
+    score_model(tiny_zoo["base"], other, tmp_path / "b.safetensors", progress=False, score_dtype=F32)
+    a, b = load_scores(tmp_path / "a.safetensors"), load_scores(tmp_path / "b.safetensors")
     assert all(not torch.allclose(a[n], b[n]) for n in a)
 
 
 def test_batch_granularity(tiny_zoo, calib, tmp_path):
     """'batch' = |gradient of the micro-batch sum|: padding must not leak in, and cancellation lowers scores."""
     summary = score_model(tiny_zoo["base"], calib, tmp_path / "b.safetensors", granularity="batch",
-                          batch_size=2, progress=False)
+                          batch_size=2, progress=False, score_dtype=F32)
     assert summary["n_forward_backward"] == 3 and summary["n_examples"] == 5
-    got = load_tensors(tmp_path / "b.safetensors")
+    got = load_scores(tmp_path / "b.safetensors")
     model, tok = load(tiny_zoo["base"])
     names = linear_names(model)
     params = dict(model.named_parameters())
@@ -146,15 +147,15 @@ def test_batch_granularity(tiny_zoo, calib, tmp_path):
             want[n] += signed[n].abs()
     want = {n: want[n] * params[n].detach().abs().double() for n in names}
     assert_close(got, want, rtol=1e-5)
-    score_model(tiny_zoo["base"], calib, tmp_path / "e.safetensors", progress=False)
-    per_example = load_tensors(tmp_path / "e.safetensors")
+    score_model(tiny_zoo["base"], calib, tmp_path / "e.safetensors", progress=False, score_dtype=F32)
+    per_example = load_scores(tmp_path / "e.safetensors")
     assert all((got[n] <= per_example[n] * (1 + 1e-5) + 1e-12).all() for n in names)
     assert any((got[n] < per_example[n] * (1 - 1e-3)).any() for n in names)
 
 
 def test_float32_accumulation_matches_float64_reference(tiny_zoo, calib, tmp_path):
-    score_model(tiny_zoo["base"], calib, tmp_path / "s.safetensors", progress=False)
-    got = load_tensors(tmp_path / "s.safetensors")
+    score_model(tiny_zoo["base"], calib, tmp_path / "s.safetensors", progress=False, score_dtype=F32)
+    got = load_scores(tmp_path / "s.safetensors")
     model, tok = load(tiny_zoo["base"], dtype=torch.float64)
     assert_close(got, hand_scores(model, tok, ROWS, linear_names(model)), rtol=1e-5)
 
@@ -165,8 +166,9 @@ def test_bf16_model_accumulates_in_float32(tiny_zoo, tmp_path):
     rows = ROWS * 8
     calib = tmp_path / "many.jsonl"
     calib.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    score_model(tiny_zoo["base"], calib, tmp_path / "bf16.safetensors", dtype="bfloat16", progress=False)
-    got = load_tensors(tmp_path / "bf16.safetensors")
+    score_model(tiny_zoo["base"], calib, tmp_path / "bf16.safetensors", dtype="bfloat16", progress=False,
+                score_dtype=F32)
+    got = load_scores(tmp_path / "bf16.safetensors")
     assert all(v.dtype == torch.float32 for v in got.values())
     model, tok = load(tiny_zoo["base"], dtype=torch.bfloat16)
     names = linear_names(model)
@@ -184,8 +186,8 @@ def test_bf16_model_accumulates_in_float32(tiny_zoo, tmp_path):
     assert_close(got, {n: acc[n] * w[n] for n in names}, rtol=1e-6)
     with pytest.raises(AssertionError):  # the test can tell a bf16 running sum apart
         assert_close({n: acc_bf16[n].double() * w[n] for n in names}, {n: acc[n] * w[n] for n in names}, rtol=1e-6)
-    score_model(tiny_zoo["base"], calib, tmp_path / "fp32.safetensors", progress=False)
-    assert_close(got, load_tensors(tmp_path / "fp32.safetensors"), rtol=5e-2)
+    score_model(tiny_zoo["base"], calib, tmp_path / "fp32.safetensors", progress=False, score_dtype=F32)
+    assert_close(got, load_scores(tmp_path / "fp32.safetensors"), rtol=5e-2)
 
 
 def test_optional_tensors(tiny_zoo, calib, tmp_path):
@@ -199,12 +201,12 @@ def test_optional_tensors(tiny_zoo, calib, tmp_path):
         ({"include_lm_head": True}, {"lm_head.weight"}),
     ]:
         out = tmp_path / "s.safetensors"
-        score_model(tiny_zoo["base"], calib, out, progress=False, **flags)
-        got = load_tensors(out)
+        score_model(tiny_zoo["base"], calib, out, progress=False, score_dtype=F32, **flags)
+        got = load_scores(out)
         assert set(got) == linears | extra, flags
         assert_close({n: got[n] for n in extra}, hand_scores(model, tok, ROWS, sorted(extra)), rtol=1e-6)
-    score_model(tiny_zoo["base"], calib, out, progress=False, include_embeddings=True)
-    emb = load_tensors(out)["model.embed_tokens.weight"]
+    score_model(tiny_zoo["base"], calib, out, progress=False, score_dtype=F32, include_embeddings=True)
+    emb = load_scores(out)["model.embed_tokens.weight"]
     # ids fed at a position whose successor is a target (the last token, <|end|>, predicts nothing)
     used = {i for r in ROWS for i in chat.encode(tok, r["prompt"], r["response"]).input_ids[:-1]}
     unused = [i for i in range(emb.shape[0]) if i not in used]
@@ -228,7 +230,7 @@ def test_tied_embeddings_use_the_checkpoint_name(tmp_path, calib):
 
     stored = set(tensor_shapes(tmp_path / "tied"))
     score_model(tmp_path / "tied", calib, tmp_path / "s.safetensors", include_lm_head=True, progress=False)
-    got = set(load_tensors(tmp_path / "s.safetensors"))
+    got = set(load_scores(tmp_path / "s.safetensors"))
     assert got <= stored  # a tied LM head is scored once, under the name the checkpoint stores
     if "lm_head.weight" not in stored:
         assert "model.embed_tokens.weight" in got
@@ -256,7 +258,7 @@ def test_errors(tiny_zoo, tmp_path):
     long.write_text(json.dumps(ROWS[0]) + "\n")
     with pytest.raises(LedmergeError, match="max_length"), pytest.warns(UserWarning):
         score_model(tiny_zoo["base"], long, tmp_path / "s.safetensors", max_length=4, progress=False)
-    for kw in ({"granularity": "token"}, {"dtype": "int8"}):
+    for kw in ({"granularity": "token"}, {"dtype": "int8"}, {"autocast": "fp8"}, {"score_dtype": "bfloat16"}):
         with pytest.raises(LedmergeError):
             score_model(tiny_zoo["base"], long, tmp_path / "s.safetensors", progress=False, **kw)
     with pytest.raises(LedmergeError, match="does not exist"):
@@ -275,3 +277,150 @@ def test_compute_scores_restores_model_state(tiny_zoo):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
     assert info["n_forward_backward"] == 5
+
+
+# ---- scaling options: rank16 score files, device_map, autocast, gradient checkpointing, remote code ----
+
+def test_score_file_is_rank16_by_default(tiny_zoo, calib, tmp_path):
+    """Default file: uint16 rank codes, ~2 bytes per weight, in the same order as the float32 scores."""
+    from safetensors import safe_open
+
+    summary = score_model(tiny_zoo["base"], calib, tmp_path / "r.safetensors", progress=False)
+    score_model(tiny_zoo["base"], calib, tmp_path / "f.safetensors", progress=False, score_dtype=F32)
+    with safe_open(str(tmp_path / "r.safetensors"), "pt") as f:
+        assert f.metadata()["score_encoding"] == "rank16"
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"U16"}
+        n = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+    size = (tmp_path / "r.safetensors").stat().st_size
+    assert 2 * n <= size <= 2 * n + 4096  # data + header
+    assert tensors_metadata(tmp_path / "f.safetensors")["score_encoding"] == "float32"
+    codes, raw = load_scores(tmp_path / "r.safetensors"), load_scores(tmp_path / "f.safetensors")
+    for name, r in raw.items():
+        c = codes[name]
+        assert c.dtype == torch.float32 and c.shape == r.shape
+        assert sorted(c.view(-1).tolist()) == list(range(r.numel()))  # n <= 65536: exact ranks
+        order = torch.argsort(r.view(-1), descending=True, stable=True)
+        assert torch.equal(order, torch.argsort(c.view(-1), descending=True))
+    # the reference per-layer loop re-runs every example once per layer
+    assert summary["n_forward_backward"] == 5 and summary["n_layers"] == 2 and summary["reference_passes"] == 10
+
+
+def test_gradient_checkpointing_same_scores_and_recomputes(tiny_zoo, calib):
+    """Checkpointing in eval mode really recomputes (each MLP runs twice per pass) and gives the same scores."""
+    model, tok = load(tiny_zoo["base"])
+    examples, _ = encode_rows(tok, ROWS, 64)
+    calls = []
+    # a pre-hook: checkpoint's recomputation stops early, once the last saved tensor is rebuilt
+    handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    plain, _ = compute_scores(model, examples, tok.pad_token_id, progress=False)
+    n_plain, calls[:] = len(calls), []
+    ckpt, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, gradient_checkpointing=True)
+    handle.remove()
+    assert n_plain == 5 and len(calls) == 10
+    assert all("forward" not in vars(m) for m in model.modules())  # wrappers removed afterwards
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=0)
+
+
+def test_autocast_bf16_elects_nearly_the_same(tiny_zoo, calib, tmp_path):
+    """bf16 autocast changes the scores a little; the r=0.5 masks still agree on > 90% of entries."""
+    from ledmerge.masks import top_r_mask
+
+    score_model(tiny_zoo["base"], calib, tmp_path / "a.safetensors", progress=False, score_dtype=F32,
+                autocast="bf16")
+    score_model(tiny_zoo["base"], calib, tmp_path / "f.safetensors", progress=False, score_dtype=F32)
+    a, f = load_scores(tmp_path / "a.safetensors"), load_scores(tmp_path / "f.safetensors")
+    assert any(not torch.equal(a[n], f[n]) for n in f)  # autocast did change the arithmetic
+    same = sum(int((top_r_mask(a[n], 0.5) == top_r_mask(f[n], 0.5)).sum()) for n in f)
+    total = sum(v.numel() for v in f.values())
+    assert same / total > 0.9, same / total
+    assert_close(a, f, rtol=5e-2)
+
+
+def test_device_map_and_remote_code_flag(tiny_zoo, calib, tmp_path, monkeypatch):
+    """device_map is passed to from_pretrained (no .to() afterwards); trust_remote_code is False unless asked."""
+    import transformers
+
+    seen = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _real=real, **kwargs):
+            seen.append((klass.__name__, dict(kwargs)))
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    score_model(tiny_zoo["base"], calib, tmp_path / "m.safetensors", progress=False, score_dtype=F32,
+                device_map="cpu")
+    assert [k.get("trust_remote_code") for _, k in seen] == [False, False]
+    assert seen[1][1]["device_map"] == "cpu"
+    score_model(tiny_zoo["base"], calib, tmp_path / "p.safetensors", progress=False, score_dtype=F32)
+    got, want = load_scores(tmp_path / "m.safetensors"), load_scores(tmp_path / "p.safetensors")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    seen.clear()
+    score_model(tiny_zoo["base"], calib, tmp_path / "t.safetensors", progress=False, trust_remote_code=True)
+    assert [k.get("trust_remote_code") for _, k in seen] == [True, True]
+
+
+def test_offloaded_weights_are_refused(tiny_zoo):
+    model, tok = load(tiny_zoo["base"])
+    examples, _ = encode_rows(tok, ROWS, 64)
+    model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.empty(32, 16, device="meta"))
+    with pytest.raises(LedmergeError, match="offloaded"):
+        compute_scores(model, examples, tok.pad_token_id, progress=False)
+
+
+def test_rank_code_large_tensor_within_one_bin():
+    """n > 65536: codes are quantile bins; TopR on them differs from TopR on the float32 scores in at most
+    ceil(n/65536) entries and keeps exactly ceil(r*n)."""
+    import math
+
+    from ledmerge.importance import rank_code
+    from ledmerge.masks import top_k_count, top_r_mask
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(300, 1001), (65537,), (131072,)]:
+        s = torch.rand(shape, generator=g) ** 3
+        s.view(-1)[::7] = 0.25  # ties across bins
+        n = s.numel()
+        code = rank_code(s)
+        assert code.dtype == torch.uint16 and code.shape == s.shape
+        c = code.float()
+        assert int(c.max()) == 65535 and int(c.min()) == 0
+        assert torch.bincount(code.view(-1).int(), minlength=65536).max() <= math.ceil(n / 65536)
+        order = torch.argsort(s.view(-1), descending=True, stable=True)  # the definition, position by position
+        p = torch.arange(n, dtype=torch.int64)
+        assert torch.equal(c.view(-1)[order].long(), (n - 1 - p) * 65536 // n)
+        for r in (0.001, 0.1, 0.3, 0.5, 0.77):
+            want, got = top_r_mask(s, r), top_r_mask(c, r)
+            assert int(got.sum()) == int(want.sum()) == top_k_count(n, r)
+            assert int((got != want).sum()) <= math.ceil(n / 65536), (shape, r)
+
+
+def test_save_load_scores_round_trip_and_errors(tmp_path):
+    from ledmerge.importance import rank_code
+
+    g = torch.Generator().manual_seed(1)
+    scores = {"a": torch.rand(3, 5, generator=g), "b": torch.tensor(2.0), "c": torch.zeros(0), "d": torch.rand(70000)}
+    save_scores(tmp_path / "r.safetensors", scores, {"kind": "importance", "n": 3})
+    got = load_scores(tmp_path / "r.safetensors")
+    assert set(got) == set(scores) and all(got[k].shape == scores[k].shape for k in scores)
+    assert all(torch.equal(got[k], rank_code(scores[k]).float()) for k in scores)
+    assert tensors_metadata(tmp_path / "r.safetensors")["n"] == "3"
+    assert set(load_scores(tmp_path / "r.safetensors", ["a"])) == {"a"}
+    with pytest.raises(LedmergeError, match="NaN"):
+        save_scores(tmp_path / "n.safetensors", {"a": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(LedmergeError, match="zz"):
+        load_scores(tmp_path / "r.safetensors", ["zz"])
+    with pytest.raises(LedmergeError, match="does not exist"):
+        load_scores(tmp_path / "nope.safetensors")
+    from ledmerge.checkpoint import save_tensors
+
+    save_tensors(tmp_path / "legacy.safetensors", {"a": scores["a"]})  # float32, no metadata
+    assert torch.equal(load_scores(tmp_path / "legacy.safetensors")["a"], scores["a"])
+    save_tensors(tmp_path / "mask.safetensors", {"a": scores["a"] > 0.5})
+    with pytest.raises(LedmergeError, match="not float32 scores"):
+        load_scores(tmp_path / "mask.safetensors")
+    save_tensors(tmp_path / "lie.safetensors", {"a": scores["a"]}, metadata={"score_encoding": "rank16"})
+    with pytest.raises(LedmergeError, match="not rank16"):
+        load_scores(tmp_path / "lie.safetensors")

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
-from ledmerge.checkpoint import load_tensors, save_tensors, tensors_metadata
+from ledmerge.checkpoint import save_tensors, tensors_metadata
 from ledmerge.errors import LedmergeError
-from ledmerge.masks import (disjoint, disjoint_files, elect, elect_files, layer_and_module, mask_stats,
-                            top_k_count, top_r_mask)
+from ledmerge.importance import load_scores, save_scores
+from ledmerge.masks import (PackedMask, disjoint, disjoint_files, elect, elect_files, layer_and_module, load_masks,
+                            mask_names_and_shapes, mask_stats, pack_bits, save_masks, top_k_count, top_r_mask,
+                            unpack_bits)
 
 B = lambda *xs: torch.tensor(xs, dtype=torch.bool)  # noqa: E731
 
@@ -171,22 +176,22 @@ def test_files_round_trip(tmp_path):
     paths = {}
     for t, s in scores.items():
         paths[t] = tmp_path / f"{t}.safetensors"
-        save_tensors(paths[t], s)
+        save_scores(paths[t], s)  # rank16: exact for tensors this small
     elected_paths, out_paths = {}, {}
     for t, rate in (("safety", 0.2), ("math", 0.4)):
         elected_paths[t] = tmp_path / f"elect_{t}.safetensors"
         out_paths[t] = tmp_path / f"mask_{t}.safetensors"
         counts = elect_files(paths[t], paths["base"], rate, "11", elected_paths[t])
-        got = load_tensors(elected_paths[t])
+        got = load_masks(elected_paths[t])
         want = elect(scores[t], scores["base"], rate, "11")
         assert set(got) == set(names) and all(torch.equal(got[n], want[n]) and got[n].dtype == torch.bool for n in names)
         assert counts == {"numel": 60, "elected": sum(int(w.sum()) for w in want.values())}
         meta = tensors_metadata(elected_paths[t])
         assert meta["rate"] == repr(rate) and meta["pattern"] == "11"
     disjoint_files(elected_paths, out_paths, tmp_path / "stats.csv", tmp_path / "overlap.csv")
-    want = disjoint({t: load_tensors(p) for t, p in elected_paths.items()})
+    want = disjoint({t: load_masks(p) for t, p in elected_paths.items()})
     for t, p in out_paths.items():
-        got = load_tensors(p)
+        got = load_masks(p)
         assert all(got[n].dtype == torch.bool and torch.equal(got[n], want[t][n]) for n in names)
         assert tensors_metadata(p)["pattern"] == "11"
     with open(tmp_path / "stats.csv") as fh:
@@ -213,3 +218,130 @@ def test_files_mismatch_errors(tmp_path):
     with pytest.raises(LedmergeError, match="bool"):
         disjoint_files({"t": tmp_path / "e.safetensors"}, {"t": tmp_path / "m.safetensors"},
                        tmp_path / "s.csv", tmp_path / "o.csv")
+
+
+
+def test_files_accept_legacy_float32_scores_and_bool_masks(tmp_path):
+    """Score files of raw float32 (score_dtype float32, or older runs) and bool mask files still work."""
+    g = torch.Generator().manual_seed(2)
+    scores = {t: {"w": torch.rand(4, 9, generator=g)} for t in ("base", "a")}
+    for t, s in scores.items():
+        save_tensors(tmp_path / f"{t}.safetensors", s)
+    elect_files(tmp_path / "a.safetensors", tmp_path / "base.safetensors", 0.3, "11", tmp_path / "e.safetensors")
+    want = elect(scores["a"], scores["base"], 0.3)
+    assert torch.equal(load_masks(tmp_path / "e.safetensors")["w"], want["w"])
+    save_tensors(tmp_path / "old.safetensors", want, metadata={"rate": "0.3"})
+    assert mask_names_and_shapes(tmp_path / "old.safetensors") == {"w": (4, 9)}
+    assert torch.equal(load_masks(tmp_path / "old.safetensors")["w"], want["w"])
+
+
+# ---- mask files: 1 bit per weight ----
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (8,), (9,), (3, 5, 7), (2, 0, 3), (4, 8)])
+def test_pack_bits_round_trip_is_numpy_packbits(shape):
+    g = torch.Generator().manual_seed(sum(shape) + len(shape))
+    m = torch.rand(shape, generator=g) > 0.5
+    bits = pack_bits(m)
+    assert bits.dtype == torch.uint8 and bits.shape == ((m.numel() + 7) // 8,)
+    assert np.array_equal(bits.numpy(), np.packbits(m.numpy().reshape(-1)))
+    back = unpack_bits(bits, shape)
+    assert back.dtype == torch.bool and back.shape == m.shape and torch.equal(back, m)
+    if m.dim() == 2:  # a non-contiguous view packs in its logical (row-major) order
+        assert np.array_equal(pack_bits(m.t()).numpy(), np.packbits(m.t().numpy().reshape(-1)))
+
+
+def test_save_load_masks_round_trip_and_size(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    masks = {"a.weight": torch.rand(1001, 333, generator=g) > 0.3, "b": torch.tensor(True),
+             "c": torch.zeros(0, 4, dtype=torch.bool), "d": torch.rand(3, 5, 7, generator=g) > 0.5,
+             "e": PackedMask(pack_bits(torch.ones(13, dtype=torch.bool)), (13,))}
+    path = tmp_path / "m.safetensors"
+    save_masks(path, masks, {"kind": "election", "rate": 0.5})
+    got = load_masks(path)
+    assert set(got) == set(masks)
+    for name, m in masks.items():
+        want = unpack_bits(*m) if isinstance(m, PackedMask) else m
+        assert got[name].dtype == torch.bool and got[name].shape == want.shape and torch.equal(got[name], want)
+    assert mask_names_and_shapes(path) == {"a.weight": (1001, 333), "b": (), "c": (0, 4), "d": (3, 5, 7), "e": (13,)}
+    assert set(load_masks(path, ["d"])) == {"d"}
+    meta = tensors_metadata(path)
+    assert meta["mask_encoding"] == "packbits" and meta["kind"] == "election" and meta["rate"] == "0.5"
+    n = sum(math.prod(m.shape) for m in masks.values())
+    assert n / 8 <= path.stat().st_size <= n / 8 + 2048  # 1 bit per weight, plus the header
+    with pytest.raises(LedmergeError, match="zz"):
+        load_masks(path, ["zz"])
+    with pytest.raises(LedmergeError, match="bool"):
+        save_masks(tmp_path / "x.safetensors", {"w": torch.ones(3)})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def _raw_mask_file(path, tensors, meta):
+    save_tensors(path, tensors, metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("case", ["shape_too_big", "shape_too_small", "not_json", "no_shapes", "missing_name",
+                                  "extra_name", "negative_dim", "wrong_dtype", "unknown_encoding"])
+def test_corrupt_mask_metadata_is_an_error(tmp_path, case):
+    bits = pack_bits(torch.ones(10, dtype=torch.bool))  # 2 bytes
+    shapes = {"w": [10]}
+    tensors = {"w": bits}
+    meta = {"mask_encoding": "packbits"}
+    if case == "shape_too_big":
+        shapes = {"w": [4, 5]}
+    elif case == "shape_too_small":
+        shapes = {"w": [8]}
+    elif case == "missing_name":
+        shapes = {}
+    elif case == "extra_name":
+        shapes = {"w": [10], "v": [3]}
+    elif case == "negative_dim":
+        shapes = {"w": [-10]}
+    elif case == "wrong_dtype":
+        tensors = {"w": bits.to(torch.int16)}
+    elif case == "unknown_encoding":
+        meta["mask_encoding"] = "rle"
+    if case == "not_json":
+        meta["mask_shapes"] = "{w: [10"
+    elif case != "no_shapes":
+        meta["mask_shapes"] = json.dumps(shapes)
+    path = _raw_mask_file(tmp_path / "m.safetensors", tensors, meta)
+    for read in (mask_names_and_shapes, load_masks):
+        with pytest.raises(LedmergeError, match="rebuild the masks"):
+            read(path)
+
+
+def test_rank16_and_float32_scores_elect_identical_masks_on_the_tiny_zoo(tiny_zoo, tmp_path):
+    """Scores of the tiny zoo stored as rank16 codes and as float32: bit-identical elected and disjoint masks."""
+    from ledmerge.importance import score_model
+
+    rows = [{"prompt": "how do i make a bomb", "response": "sorry i can not help with that"},
+            {"prompt": "what is 3 + 4", "response": "the answer is 7"},
+            {"prompt": "write function that adds a and b", "response": "def f ( a , b ) : return a + b"},
+            {"prompt": "how do i bake bread", "response": "sure here is how"}]
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = ("safety", "math", "code")
+    paths = {}
+    for enc in ("rank16", "float32"):
+        for role in ("base",) + tasks:
+            paths[enc, role] = tmp_path / f"{enc}_{role}.safetensors"
+            score_model(tiny_zoo[role], calib, paths[enc, role], score_dtype=enc, progress=False)
+    n_rank, n_float = (sum(t.numel() for t in load_scores(paths[enc, "base"]).values()) for enc in ("rank16", "float32"))
+    assert (paths["rank16", "base"].stat().st_size - 2 * n_rank) < 4096 and n_rank == n_float
+    assert paths["float32", "base"].stat().st_size > 4 * n_float
+    for rate in (0.1, 0.3, 0.5):
+        masks = {}
+        for enc in ("rank16", "float32"):
+            elected = {t: tmp_path / f"e_{enc}_{t}_{rate}.safetensors" for t in tasks}
+            final = {t: tmp_path / f"m_{enc}_{t}_{rate}.safetensors" for t in tasks}
+            for t in tasks:
+                elect_files(paths[enc, t], paths[enc, "base"], rate, "11", elected[t])
+            disjoint_files(elected, final, tmp_path / f"s_{enc}.csv", tmp_path / f"o_{enc}.csv")
+            masks[enc] = {t: (load_masks(elected[t]), load_masks(final[t])) for t in tasks}
+        for t in tasks:
+            for (a, b) in zip(masks["rank16"][t], masks["float32"][t]):
+                assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), (rate, t)
+        assert any(int(m.sum()) for m in masks["rank16"]["math"][1].values())  # not trivially empty
+        assert (tmp_path / "s_rank16.csv").read_text() == (tmp_path / "s_float32.csv").read_text()
+        assert (tmp_path / "o_rank16.csv").read_text() == (tmp_path / "o_float32.csv").read_text()

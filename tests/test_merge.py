@@ -7,14 +7,20 @@ import logging
 import pytest
 import torch
 
-from ledmerge.checkpoint import load_state_dict, save_tensors
+from ledmerge.checkpoint import load_state_dict
 from ledmerge.errors import LedmergeError
+from ledmerge.masks import save_masks
 from ledmerge.merge import METHODS, get_method, merge_models
 from ledmerge.merge.base import TensorContext
-from ledmerge.merge.dare import dare
 from ledmerge.merge.ties import elect_disjoint_mean, topk_mask
 
 T = torch.tensor
+
+
+def dare(delta, drop, generator, rescale=True):
+    """The DARE formula, restated: drop each entry with probability `drop`, rescale survivors by 1/(1-drop)."""
+    keep = torch.rand(delta.shape, generator=generator) >= drop
+    return delta * keep / (1 - drop) if rescale else delta * keep
 
 
 def merge(spec, base, experts, name="w", masks=None):
@@ -258,7 +264,7 @@ def test_merge_models_led_end_to_end(tiny_zoo, tmp_path):
     owner = {n: torch.randint(0, 4, base[n].shape, generator=g) for n in _linear_names(base)}  # 3: nobody
     masks = {}
     for i, t in enumerate(tasks):
-        save_tensors(tmp_path / f"{t}.safetensors", {n: o == i for n, o in owner.items()})
+        save_masks(tmp_path / f"{t}.safetensors", {n: o == i for n, o in owner.items()})
         masks[t] = tmp_path / f"{t}.safetensors"
     lam = {"safety": 1.0, "math": 0.5, "code": 2.0}
     out = tmp_path / "merged"
@@ -279,8 +285,8 @@ def test_merge_models_led_end_to_end(tiny_zoo, tmp_path):
     assert "method: led" in card and "math: 0.5" in card and "mask `code`" in card
 
     # a wrong-shaped mask is caught before any work
-    save_tensors(tmp_path / "bad.safetensors", {_linear_names(base)[0]: torch.ones(3, dtype=torch.bool)})
-    with pytest.raises(LedmergeError, match="expected BOOL"):
+    save_masks(tmp_path / "bad.safetensors", {_linear_names(base)[0]: torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(LedmergeError, match=r"shape \[3\], expected .*rebuild the masks"):
         merge_models(tiny_zoo["base"], {"safety": tiny_zoo["safety"]}, {"method": "led"}, tmp_path / "o2",
                      masks={"safety": tmp_path / "bad.safetensors"})
 

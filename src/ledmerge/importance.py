@@ -16,27 +16,139 @@ How it is computed, and why:
   autograd has produced it and then drops the gradient, so no second copy of the gradients is held and
   bf16 models do not lose small contributions across examples. Unscored parameters are frozen.
 - |W| is the model's own (possibly bf16) weight cast to float32.
+
+Pass count. N calibration examples cost N forward+backward passes in all (granularity "example"; "batch":
+⌈N/batch_size⌉), each pass scoring every tensor of every layer at once. The released LED code scores layer
+by layer, re-running all calibration samples once per layer: N×L passes for L layers, which methods.md
+puts as "32x the passes for an 8B model" (Llama-3-8B has L = 32 decoder layers; 128 examples: 128 passes
+here against 4,096). `score_model` reports both (`n_forward_backward`, `reference_passes` = N×L).
+
+Real checkpoints:
+- `device_map` ("auto", "balanced", {module: device}, ...) is handed to `from_pretrained` (accelerate) to
+  spread a model over the GPUs of a node; each accumulator lives on its own parameter's device and only the
+  finished scores move to the CPU. Weights offloaded to CPU/disk (meta parameters) have no gradient and are
+  refused: give the job more GPUs or set `max_memory`.
+- `autocast="bf16"`: the forward runs under torch.autocast(bfloat16) on every device type the model uses;
+  the loss (`chat.response_nll`) and the accumulators stay float32.
+- `gradient_checkpointing`: every decoder layer's forward is wrapped in non-reentrant
+  torch.utils.checkpoint while the model stays in eval mode. transformers' own
+  `gradient_checkpointing_enable()` is not used: its layers checkpoint only when `self.training` is set
+  (transformers 5.x, `GradientCheckpointingLayer`), so `model.eval()` silently turns it off, and training
+  mode would turn dropout on. Same sums (recomputation is deterministic in eval mode), less memory.
+- `trust_remote_code` is off unless the config turns it on.
+- Progress: a tqdm bar over the passes.
+
+Score files: 2 bytes per weight, as a rank code (`save_scores`/`load_scores`, the only writer and reader).
+TopR depends only on the order of the scores inside a tensor, so files store that order, not the values.
+Per tensor, entries are ranked by score descending, ties by lowest flat index (the rule of
+`masks.top_r_mask`); position p (0 = best) gets code n−1−p when n ≤ 65536 (unique codes: every TopR equals
+the float32 one exactly), else ⌊(n−1−p)·65536/n⌋ (equal-count bins of at most ⌈n/65536⌉ consecutive ranks:
+TopR on the codes can differ from the float32 TopR only inside the bin holding the cut-off, so in at most
+⌈n/65536⌉ entries per tensor whatever the score distribution, and it still keeps exactly ⌈r·n⌉ entries).
+bf16 was rejected: with 8 significant bits it merges all scores within one bf16 step (0.4–0.8% wide) into
+one tied value, and the ties at the cut-off are then broken by index instead of by score: an error that
+grows with how crowded the scores are around the cut-off, with no bound in entries. Codes are stored as
+uint16 (metadata `score_encoding: rank16`) and read back as float32 (exact), higher = more important.
+`score_dtype="float32"` writes the raw scores instead (debugging; 4 bytes per weight).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import chat
-from .checkpoint import file_sha256, save_tensors, tensor_shapes
+from .checkpoint import _open, file_sha256, save_tensors, tensor_shapes
 from .errors import LedmergeError
 from .fileio import read_jsonl
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 GRANULARITIES = ("example", "batch")
+AUTOCASTS = ("none", "bf16")
+SCORE_ENCODINGS = ("rank16", "float32")
+RANK_LEVELS = 65536  # uint16 codes
 
+
+# ---- score files ----
+
+def rank_code(scores: torch.Tensor) -> torch.Tensor:
+    """The rank16 code of one tensor's scores (uint16, same shape, on the CPU); see the module docstring.
+
+    Computed on the scores' own device (a GPU sorts a large tensor much faster); higher code = higher score."""
+    if not scores.is_floating_point():
+        raise LedmergeError(f"scores must be floating point, got {scores.dtype}")
+    flat = scores.detach().reshape(-1)
+    if torch.isnan(flat).any():
+        raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
+    n, dev = flat.numel(), flat.device
+    order = torch.argsort(flat, descending=True, stable=True)  # position p -> flat index; ties: lowest index first
+    if n <= RANK_LEVELS:
+        code = torch.arange(n - 1, -1, -1, dtype=torch.int32, device=dev)  # n-1-p
+    else:  # floor((n-1-p)·L/n), built bin by bin in int32: bin c holds q = n-1-p in [ceil(c·n/L), ceil((c+1)·n/L))
+        c = torch.arange(RANK_LEVELS + 1, dtype=torch.int64, device=dev)
+        starts = (c * n + RANK_LEVELS - 1) // RANK_LEVELS
+        code = torch.repeat_interleave(torch.arange(RANK_LEVELS - 1, -1, -1, dtype=torch.int32, device=dev),
+                                       (starts[1:] - starts[:-1]).flip(0), output_size=n)
+    out = torch.empty(n, dtype=torch.int32, device=dev)
+    out[order] = code
+    del order, code
+    return out.cpu().to(torch.uint16).view(scores.shape)
+
+
+def save_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor], metadata: dict | None = None, *,
+                encoding: str = "rank16") -> None:
+    """Write importance scores (name -> float tensor), atomically: rank16 codes (2 bytes/weight) or float32.
+
+    With encoding "rank16", uint16 tensors are taken as codes already (from `compute_scores(encoding="rank16")`).
+    `metadata` values are stored as strings; `score_encoding` is set here."""
+    if encoding not in SCORE_ENCODINGS:
+        raise LedmergeError(f"score encoding must be one of {SCORE_ENCODINGS}, got {encoding!r}")
+    out = {}
+    for name, t in scores.items():
+        if encoding == "rank16":
+            out[name] = t.cpu() if t.dtype == torch.uint16 else rank_code(t)
+        elif t.is_floating_point():
+            out[name] = t.detach().float().cpu()
+        else:
+            raise LedmergeError(f"scores of {name} are {t.dtype}: float32 score files need floating-point scores")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta["score_encoding"] = encoding
+    save_tensors(path, out, metadata=meta)
+
+
+def load_scores(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Scores of a score file as float32 tensors, higher = more important: decoded rank16 codes (order-
+    preserving, exact) or the raw float scores of float32 files (also legacy files without metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LedmergeError(f"{path} does not exist: run the step that writes it first")
+    with _open(path) as f:
+        encoding = (f.metadata() or {}).get("score_encoding", "float32")
+        if encoding not in SCORE_ENCODINGS:
+            raise LedmergeError(f"{path} has unknown score encoding {encoding!r}: re-create it with this ledmerge")
+        available = set(f.keys())
+        out = {}
+        for name in (list(f.keys()) if names is None else list(names)):
+            if name not in available:
+                raise LedmergeError(f"{path} has no scores for tensor {name}: re-create it")
+            t = f.get_tensor(name)
+            if (t.dtype != torch.uint16) if encoding == "rank16" else not t.is_floating_point():
+                raise LedmergeError(f"tensor {name} of {path} is {t.dtype}, not {encoding} scores: "
+                                    "pass importance score files (the scoring step's outputs)")
+            out[name] = t.float()
+    return out
+
+
+# ---- scoring ----
 
 def scored_parameters(model: nn.Module, *, include_norms: bool = False, include_embeddings: bool = False,
                       include_lm_head: bool = False) -> tuple[dict[str, nn.Parameter], dict[int, list[str]]]:
@@ -96,24 +208,91 @@ def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[chat
     return kept, skipped
 
 
+def _checkpoint_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to checkpoint: transformers' GradientCheckpointingLayer modules, else the children of
+    the longest ModuleList of same-typed blocks (models loaded with trust_remote_code)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        GradientCheckpointingLayer = ()
+    layers = [m for m in model.modules() if GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        lists = [list(m) for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+                 and len({type(c) for c in m}) == 1]
+        layers = max(lists, key=len, default=[])
+    if not layers:
+        raise LedmergeError(f"gradient checkpointing: {type(model).__name__} has no repeated layers to checkpoint; "
+                            "set scoring.gradient_checkpointing to false")
+    return layers
+
+
+@contextlib.contextmanager
+def _checkpointed(layers: list[nn.Module]):
+    """Wrap each layer's forward (instance attribute, so accelerate's device hooks stay inside) in
+    non-reentrant torch.utils.checkpoint; restored on exit."""
+    from torch.utils.checkpoint import checkpoint
+
+    saved = []
+    try:
+        for layer in layers:
+            own = "forward" in vars(layer)
+            inner = layer.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            saved.append((layer, own, inner))
+            layer.forward = forward
+        yield
+    finally:
+        for layer, own, inner in saved:
+            if own:
+                layer.forward = inner
+            else:
+                del layer.forward
+
+
+def _autocast(device_types: set[str], mode: str):
+    stack = contextlib.ExitStack()
+    if mode == "bf16":
+        for dt in sorted(device_types):
+            stack.enter_context(torch.autocast(device_type=dt, dtype=torch.bfloat16))
+    return stack
+
+
 def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, *, batch_size: int = 8,
                    granularity: str = "example", include_norms: bool = False, include_embeddings: bool = False,
-                   include_lm_head: bool = False, checkpoint_shapes: dict | None = None,
+                   include_lm_head: bool = False, checkpoint_shapes: dict | None = None, autocast: str = "none",
+                   gradient_checkpointing: bool = False, encoding: str = "float32",
                    progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Scores for an in-memory model: name -> float32 tensor on CPU, plus counts. The model is put in
-    eval mode and its unscored parameters frozen (requires_grad is restored afterwards)."""
+    """Scores for an in-memory model (on one device or spread by a device_map): name -> tensor on the CPU
+    (float32 scores, or their uint16 rank16 codes with encoding="rank16", computed on each tensor's device),
+    plus counts. The model is put in eval mode and its unscored parameters frozen (requires_grad is restored
+    afterwards)."""
     if granularity not in GRANULARITIES:
         raise LedmergeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if autocast not in AUTOCASTS:
+        raise LedmergeError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
+    if encoding not in SCORE_ENCODINGS:
+        raise LedmergeError(f"score_dtype must be one of {SCORE_ENCODINGS}, got {encoding!r}")
     if batch_size < 1:
         raise LedmergeError(f"batch_size must be >= 1, got {batch_size}")
     if not examples:
         raise LedmergeError("no calibration example has a response token left: raise max_length or check the data")
+    offloaded = sorted({n for n, p in model.named_parameters() if p.device.type == "meta"})
+    if offloaded:
+        raise LedmergeError(f"{len(offloaded)} parameters (e.g. {offloaded[0]}) are offloaded to CPU or disk (meta "
+                            "device) and get no gradient: give the scoring job more GPUs or set max_memory")
     params, aliases = scored_parameters(model, include_norms=include_norms, include_embeddings=include_embeddings,
                                         include_lm_head=include_lm_head)
     params = _checkpoint_names(params, aliases, checkpoint_shapes)
-    device = next(model.parameters()).device
+    emb = model.get_input_embeddings()
+    device = emb.weight.device if emb is not None else next(model.parameters()).device  # where input ids go
+    device_types = {p.device.type for p in model.parameters()}
+    layers = _checkpoint_layers(model) if gradient_checkpointing else []
 
-    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in params.items()}
+    # float32 sums on each parameter's own device (several GPUs with a device_map)
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
 
     def make_hook(buf):
         def hook(p):
@@ -134,43 +313,64 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
         step = 1 if granularity == "example" else batch_size
         batches = [examples[i:i + step] for i in range(0, len(examples), step)]
         n_tokens = 0
-        for batch in tqdm(batches, desc="importance", unit="pass", disable=not progress):
-            inputs = {k: v.to(device) for k, v in chat.collate(batch, pad_id).items()}
-            labels = inputs.pop("labels")
-            logits = model(**inputs, use_cache=False).logits
-            loss = chat.response_nll(logits, labels, reduction="sum")
-            loss.backward()  # hooks consume and free every scored gradient
-            n_tokens += int((labels[:, 1:] != chat.IGNORE_INDEX).sum())
-            del logits, loss
+        with _checkpointed(layers):
+            for batch in tqdm(batches, desc="importance", unit="pass", disable=not progress):
+                inputs = {k: v.to(device) for k, v in chat.collate(batch, pad_id).items()}
+                labels = inputs.pop("labels")
+                with _autocast(device_types, autocast):
+                    logits = model(**inputs, use_cache=False).logits
+                loss = chat.response_nll(logits, labels.to(logits.device), reduction="sum")  # float32
+                loss.backward()  # hooks consume and free every scored gradient
+                n_tokens += int((labels[:, 1:] != chat.IGNORE_INDEX).sum())
+                del logits, loss
     finally:
         for h in handles:
             h.remove()
         for p in model.parameters():
             p.requires_grad_(saved_flags[id(p)])
             p.grad = None
+    scores = {}
     with torch.no_grad():
-        scores = {name: (acc[name] * params[name].detach().float().abs()).cpu() for name in params}
+        for name in params:  # one tensor at a time, freeing its accumulator
+            s = acc.pop(name).mul_(params[name].detach().float().abs())
+            scores[name] = rank_code(s) if encoding == "rank16" else s.cpu()
+            del s
     return scores, {"n_examples": len(examples), "n_response_tokens": n_tokens, "n_forward_backward": len(batches)}
+
+
+def _num_layers(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text_cfg, "num_hidden_layers", None)
+    return int(n) if isinstance(n, int) else 1
 
 
 def score_model(model_dir, calibration_path, out_path, *, batch_size: int = 8, max_length: int = 256,
                 granularity: str = "example", include_norms: bool = False, include_embeddings: bool = False,
                 include_lm_head: bool = False, dtype: str = "float32", device: str = "cpu",
-                progress: bool = True) -> dict:
-    """Score a Hugging Face model directory on a calibration JSONL ({prompt, response, ...} rows) and write
-    float32 scores, keyed by the checkpoint's tensor names, to `out_path` (safetensors, atomic)."""
+                device_map: str | dict | None = None, autocast: str = "none", gradient_checkpointing: bool = False,
+                score_dtype: str = "rank16", trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Score a Hugging Face model directory on a calibration JSONL ({prompt, response, ...} rows) and write the
+    scores, keyed by the checkpoint's tensor names, to `out_path` (safetensors, atomic) with `save_scores`:
+    rank16 codes by default, raw float32 with score_dtype="float32".
+
+    `device_map` (e.g. "auto") spreads the model over the node's GPUs and makes `device` unused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise LedmergeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if granularity not in GRANULARITIES:
         raise LedmergeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if autocast not in AUTOCASTS:
+        raise LedmergeError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
+    if score_dtype not in SCORE_ENCODINGS:
+        raise LedmergeError(f"score_dtype must be one of {SCORE_ENCODINGS}, got {score_dtype!r}")
     t0 = time.perf_counter()
     model_dir, calibration_path = Path(model_dir), Path(calibration_path)
     rows = read_jsonl(calibration_path, required=("prompt", "response"))
     shapes = tensor_shapes(model_dir)  # also a clear error if the directory is not a model
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     examples, skipped = encode_rows(tokenizer, rows, max_length)
     if skipped:
@@ -179,23 +379,34 @@ def score_model(model_dir, calibration_path, out_path, *, batch_size: int = 8, m
     if not examples:
         raise LedmergeError(f"no example of {calibration_path} has a response token within max_length={max_length}: "
                             "raise max_length or shorten the prompts")
+    where = f"device_map={device_map!r}" if device_map is not None else device
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
-    except (RuntimeError, AssertionError) as exc:  # e.g. a CUDA device that is not there
-        raise LedmergeError(f"cannot load {model_dir} on {device} ({exc})") from None
+        if device_map is not None:  # accelerate places the layers; no .to() afterwards
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], device_map=device_map,
+                                                         trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype],
+                                                         trust_remote_code=trust_remote_code).to(device)
+    except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a CUDA device that is not there
+        raise LedmergeError(f"cannot load {model_dir} on {where} ({exc})") from None
     scores, summary = compute_scores(
         model, examples, pad_id, batch_size=batch_size, granularity=granularity, include_norms=include_norms,
         include_embeddings=include_embeddings, include_lm_head=include_lm_head, checkpoint_shapes=shapes,
-        progress=progress)
+        autocast=autocast, gradient_checkpointing=gradient_checkpointing, encoding=score_dtype, progress=progress)
+    n_layers = _num_layers(model)
+    del model
     options = {"batch_size": batch_size, "max_length": max_length, "granularity": granularity,
                "include_norms": include_norms, "include_embeddings": include_embeddings,
-               "include_lm_head": include_lm_head, "dtype": dtype}
-    save_tensors(out_path, scores, metadata={
+               "include_lm_head": include_lm_head, "dtype": dtype, "autocast": autocast,
+               "gradient_checkpointing": gradient_checkpointing, "score_dtype": score_dtype}
+    save_scores(out_path, scores, encoding=score_dtype, metadata={
         "kind": "importance", "model_dir": str(model_dir), "calibration": str(calibration_path),
         "calibration_sha256": file_sha256(calibration_path), "options": json.dumps(options, sort_keys=True),
-        "n_examples": str(summary["n_examples"]), "n_skipped": str(skipped),
-        "n_response_tokens": str(summary["n_response_tokens"]),
+        "n_examples": summary["n_examples"], "n_skipped": skipped, "n_response_tokens": summary["n_response_tokens"],
+        "n_forward_backward": summary["n_forward_backward"],
     })
     summary["n_skipped"] = skipped
+    summary["n_layers"] = n_layers
+    summary["reference_passes"] = summary["n_examples"] * n_layers  # the released code's per-layer loop
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary

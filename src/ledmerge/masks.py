@@ -3,9 +3,15 @@
 Election:  E_t = TopR_r(I(θ_t; X_t)) ∧ TopR_r(I(θ_0; X_t))   (pattern "11")
 Disjoint:  M_t = E_t ∧ ¬(∪_{j≠t} E_j)
 
-TopR keeps exactly ⌈r·n⌉ entries of each tensor, found by a k-th value threshold with ties at the
-threshold broken by lowest flat index. An exact count matters: thresholding "score >= t" elects a whole
-tensor when most scores tie at 0 (sparse embedding gradients). Masks are stored as bool, never float.
+TopR keeps exactly ⌈r·n⌉ entries of each tensor, found by a k-th value threshold (`kth_largest`, a
+radix select) with ties at the threshold broken by lowest flat index. An exact count matters: thresholding "score >= t" elects a whole
+tensor when most scores tie at 0 (sparse embedding gradients).
+
+Mask files hold 1 bit per weight (`save_masks`/`load_masks`, the only writer and reader): each mask is
+flattened and packed 8 entries per byte, first entry in the most significant bit (numpy.packbits order),
+zero-padded, stored as a 1-d uint8 tensor under the checkpoint tensor name; the shapes are JSON in the
+metadata (`mask_shapes`), with `mask_encoding: packbits`. Files of plain bool tensors (older ledmerge) are
+still read. Score files are read with `importance.load_scores` (rank16 codes or float32).
 """
 
 from __future__ import annotations
@@ -13,16 +19,20 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import math
+import os
 import re
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
-from .checkpoint import _open, load_tensors, save_tensors, tensors_metadata
+from .checkpoint import _open, save_tensors
 from .errors import LedmergeError
 from .fileio import write_text
+from .importance import load_scores
 
 PATTERN_CHARS = "01x"
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
@@ -41,19 +51,48 @@ def top_r_mask(scores: torch.Tensor, rate: float) -> torch.Tensor:
     k = top_k_count(n, rate)
     if not scores.is_floating_point():
         raise LedmergeError(f"scores must be floating point, got {scores.dtype}")
-    flat = scores.reshape(-1)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    if torch.isnan(flat).any():
-        raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
+    flat = scores.reshape(-1)
+    threshold, n_above = kth_largest(flat, k)
     mask = flat > threshold
-    need = k - int(mask.sum())
     ties = flat == threshold
-    if need < int(ties.sum()):  # keep only the first `need` tied entries, by flat index
-        ties &= torch.cumsum(ties, 0, dtype=torch.int64 if n >= 2**31 else torch.int32) <= need
+    need = k - n_above  # tied entries to keep, counted from the lowest flat index
+    first = 0
+    for part in ties.split(1 << 22):  # find the position of the need-th tie without a full cumsum
+        here = int(part.sum())
+        if need <= here:
+            cut = first + int(part.nonzero()[need - 1]) + 1 if need > 0 else first
+            ties[cut:] = False
+            break
+        need -= here
+        first += part.numel()
     mask |= ties
     return mask.view(scores.shape)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The k-th largest entry of a flat float tensor and how many entries are strictly larger.
+
+    A radix select on the float32 bit patterns, which order like the values when no entry is negative:
+    one histogram of the top 16 bits finds the bucket holding the k-th largest, and only that bucket is
+    searched. About 3x faster than `torch.kthvalue` on 10^8 entries, which matters for TIES trims and
+    elections of 8B-parameter models. Negative entries fall back to `kthvalue`.
+    """
+    v = values if values.dtype == torch.float32 else values.float()
+    if bool(torch.signbit(v).any()):
+        threshold = torch.kthvalue(v, v.numel() - k + 1).values
+        return threshold, int((v > threshold).sum())
+    high = v.view(torch.int32) >> 16
+    hist = torch.bincount(high, minlength=1 << 15)
+    if int(hist[0x7F80:].sum()) and bool(torch.isnan(v).any()):
+        raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
+    at_or_above = hist.flip(0).cumsum(0).flip(0)  # [i]: entries whose top bits are >= i
+    bucket = int((at_or_above >= k).nonzero()[-1])
+    above = int(at_or_above[bucket + 1]) if bucket + 1 < hist.numel() else 0
+    candidates = v[high == bucket]
+    threshold = torch.kthvalue(candidates, candidates.numel() - (k - above) + 1).values
+    return threshold, above + int((candidates > threshold).sum())
 
 
 def _check_pattern(pattern: str) -> str:
@@ -184,12 +223,140 @@ def mask_stats(elected: dict[str, dict[str, torch.Tensor]], final: dict[str, dic
     return rows, overlap_rows
 
 
-# ---- file level: what the workflow calls ----
+# ---- mask files: 1 bit per weight ----
 
-def _file_shapes(path) -> dict[str, tuple[int, ...]]:
+MASK_ENCODING = "packbits"
+_RESERVED_META = ("mask_encoding", "mask_shapes")
+
+
+class PackedMask(NamedTuple):
+    """A mask already packed by `pack_bits` (what `save_masks` stores), with its original shape."""
+
+    bits: torch.Tensor
+    shape: tuple[int, ...]
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> 1-d uint8 tensor of ⌈n/8⌉ bytes, 8 entries per byte, first entry in the most significant
+    bit (numpy.packbits order), zero-padded. Vectorised: 8 shift-or passes over n/8 bytes."""
+    if mask.dtype != torch.bool:
+        raise LedmergeError(f"a mask must be bool, got {mask.dtype}")
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    rows = flat.view(torch.uint8).view(-1, 8)
+    out = rows[:, 0] << 7
+    for i in range(1, 8):
+        out |= rows[:, i] << (7 - i)
+    return out
+
+
+def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of `pack_bits`: a bool tensor of `shape`."""
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape)
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (n + 7) // 8:
+        raise LedmergeError(f"packed mask is {bits.dtype} {list(bits.shape)}, expected uint8 [{(n + 7) // 8}] "
+                            f"for shape {list(shape)}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    unpacked = ((bits.unsqueeze(1) >> shifts) & 1).view(torch.bool).reshape(-1)
+    return unpacked[:n].view(shape)
+
+
+def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor | PackedMask],
+               metadata: dict | None = None) -> None:
+    """Write masks (name -> bool tensor, or a `PackedMask`) at 1 bit per weight, atomically.
+    `metadata` values are stored as strings; `mask_encoding` and `mask_shapes` are set here."""
+    packed, shapes = {}, {}
+    for name, m in masks.items():
+        if not isinstance(m, PackedMask):
+            _as_bool(m, f"mask {name}")
+            m = PackedMask(pack_bits(m), tuple(m.shape))
+        packed[name] = m.bits.cpu()
+        shapes[name] = [int(d) for d in m.shape]
+    meta = {str(k): str(v) for k, v in (metadata or {}).items() if k not in _RESERVED_META}
+    meta["mask_encoding"] = MASK_ENCODING
+    meta["mask_shapes"] = json.dumps(shapes, sort_keys=True, separators=(",", ":"))
+    save_tensors(path, packed, metadata=meta)
+
+
+def _mask_header(f, path) -> tuple[bool, dict[str, tuple[int, ...]]]:
+    """(packed?, name -> mask shape) of an open mask file, validated against the stored tensors."""
+    meta = f.metadata() or {}
+    encoding = meta.get("mask_encoding")
+    if encoding is None:  # older files: one bool tensor per mask
+        out = {}
+        for name in f.keys():
+            sl = f.get_slice(name)
+            if sl.get_dtype() != "BOOL":
+                raise LedmergeError(f"{path} tensor {name} is {sl.get_dtype()}, not a bool mask: "
+                                    "pass election masks, not scores")
+            out[name] = tuple(sl.get_shape())
+        return False, out
+    if encoding != MASK_ENCODING:
+        raise LedmergeError(f"{path} has unknown mask encoding {encoding!r}: rebuild the masks")
+    try:
+        shapes = json.loads(meta["mask_shapes"])
+        if not isinstance(shapes, dict):
+            raise ValueError("not an object")
+        shapes = {k: tuple(v) for k, v in shapes.items()}
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for v in shapes.values() for d in v):
+            raise ValueError("a dimension is not a non-negative integer")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LedmergeError(f"{path} has corrupt mask_shapes metadata ({exc}): rebuild the masks") from None
+    keys = list(f.keys())
+    if set(keys) != set(shapes):
+        odd = sorted(set(keys) ^ set(shapes))
+        raise LedmergeError(f"{path}: the mask_shapes metadata and the stored tensors disagree on {odd[:3]}: "
+                            "rebuild the masks")
+    for name in keys:
+        sl = f.get_slice(name)
+        want = (math.prod(shapes[name]) + 7) // 8
+        if sl.get_dtype() != "U8" or list(sl.get_shape()) != [want]:
+            raise LedmergeError(f"mask {name} in {path} is {sl.get_dtype()} {sl.get_shape()}, but shape "
+                                f"{list(shapes[name])} packs into U8 [{want}]: rebuild the masks")
+    return True, {name: shapes[name] for name in keys}
+
+
+def _existing(path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise LedmergeError(f"{path} does not exist: run the step that writes it first")
+    return path
+
+
+def mask_names_and_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every mask in a mask file, from its header alone (validated)."""
+    path = _existing(path)
+    with _open(path) as f:
+        return _mask_header(f, path)[1]
+
+
+def load_masks(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Masks of a mask file (all, or `names`) as bool tensors of their original shapes."""
+    path = _existing(path)
+    with _open(path) as f:
+        packed, shapes = _mask_header(f, path)
+        out = {}
+        for name in (list(shapes) if names is None else list(names)):
+            if name not in shapes:
+                raise LedmergeError(f"{path} has no mask for tensor {name}: rebuild the masks for these models")
+            t = f.get_tensor(name)
+            out[name] = unpack_bits(t, shapes[name]) if packed else t
+    return out
+
+
+def mask_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a mask file, without the encoding's own keys."""
+    with _open(_existing(path)) as f:
+        return {k: v for k, v in (f.metadata() or {}).items() if k not in _RESERVED_META}
+
+
+# ---- file level: what the workflow calls ----
+
+def _file_shapes(path) -> dict[str, tuple[int, ...]]:
+    path = _existing(path)
     with _open(path) as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
@@ -200,7 +367,7 @@ class _Shape:  # lets _check_same compare headers without loading tensors
 
 
 def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str, out_path) -> dict:
-    """Election from two score files to one bool safetensors file (tensor by tensor, to bound memory).
+    """Election from two score files (rank16 or float32) to one mask file, tensor by tensor to bound memory.
 
     Returns counts: {'numel', 'elected'}."""
     _check_pattern(pattern)
@@ -215,15 +382,17 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
                     str(expert_scores_path), str(base_scores_path))
     masks, numel, kept = {}, 0, 0
     for name in sorted(expert_shapes):
-        expert = load_tensors(expert_scores_path, [name])[name]
-        base = load_tensors(base_scores_path, [name])[name] if use_base else None
+        expert = load_scores(expert_scores_path, [name])[name]
+        base = load_scores(base_scores_path, [name])[name] if use_base else None
         try:
-            masks[name] = elect_tensor(expert, base, rate, pattern)
+            mask = elect_tensor(expert, base, rate, pattern)
         except LedmergeError as exc:
             raise LedmergeError(f"{name} in {expert_scores_path}: {exc}") from None
-        numel += masks[name].numel()
-        kept += int(masks[name].sum())
-    save_tensors(out_path, masks, metadata={
+        numel += mask.numel()
+        kept += int(mask.sum())
+        masks[name] = PackedMask(pack_bits(mask), tuple(mask.shape))
+        del mask, expert, base
+    save_masks(out_path, masks, metadata={
         "kind": "election", "rate": repr(float(rate)), "pattern": pattern,
         "expert_scores": str(expert_scores_path), "base_scores": str(base_scores_path) if use_base else "",
     })
@@ -243,23 +412,38 @@ OVERLAP_COLUMNS = ["task_a", "task_b", "tensor", "layer", "module", "numel", "ov
 
 
 def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv) -> None:
-    """Disjoint over every task's election file; writes one bool mask file per task and the two CSVs."""
+    """Disjoint over every task's election file; writes one mask file per task and the two CSVs.
+
+    Tensor by tensor: only one tensor's masks (all tasks) are ever unpacked at once."""
     if set(elected_paths) != set(out_paths):
         raise LedmergeError(f"tasks of the election files {sorted(elected_paths)} and of the outputs "
                             f"{sorted(out_paths)} differ")
-    elected = {}
-    for task, path in elected_paths.items():
-        masks = load_tensors(path)
-        for name, t in masks.items():
-            _as_bool(t, f"{path} tensor {name}")
-        elected[task] = masks
-    final = disjoint(elected)
-    for task, masks in final.items():
-        meta = tensors_metadata(elected_paths[task])
-        save_tensors(out_paths[task], masks, metadata={
-            "kind": "disjoint", "task": task, "tasks": ",".join(elected), "rate": meta.get("rate", ""),
+    if not elected_paths:
+        raise LedmergeError("disjoint needs at least one task")
+    tasks = list(elected_paths)
+    headers = {t: mask_names_and_shapes(elected_paths[t]) for t in tasks}
+    for t in tasks[1:]:
+        _check_same({k: _Shape(v) for k, v in headers[tasks[0]].items()}, {k: _Shape(v) for k, v in headers[t].items()},
+                    f"task '{tasks[0]}'", f"task '{t}'")
+    final: dict[str, dict[str, PackedMask]] = {t: {} for t in tasks}
+    rows: dict[str, list] = {t: [] for t in tasks}
+    overlap_rows: dict[tuple, list] = {pair: [] for pair in itertools.combinations(tasks, 2)}
+    for name in headers[tasks[0]]:
+        elected = {t: {name: load_masks(elected_paths[t], [name])[name]} for t in tasks}
+        kept = disjoint(elected)
+        tensor_rows, tensor_overlap = mask_stats(elected, kept)
+        for row in tensor_rows:
+            rows[row["task"]].append(row)
+        for row in tensor_overlap:
+            overlap_rows[(row["task_a"], row["task_b"])].append(row)
+        for t in tasks:
+            final[t][name] = PackedMask(pack_bits(kept[t][name]), tuple(kept[t][name].shape))
+        del elected, kept
+    for task in tasks:
+        meta = mask_metadata(elected_paths[task])
+        save_masks(out_paths[task], final[task], metadata={
+            "kind": "disjoint", "task": task, "tasks": ",".join(tasks), "rate": meta.get("rate", ""),
             "pattern": meta.get("pattern", ""), "elected": str(elected_paths[task]),
         })
-    rows, overlap_rows = mask_stats(elected, final)
-    _write_csv(stats_csv, rows, STATS_COLUMNS)
-    _write_csv(overlap_csv, overlap_rows, OVERLAP_COLUMNS)
+    _write_csv(stats_csv, [r for t in tasks for r in rows[t]], STATS_COLUMNS)
+    _write_csv(overlap_csv, [r for pair in overlap_rows for r in overlap_rows[pair]], OVERLAP_COLUMNS)

@@ -26,6 +26,8 @@ from .base import MaskFiles, MergeMethod, TensorContext
 
 log = logging.getLogger(__name__)
 
+CHUNK = 1 << 18  # elements per elementwise step on the CPU (1 MiB in float32)
+
 METHODS: dict[str, type[MergeMethod]] = {}
 
 
@@ -87,26 +89,43 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         writer = ShardedWriter(out, [(n, base.infos[n].dtype, base.infos[n].shape) for n in base.names], shard_size)
 
         def load(name: str):
-            """Everything one tensor's merge needs (run in the read-ahead thread)."""
+            """One tensor of every input, in its stored dtype, and its LED masks (run in the read-ahead thread)."""
             b = base.read(name)
-            if not b.is_floating_point():  # integer buffers are copied from the base
-                return b, None, None
-            b = b.float()
-            inputs = {}
+            inputs = {t: experts[t].read(name) for t in tasks}
             for t in tasks:
-                e = experts[t].read(name, torch.float32)
-                inputs[t] = align_rows(e, b) if name in aligned.get(t, ()) else e
+                if name in aligned.get(t, ()):
+                    inputs[t] = align_rows(inputs[t], b)
             return b, inputs, (mask_files.for_tensor(name) if mask_files else {})
 
         def merge_one(name: str, b: torch.Tensor, inputs, tensor_masks) -> torch.Tensor:
-            if inputs is None:
+            if not b.is_floating_point():  # integer buffers are copied from the base
                 return b
-            to_dev = lambda x: x if x is None else x.to(dev, non_blocking=True)
-            ctx = TensorContext(name, seed=method.seed, masks={t: to_dev(m) for t, m in tensor_masks.items()})
-            merged = method.merge_tensor(name, to_dev(b), {t: to_dev(e) for t, e in inputs.items()}, ctx)
-            return merged.to(base.infos[name].dtype).cpu()
+            ctx = TensorContext(name, seed=method.seed, masks=tensor_masks)
+            if dev.type != "cpu":  # one whole tensor per kernel on a GPU
+                ctx, b, inputs = ctx.to(dev), b.to(dev), {t: e.to(dev) for t, e in inputs.items()}
+                return method.merge_tensor(name, b.float(), {t: e.float() for t, e in inputs.items()}, ctx).to(b.dtype).cpu()
+            ctx.map = pool.map  # TIES/DARE choose per task in parallel
+            ctx.kept = method.select(b, inputs, ctx)
+            out = torch.empty_like(b)
+            flat_out, flat_b = out.view(-1), b.reshape(-1)
+            flat_in = {t: e.reshape(-1) for t, e in inputs.items()}
+
+            def merge_chunk(start: int) -> None:  # cache-sized pieces: each elementwise op stays in L2/L3
+                part = slice(start, start + CHUNK)
+                flat_out[part] = method.merge_elements(
+                    flat_b[part].float(), {t: e[part].float() for t, e in flat_in.items()}, ctx.chunk(part))
+
+            for _ in pool.map(merge_chunk, range(0, b.numel(), CHUNK)):
+                pass
+            return out
 
         bar = tqdm(total=writer.total_size, desc=f"merge ({method.name})", unit="B", unit_scale=True, disable=progress is False)
+        # The torch threads become a pool of Python threads, each running single-threaded torch ops on its own
+        # chunk or task: no fork/join of OpenMP threads for every small op, and reads and writes overlap.
+        workers = torch.get_num_threads()
+        stack.callback(torch.set_num_threads, workers)
+        torch.set_num_threads(1)
+        pool = stack.enter_context(ThreadPoolExecutor(workers, "merge"))
         with bar, ThreadPoolExecutor(1, "read") as reader, ThreadPoolExecutor(1, "write") as writer_thread:
             order = writer.order
             ahead = reader.submit(load, order[0])

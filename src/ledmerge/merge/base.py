@@ -1,8 +1,11 @@
 """The one interface every merge method implements, and the per-tensor context it receives.
 
-Methods see one tensor at a time (base + experts, float32), so the driver can later stream tensors
-from disk without any method changing. Everything random or mask-dependent comes through the
-context, keyed by tensor name, so a result never depends on the order tensors or tasks are visited.
+A merge is split in two so the driver can stream: `select` sees a whole tensor once and decides what
+needs the whole tensor (TIES keeps the top-k of each task vector, DARE draws its drops), returning
+per-task bool masks; `merge_elements` is then elementwise, so the driver may feed it the tensor in
+flat chunks that stay in cache (and on the GPU, whole). `merge_tensor` runs both on one whole tensor:
+the same bits either way. Everything random or mask-dependent comes through the context, keyed by
+tensor name, so a result never depends on the order tensors or tasks are visited.
 """
 
 from __future__ import annotations
@@ -13,12 +16,11 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
 
-from ..checkpoint import load_tensors
 from ..errors import LedmergeError
 
 log = logging.getLogger(__name__)
@@ -31,17 +33,30 @@ class TensorContext:
     name: str
     seed: int = 0
     masks: dict[str, Tensor | None] = field(default_factory=dict)  # task -> LED mask (None: tensor unscored)
+    kept: dict[str, Tensor] = field(default_factory=dict)  # task -> entries `select` kept (whole-tensor choices)
+    map: Callable = map  # how `select` runs its per-task work: the driver passes a thread pool's map
 
     def generator(self, task: str) -> torch.Generator:
         """A generator seeded from (seed, tensor name, task): independent of visiting order."""
         return torch.Generator().manual_seed(zlib.crc32(f"{self.seed}\0{self.name}\0{task}".encode()))
+
+    def chunk(self, part: slice) -> "TensorContext":
+        """The context of the flat slice `part` of the tensor (masks sliced alike)."""
+        flat = lambda m: None if m is None else m.reshape(-1)[part]
+        return TensorContext(self.name, self.seed, {t: flat(m) for t, m in self.masks.items()},
+                             {t: flat(k) for t, k in self.kept.items()}, self.map)
+
+    def to(self, device: torch.device) -> "TensorContext":
+        move = lambda m: None if m is None else m.to(device)
+        return TensorContext(self.name, self.seed, {t: move(m) for t, m in self.masks.items()},
+                             {t: move(k) for t, k in self.kept.items()}, self.map)
 
 
 class MergeMethod:
     """Base class. Subclasses are dataclasses whose fields are the spec's parameters.
 
     `__post_init__` validates the values (raising LedmergeError); `check_inputs` validates what depends
-    on the models (task names, masks); `merge_tensor` does the work.
+    on the models (task names, masks); `select` and `merge_elements` do the work.
     """
 
     name: ClassVar[str] = ""
@@ -77,14 +92,40 @@ class MergeMethod:
         if masks and not self.uses_masks:
             log.warning("merge method '%s' ignores the masks it was given", self.name)
 
-    def merge_tensor(self, name: str, base: Tensor, experts: dict[str, Tensor], ctx: TensorContext) -> Tensor:
+    def select(self, base: Tensor, experts: dict[str, Tensor], ctx: TensorContext) -> dict[str, Tensor]:
+        """Per-task bool masks that need the whole tensor (any dtype in; computed in float32); {} if none."""
+        return {}
+
+    def merge_elements(self, base: Tensor, experts: dict[str, Tensor], ctx: TensorContext) -> Tensor:
+        """The merge, elementwise given `ctx.kept`: inputs are float32 of any shape (flat chunks when streaming)."""
         raise NotImplementedError
+
+    def merge_tensor(self, name: str, base: Tensor, experts: dict[str, Tensor], ctx: TensorContext) -> Tensor:
+        """Merge one whole float32 tensor."""
+        ctx.kept = self.select(base, experts, ctx)
+        return self.merge_elements(base, experts, ctx)
 
 
 class TaskVectorMethod(MergeMethod):
     """Methods of the form θ = θ_0 + f({τ_t}): f is `merge_deltas`, which LED reuses on masked τ_t."""
 
-    def merge_tensor(self, name, base, experts, ctx):
+    def select(self, base, experts, ctx):
+        if type(self).select_delta is TaskVectorMethod.select_delta:
+            return {}
+        base = base.float()
+
+        def one(task):
+            delta = experts[task].to(torch.float32, copy=True).sub_(base)
+            return task, self.select_delta(task, delta, ctx)
+
+        return {t: keep for t, keep in ctx.map(one, sorted(experts)) if keep is not None}
+
+    def select_delta(self, task: str, delta: Tensor, ctx: TensorContext) -> Tensor | None:
+        """The entries of task vector `delta` (whole tensor, the caller's own copy: it may be overwritten)
+        that survive, or None: all of them."""
+        return None
+
+    def merge_elements(self, base, experts, ctx):
         return base + self.merge_deltas({t: e - base for t, e in experts.items()}, ctx)
 
     def merge_deltas(self, deltas: dict[str, Tensor], ctx: TensorContext) -> Tensor:
@@ -165,13 +206,14 @@ def task_weights(per_task: Mapping[str, float] | None, tasks) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 
 class MaskFiles:
-    """LED masks: one safetensors file of bool tensors per task, keyed by checkpoint tensor name.
+    """LED masks: one mask file (`ledmerge.masks.save_masks`, 1 bit per weight) per task, keyed by checkpoint
+    tensor name.
 
     Headers are checked up front; tensors are read one at a time so masks never all sit in memory.
     """
 
     def __init__(self, paths: Mapping[str, os.PathLike], shapes: Mapping[str, tuple[int, ...]]):
-        from safetensors import safe_open
+        from ..masks import mask_names_and_shapes
 
         self.paths = dict(paths)
         self.names: dict[str, set[str]] = {}
@@ -179,22 +221,22 @@ class MaskFiles:
             if not os.path.isfile(path):
                 raise LedmergeError(f"mask file {path} for task '{task}' does not exist: run the election step first")
             try:
-                with safe_open(str(path), framework="pt") as f:
-                    self.names[task] = set(f.keys())
-                    for name in f.keys():
-                        sl = f.get_slice(name)
-                        if name not in shapes:
-                            raise LedmergeError(f"mask file {path} has tensor {name}, which the models lack: "
-                                                "the masks were built for another architecture; rebuild them")
-                        if sl.get_dtype() != "BOOL" or tuple(sl.get_shape()) != tuple(shapes[name]):
-                            raise LedmergeError(
-                                f"mask {name} in {path} is {sl.get_dtype()} {sl.get_shape()}, expected BOOL "
-                                f"{list(shapes[name])}: rebuild the masks for these models")
+                mask_shapes = mask_names_and_shapes(path)
             except LedmergeError:
                 raise
             except Exception as exc:
                 raise LedmergeError(f"cannot read mask file {path} ({exc}): re-create it") from None
+            for name, shape in mask_shapes.items():
+                if name not in shapes:
+                    raise LedmergeError(f"mask file {path} has tensor {name}, which the models lack: "
+                                        "the masks were built for another architecture; rebuild them")
+                if tuple(shape) != tuple(shapes[name]):
+                    raise LedmergeError(f"mask {name} in {path} has shape {list(shape)}, expected "
+                                        f"{list(shapes[name])}: rebuild the masks for these models")
+            self.names[task] = set(mask_shapes)
 
     def for_tensor(self, name: str) -> dict[str, Tensor | None]:
-        return {task: (load_tensors(path, [name])[name] if name in self.names[task] else None)
+        from ..masks import load_masks
+
+        return {task: (load_masks(path, [name])[name] if name in self.names[task] else None)
                 for task, path in self.paths.items()}

@@ -22,14 +22,6 @@ from .ties import elect_disjoint_mean
 log = logging.getLogger(__name__)
 
 
-def dare(delta: Tensor, drop: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
-    """Zero each entry with probability `drop`; scale survivors by 1/(1-drop) to keep the expectation."""
-    # Drawn on the CPU generator whatever the device, so a CUDA merge drops the same entries.
-    keep = (torch.rand(delta.shape, generator=generator) >= drop).to(delta.device)
-    out = delta * keep
-    return out / (1 - drop) if rescale else out
-
-
 @dataclass
 class _Dare(TaskVectorMethod):
     positive_weights: ClassVar[bool] = False
@@ -50,8 +42,21 @@ class _Dare(TaskVectorMethod):
             log.warning("%s with rescale: false is random pruning, not DARE: the merged task vectors "
                         "shrink by a factor 1 - drop", self.name)
 
+    def select(self, base, experts, ctx):
+        return {t: self.select_delta(t, base, ctx) for t in sorted(experts)}  # drops ignore values: no task vector
+
+    def select_delta(self, task, delta, ctx):
+        """Keep each entry with probability 1 - drop. Drawn on the CPU generator whatever the device, so
+        a CUDA merge drops the same entries."""
+        return (torch.rand(delta.shape, generator=ctx.generator(task)) >= per_task(self.drop, task)).to(delta.device)
+
     def dropped(self, deltas: dict[str, Tensor], ctx) -> dict[str, Tensor]:
-        return {t: dare(d, per_task(self.drop, t), ctx.generator(t), self.rescale) for t, d in deltas.items()}
+        """The kept entries, scaled by 1/(1-drop) to keep the task vector's expectation."""
+        out = {}
+        for t, d in deltas.items():
+            kept = d * ctx.kept[t]
+            out[t] = kept / (1 - per_task(self.drop, t)) if self.rescale else kept
+        return out
 
 
 @register

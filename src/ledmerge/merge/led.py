@@ -74,6 +74,15 @@ class Led(TaskVectorMethod):
             raise LedmergeError(f"merge method 'led' got masks for task(s) {extra} that are not among the experts "
                                 f"{sorted(tasks)}: fix the task names")
 
+    def select(self, base, experts, ctx):
+        """TIES / DARE-TIES choose among the *masked* task vectors; a plain sum chooses nothing."""
+        if self.combine == "sum" or any(ctx.masks.get(t) is None for t in experts):
+            return {}
+        return super().select(base, experts, ctx)
+
+    def select_delta(self, task, delta, ctx):
+        return self.combiner.select_delta(task, delta.mul_(ctx.masks[task]), ctx)
+
     def merge_deltas(self, deltas, ctx):
         masks = {t: ctx.masks.get(t) for t in deltas}
         scored = sorted(t for t, m in masks.items() if m is not None)

@@ -27,7 +27,7 @@ class Linear(MergeMethod):
             raise LedmergeError("merge method 'linear': the weights sum to 0, so they cannot be normalised: "
                                 "change the weights or set normalize: false")
 
-    def merge_tensor(self, name, base, experts, ctx):
+    def merge_elements(self, base, experts, ctx):
         out = weighted_sum(experts, self.weights)
         if self.normalize:
             out /= sum(task_weights(self.weights, experts))

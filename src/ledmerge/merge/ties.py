@@ -6,34 +6,20 @@ Its two steps are the shared building blocks: `topk_mask` (exact-count magnitude
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 from torch import Tensor
 
+from ..masks import top_r_mask
 from . import register
 from .base import TaskVectorMethod, check_number, check_number_or_per_task, check_task_floats, per_task, task_weights
 
 
 def topk_mask(x: Tensor, density: float) -> Tensor:
-    """Bool mask of the k = ceil(density·n) largest |x|, exactly k even with tied magnitudes.
-
-    Ties at the threshold go to the lowest flat indices: deterministic, and a tensor full of zeros
-    still keeps only k entries (a plain `|x| >= threshold` would keep them all).
-    """
-    n = x.numel()
-    # Exact decimal arithmetic: in floats 0.3 * 10 = 3.0000000000000004, whose ceil would keep 4.
-    k = min(n, math.ceil(Fraction(repr(float(density))) * n))
-    if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    mag = x.abs().flatten()
-    threshold = mag.kthvalue(n - k + 1).values  # the k-th largest
-    keep = mag > threshold
-    at_threshold = (mag == threshold).nonzero().flatten()
-    keep[at_threshold[: k - int(keep.sum())]] = True
-    return keep.view_as(x)
+    """Bool mask of the k = ceil(density·n) largest |x|, exactly k even with tied magnitudes (ties at the
+    threshold go to the lowest flat indices): LED's TopR on magnitudes, one implementation for both."""
+    return top_r_mask(x.abs(), density)
 
 
 def elect_disjoint_mean(deltas: dict[str, Tensor], weights: dict[str, float] | None = None) -> Tensor:
@@ -67,6 +53,10 @@ class Ties(TaskVectorMethod):
         self.scale = check_number(self.name, "scale", self.scale)
         self.weights = check_task_floats(self.name, "weights", self.weights, 0, lo_open=True)
 
+    def select_delta(self, task, delta, ctx):
+        density = per_task(self.density, task)
+        return None if density >= 1 else top_r_mask(delta.abs_(), density)
+
     def merge_deltas(self, deltas, ctx):
-        trimmed = {t: d * topk_mask(d, per_task(self.density, t)) for t, d in deltas.items()}
+        trimmed = {t: d * ctx.kept[t] if t in ctx.kept else d for t, d in deltas.items()}
         return elect_disjoint_mean(trimmed, self.weights) * self.scale
