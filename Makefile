@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= all
 
-.PHONY: env run test lint dryrun lock clean
+.PHONY: env run test lint dryrun lock clean bench
 
 env: $(STAMP)
 
@@ -29,6 +29,12 @@ lint: env
 
 dryrun: env
 	$(BIN)/snakemake -n --cores $(CORES)
+
+# ledmerge vs mergekit on random 1.1B/3.0B Llama checkpoints (bench/README.md: ~1 h, ~40 GB free disk).
+BENCH_SIZES ?= 1b:3,1b:2,3b:2
+BENCH_ARGS  ?=
+bench: env
+	$(BIN)/python bench/merge_bench.py --sizes $(BENCH_SIZES) $(BENCH_ARGS)
 
 # Re-resolve the pins from envs/requirements.in (needs the package registry).
 lock:

@@ -125,12 +125,15 @@ def test_figures_and_mask_tables(workflow_run):
 
 @pytest.mark.slow
 def test_masks_are_bool_and_final_masks_disjoint(workflow_run):
-    from safetensors.torch import load_file
+    from ledmerge.checkpoint import tensors_metadata
+    from ledmerge.masks import load_masks
 
     final = {}
     for stage in ("elected", "final"):
         for task in TASKS:
-            masks = load_file(workflow_run.results / "masks" / stage / f"{task}.safetensors")
+            path = workflow_run.results / "masks" / stage / f"{task}.safetensors"
+            assert tensors_metadata(path)["mask_encoding"] == "packbits"  # 1 bit per weight on disk
+            masks = load_masks(path)
             assert masks, (stage, task)
             assert {t.dtype for t in masks.values()} == {__import__("torch").bool}, (stage, task)
             if stage == "final":

@@ -104,8 +104,11 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             if dev.type != "cpu":  # one whole tensor per kernel on a GPU
                 ctx, b, inputs = ctx.to(dev), b.to(dev), {t: e.to(dev) for t, e in inputs.items()}
                 return method.merge_tensor(name, b.float(), {t: e.float() for t, e in inputs.items()}, ctx).to(b.dtype).cpu()
-            ctx.map = pool.map  # TIES/DARE choose per task in parallel
-            ctx.kept = method.select(b, inputs, ctx)
+            torch.set_num_threads(workers)  # whole-tensor choices (TIES, DARE): large ops, torch's own threads
+            try:
+                ctx.kept = method.select(b, inputs, ctx)
+            finally:
+                torch.set_num_threads(1)
             out = torch.empty_like(b)
             flat_out, flat_b = out.view(-1), b.reshape(-1)
             flat_in = {t: e.reshape(-1) for t, e in inputs.items()}

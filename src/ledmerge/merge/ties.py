@@ -30,12 +30,15 @@ def elect_disjoint_mean(deltas: dict[str, Tensor], weights: dict[str, float] | N
     """
     tasks = sorted(deltas)
     stacked = torch.stack([deltas[t] for t in tasks])
-    w = torch.tensor(task_weights(weights, tasks), dtype=torch.float32, device=stacked.device)
-    w = w.view(-1, *([1] * (stacked.dim() - 1)))
-    stacked = stacked * w
+    if weights:
+        w = torch.tensor(task_weights(weights, tasks), dtype=torch.float32, device=stacked.device)
+        w = w.view(-1, *([1] * (stacked.dim() - 1)))
+        stacked = stacked * w
     sign = stacked.sum(0).sign()
-    agree = (stacked.sign() == sign) & (stacked != 0)
+    agree = (stacked.sign() == sign) & (sign != 0)  # a zero sum elects nothing; zeros never agree with ±1
     total = (stacked * agree).sum(0)
+    if not weights:
+        return total / agree.sum(0).clamp_(min=1)
     divisor = (w * agree).sum(0)
     return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
