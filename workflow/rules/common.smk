@@ -97,6 +97,15 @@ def merge_spec_arg(name):
     return as_json(merge_spec(config, name)) if name in config["merges"] else f"@{R}/data_aware/{name}/recipe.json"
 
 
+def scoring_device():
+    """What the importance jobs run on, for their GPU request: a device_map other than cpu means GPUs."""
+    device_map = config["scoring"].get("device_map")
+    if device_map is None:
+        return config["scoring"]["device"]
+    places = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return "cpu" if all(str(p) == "cpu" for p in places) else "cuda"
+
+
 def merge_options():
     """`ledmerge merge` flags from the config's `merging` section and `allow_pickle`."""
     m = config["merging"]

@@ -23,15 +23,6 @@ rule calibration:
         "--seed {params.seed} {params.pool} --out {output} > {log} 2>&1"
 
 
-def scoring_device():
-    """What the importance jobs run on, for their GPU request: a device_map other than cpu means GPUs."""
-    device_map = config["scoring"].get("device_map")
-    if device_map is None:
-        return config["scoring"]["device"]
-    places = device_map.values() if isinstance(device_map, dict) else [device_map]
-    return "cpu" if all(str(p) == "cpu" for p in places) else "cuda"
-
-
 rule importance:
     input:
         model=lambda w: model_path("base" if w.role == "base" else w.task),
@@ -42,7 +33,7 @@ rule importance:
         role="base|expert",
     params:
         options=as_json(config["scoring"]),
-        trust_remote_code="--trust-remote-code" if config.get("trust_remote_code", False) else "",
+        trust_remote_code="--trust-remote-code" if config["trust_remote_code"] else "",
     threads: rule_threads("importance")
     resources:
         **rule_resources("importance", scoring_device()),
