@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -118,10 +119,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             shape = tuple(int(d) for d in entry["shape"])
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"bad header entry for {name}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0 or start + end > size:
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or start + end > size:
             raise _corrupt(path, f"tensor {name} lies outside the file")
         infos[name] = TensorInfo(path, dtype, shape, start + begin, start + end)
     return infos, metadata
@@ -308,16 +306,6 @@ def load_state_dict(model_dir: str | os.PathLike, dtype: torch.dtype | None = to
         return {name: r.read(name, dtype) for name in r.names}
 
 
-def stored_dtype(model_dir: str | os.PathLike, allow_pickle: bool = False) -> torch.dtype:
-    """The floating dtype most weights are stored in (merged models are written back in it)."""
-    counts: dict[torch.dtype, int] = {}
-    with ModelReader(model_dir, allow_pickle=allow_pickle) as r:
-        for info in r.infos.values():
-            if info.dtype.is_floating_point:
-                counts[info.dtype] = counts.get(info.dtype, 0) + 1
-    return max(counts, key=counts.get) if counts else torch.float32
-
-
 # ---------------------------------------------------------------------------------------------
 # Checking inputs against the base
 
@@ -419,7 +407,7 @@ class ShardedWriter:
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
         size = 0
         for name, dtype, shape in plan:
-            nbytes = dtype.itemsize * _numel(shape)
+            nbytes = dtype.itemsize * math.prod(shape)
             if shards[-1] and size + nbytes > limit:
                 shards.append([])
                 size = 0
@@ -475,13 +463,6 @@ class ShardedWriter:
             weight_map = {e[0]: self.files[i] for i, s in enumerate(self.shards) for e in s}
             (self.out_dir / INDEX).write_text(json.dumps(
                 {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def copy_sidecar_files(template_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:

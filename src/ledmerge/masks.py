@@ -17,6 +17,7 @@ still read. Score files are read with `importance.load_scores` (rank16 codes or 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import json
@@ -24,6 +25,7 @@ import math
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
@@ -89,7 +91,9 @@ def kth_largest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, torch.
     return threshold, above + int((candidates > threshold).sum()), where[candidates == threshold]
 
 
-_POOL: list = []
+@functools.lru_cache(maxsize=None)
+def _histogram_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, "histogram")
 
 
 def _histogram(high: torch.Tensor) -> torch.Tensor:
@@ -97,11 +101,8 @@ def _histogram(high: torch.Tensor) -> torch.Tensor:
     threads = torch.get_num_threads()
     if threads == 1 or high.numel() < 1 << 22:
         return torch.bincount(high, minlength=1 << 15)
-    if not _POOL or _POOL[0]._max_workers != threads:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL[:] = [ThreadPoolExecutor(threads, "histogram")]
     parts = high.tensor_split(threads)
-    return sum(_POOL[0].map(lambda p: torch.bincount(p, minlength=1 << 15), parts))
+    return sum(_histogram_pool(threads).map(lambda p: torch.bincount(p, minlength=1 << 15), parts))
 
 
 def _check_pattern(pattern: str) -> str:

@@ -16,7 +16,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -34,7 +34,6 @@ class TensorContext:
     seed: int = 0
     masks: dict[str, Tensor | None] = field(default_factory=dict)  # task -> LED mask (None: tensor unscored)
     kept: dict[str, Tensor] = field(default_factory=dict)  # task -> entries `select` kept (whole-tensor choices)
-    map: Callable = map  # how `select` runs its per-task work: the driver passes a thread pool's map
 
     def generator(self, task: str) -> torch.Generator:
         """A generator seeded from (seed, tensor name, task): independent of visiting order."""
@@ -44,12 +43,12 @@ class TensorContext:
         """The context of the flat slice `part` of the tensor (masks sliced alike)."""
         flat = lambda m: None if m is None else m.reshape(-1)[part]
         return TensorContext(self.name, self.seed, {t: flat(m) for t, m in self.masks.items()},
-                             {t: flat(k) for t, k in self.kept.items()}, self.map)
+                             {t: flat(k) for t, k in self.kept.items()})
 
     def to(self, device: torch.device) -> "TensorContext":
         move = lambda m: None if m is None else m.to(device)
         return TensorContext(self.name, self.seed, {t: move(m) for t, m in self.masks.items()},
-                             {t: move(k) for t, k in self.kept.items()}, self.map)
+                             {t: move(k) for t, k in self.kept.items()})
 
 
 class MergeMethod:
@@ -113,12 +112,12 @@ class TaskVectorMethod(MergeMethod):
         if type(self).select_delta is TaskVectorMethod.select_delta:
             return {}
         base = base.float()
-
-        def one(task):
-            delta = experts[task].to(torch.float32, copy=True).sub_(base)
-            return task, self.select_delta(task, delta, ctx)
-
-        return {t: keep for t, keep in ctx.map(one, sorted(experts)) if keep is not None}
+        kept = {}
+        for t in sorted(experts):  # one whole-tensor task vector in memory at a time
+            keep = self.select_delta(t, experts[t].to(torch.float32, copy=True).sub_(base), ctx)
+            if keep is not None:
+                kept[t] = keep
+        return kept
 
     def select_delta(self, task: str, delta: Tensor, ctx: TensorContext) -> Tensor | None:
         """The entries of task vector `delta` (whole tensor, the caller's own copy: it may be overwritten)
