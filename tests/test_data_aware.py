@@ -38,14 +38,14 @@ ROWS = [
 def evaluator(tiny_zoo):
     torch.set_num_threads(1)
     return MergeEvaluator(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS},
-                          {"search": ROWS, "heldout": ROWS[:1] + ROWS[2:3]}, batch_size=2)
+                          {"search": ROWS, "heldout": ROWS[:1] + ROWS[2:3]}, tokenizer=tiny_zoo["base"], batch_size=2)
 
 
-def hand_ce(model_dir, rows) -> dict[str, float]:
+def hand_ce(model_dir, rows, tokenizer_dir=None) -> dict[str, float]:
     """Mean −log p(response token) per type, one unpadded example at a time with an explicit log-softmax."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     out = {}
     for kind in ("alignment", "task"):
@@ -166,7 +166,8 @@ def test_led_search_uses_the_masks(tiny_zoo, tmp_path):
         idx = {n: torch.randint(0, 3, shapes[n], generator=g) for n in names} if i == 0 else idx
         masks[t] = tmp_path / f"{t}.safetensors"
         save_masks(masks[t], {n: idx[n] == i for n in names})
-    ev = MergeEvaluator(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, {"search": ROWS, "heldout": []}, masks)
+    ev = MergeEvaluator(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, {"search": ROWS, "heldout": []}, masks,
+                        tokenizer=tiny_zoo["base"])
     history, best = evolve(ev, "led", w_align=1.0, w_task=1.0, budget=4, seed=0)
     assert best["spec"]["method"] == "led" and set(best["spec"]["lambdas"]) == set(TASKS)
     spec = {"method": "led", "lambdas": {"code": 1.0, "math": 1.0, "safety": 1.0}}
@@ -241,13 +242,107 @@ def test_config_checks_of_the_data_aware_section(tmp_path, tiny_zoo):
         real["tasks"][t]["model"] = str(tiny_zoo[t])
     cases = [
         (real, "the toy generator only works with the toy zoo"),
-        ({**cfg, "data_aware": {**cfg["data_aware"], "alignment_task": "chat"}}, "alignment_task"),
+        ({**cfg, "alignment_task": "chat"}, "alignment_task"),
         ({**cfg, "merges": {**cfg["merges"], "cocktail_task": {"method": "linear"}}}, "taken by a data-aware merge"),
         ({**cfg, "data_aware": {**cfg["data_aware"], "evolve": {"methods": ["linear"]}}}, "data_aware.evolve.methods"),
     ]
     for bad, needle in cases:
         with pytest.raises(LedmergeError, match=needle):
             check(validate(copy.deepcopy(bad)))
-    off = {**copy.deepcopy(cfg), "data_aware": {"enabled": False, "alignment_task": "chat"}}
+    off = {**copy.deepcopy(cfg), "data_aware": {"enabled": False}}
     check(validate(off))
     assert data_aware_models(off) == []
+
+
+# ---------------------------------------------------------------------------------------------- real tokenizers
+
+def strip_tokenizer(src, dst, *, template: bool) -> Path:
+    """Copy model directory `src` to `dst` without a pad token (as Llama and Mistral ship) and, unless
+    `template`, without a chat template (a pretrained base such as Meta-Llama-3-8B)."""
+    import shutil
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token", None)
+    if not template:
+        cfg.pop("chat_template", None)
+        (dst / "chat_template.jinja").unlink(missing_ok=True)
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if (dst / "config.json").is_file():
+        model_cfg = json.loads((dst / "config.json").read_text())
+        model_cfg["pad_token_id"] = None
+        (dst / "config.json").write_text(json.dumps(model_cfg))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def real_like(tiny_zoo, tmp_path_factory):
+    """A base without chat template, experts with one, no pad token anywhere, and the run's tokenizer
+    directory (results/tokenizer: the aligned expert's tokenizer and template)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("real_like")
+    out = {"base": strip_tokenizer(tiny_zoo["base"], root / "base", template=False)}
+    for t in TASKS:
+        out[t] = strip_tokenizer(tiny_zoo[t], root / t, template=True)
+    AutoTokenizer.from_pretrained(out["safety"]).save_pretrained(root / "tokenizer")
+    out["tokenizer"] = root / "tokenizer"
+    return out
+
+
+def test_evaluator_encodes_with_the_run_tokenizer_without_a_pad_token(real_like, tmp_path):
+    """Regression: the evaluator padded with pad_token_id None (a crash on Llama/Mistral tokenizers) and
+    encoded with the base's tokenizer (no chat template: CE on plain text, unlike scoring)."""
+    from transformers import AutoTokenizer
+
+    from ledmerge.zoo.tokenizer import USER
+
+    tok = AutoTokenizer.from_pretrained(real_like["tokenizer"])
+    assert tok.pad_token_id is None and tok.chat_template
+    assert not AutoTokenizer.from_pretrained(real_like["base"]).chat_template
+    ev = MergeEvaluator(real_like["base"], {t: real_like[t] for t in TASKS}, {"search": ROWS, "heldout": []},
+                        tokenizer=real_like["tokenizer"], batch_size=2)
+    batch = ev.batches["search"]["alignment"][0]
+    assert (batch["input_ids"] == tok.convert_tokens_to_ids(USER)).any(dim=1).all()  # chat template applied
+    padded = batch["attention_mask"] == 0
+    assert padded.any() and (batch["input_ids"][padded] == tok.eos_token_id).all()  # pad id: the EOS token
+    for task in ("safety", "math"):  # the merge that is one expert scores as that expert, with the run's template
+        got = ev.score(get_method({"method": "linear", "weights": {t: float(t == task) for t in TASKS}}))
+        assert got == pytest.approx(hand_ce(real_like[task], ROWS, real_like["tokenizer"]), rel=1e-5)
+    plain = hand_ce(real_like["safety"], ROWS, real_like["base"])  # what the base's own tokenizer gave
+    assert ev.score(get_method({"method": "linear", "weights": {t: float(t == "safety") for t in TASKS}})) != \
+        pytest.approx(plain, rel=1e-3)
+
+
+def test_evaluator_rejects_a_tokenizer_the_models_cannot_embed(real_like):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(real_like["tokenizer"])
+    tok.add_tokens(["zebra"])  # id 45: the tiny models have 45 embedding rows
+    rows = ROWS + [{"prompt": "what is zebra", "response": "the answer is 7", "type": "task"}]
+    with pytest.raises(LedmergeError, match="embeddings have 45 rows"):
+        MergeEvaluator(real_like["base"], {t: real_like[t] for t in TASKS}, {"search": rows, "heldout": []},
+                       tokenizer=tok)
+
+
+def test_evolve_and_cocktail_cli_take_the_tokenizer(real_like, tmp_path):
+    for split, rows in (("search", ROWS), ("heldout", ROWS[:1] + ROWS[2:3])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = {"w_align": 1.0, "w_task": 1.0, "batch_size": 2, "max_length": 64, "device": "cpu",
+               "temperature": 1.0, "budget": 2, "sigma0": 0.2, "seed": 0, "weight_max": 1.0}
+    common = ["--base", str(real_like["base"]), "--expert", *[f"{t}={real_like[t]}" for t in TASKS],
+              "--search", str(tmp_path / "search.jsonl"), "--heldout", str(tmp_path / "heldout.jsonl"),
+              "--objective", "align", "--options", json.dumps(options)]
+    for step in (["cocktail"], ["evolve", "--method", "task_arithmetic"]):
+        out = tmp_path / step[0]
+        cmd = [sys.executable, "-m", "ledmerge", *step, *common, "--out-dir", str(out)]
+        proc = subprocess.run(cmd + ["--tokenizer", str(real_like["tokenizer"])], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((out / "recipe.json").read_text())["method"] in ("linear", "task_arithmetic")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 2 and "--tokenizer" in proc.stderr
+    summary = json.loads((tmp_path / "cocktail" / "search.json").read_text())
+    want = hand_ce(real_like["math"], ROWS, real_like["tokenizer"])
+    assert summary["experts"]["math"]["ce_align"] == pytest.approx(want["alignment"], rel=1e-5)
+    assert summary["experts"]["math"]["ce_task"] == pytest.approx(want["task"], rel=1e-5)

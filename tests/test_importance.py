@@ -298,7 +298,8 @@ def test_score_file_is_rank16_by_default(tiny_zoo, calib, tmp_path):
     for name, r in raw.items():
         c = codes[name]
         assert c.dtype == torch.float32 and c.shape == r.shape
-        assert sorted(c.view(-1).tolist()) == list(range(r.numel()))  # n <= 65536: exact ranks
+        m = int((r > 0).sum())  # n <= 65535: exact ranks of the positive scores, 0 for zero scores
+        assert sorted(c.view(-1).tolist()) == [0] * (r.numel() - m) + list(range(1, m + 1))
         order = torch.argsort(r.view(-1), descending=True, stable=True)
         assert torch.equal(order, torch.argsort(c.view(-1), descending=True))
     # the reference per-layer loop re-runs every example once per layer
@@ -371,30 +372,44 @@ def test_offloaded_weights_are_refused(tiny_zoo):
 
 
 def test_rank_code_large_tensor_within_one_bin():
-    """n > 65536: codes are quantile bins; TopR on them differs from TopR on the float32 scores in at most
-    ceil(n/65536) entries and keeps exactly ceil(r*n)."""
+    """m > 65535 positive scores: codes are quantile bins 1..65535; TopR on them differs from TopR on the
+    float32 scores in at most ceil(m/65535) entries and keeps exactly ceil(r*n)."""
     import math
 
     from ledmerge.importance import rank_code
     from ledmerge.masks import top_k_count, top_r_mask
 
     g = torch.Generator().manual_seed(0)
+    L = 65535
     for shape in [(300, 1001), (65537,), (131072,)]:
-        s = torch.rand(shape, generator=g) ** 3
+        s = torch.rand(shape, generator=g) ** 3 + 1e-6
         s.view(-1)[::7] = 0.25  # ties across bins
         n = s.numel()
         code = rank_code(s)
         assert code.dtype == torch.uint16 and code.shape == s.shape
         c = code.float()
-        assert int(c.max()) == 65535 and int(c.min()) == 0
-        assert torch.bincount(code.view(-1).int(), minlength=65536).max() <= math.ceil(n / 65536)
+        assert int(c.max()) == 65535 and int(c.min()) == 1  # no zero score, so no code 0
+        assert torch.bincount(code.view(-1).int(), minlength=65536).max() <= math.ceil(n / L)
         order = torch.argsort(s.view(-1), descending=True, stable=True)  # the definition, position by position
         p = torch.arange(n, dtype=torch.int64)
-        assert torch.equal(c.view(-1)[order].long(), (n - 1 - p) * 65536 // n)
+        assert torch.equal(c.view(-1)[order].long(), 1 + (n - 1 - p) * L // n)
         for r in (0.001, 0.1, 0.3, 0.5, 0.77):
             want, got = top_r_mask(s, r), top_r_mask(c, r)
             assert int(got.sum()) == int(want.sum()) == top_k_count(n, r)
-            assert int((got != want).sum()) <= math.ceil(n / 65536), (shape, r)
+            assert int((got != want).sum()) <= math.ceil(n / L), (shape, r)
+
+
+def test_rank_code_reserves_zero_for_zero_scores():
+    """Zero scores (sparse embedding gradients) get code 0, below every positive score, small or large tensor;
+    the election then never elects them (test_masks)."""
+    from ledmerge.importance import rank_code
+
+    for n in (100, 200_000):
+        s = torch.zeros(n)
+        s[n // 2:n // 2 + 10] = torch.arange(1, 11, dtype=torch.float32)  # 10 positive scores, the rest 0
+        c = rank_code(s).int()
+        assert int((c == 0).sum()) == n - 10 and bool((c[n // 2:n // 2 + 10] > 0).all())
+        assert torch.equal(c[n // 2:n // 2 + 10].argsort(), torch.arange(10))  # order kept
 
 
 def test_save_load_scores_round_trip_and_errors(tmp_path):
@@ -421,6 +436,10 @@ def test_save_load_scores_round_trip_and_errors(tmp_path):
     save_tensors(tmp_path / "mask.safetensors", {"a": scores["a"] > 0.5})
     with pytest.raises(LedmergeError, match="not float32 scores"):
         load_scores(tmp_path / "mask.safetensors")
-    save_tensors(tmp_path / "lie.safetensors", {"a": scores["a"]}, metadata={"score_encoding": "rank16"})
+    save_tensors(tmp_path / "lie.safetensors", {"a": scores["a"]},
+                 metadata={"score_encoding": "rank16", "rank16_version": "2"})
     with pytest.raises(LedmergeError, match="not rank16"):
         load_scores(tmp_path / "lie.safetensors")
+    save_tensors(tmp_path / "old.safetensors", {"a": rank_code(scores["a"])}, metadata={"score_encoding": "rank16"})
+    with pytest.raises(LedmergeError, match="older ledmerge"):  # rank codes before zero scores were marked
+        load_scores(tmp_path / "old.safetensors")

@@ -1,13 +1,14 @@
 """The lm-eval tasks: hooks scored on strings, and evaluate_model end to end on the tiny model."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from ledmerge.errors import LedmergeError
 from ledmerge.eval_tasks import utils as hooks
 from ledmerge.evaluation import evaluate_model, extract_answer, extract_code, math_correct
-from ledmerge.evaluation.runner import TEMPLATE_DIR
+from ledmerge.evaluation.runner import TEMPLATE_DIR, generation_kwargs, lm_eval_model_args, stop_tokens
 from ledmerge.fileio import write_jsonl
 
 MATH = {"prompt": "tom has 3 apples and gets 4 more . how many apples does tom have ?", "answer": "7"}
@@ -94,3 +95,155 @@ def test_missing_or_empty_data_is_a_user_error(tiny_zoo, tmp_path):
     with pytest.raises(LedmergeError, match="unknown judge"):
         evaluate_model(**common, **data, judge="nope")
     assert not (tmp_path / "m.json").exists()
+
+
+# ---- the evaluation tokenizer: stop tokens, chat template, dtype ----
+
+EOT = "<|eot|>"  # a second end-of-turn token, as Llama-3-Instruct's <|eot_id|> next to <|end_of_text|>
+
+
+def _two_eos_tokenizer():
+    from conftest import TINY_WORDS
+    from ledmerge.zoo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer([TINY_WORDS])
+    tok.add_tokens([EOT], special_tokens=True)
+    return tok
+
+
+def _tokenizer_dir(path: Path, tok, eos_token_id) -> Path:
+    """A tokenizer directory as the workflow's tokenizer rule writes it: tokenizer, template, generation config."""
+    tok.save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_id}))
+    return path
+
+
+def _scripted_model(path: Path, tok, script: dict[str, str], default: str) -> Path:
+    """A Llama whose greedy next token depends only on the current token: `script` (token -> next token),
+    else `default`. Embeddings are one-hot, the layers add nothing (o_proj = down_proj = 0), and the LM head
+    maps each one-hot row to its successor. Saved with the tokenizer minus its chat template (a base
+    model) and a generation config whose only EOS is the tokenizer's own."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = len(tok)
+    hidden = vocab + vocab % 2 + 2  # >= vocab, two heads of even size
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    ids = tok.convert_tokens_to_ids
+    nxt = [ids(script.get(t, default)) for t in tok.convert_ids_to_tokens(list(range(vocab)))]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for i in range(vocab):
+            model.model.embed_tokens.weight[i, i] = 1.0
+            model.lm_head.weight[nxt[i], i] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(path)
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        tok.save_pretrained(path)
+    finally:
+        tok.chat_template = template
+    assert not (path / "chat_template.jinja").exists()
+    return path
+
+
+def test_stop_tokens_are_every_eos_of_the_tokenizer_dir(tiny_zoo, tmp_path):
+    tok = _two_eos_tokenizer()
+    eot = tok.convert_tokens_to_ids(EOT)
+    two = _tokenizer_dir(tmp_path / "two", tok, [eot, tok.eos_token_id])
+    assert stop_tokens(two) == ([EOT, "<|end|>"], [eot, tok.eos_token_id])
+    one = _tokenizer_dir(tmp_path / "one", tok, eot)  # an int; the tokenizer's eos_token is added
+    assert stop_tokens(one) == ([EOT, "<|end|>"], [eot, tok.eos_token_id])
+    # The toy zoo's models: exactly the stop string the task YAMLs used to hard-code.
+    assert stop_tokens(tiny_zoo["base"]) == (["<|end|>"], [3])
+    for bad, match in ((["x"], "integer"), ([len(tok) + 5], "outside the vocabulary")):
+        _tokenizer_dir(tmp_path / "bad", tok, bad)
+        with pytest.raises(LedmergeError, match=match):
+            stop_tokens(tmp_path / "bad")
+
+
+def test_task_yamls_do_not_hard_code_a_stop_string():
+    import yaml
+
+    for name in ("harmful", "benign", "math", "code"):
+        cfg = yaml.safe_load((TEMPLATE_DIR / f"ledmerge_{name}.yaml").read_text().replace("!function", ""))
+        assert cfg["generation_kwargs"]["until"] == [], name
+
+
+def test_generation_kwargs_per_backend():
+    assert generation_kwargs(16, ["<|eot_id|>", "<|end_of_text|>"], [128009, 128001], "hf") == {
+        "max_gen_toks": 16, "until": ["<|eot_id|>", "<|end_of_text|>"], "eos_token_id": [128009, 128001]}
+    # lm-eval's vllm model matches stop strings on text with special tokens; SamplingParams has no eos_token_id.
+    assert generation_kwargs(16, ["</s>"], [2], "vllm") == {"max_gen_toks": 16, "until": ["</s>"]}
+
+
+def test_lm_eval_model_args_dtype_and_tokenizer(tmp_path):
+    model, tok = tmp_path / "m", tmp_path / "tok"
+    assert lm_eval_model_args(model)["dtype"] == "float32"  # auto on the CPU
+    assert lm_eval_model_args(model, device="cuda")["dtype"] == "auto"  # the checkpoint's own dtype
+    assert lm_eval_model_args(model, device="cuda", dtype="bfloat16")["dtype"] == "bfloat16"
+    assert lm_eval_model_args(model, dtype="float16")["dtype"] == "float16"
+    args = lm_eval_model_args(model, "vllm", "cuda", dtype="bfloat16", tokenizer=tok)
+    assert args["dtype"] == "bfloat16" and args["tokenizer"] == str(tok.resolve())
+    assert "tokenizer" not in lm_eval_model_args(model)
+    assert lm_eval_model_args(model, extra={"dtype": "float16"}, dtype="bfloat16")["dtype"] == "float16"
+    with pytest.raises(LedmergeError, match="unknown evaluation dtype"):
+        lm_eval_model_args(model, dtype="fp8")
+
+
+def test_dtype_and_tokenizer_reach_lm_eval(tiny_zoo, tmp_path, monkeypatch):
+    import lm_eval
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_simple_evaluate(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    tok = _two_eos_tokenizer()
+    eot = tok.convert_tokens_to_ids(EOT)
+    tok_dir = _tokenizer_dir(tmp_path / "tok", tok, [eot, tok.eos_token_id])
+    data = _data(tmp_path, k=1)
+    with pytest.raises(Stop):
+        evaluate_model(tiny_zoo["base"], tmp_path / "m.json", tmp_path / "g.jsonl", **data, dtype="bfloat16",
+                       tokenizer=tok_dir, max_new_tokens=5)
+    assert seen["model"] == "hf"
+    assert seen["model_args"]["dtype"] == "bfloat16" and seen["model_args"]["tokenizer"] == str(tok_dir.resolve())
+    assert seen["apply_chat_template"] is True
+    for task in seen["tasks"]:
+        gen = task.config.generation_kwargs
+        assert gen["until"] == [EOT, "<|end|>"] and gen["eos_token_id"] == [eot, tok.eos_token_id], task
+        assert gen["max_gen_toks"] == 5 and gen["do_sample"] is False
+    with pytest.raises(LedmergeError, match="unknown evaluation dtype"):
+        evaluate_model(tiny_zoo["base"], tmp_path / "m.json", tmp_path / "g.jsonl", **data, dtype="fp8")
+    with pytest.raises(LedmergeError, match="tokenizer directory"):
+        evaluate_model(tiny_zoo["base"], tmp_path / "m.json", tmp_path / "g.jsonl", **data, tokenizer=tmp_path / "no")
+
+
+def test_generation_stops_on_the_tokenizer_dirs_second_eos(tmp_path):
+    """A base model (no chat template; its generation config knows only <|end|>) evaluated with the run's
+    tokenizer directory, whose generation config also lists <|eot|>: the template is the directory's, and every
+    reply ends at <|eot|>. With the model's own stop token only it would read "sure bake bake bake ..."."""
+    tok = _two_eos_tokenizer()
+    eot = tok.convert_tokens_to_ids(EOT)
+    model = _scripted_model(tmp_path / "base", tok, {"<|assistant|>": "sure", "sure": EOT}, default="bake")
+    tok_dir = _tokenizer_dir(tmp_path / "tokenizer", tok, [eot, tok.eos_token_id])
+    data = _data(tmp_path, k=3)
+    out, gens = tmp_path / "out" / "metrics.json", tmp_path / "out" / "generations.jsonl"
+    report = evaluate_model(model, out, gens, harmful_path=data["harmful_path"], benign_path=data["benign_path"],
+                            tokenizer=tok_dir, max_new_tokens=6, batch_size=4, num_threads=1)
+    rows = [json.loads(line) for line in gens.read_text().splitlines()]
+    assert len(rows) == 6 and {r["response"].strip() for r in rows} == {"sure"}
+    assert report["until"] == [EOT, "<|end|>"] and report["tokenizer"] == str(tok_dir)
+    assert report["dtype"] == "float32"

@@ -106,6 +106,36 @@ def test_elect_errors():
         elect(EXPERT, BASE, 0.0)
 
 
+def test_election_never_elects_zero_scores():
+    """Sparse embedding gradients: rows no calibration token touched score 0. TopR keeps only positive scores
+    (at most ⌈r·n⌉), so no task elects the arbitrary band of zero rows at the lowest indices."""
+    expert = torch.zeros(10, 4)
+    expert[7] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # one token row got gradient
+    base = expert.clone()
+    for pattern in ("11", "x1"):
+        m = elect({"emb": expert}, {"emb": base}, 0.3, pattern)["emb"]  # ⌈0.3·40⌉ = 12 > 4 positive entries
+        assert m.nonzero().tolist() == [[7, 0], [7, 1], [7, 2], [7, 3]]
+    assert int(elect({"emb": expert}, {"emb": base}, 0.05, "11")["emb"].sum()) == 2  # k = 2 < 4: plain TopR
+    assert not elect({"w": torch.zeros(5)}, {"w": torch.ones(5)}, 0.5)["w"].any()
+
+
+def test_election_files_record_zero_capped_tensors_and_refuse_other_token_ids(tmp_path):
+    scores = {"emb": torch.zeros(10, 4), "w": torch.rand(3, 4) + 0.1}
+    scores["emb"][2] = 1.0
+    for role, tokens in (("base", "aa"), ("expert", "aa"), ("other", "bb")):
+        save_scores(tmp_path / f"{role}.safetensors", scores, {"tokens_sha256": tokens})
+    out = {t: tmp_path / f"e_{t}.safetensors" for t in ("a", "b")}
+    for t in out:
+        assert elect_files(tmp_path / "expert.safetensors", tmp_path / "base.safetensors", 0.5, "11",
+                           out[t])["zero_capped"] == ["emb"]
+    disjoint_files(out, {t: tmp_path / f"m_{t}.safetensors" for t in out}, tmp_path / "s.csv", tmp_path / "o.csv")
+    with open(tmp_path / "s.csv") as fh:
+        assert {(r["tensor"], r["zero_capped"]) for r in csv.DictReader(fh)} == {("emb", "True"), ("w", "False")}
+    with pytest.raises(LedmergeError, match="different token ids"):  # base scored on other text than the expert
+        elect_files(tmp_path / "expert.safetensors", tmp_path / "other.safetensors", 0.5, "11", tmp_path / "x.st")
+    assert not (tmp_path / "x.st").exists()
+
+
 # ---- Disjoint ----
 
 def test_disjoint_two_tasks():
@@ -185,7 +215,7 @@ def test_files_round_trip(tmp_path):
         got = load_masks(elected_paths[t])
         want = elect(scores[t], scores["base"], rate, "11")
         assert set(got) == set(names) and all(torch.equal(got[n], want[n]) and got[n].dtype == torch.bool for n in names)
-        assert counts == {"numel": 60, "elected": sum(int(w.sum()) for w in want.values())}
+        assert counts == {"numel": 60, "elected": sum(int(w.sum()) for w in want.values()), "zero_capped": []}
         meta = tensors_metadata(elected_paths[t])
         assert meta["rate"] == repr(rate) and meta["pattern"] == "11"
     disjoint_files(elected_paths, out_paths, tmp_path / "stats.csv", tmp_path / "overlap.csv")

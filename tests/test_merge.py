@@ -205,6 +205,22 @@ def test_led_combiners_reuse_ties_and_dare(toy, led_masks):
     torch.testing.assert_close(got, base + elect_disjoint_mean(dropped), rtol=0, atol=1e-6)
 
 
+def test_led_lambdas_act_with_every_combiner(toy, led_masks):
+    """After Disjoint at most one task is non-zero per weight: λ_t must scale it, also under TIES and DARE-TIES
+    (a weighted disjoint mean would divide λ_t back out: λ = {a: 0.5, c: 0.25} merged both at 1)."""
+    base, experts, taus = toy
+    lam = {"a": 0.5, "b": 1.0, "c": 0.25}
+    want = base + sum(lam[t] * led_masks[t] * taus[t] for t in taus)
+    for combine in ("sum", "ties"):
+        got = merge({"method": "led", "combine": combine, "lambdas": lam}, base, experts, masks=led_masks)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    got = merge({"method": "led", "combine": "dare_ties", "drop": 0.5, "seed": 2, "lambdas": lam}, base, experts,
+                masks=led_masks)
+    ctx = TensorContext("w", seed=2)
+    dropped = {t: dare(taus[t] * led_masks[t], 0.5, ctx.generator(t)) for t in taus}
+    torch.testing.assert_close(got, base + sum(lam[t] * dropped[t] for t in taus), rtol=0, atol=1e-6)
+
+
 # --- validation --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, match", [
@@ -228,7 +244,7 @@ def test_led_combiners_reuse_ties_and_dare(toy, led_masks):
     ({"method": "led", "combine": "ties", "drop": 0.5}, "only applies with combine: dare_ties"),
     ({"method": "led", "combine": "ties", "density": 2}, "'led': density"),
     ({"method": "led", "combine": "dare_ties", "drop": 1}, "'led': drop"),
-    ({"method": "led", "combine": "ties", "lambdas": {"a": 0}}, "lambdas"),
+    ({"method": "led", "combine": "ties", "lambdas": {"a": "high"}}, "lambdas"),
 ])
 def test_bad_specs(spec, match):
     with pytest.raises(LedmergeError, match=match):

@@ -6,6 +6,8 @@ fetch_dataset jobs, and a model's compatibility is checked only once it is local
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import pytest
 import yaml
 
 from conftest import job_stats
+from ledmerge.config import data_aware_models, validate
+from ledmerge.config import load
 from test_workflow import REPO, SNAKEMAKE, env
 
 PAPER_CONFIGS = ["llama3_8b", "mistral_7b", "llama2_13b", "llama3_8b_bio"]
@@ -27,13 +31,18 @@ def dry_run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("setup", PAPER_CONFIGS)
 def test_paper_config_dry_runs_offline(setup, tmp_path):
-    proc = dry_run("--snakefile", str(REPO / "Snakefile"), "--configfile", str(REPO / "config" / f"{setup}.yaml"),
-                   "--directory", str(tmp_path))
+    proc = dry_run("--printshellcmds", "--snakefile", str(REPO / "Snakefile"),
+                   "--configfile", str(REPO / "config" / f"{setup}.yaml"), "--directory", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = job_stats(proc.stdout)
-    cfg = yaml.safe_load((REPO / "config" / f"{setup}.yaml").read_text())
-    n_tasks, n_merges = len(cfg["tasks"]), len(cfg["merges"])
+    # Every evaluation loads the models in bf16 and uses the run's tokenizer directory.
+    options = [json.loads(m) for m in re.findall(r" evaluate --model .*? --options '(\{.*?\})'", proc.stdout)]
+    assert len(options) == stats["evaluate"]
+    assert all(o["dtype"] == "bfloat16" and o["tokenizer"].endswith("/tokenizer") for o in options)
+    cfg = validate(yaml.safe_load((REPO / "config" / f"{setup}.yaml").read_text()))
+    n_tasks, n_merges = len(cfg["tasks"]), len(cfg["merges"]) + len(data_aware_models(cfg))
     assert n_tasks == EXPERTS[setup]
+    assert bool(data_aware_models(cfg)) == (setup == "llama3_8b_bio")  # the second paper's setup searches
     judge_model = 1 if isinstance(cfg["evaluation"]["judge_kwargs"].get("model"), dict) else 0
     assert stats["fetch_model"] == 1 + n_tasks + judge_model
     assert stats["fetch_dataset"] == n_tasks + 2  # calibration per task, harmful and benign prompts
@@ -54,6 +63,28 @@ def test_paper_config_uses_gpus_and_real_data(setup):
     assert cfg["evaluation"]["lm_eval_tasks"] and cfg["evaluation"]["judge"] in ("harmbench", "llama_guard")
 
 
+@pytest.mark.parametrize("setup", PAPER_CONFIGS)
+def test_paper_config_scores_like_the_reference_code(setup):
+    """The released LED code scores every linear layer, every RMSNorm and the LM head with the per-example mean
+    response-token loss; its embeddings end at the base (ours: unscored, and `unscored: base` keeps them)."""
+    cfg = load(REPO / "config" / f"{setup}.yaml")
+    scoring = cfg["scoring"]
+    assert (scoring["include_norms"], scoring["include_lm_head"], scoring["include_embeddings"]) == (True, True, False)
+    assert scoring["loss_reduction"] == "mean" and scoring["granularity"] == "example"
+    assert cfg["merges"]["led"]["unscored"] == "base"
+    assert cfg["evaluation"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("setup", PAPER_CONFIGS)
+def test_paper_config_states_which_harmbench_behaviours_it_evaluates(setup):
+    """HarmBench has 400 text behaviours; the `standard` subset holds 200 of them. A config that loads it says so."""
+    text = (REPO / "config" / f"{setup}.yaml").read_text()
+    harmful = load(REPO / "config" / f"{setup}.yaml")["evaluation"]["harmful"]
+    if isinstance(harmful, dict) and harmful["hf"] == "walledai/HarmBench":
+        assert harmful["config_name"] == "standard"
+        assert "200 standard behaviours" in text and "contextual" in text and "copyright" in text
+
+
 def test_slurm_profile_dry_runs_from_the_repository_root(tmp_path):
     # The default (toy) config; --directory keeps the check away from the repository's own results (and
     # then the Snakefile and config must be named: relative paths would be read from the directory).
@@ -70,3 +101,21 @@ def test_slurm_profile_has_marked_placeholders():
     partitions = [profile["default-resources"]["slurm_partition"]]
     partitions += [r["slurm_partition"] for r in profile["set-resources"].values()]
     assert all(p.startswith("CHANGE_ME") for p in partitions)
+
+
+def test_docs_link_only_inside_the_repository():
+    """README and docs/ link to files of this repository that exist (never `../`, never the shared design
+    notes), and docs/methods.md documents the differences from the paper and the reference code."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://", target) or target.startswith("#"):
+                continue
+            assert not target.startswith("../"), f"{page.name} links outside the repository: {target}"
+            assert (page.parent / target.split("#")[0]).exists(), f"{page.name} links to a missing file: {target}"
+    readme = (REPO / "README.md").read_text()
+    assert "](docs/methods.md)" in readme and "shared/design" not in readme
+    methods = (REPO / "docs" / "methods.md").read_text()
+    assert "## Where ledmerge differs from the paper or the reference code" in methods
+    for topic in ("_random_prune_core", "loss_reduction", "bf16", "⌈r·n⌉", "HumanEval", "pdb", "chat template"):
+        assert topic in methods, topic

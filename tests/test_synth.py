@@ -118,3 +118,65 @@ def test_domain_requests_show_exemplars_from_calibration():
     shown = [line for line in requests[3].text.splitlines() if line.startswith("- ")]
     assert len(shown) == 2 and all(line[2:] in {"q1", "q2", "q3", "q4"} for line in shown)
     assert '"a"' in requests[0].text and "JSON" in requests[0].text
+
+
+# ---------------------------------------------------------------------------------------------- real tokenizers
+
+def always_says(model_dir, token: str) -> int:
+    """Rewrite the tiny model at `model_dir` so that greedy decoding emits `token` at every step (the
+    residual stream is the input embedding, the same for every token, and only `token`'s row of the
+    LM head is non-zero). Returns its id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    token_id = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(token)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token_id] = 1.0
+    model.save_pretrained(model_dir)
+    return token_id
+
+
+def test_generation_without_pad_token_or_chat_template(tiny_zoo, tmp_path, caplog):
+    """A Llama/Mistral base: no pad token (pads with EOS, left), no chat template (plain prompt, warned)."""
+    from test_data_aware import strip_tokenizer
+
+    model_dir = strip_tokenizer(tiny_zoo["base"], tmp_path / "base", template=False)
+    always_says(model_dir, "sure")
+    with caplog.at_level("WARNING", logger="ledmerge.synth"):
+        model, tok = synth.load_causal_lm(model_dir)
+    assert "has no chat template" in caplog.text
+    assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
+    assert synth.stop_ids(model, tok) == [tok.eos_token_id]
+    replies = synth.chat_generate(model, tok, ["how do i make a bomb", "what is 3 + 4 the answer is"],
+                                  max_new_tokens=3, batch_size=2)
+    assert replies == ["sure sure sure"] * 2  # the shorter prompt, left-padded, generates the same
+
+
+def test_replies_stop_at_the_chat_templates_end_of_turn_token(tmp_path):
+    """Regression: a chat model whose template ends a turn with a token its generation config does not
+    list as EOS (OpenBioLLM-8B's `<|eot_id|>` with the base's `<|end_of_text|>`) ran on to max_new_tokens,
+    and every reply carried the turn end and whatever followed."""
+    from conftest import make_tiny_model
+    from transformers import AutoTokenizer
+
+    from ledmerge.zoo.tokenizer import ASSISTANT, EOS, USER
+
+    model_dir = make_tiny_model(tmp_path / "chat", extra_tokens=1)  # token 45, <extra_0>: the turn end
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}" + USER + " {{ m['content'] }} "
+        "{% else %}" + ASSISTANT + " {{ m['content'] }} <extra_0> {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}")
+    tok.save_pretrained(model_dir)
+    end = always_says(model_dir, "<extra_0>")
+    model, tok = synth.load_causal_lm(model_dir)
+    assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids(EOS) != end
+    assert synth.chat_generate(model, tok, ["how do i make a bomb"], max_new_tokens=4) == [""]  # stops at once
+    assert synth.turn_end_id(tok) == end
+    assert synth.stop_ids(model, tok) == [tok.eos_token_id, end]

@@ -2,7 +2,7 @@
 
 LED-Merging (Location, Election, Disjoint) and data-aware merging, with the baselines they are
 compared against, built as small composable steps that the Snakemake workflow in this repository
-chains together. See `shared/design/methods.md` for the formulas.
+chains together. See `docs/methods.md` for the formulas.
 """
 
 __version__ = "0.1.0"

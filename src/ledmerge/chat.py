@@ -87,3 +87,23 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "s
     if reduction == "sum":
         return tok.sum()
     return tok.sum() / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def load_tokenizer(path, trust_remote_code: bool = False):
+    """The tokenizer every step of a run encodes with (the workflow's `tokenizer` directory)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad batches with: the pad token, else the (first) EOS token, else 0.
+
+    Llama and Mistral tokenizers have no pad token; padded positions are masked out of attention and
+    loss by `collate`, so which id fills them does not change a result."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return eos if eos is not None else 0

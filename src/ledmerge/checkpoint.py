@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +34,6 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-# Files copied verbatim from the base model into a merged model directory.
-SIDECAR_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
-    "added_tokens.json",
-)
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # what save_pretrained and mergekit use
 
 # safetensors dtype codes <-> torch dtypes
@@ -463,13 +456,6 @@ class ShardedWriter:
             weight_map = {e[0]: self.files[i] for i, s in enumerate(self.shards) for e in s}
             (self.out_dir / INDEX).write_text(json.dumps(
                 {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-
-
-def copy_sidecar_files(template_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """config.json, generation config and tokenizer files of the base, into a merged model directory."""
-    for fname in SIDECAR_FILES:
-        if (Path(template_dir) / fname).is_file():
-            shutil.copy2(Path(template_dir) / fname, Path(out_dir) / fname)
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -87,6 +87,14 @@ def cmd_calibrate(a):
     print(f"wrote {n} calibration examples for task '{a.task}' to {a.out}")
 
 
+def cmd_tokenizer(a):
+    from .tokenizer import build_tokenizer_dir
+
+    record = build_tokenizer_dir(a.source, a.base, _pairs(a.expert, "--expert"), a.alignment_task, a.out,
+                                 chat_template=a.chat_template)
+    print(json.dumps({k: v for k, v in record.items() if k != "sha256"}))
+
+
 def cmd_score(a):
     import inspect
 
@@ -97,13 +105,13 @@ def cmd_score(a):
     if not isinstance(options, dict):
         raise LedmergeError(f"--options must be a JSON object, got {a.options!r}")
     allowed = [k for k in inspect.signature(score_model).parameters
-               if k not in ("model_dir", "calibration_path", "out_path")]
+               if k not in ("model_dir", "calibration_path", "out_path", "tokenizer_dir")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise LedmergeError(f"unknown scoring option(s) {unknown}: the options are {allowed}")
     if a.trust_remote_code:
         options["trust_remote_code"] = True
-    summary = score_model(a.model, a.calibration, a.out, **options)
+    summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, **options)
     print(json.dumps(summary))
 
 
@@ -134,7 +142,7 @@ def cmd_merge(a):
                                 "run its search first") from None
     merge_models(a.base, _pairs(a.expert, "--expert"), _json(spec, "--spec"), a.out,
                  masks=_pairs(a.mask, "--mask") or None, device=a.device, shard_size=a.shard_size,
-                 vocab_policy=a.vocab_policy, allow_pickle=a.allow_pickle)
+                 vocab_policy=a.vocab_policy, allow_pickle=a.allow_pickle, tokenizer_dir=a.tokenizer)
 
 
 def cmd_synthesize(a):
@@ -167,8 +175,9 @@ def _evaluator(a, o):
 
     w_align, w_task = objective_weights(a.objective, o["w_align"], o["w_task"])
     evaluator = load_evaluator(a.base, _pairs(a.expert, "--expert"), a.search, a.heldout,
-                               _pairs(a.mask, "--mask") or None, w_align=w_align, w_task=w_task,
-                               batch_size=o["batch_size"], max_length=o["max_length"], device=o["device"])
+                               _pairs(a.mask, "--mask") or None, tokenizer=a.tokenizer, w_align=w_align,
+                               w_task=w_task, batch_size=o["batch_size"], max_length=o["max_length"],
+                               device=o["device"])
     return evaluator, dict(objective=a.objective, w_align=w_align, w_task=w_task)
 
 
@@ -255,9 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", type=int, default=128); sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--pool", help="toy zoo calibration pool (source zoo)"); sp.add_argument("--out", required=True)
 
+    sp = add("tokenizer", cmd_tokenizer, "the run's tokenizer, chat template and stop tokens, from one model")
+    sp.add_argument("--source", default="auto", help="auto (the base if it has a chat template, else the aligned "
+                    "expert), base, a task name, or a model directory")
+    sp.add_argument("--base", required=True); sp.add_argument("--expert", nargs="*", metavar="TASK=DIR")
+    sp.add_argument("--alignment-task", default="safety", help="the aligned (instruct) expert's task")
+    sp.add_argument("--chat-template", help="a .jinja file replacing the source's chat template")
+    sp.add_argument("--out", required=True)
+
     sp = add("score", cmd_score, "SNIP importance scores |W| * sum|grad| of one model on one calibration set")
     sp.add_argument("--model", required=True); sp.add_argument("--calibration", required=True); sp.add_argument("--out", required=True)
     sp.add_argument("--options", default="{}", help="JSON of the config's scoring section")
+    sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
+                    "expert see the same token ids; default: the model's own")
     sp.add_argument("--trust-remote-code", action="store_true",
                     help="let transformers run the model repository's own Python code (off by default)")
 
@@ -282,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "into the base's vocabulary, dropping extra token rows)")
     sp.add_argument("--allow-pickle", action="store_true",
                     help="also read pickle (.bin) checkpoints; only for files you trust: unpickling can run code")
+    sp.add_argument("--tokenizer", help="tokenizer directory (`ledmerge tokenizer`) whose tokenizer, chat template "
+                    "and generation config the merged model gets; default: the base's")
 
     sp = add("synthesize", cmd_synthesize, "synthetic alignment and domain data for data-aware merging")
     sp.add_argument("--aligned", required=True, help="the aligned model (answers the harmful questions)")
@@ -298,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--base", required=True); sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR")
         sp.add_argument("--mask", nargs="*", metavar="TASK=PATH", help="LED masks (method led)")
         sp.add_argument("--search", required=True); sp.add_argument("--heldout", required=True)
+        sp.add_argument("--tokenizer", required=True, metavar="DIR",
+                        help="the run's tokenizer directory (chat template; the workflow's results/tokenizer)")
         sp.add_argument("--objective", choices=["align", "task"], required=True,
                         help="align: alignment and domain data; task: domain data only")
         sp.add_argument("--options", required=True, help="JSON search options (data_aware section)")

@@ -125,6 +125,10 @@ def check(config: dict) -> None:
             for name in [n for n in present if n != "base"]:
                 _at(keys[name], check_compatible, present["base"], {name: present[name]},
                     vocab_policy=config["merging"]["vocab_policy"], allow_pickle=config["allow_pickle"])
+    if config["alignment_task"] not in tasks:
+        raise LedmergeError(f"config error at 'alignment_task': {config['alignment_task']!r} is not a task "
+                            f"({sorted(tasks)}): name the task whose expert is the aligned (instruct) model")
+    _check_tokenizer(config)
     _at("merging.shard_size", parse_size, config["merging"]["shard_size"])
     for key in ("harmful", "benign", "math", "code"):
         source = config["evaluation"][key]
@@ -137,6 +141,35 @@ def check(config: dict) -> None:
         except LedmergeError as exc:
             raise LedmergeError(f"config error at 'merges.{name}': {exc}") from None
     _check_data_aware(config)
+
+
+def _check_tokenizer(config: dict) -> None:
+    """The run's chat template must exist before any job: resolved now from the models already on disk (a hub
+    model not fetched yet is checked by the `tokenizer` job itself)."""
+    from .tokenizer import AUTO, check_source, resolve_source
+
+    tasks, source = config["tasks"], config["tokenizer_source"]
+    if config["chat_template"] is not None:
+        _at("chat_template", check_source, None, config["chat_template"])
+    if source not in (AUTO, "base") and source not in tasks and not Path(source).is_dir():
+        raise LedmergeError(f"config error at 'tokenizer_source': {source!r} is neither auto, base, a task "
+                            f"({sorted(tasks)}) nor a model directory")
+    if config["base_model"] == ZOO:
+        return  # the toy zoo's tokenizer has a chat template
+    on_disk = lambda name: not is_hub(config["base_model"] if name == "base" else tasks[name]["model"]) \
+        or Path(model_dir(config, name)).is_dir()
+    if not on_disk("base"):
+        return
+    experts = {t: model_dir(config, t) for t in tasks if on_disk(t)}
+    if source == AUTO and config["alignment_task"] not in experts:
+        from .tokenizer import chat_template_of
+        if not chat_template_of(model_dir(config, "base")):
+            return  # the aligned expert is still to be fetched
+    if source in tasks and source not in experts:
+        return
+    source_dir, _ = _at("tokenizer_source", resolve_source, source, model_dir(config, "base"), experts,
+                        config["alignment_task"])
+    _at("tokenizer_source", check_source, source_dir, config["chat_template"])
 
 
 def data_aware_models(config: dict) -> list[str]:
@@ -153,9 +186,6 @@ def _check_data_aware(config: dict) -> None:
     if not da["enabled"]:
         return
     tasks = config["tasks"]
-    if da["alignment_task"] not in tasks:
-        raise LedmergeError(f"config error at 'data_aware.alignment_task': {da['alignment_task']!r} is not a task "
-                            f"({sorted(tasks)}): name the task whose expert is the aligned model")
     if len(tasks) < 2:
         raise LedmergeError("config error at 'data_aware': data-aware merging needs a domain task besides the "
                             "alignment task")

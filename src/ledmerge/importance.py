@@ -1,7 +1,8 @@
-"""Location: SNIP importance scores I(θ; X) = |W| ⊙ Σ_x |∂L(x)/∂W| (see shared/design/methods.md).
+"""Location: SNIP importance scores I(θ; X) = |W| ⊙ Σ_x |∂L(x)/∂W| (see docs/methods.md).
 
-L(x) = −log p(response | prompt), summed over the response tokens only (the prompt rendered with the
-model's chat template and masked by `ledmerge.chat.encode`).
+L(x) = −log p(response | prompt) over the response tokens only, summed (or averaged: `loss_reduction`),
+the prompt rendered with the run's chat template (`ledmerge.tokenizer`: the same token ids for the base and
+the expert) and masked by `ledmerge.chat.encode`.
 
 How it is computed, and why:
 - One forward/backward per (micro-)batch for the whole model, never per layer: every parameter's
@@ -19,9 +20,8 @@ How it is computed, and why:
 
 Pass count. N calibration examples cost N forward+backward passes in all (granularity "example"; "batch":
 ⌈N/batch_size⌉), each pass scoring every tensor of every layer at once. The released LED code scores layer
-by layer, re-running all calibration samples once per layer: N×L passes for L layers, which methods.md
-puts as "32x the passes for an 8B model" (Llama-3-8B has L = 32 decoder layers; 128 examples: 128 passes
-here against 4,096). `score_model` reports both (`n_forward_backward`, `reference_passes` = N×L).
+by layer, re-running all calibration samples once per layer: N×L passes for L layers, 32x the passes for
+an 8B model (Llama-3-8B has L = 32 decoder layers; 128 examples: 128 passes here against 4,096). `score_model` reports both (`n_forward_backward`, `reference_passes` = N×L).
 
 Real checkpoints:
 - `device_map` ("auto", "balanced", {module: device}, ...) is handed to `from_pretrained` (accelerate) to
@@ -40,11 +40,12 @@ Real checkpoints:
 
 Score files: 2 bytes per weight, as a rank code (`save_scores`/`load_scores`, the only writer and reader).
 TopR depends only on the order of the scores inside a tensor, so files store that order, not the values.
-Per tensor, entries are ranked by score descending, ties by lowest flat index (the rule of
-`masks.top_r_mask`); position p (0 = best) gets code n−1−p when n ≤ 65536 (unique codes: every TopR equals
-the float32 one exactly), else ⌊(n−1−p)·65536/n⌋ (equal-count bins of at most ⌈n/65536⌉ consecutive ranks:
-TopR on the codes can differ from the float32 TopR only inside the bin holding the cut-off, so in at most
-⌈n/65536⌉ entries per tensor whatever the score distribution, and it still keeps exactly ⌈r·n⌉ entries).
+Per tensor, entries with a score of 0 get code 0 (the election never elects them, `masks.top_r_positive`);
+the m positive entries are ranked by score descending, ties by lowest flat index (the rule of
+`masks.top_r_mask`), and position p (0 = best) gets code m−p when m ≤ 65535 (unique codes: every TopR equals
+the float32 one exactly), else 1 + ⌊(m−1−p)·65535/m⌋ (equal-count bins of at most ⌈m/65535⌉ consecutive
+ranks: TopR on the codes can differ from the float32 TopR only inside the bin holding the cut-off, so in at
+most ⌈m/65535⌉ entries per tensor whatever the score distribution, and it still keeps exactly ⌈r·n⌉ entries).
 bf16 was rejected: with 8 significant bits it merges all scores within one bf16 step (0.4–0.8% wide) into
 one tied value, and the ties at the cut-off are then broken by index instead of by score: an error that
 grows with how crowded the scores are around the cut-off, with no bound in entries. Codes are stored as
@@ -55,6 +56,7 @@ uint16 (metadata `score_encoding: rank16`) and read back as float32 (exact), hig
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -73,9 +75,11 @@ from .fileio import read_jsonl
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 GRANULARITIES = ("example", "batch")
+LOSS_REDUCTIONS = ("sum", "mean")
 AUTOCASTS = ("none", "bf16")
 SCORE_ENCODINGS = ("rank16", "float32")
 RANK_LEVELS = 65536  # uint16 codes
+RANK16_VERSION = "2"  # 2: code 0 is reserved for zero scores
 
 
 # ---- score files ----
@@ -83,21 +87,25 @@ RANK_LEVELS = 65536  # uint16 codes
 def rank_code(scores: torch.Tensor) -> torch.Tensor:
     """The rank16 code of one tensor's scores (uint16, same shape, on the CPU); see the module docstring.
 
-    Computed on the scores' own device (a GPU sorts a large tensor much faster); higher code = higher score."""
+    Computed on the scores' own device (a GPU sorts a large tensor much faster); higher code = higher score,
+    and code 0 = a score of 0 (or below), which the election never elects."""
     if not scores.is_floating_point():
         raise LedmergeError(f"scores must be floating point, got {scores.dtype}")
     flat = scores.detach().reshape(-1)
     if torch.isnan(flat).any():
         raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
     n, dev = flat.numel(), flat.device
+    m = int((flat > 0).sum())  # positive scores: codes 1..L-1; the rest: 0
     order = torch.argsort(flat, descending=True, stable=True)  # position p -> flat index; ties: lowest index first
-    if n <= RANK_LEVELS:
-        code = torch.arange(n - 1, -1, -1, dtype=torch.int32, device=dev)  # n-1-p
-    else:  # floor((n-1-p)·L/n), built bin by bin in int32: bin c holds q = n-1-p in [ceil(c·n/L), ceil((c+1)·n/L))
-        c = torch.arange(RANK_LEVELS + 1, dtype=torch.int64, device=dev)
-        starts = (c * n + RANK_LEVELS - 1) // RANK_LEVELS
-        code = torch.repeat_interleave(torch.arange(RANK_LEVELS - 1, -1, -1, dtype=torch.int32, device=dev),
-                                       (starts[1:] - starts[:-1]).flip(0), output_size=n)
+    levels = RANK_LEVELS - 1
+    code = torch.zeros(n, dtype=torch.int32, device=dev)
+    if m <= levels:
+        code[:m] = torch.arange(m, 0, -1, dtype=torch.int32, device=dev)  # m-p
+    else:  # 1 + floor((m-1-p)·levels/m), bin by bin in int32: bin c holds q = m-1-p in [ceil(c·m/levels), ceil((c+1)·m/levels))
+        c = torch.arange(levels + 1, dtype=torch.int64, device=dev)
+        starts = (c * m + levels - 1) // levels
+        code[:m] = torch.repeat_interleave(torch.arange(levels, 0, -1, dtype=torch.int32, device=dev),
+                                           (starts[1:] - starts[:-1]).flip(0), output_size=m)
     out = torch.empty(n, dtype=torch.int32, device=dev)
     out[order] = code
     del order, code
@@ -122,6 +130,8 @@ def save_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor], met
             raise LedmergeError(f"scores of {name} are {t.dtype}: float32 score files need floating-point scores")
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta["score_encoding"] = encoding
+    if encoding == "rank16":
+        meta["rank16_version"] = RANK16_VERSION
     save_tensors(path, out, metadata=meta)
 
 
@@ -132,9 +142,13 @@ def load_scores(path: str | os.PathLike, names: Iterable[str] | None = None) -> 
     if not path.is_file():
         raise LedmergeError(f"{path} does not exist: run the step that writes it first")
     with _open(path) as f:
-        encoding = (f.metadata() or {}).get("score_encoding", "float32")
+        meta = f.metadata() or {}
+        encoding = meta.get("score_encoding", "float32")
         if encoding not in SCORE_ENCODINGS:
             raise LedmergeError(f"{path} has unknown score encoding {encoding!r}: re-create it with this ledmerge")
+        if encoding == "rank16" and meta.get("rank16_version") != RANK16_VERSION:
+            raise LedmergeError(f"{path} was written by an older ledmerge, whose rank codes do not mark zero scores: "
+                                "delete it and rerun the scoring step")
         available = set(f.keys())
         out = {}
         for name in (list(f.keys()) if names is None else list(names)):
@@ -263,7 +277,7 @@ def _autocast(device_types: set[str], mode: str):
 def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, *, batch_size: int = 8,
                    granularity: str = "example", include_norms: bool = False, include_embeddings: bool = False,
                    include_lm_head: bool = False, checkpoint_shapes: dict | None = None, autocast: str = "none",
-                   gradient_checkpointing: bool = False, encoding: str = "float32",
+                   gradient_checkpointing: bool = False, encoding: str = "float32", loss_reduction: str = "sum",
                    progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Scores for an in-memory model (on one device or spread by a device_map): name -> tensor on the CPU
     (float32 scores, or their uint16 rank16 codes with encoding="rank16", computed on each tensor's device),
@@ -275,6 +289,8 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
         raise LedmergeError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
     if encoding not in SCORE_ENCODINGS:
         raise LedmergeError(f"score_dtype must be one of {SCORE_ENCODINGS}, got {encoding!r}")
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise LedmergeError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
     if batch_size < 1:
         raise LedmergeError(f"batch_size must be >= 1, got {batch_size}")
     if not examples:
@@ -319,7 +335,7 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
                 labels = inputs.pop("labels")
                 with _autocast(device_types, autocast):
                     logits = model(**inputs, use_cache=False).logits
-                loss = chat.response_nll(logits, labels.to(logits.device), reduction="sum")  # float32
+                loss = chat.response_nll(logits, labels.to(logits.device), reduction=loss_reduction)  # float32
                 loss.backward()  # hooks consume and free every scored gradient
                 n_tokens += int((labels[:, 1:] != chat.IGNORE_INDEX).sum())
                 del logits, loss
@@ -345,17 +361,32 @@ def _num_layers(model: nn.Module) -> int:
     return int(n) if isinstance(n, int) else 1
 
 
-def score_model(model_dir, calibration_path, out_path, *, batch_size: int = 8, max_length: int = 256,
+def tokens_sha256(examples: list[chat.Encoded]) -> str:
+    """A fingerprint of the exact token ids and response masks a model was scored on."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()
+
+
+def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, batch_size: int = 8, max_length: int = 256,
                 granularity: str = "example", include_norms: bool = False, include_embeddings: bool = False,
                 include_lm_head: bool = False, dtype: str = "float32", device: str = "cpu",
                 device_map: str | dict | None = None, autocast: str = "none", gradient_checkpointing: bool = False,
-                score_dtype: str = "rank16", trust_remote_code: bool = False, progress: bool = True) -> dict:
+                score_dtype: str = "rank16", loss_reduction: str = "sum", trust_remote_code: bool = False,
+                progress: bool = True) -> dict:
     """Score a Hugging Face model directory on a calibration JSONL ({prompt, response, ...} rows) and write the
     scores, keyed by the checkpoint's tensor names, to `out_path` (safetensors, atomic) with `save_scores`:
     rank16 codes by default, raw float32 with score_dtype="float32".
 
+    The text is encoded with `tokenizer_dir` (the run's tokenizer and chat template, `ledmerge.tokenizer`;
+    default: the model's own), so the base and the expert of a task are scored on the same token ids; the
+    score file records their fingerprint (`tokens_sha256`) and the election checks that both files agree.
+    `loss_reduction`: "sum" over response tokens (default), or "mean" per response token of each pass, the
+    Hugging Face loss the released LED code differentiates.
+
     `device_map` (e.g. "auto") spreads the model over the node's GPUs and makes `device` unused."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise LedmergeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -365,13 +396,14 @@ def score_model(model_dir, calibration_path, out_path, *, batch_size: int = 8, m
         raise LedmergeError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
     if score_dtype not in SCORE_ENCODINGS:
         raise LedmergeError(f"score_dtype must be one of {SCORE_ENCODINGS}, got {score_dtype!r}")
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise LedmergeError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
     t0 = time.perf_counter()
     model_dir, calibration_path = Path(model_dir), Path(calibration_path)
     rows = read_jsonl(calibration_path, required=("prompt", "response"))
     shapes = tensor_shapes(model_dir)  # also a clear error if the directory is not a model
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    tokenizer = chat.load_tokenizer(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
     examples, skipped = encode_rows(tokenizer, rows, max_length)
     if skipped:
         warnings.warn(f"{skipped} of {len(rows)} calibration examples in {calibration_path} have no response token "
@@ -390,18 +422,21 @@ def score_model(model_dir, calibration_path, out_path, *, batch_size: int = 8, m
     except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a CUDA device that is not there
         raise LedmergeError(f"cannot load {model_dir} on {where} ({exc})") from None
     scores, summary = compute_scores(
-        model, examples, pad_id, batch_size=batch_size, granularity=granularity, include_norms=include_norms,
+        model, examples, chat.pad_id(tokenizer), batch_size=batch_size, granularity=granularity, include_norms=include_norms,
         include_embeddings=include_embeddings, include_lm_head=include_lm_head, checkpoint_shapes=shapes,
-        autocast=autocast, gradient_checkpointing=gradient_checkpointing, encoding=score_dtype, progress=progress)
+        autocast=autocast, gradient_checkpointing=gradient_checkpointing, encoding=score_dtype,
+        loss_reduction=loss_reduction, progress=progress)
     n_layers = _num_layers(model)
     del model
     options = {"batch_size": batch_size, "max_length": max_length, "granularity": granularity,
                "include_norms": include_norms, "include_embeddings": include_embeddings,
                "include_lm_head": include_lm_head, "dtype": dtype, "autocast": autocast,
-               "gradient_checkpointing": gradient_checkpointing, "score_dtype": score_dtype}
+               "gradient_checkpointing": gradient_checkpointing, "score_dtype": score_dtype,
+               "loss_reduction": loss_reduction}
     save_scores(out_path, scores, encoding=score_dtype, metadata={
         "kind": "importance", "model_dir": str(model_dir), "calibration": str(calibration_path),
         "calibration_sha256": file_sha256(calibration_path), "options": json.dumps(options, sort_keys=True),
+        "tokenizer_dir": str(tokenizer_dir or model_dir), "tokens_sha256": tokens_sha256(examples),
         "n_examples": summary["n_examples"], "n_skipped": skipped, "n_response_tokens": summary["n_response_tokens"],
         "n_forward_backward": summary["n_forward_backward"],
     })

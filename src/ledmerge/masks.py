@@ -1,11 +1,15 @@
-"""Election and Disjoint: importance scores -> boolean masks (see shared/design/methods.md).
+"""Election and Disjoint: importance scores -> boolean masks (see docs/methods.md).
 
 Election:  E_t = TopR_r(I(θ_t; X_t)) ∧ TopR_r(I(θ_0; X_t))   (pattern "11")
 Disjoint:  M_t = E_t ∧ ¬(∪_{j≠t} E_j)
 
 TopR keeps exactly ⌈r·n⌉ entries of each tensor, found by a k-th value threshold (`kth_largest`, a
-radix select) with ties at the threshold broken by lowest flat index. An exact count matters: thresholding "score >= t" elects a whole
-tensor when most scores tie at 0 (sparse embedding gradients).
+radix select) with ties at the threshold broken by lowest flat index. An exact count matters: thresholding
+"score >= t" elects a whole tensor when most scores tie at 0 (sparse embedding gradients). In the election,
+an entry whose score is 0 (no gradient reached it, or its weight is 0) is never elected: TopR there keeps
+the ⌈r·n⌉ largest *positive* scores, or all of them when fewer are positive (`top_r_positive`). Otherwise
+every task would fill its count with the same arbitrary band of untouched token rows at the lowest
+indices. The election records which tensors were capped so (`zero_capped`), and the mask statistics show it.
 
 Mask files hold 1 bit per weight (`save_masks`/`load_masks`, the only writer and reader): each mask is
 flattened and packed 8 entries per byte, first entry in the most significant bit (numpy.packbits order),
@@ -32,7 +36,7 @@ from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
-from .checkpoint import _open, save_tensors
+from .checkpoint import _open, save_tensors, tensors_metadata
 from .errors import LedmergeError
 from .fileio import write_text
 from .importance import load_scores
@@ -61,6 +65,15 @@ def top_r_mask(scores: torch.Tensor, rate: float) -> torch.Tensor:
     mask = flat > threshold
     mask[tied[: k - n_above]] = True  # `tied` is sorted: the lowest flat indices win
     return mask.view(scores.shape)
+
+
+def top_r_positive(scores: torch.Tensor, rate: float) -> torch.Tensor:
+    """TopR among the entries with a positive score: the ⌈rate·n⌉ largest, or every positive entry when fewer
+    are positive. A score of 0 says nothing about importance, so it is never elected."""
+    positive = scores > 0
+    if int(positive.sum()) <= top_k_count(scores.numel(), rate):
+        return positive
+    return top_r_mask(scores, rate)  # the k largest are all positive
 
 
 def kth_largest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -127,13 +140,13 @@ def _check_same(a: dict, b: dict, what_a: str, what_b: str) -> None:
 
 def elect_tensor(expert: torch.Tensor | None, base: torch.Tensor | None, rate: float, pattern: str = "11") -> torch.Tensor:
     """One tensor's election. pattern[0] is the base, pattern[1] the expert: '1' = must be in that model's
-    top-r, '0' = must not be, 'x' = that model is ignored (its scores may be None)."""
+    top-r (of its positive scores), '0' = must not be, 'x' = that model is ignored (its scores may be None)."""
     _check_pattern(pattern)
     mask = None
     for char, scores in zip(pattern, (base, expert)):
         if char == "x":
             continue
-        top = top_r_mask(scores.float(), rate)
+        top = top_r_positive(scores.float(), rate)
         cond = top if char == "1" else ~top
         mask = cond if mask is None else mask & cond
     return mask
@@ -390,7 +403,8 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
         base_shapes = _file_shapes(base_scores_path)
         _check_same({k: _Shape(v) for k, v in expert_shapes.items()}, {k: _Shape(v) for k, v in base_shapes.items()},
                     str(expert_scores_path), str(base_scores_path))
-    masks, numel, kept = {}, 0, 0
+        _check_same_tokens(expert_scores_path, base_scores_path)
+    masks, numel, kept, capped = {}, 0, 0, []
     for name in sorted(expert_shapes):
         expert = load_scores(expert_scores_path, [name])[name]
         base = load_scores(base_scores_path, [name])[name] if use_base else None
@@ -398,6 +412,9 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
             mask = elect_tensor(expert, base, rate, pattern)
         except LedmergeError as exc:
             raise LedmergeError(f"{name} in {expert_scores_path}: {exc}") from None
+        k = top_k_count(mask.numel(), rate)
+        if any(s is not None and int((s > 0).sum()) < k for c, s in zip(pattern, (base, expert)) if c != "x"):
+            capped.append(name)
         numel += mask.numel()
         kept += int(mask.sum())
         masks[name] = PackedMask(pack_bits(mask), tuple(mask.shape))
@@ -405,8 +422,19 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
     save_masks(out_path, masks, metadata={
         "kind": "election", "rate": repr(float(rate)), "pattern": pattern,
         "expert_scores": str(expert_scores_path), "base_scores": str(base_scores_path) if use_base else "",
+        "zero_capped": json.dumps(capped),
     })
-    return {"numel": numel, "elected": kept}
+    return {"numel": numel, "elected": kept, "zero_capped": capped}
+
+
+def _check_same_tokens(expert_scores_path, base_scores_path) -> None:
+    """Base and expert of a task must be scored on the same token ids, or the intersection compares scores of
+    different texts (a base without a chat template scored on plain text, the expert on its chat format)."""
+    fingerprints = [tensors_metadata(p).get("tokens_sha256") for p in (expert_scores_path, base_scores_path)]
+    if None not in fingerprints and fingerprints[0] != fingerprints[1]:
+        raise LedmergeError(f"{expert_scores_path} and {base_scores_path} were scored on different token ids "
+                            "(another tokenizer, chat template, calibration set or max_length): rescore both with "
+                            "the same tokenizer directory (ledmerge score --tokenizer)")
 
 
 def _write_csv(path, rows: list[dict], columns: list[str]) -> None:
@@ -417,7 +445,8 @@ def _write_csv(path, rows: list[dict], columns: list[str]) -> None:
     write_text(path, buf.getvalue())
 
 
-STATS_COLUMNS = ["task", "tensor", "layer", "module", "numel", "elected", "kept", "elected_fraction", "kept_fraction"]
+STATS_COLUMNS = ["task", "tensor", "layer", "module", "numel", "elected", "kept", "elected_fraction", "kept_fraction",
+                 "zero_capped"]
 OVERLAP_COLUMNS = ["task_a", "task_b", "tensor", "layer", "module", "numel", "overlap", "overlap_fraction", "jaccard"]
 
 
@@ -435,6 +464,8 @@ def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv)
     for t in tasks[1:]:
         _check_same({k: _Shape(v) for k, v in headers[tasks[0]].items()}, {k: _Shape(v) for k, v in headers[t].items()},
                     f"task '{tasks[0]}'", f"task '{t}'")
+    # Tensors where a model had fewer positive scores than ⌈r·n⌉: the election kept fewer entries.
+    zero_capped = {t: set(json.loads(mask_metadata(elected_paths[t]).get("zero_capped", "[]"))) for t in tasks}
     final: dict[str, dict[str, PackedMask]] = {t: {} for t in tasks}
     rows: dict[str, list] = {t: [] for t in tasks}
     overlap_rows: dict[tuple, list] = {pair: [] for pair in itertools.combinations(tasks, 2)}
@@ -443,6 +474,7 @@ def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv)
         kept = disjoint(elected)
         tensor_rows, tensor_overlap = mask_stats(elected, kept)
         for row in tensor_rows:
+            row["zero_capped"] = name in zero_capped[row["task"]]
             rows[row["task"]].append(row)
         for row in tensor_overlap:
             overlap_rows[(row["task_a"], row["task_b"])].append(row)

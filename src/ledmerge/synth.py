@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .chat import render
+from .chat import pad_id, render
 from .errors import LedmergeError
 from .evaluation.judges import RefusalJudge
 from .fileio import read_jsonl, write_json, write_jsonl
@@ -104,28 +104,69 @@ class Generator:
 
 
 def load_causal_lm(model_dir, device: str = "cpu"):
+    """A model and its own tokenizer, set up for batched generation (left padding, a pad token).
+
+    A tokenizer without a pad token (Llama, Mistral) pads with `chat.pad_id` (its EOS token): padded
+    positions are masked out. A model without a chat template is prompted with `chat.render`'s plain
+    `prompt\\n` format, which a base model continues rather than answers: logged as a warning."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"  # generation continues from the right end
     if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok))
+    if not getattr(tok, "chat_template", None):
+        log.warning("%s has no chat template: it is prompted with plain text (prompt, newline)", model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
     return model, tok
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def turn_end_id(tok) -> int | None:
+    """The token the chat template closes an assistant turn with (Llama-3's `<|eot_id|>`, ChatML's
+    `<|im_end|>`, Mistral's `</s>`), when it is a special or added token; None without a template."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    mark = "ledmerge-end-of-response"
+    text = render(tok, "question", mark)
+    if mark not in text:
+        return None
+    tail = tok(text[text.rindex(mark) + len(mark):].lstrip(" "), add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    return tail[0] if tail and tail[0] in special else None
+
+
+def stop_ids(model, tok) -> list[int]:
+    """Every id that ends a reply: the generation config's EOS ids, the tokenizer's EOS and the
+    template's end-of-turn token. Fine-tunes often keep the base's generation config, whose only EOS
+    (Llama-3's `<|end_of_text|>`) the chat model never emits: it would run to max_new_tokens."""
+    config = getattr(model, "generation_config", None)
+    ids = _ids(getattr(config, "eos_token_id", None)) + _ids(tok.eos_token_id) + _ids(turn_end_id(tok))
+    return list(dict.fromkeys(ids))
 
 
 @torch.no_grad()
 def chat_generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32,
                   temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Replies to `prompts` with the chat template (chat.render), greedy unless temperature > 0."""
+    """Replies to `prompts` with the chat template (chat.render), greedy unless temperature > 0; a
+    reply ends at any of `stop_ids`."""
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    eos = stop_ids(model, tok)
     out = []
     for i in range(0, len(prompts), batch_size):
         texts = [render(tok, p) for p in prompts[i:i + batch_size]]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
-        out += [t.strip() for t in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=eos or None, **sampling)
+        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+            end = next((j for j, t in enumerate(row) if t in eos), len(row))  # the stop token and padding after it
+            out.append(tok.decode(row[:end], skip_special_tokens=True).strip())
     return out
 
 

@@ -18,12 +18,30 @@ TASKS = sorted(config["tasks"])
 MERGES = sorted(config["merges"])
 # Data-aware merges (data_aware.smk): named evo_<method>_<objective> and cocktail_<objective>.
 DA = config["data_aware"]
-DOMAIN_TASKS = [t for t in TASKS if t != DA["alignment_task"]]
+DOMAIN_TASKS = [t for t in TASKS if t != config["alignment_task"]]
 DATA_AWARE = data_aware_models(config)
 EVOLVED = [m for m in DATA_AWARE if m.startswith("evo_")]
 MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 LOG = f"{R}/logs"
 EVAL_SETS = ("harmful", "benign", "math", "code")
+
+
+TOKENIZER = f"{R}/tokenizer"
+# Models the tokenizer rule may take the tokenizer from: auto looks at the base, then the aligned expert.
+TOKENIZER_CANDIDATES = {"auto": ["base", config["alignment_task"]], "base": ["base"]}.get(
+    config["tokenizer_source"], [config["tokenizer_source"]] if config["tokenizer_source"] in TASKS else []
+)
+
+
+def tokenizer_inputs(wildcards):
+    """The candidate source models (or the source directory) and the chat template file, if one is given."""
+    inputs = {"base": model_path("base")}
+    inputs.update({t: model_path(t) for t in TOKENIZER_CANDIDATES if t != "base"})
+    if not TOKENIZER_CANDIDATES:  # a directory
+        inputs["source"] = config["tokenizer_source"]
+    if config["chat_template"] is not None:
+        inputs["chat_template"] = config["chat_template"]
+    return inputs
 
 
 def hub_models():
@@ -133,7 +151,7 @@ def calibration_pool(wildcards):
 
 
 def merge_inputs(wildcards):
-    inputs = {"base": model_path("base"), "experts": [model_path(t) for t in TASKS]}
+    inputs = {"base": model_path("base"), "experts": [model_path(t) for t in TASKS], "tokenizer": TOKENIZER}
     if wildcards.merge in DATA_AWARE:
         inputs["recipe"] = f"{R}/data_aware/{wildcards.merge}/recipe.json"
     if merge_method(wildcards.merge) == "led":
@@ -172,6 +190,8 @@ def evaluation_options():
         "limit": ev["limit"],
         "device": ev["device"],
         "seed": config["seed"],
+        "dtype": ev["dtype"],
+        "tokenizer": TOKENIZER,
     }
     model_args = dict(ev["model_args"], **({"trust_remote_code": True} if config["trust_remote_code"] else {}))
     if ev["backend"] != "hf" or model_args:  # only when set, so default runs keep their params

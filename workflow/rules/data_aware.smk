@@ -5,7 +5,7 @@
 
 rule synthetic:
     input:
-        aligned=lambda w: model_path(DA["alignment_task"]),  # a function: only read when data-aware is on
+        aligned=lambda w: model_path(config["alignment_task"]),  # a function: only read when data-aware is on
         experts=[model_path(t) for t in DOMAIN_TASKS],
         calibration=expand(f"{R}/calibration/{{task}}.jsonl", task=DOMAIN_TASKS),
         generator=[] if DA["synthetic"]["generator"] == ZOO else DA["synthetic"]["generator"],
@@ -17,7 +17,7 @@ rule synthetic:
     params:
         experts=" ".join(f"{t}={model_path(t)}" for t in DOMAIN_TASKS),
         calibration=" ".join(f"{t}={R}/calibration/{t}.jsonl" for t in DOMAIN_TASKS),
-        task=DA["alignment_task"],
+        task=config["alignment_task"],
         options=as_json(DA["synthetic"]),
         out_dir=lambda w, output: os.path.dirname(output.data),
     threads: rule_threads("synthetic")
@@ -36,6 +36,7 @@ rule synthetic:
 rule evolve:
     input:
         unpack(search_inputs),
+        tokenizer=f"{R}/tokenizer",  # the run's tokenizer and chat template (the `tokenizer` rule)
     output:
         history=f"{R}/data_aware/evo_{{method}}_{{objective}}/history.csv",
         recipe=f"{R}/data_aware/evo_{{method}}_{{objective}}/recipe.json",
@@ -60,12 +61,14 @@ rule evolve:
     shell:
         "$LEDMERGE --threads {threads} evolve --method {wildcards.method} "
         "--base {input.base} --expert {params.experts} {params.masks} --search {input.search} --heldout {input.heldout} "
-        "--objective {wildcards.objective} --options {params.options:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "--tokenizer {input.tokenizer} --objective {wildcards.objective} --options {params.options:q} "
+        "--out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule cocktail:
     input:
         unpack(search_inputs),
+        tokenizer=f"{R}/tokenizer",  # the run's tokenizer and chat template (the `tokenizer` rule)
     output:
         recipe=f"{R}/data_aware/cocktail_{{objective}}/recipe.json",
         summary=f"{R}/data_aware/cocktail_{{objective}}/search.json",
@@ -86,4 +89,5 @@ rule cocktail:
     shell:
         "$LEDMERGE --threads {threads} cocktail "
         "--base {input.base} --expert {params.experts} {params.masks} --search {input.search} --heldout {input.heldout} "
-        "--objective {wildcards.objective} --options {params.options:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "--tokenizer {input.tokenizer} --objective {wildcards.objective} --options {params.options:q} "
+        "--out-dir {params.out_dir} > {log} 2>&1"

@@ -6,6 +6,7 @@ rule evaluate:
         model=lambda w: model_path(w.model),
         data=[eval_data(k) for k in EVAL_SETS],
         judge=judge_model(),
+        tokenizer=TOKENIZER,
     output:
         metrics=f"{R}/eval/{{model}}/metrics.json",
         generations=f"{R}/eval/{{model}}/generations.jsonl",

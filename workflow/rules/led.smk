@@ -27,6 +27,7 @@ rule importance:
     input:
         model=lambda w: model_path("base" if w.role == "base" else w.task),
         calibration=f"{R}/calibration/{{task}}.jsonl",
+        tokenizer=TOKENIZER,
     output:
         f"{R}/importance/{{task}}/{{role}}.safetensors",
     wildcard_constraints:
@@ -42,7 +43,8 @@ rule importance:
     log:
         f"{LOG}/importance_{{task}}_{{role}}.log",
     shell:
-        "$LEDMERGE --threads {threads} score --model {input.model} --calibration {input.calibration} --out {output} "
+        "$LEDMERGE --threads {threads} score --model {input.model} --calibration {input.calibration} "
+        "--tokenizer {input.tokenizer} --out {output} "
         "--options {params.options:q} {params.trust_remote_code} > {log} 2>&1"
 
 

@@ -24,4 +24,4 @@ rule merge:
         f"{LOG}/merge_{{merge}}.log",
     shell:
         "$LEDMERGE --threads {threads} merge --base {input.base} --expert {params.experts} {params.masks} "
-        "--spec {params.spec:q} --out {output} {params.options} > {log} 2>&1"
+        "--spec {params.spec:q} --tokenizer {input.tokenizer} --out {output} {params.options} > {log} 2>&1"

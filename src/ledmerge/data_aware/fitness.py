@@ -7,17 +7,21 @@ and one model; models that do not fit need a search that merges to disk, which i
 
 The score is the mean cross-entropy per response token (chat template applied, prompt masked: the
 loss of `chat.response_nll`) over each data type, and fitness = −(w_align·CE_align + w_task·CE_task).
+Text is encoded with the run's tokenizer (the workflow's `tokenizer` directory: the one scoring and
+evaluation use), not the base's own: the base of a real setup (Meta-Llama-3-8B, Mistral-7B-v0.1) has
+no chat template, and its tokenizer no pad token.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from ..chat import IGNORE_INDEX, collate, encode, response_nll
+from ..chat import IGNORE_INDEX, collate, encode, load_tokenizer, pad_id, response_nll
 from ..checkpoint import check_compatible, load_state_dict, tensor_shapes
 from ..errors import LedmergeError
 from ..fileio import read_jsonl
@@ -36,14 +40,17 @@ class MergeEvaluator:
     """Base + experts in memory, one model whose parameters receive each candidate merge."""
 
     def __init__(self, base_dir, expert_dirs: Mapping[str, str], data: Mapping[str, list[dict]],
-                 masks: Mapping[str, str] | None = None, batch_size: int = 32, max_length: int = 256,
+                 masks: Mapping[str, str] | None = None, *, tokenizer, batch_size: int = 32, max_length: int = 256,
                  device: str = "cpu"):
-        """`data`: split name -> rows {prompt, response, type}; `masks`: LED mask files per task."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """`data`: split name -> rows {prompt, response, type}; `masks`: LED mask files per task;
+        `tokenizer`: the directory of the run's tokenizer (or a loaded tokenizer), which encodes every
+        row exactly as importance scoring does (`chat.encode`, its chat template)."""
+        from transformers import AutoModelForCausalLM
 
         check_compatible(base_dir, expert_dirs)
         self.tasks = sorted(expert_dirs)
-        self.tok = AutoTokenizer.from_pretrained(base_dir)
+        self.tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        self.pad_id = pad_id(self.tok)  # Llama and Mistral tokenizers have no pad token
         self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
         self.base = load_state_dict(base_dir)
         self.experts = {t: load_state_dict(expert_dirs[t]) for t in self.tasks}
@@ -58,9 +65,14 @@ class MergeEvaluator:
 
     def _batches(self, rows, batch_size, max_length, device) -> dict[str, list[dict]]:
         out = {}
+        n_rows = self.model.get_input_embeddings().num_embeddings
         for kind in TYPES:
             enc = [encode(self.tok, r["prompt"], r["response"], max_length) for r in rows if r["type"] == kind]
-            out[kind] = [{k: v.to(device) for k, v in collate(enc[i:i + batch_size], self.tok.pad_token_id).items()}
+            top = max((max(e.input_ids) for e in enc if e.input_ids), default=-1)
+            if top >= n_rows:
+                raise LedmergeError(f"the tokenizer encodes the {kind} data with token id {top}, but the models' "
+                                    f"embeddings have {n_rows} rows: use the tokenizer of these models")
+            out[kind] = [{k: v.to(device) for k, v in collate(enc[i:i + batch_size], self.pad_id).items()}
                          for i in range(0, len(enc), batch_size)]
         return out
 
@@ -114,15 +126,15 @@ def read_split(path) -> list[dict]:
     return read_jsonl(path, required=("prompt", "response", "type"))
 
 
-def load_evaluator(base_dir, expert_dirs, search_path, heldout_path, masks=None, *, w_align: float,
+def load_evaluator(base_dir, expert_dirs, search_path, heldout_path, masks=None, *, tokenizer, w_align: float,
                    w_task: float, batch_size: int = 32, max_length: int = 256, device: str = "cpu") -> MergeEvaluator:
     data = {"search": read_split(search_path), "heldout": read_split(heldout_path)}
     for kind, w in (("alignment", w_align), ("task", w_task)):
         if w and not any(r["type"] == kind for r in data["search"]):
             raise LedmergeError(f"the objective weighs {kind} data but {search_path} has none: generate more "
                                 "synthetic data or set its weight to 0")
-    return MergeEvaluator(base_dir, expert_dirs, data, masks, batch_size=batch_size, max_length=max_length,
-                          device=device)
+    return MergeEvaluator(base_dir, expert_dirs, data, masks, tokenizer=tokenizer, batch_size=batch_size,
+                          max_length=max_length, device=device)
 
 
 def scores(evaluator: MergeEvaluator, spec: dict, w_align: float, w_task: float) -> dict:

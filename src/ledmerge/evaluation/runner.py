@@ -10,11 +10,22 @@ lm-eval's built-in task index (about 12 s to build) is only loaded when extra ta
 Generation-based metrics come from lm-eval (exact match, sandboxed pass rate); safety numbers are
 recomputed from the logged generations with the configured judge, which may be a classifier model
 loaded after the evaluated model has been released.
+
+Tokenizer and stop tokens. Every model of a run is evaluated with one tokenizer directory (the workflow's
+`results/tokenizer/`; default: the model's own), handed to lm-eval as model_args `tokenizer=`, so a base
+without a chat template is prompted with the same template as the experts and the merges. Generation
+stops on every EOS id of that directory's generation_config.json (Llama-3-Instruct lists both
+<|eot_id|> and <|end_of_text|>) and on its tokenizer's eos_token: their decoded strings become the tasks'
+`until` at run time, and with the `hf` backend the ids also go to `generate` as `eos_token_id`. lm-eval's
+`hf` model decodes replies without special tokens and stops a batch only when every row has hit a stop
+string, so without the ids a row that emitted <|eot_id|> early would keep the text generated after it.
+(lm-eval's `vllm` model matches stop strings on text that keeps special tokens, so `until` suffices there.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 from importlib.metadata import version
@@ -86,25 +97,93 @@ def _torch_threads(n: int | None):
 
 
 BACKENDS = ("hf", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # evaluation.dtype
 
 
-def lm_eval_model_args(model_dir, backend: str = "hf", device: str = "cpu", extra: dict | None = None) -> dict:
+def resolve_dtype(dtype: str, backend: str = "hf", device: str = "cpu") -> str:
+    """lm-eval's `dtype` model argument: `auto` means float32 on the CPU with the `hf` backend and the
+    checkpoint's own dtype anywhere else (lm-eval's "auto"); any other value is used as it is."""
+    if dtype not in DTYPES:
+        raise LedmergeError(f"unknown evaluation dtype {dtype!r}: choose one of {list(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    return "float32" if backend == "hf" and device == "cpu" else "auto"
+
+
+def lm_eval_model_args(model_dir, backend: str = "hf", device: str = "cpu", extra: dict | None = None, *,
+                       dtype: str = "auto", tokenizer=None) -> dict:
     """`model_args` of lm-eval's `hf` or `vllm` model for a local model directory; `extra` overrides them.
 
-    vLLM always runs on a GPU in the model's own dtype; it takes 80% of the GPU's memory by default, leaving
-    room for the safety judge loaded after it."""
+    `dtype`: see `resolve_dtype`. `tokenizer`: a tokenizer directory to use instead of the model's own.
+    vLLM always runs on a GPU; it takes 80% of the GPU's memory by default, leaving room for the safety
+    judge loaded after it."""
     if backend not in BACKENDS:
         raise LedmergeError(f"unknown lm-eval backend {backend!r}: choose one of {list(BACKENDS)}")
     args = {"pretrained": str(Path(model_dir).resolve())}  # absolute: never mistaken for a hub id
-    if backend == "hf":
-        args["dtype"] = "float32" if device == "cpu" else "auto"
-    else:
-        args.update(dtype="auto", tensor_parallel_size=1, gpu_memory_utilization=0.8)
+    args["dtype"] = resolve_dtype(dtype, backend, device)
+    if backend == "vllm":
+        args.update(tensor_parallel_size=1, gpu_memory_utilization=0.8)
+    if tokenizer is not None:
+        args["tokenizer"] = str(Path(tokenizer).resolve())
     return {**args, **(extra or {})}
 
 
+def _eos_ids(value, where: Path) -> list[int]:
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise LedmergeError(f"{where}: eos_token_id must be an integer or a list of integers, got {value!r}")
+    return values
+
+
+def stop_tokens(tokenizer_dir, trust_remote_code: bool = False) -> tuple[list[str], list[int]]:
+    """(stop strings, EOS ids) of a tokenizer directory: every EOS id of its generation_config.json (an int or
+    a list), then its tokenizer's eos_token, without repeats; the strings are the ids decoded with special
+    tokens kept. For the toy zoo: (["<|end|>"], [3])."""
+    from ..chat import load_tokenizer
+
+    tokenizer_dir = Path(tokenizer_dir)
+    try:
+        tok = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LedmergeError(f"cannot load a tokenizer from {tokenizer_dir} ({exc})") from None
+    ids: list[int] = []
+    gen_path = tokenizer_dir / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            gen = json.loads(gen_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise LedmergeError(f"{gen_path} is not valid JSON ({exc})") from None
+        ids += _eos_ids(gen.get("eos_token_id") if isinstance(gen, dict) else None, gen_path)
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    ids = list(dict.fromkeys(ids))
+    bad = [i for i in ids if not 0 <= i < len(tok)]
+    if bad:
+        raise LedmergeError(f"{gen_path} lists EOS id(s) {bad}, outside the vocabulary of the tokenizer in "
+                            f"{tokenizer_dir} ({len(tok)} tokens)")
+    strings = [tok.decode([i], skip_special_tokens=False) for i in ids]
+    if tok.eos_token:
+        strings.append(tok.eos_token)
+    strings = [s for s in dict.fromkeys(strings) if s]
+    if not strings:
+        raise LedmergeError(f"the tokenizer in {tokenizer_dir} has no EOS token and its generation_config.json "
+                            "lists none: generation would never stop")
+    return strings, ids
+
+
+def generation_kwargs(max_new_tokens: int, until: list[str], eos_ids: list[int], backend: str = "hf") -> dict:
+    """What the runner sets in every ledmerge task's `generation_kwargs` (the YAMLs' other keys stay)."""
+    out = {"max_gen_toks": max_new_tokens, "until": list(until)}
+    if backend == "hf" and eos_ids:
+        out["eos_token_id"] = list(eos_ids)  # transformers' generate stops (and pads) each row on these ids
+    return out
+
+
 def _run_lm_eval(model_dir, data: dict[str, Path], extra: tuple[str, ...], *, batch_size, max_new_tokens,
-                 limit, device, seed, backend, model_args=None) -> dict:
+                 limit, device, seed, backend, model_args=None, dtype="auto", tokenizer=None,
+                 until=(), eos_ids=()) -> dict:
     """The single `simple_evaluate` call: model loaded once, every set and extra task in one pass."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -117,10 +196,12 @@ def _run_lm_eval(model_dir, data: dict[str, Path], extra: tuple[str, ...], *, ba
         missing = set(names.values()) - set(tasks)
         if missing:
             raise LedmergeError(f"lm-eval did not load task(s) {sorted(missing)} from {TEMPLATE_DIR}")
+        gen_kwargs = generation_kwargs(max_new_tokens, list(until), list(eos_ids), backend)
         for task in tasks.values():
-            task.set_config("generation_kwargs", {"max_gen_toks": max_new_tokens}, update=True)
+            task.set_config("generation_kwargs", gen_kwargs, update=True)
+        args = lm_eval_model_args(model_dir, backend, device, model_args, dtype=dtype, tokenizer=tokenizer)
         return simple_evaluate(
-            model=backend, model_args=lm_eval_model_args(model_dir, backend, device, model_args), tasks=[*tasks.values(), *extra], task_manager=manager,
+            model=backend, model_args=args, tasks=[*tasks.values(), *extra], task_manager=manager,
             batch_size=batch_size, device=device, limit=limit, log_samples=True, apply_chat_template=True,
             bootstrap_iters=0,  # no stderr bootstrap: it costs seconds per task and we report means
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
@@ -132,13 +213,17 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
                    code_path=None, extra_lm_eval_tasks=(), judge: str | Judge = "refusal",
                    judge_kwargs: dict | None = None, batch_size: int = 32, max_new_tokens: int = 48,
                    limit: int | None = None, device: str = "cpu", seed: int = 0, backend: str = "hf",
-                   model_args: dict | None = None, num_threads: int | None = None) -> dict:
+                   model_args: dict | None = None, num_threads: int | None = None, dtype: str = "auto",
+                   tokenizer=None) -> dict:
     """Evaluate `model_dir` on the safety and utility sets; write metrics JSON and generations JSONL.
 
     Metrics: harmful_rate (harmful prompts whose reply the judge calls harmful), over_refusal_rate
     (benign prompts refused), math_accuracy, code_pass_rate, and `task/metric` for each extra task
     (an lm-eval task or group name, or the path of a task YAML).
     `backend` is lm-eval's model type (`hf`, or `vllm` on a GPU), with `model_args` added to its arguments.
+    `dtype` (auto, float32, bfloat16, float16): the weights' dtype; auto is float32 on the CPU and the
+    checkpoint's own dtype elsewhere. `tokenizer`: the directory whose tokenizer, chat template and EOS ids
+    every model of a run is evaluated with (default None: the model's own); see the module docstring.
     `num_threads` sets torch's CPU threads for the run: use 1 for tiny models, where intra-op
     threading only adds synchronisation (10x slower and worse when cores are shared).
     """
@@ -150,6 +235,12 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
         raise LedmergeError(f"unknown lm-eval backend {backend!r}: choose one of {list(BACKENDS)}")
     if isinstance(judge, str) and judge not in JUDGES:
         raise LedmergeError(f"unknown judge {judge!r}: choose one of {sorted(JUDGES)}")
+    resolved_dtype = lm_eval_model_args(model_dir, backend, device, model_args, dtype=dtype)["dtype"]  # as passed
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else model_dir
+    if not tokenizer_dir.is_dir():
+        raise LedmergeError(f"tokenizer directory {tokenizer_dir} does not exist: run the tokenizer step first")
+    trust = bool((model_args or {}).get("trust_remote_code", False))
+    until, eos_ids = stop_tokens(tokenizer_dir, trust_remote_code=trust)
     data = {k: Path(p) for k, p in
             {"harmful": harmful_path, "benign": benign_path, "math": math_path, "code": code_path}.items() if p}
     _check_data(data)
@@ -158,7 +249,8 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
 
     with _torch_threads(num_threads):
         results = _run_lm_eval(model_dir, data, extra, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               limit=limit, device=device, seed=seed, backend=backend, model_args=model_args)
+                               limit=limit, device=device, seed=seed, backend=backend, model_args=model_args,
+                               dtype=dtype, tokenizer=tokenizer, until=until, eos_ids=eos_ids)
     judge_obj = get_judge(judge, **(judge_kwargs or {}))
 
     metrics, n, rows = {}, {}, []
@@ -192,7 +284,7 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
 
     report = {"model_dir": str(model_dir), "metrics": metrics, "n": n, "lm_eval_version": version("lm_eval"),
               "judge": judge if isinstance(judge, str) else judge_obj.name, "judge_kwargs": judge_kwargs or {},
-              "seed": seed, "limit": limit,
+              "seed": seed, "limit": limit, "dtype": resolved_dtype, "tokenizer": str(tokenizer_dir), "until": until,
               "max_new_tokens": max_new_tokens, "seconds": round(time.time() - start, 2)}
     write_jsonl(generations_jsonl, rows)
     write_json(out_json, report)

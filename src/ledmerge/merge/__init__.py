@@ -7,8 +7,10 @@ turns it into a validated method object and `merge_models` applies it tensor by 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
@@ -18,10 +20,10 @@ import yaml
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import (DEFAULT_SHARD_SIZE, ModelReader, ShardedWriter, align_rows, check_compatible,
-                          copy_sidecar_files, file_sha256)
+from ..checkpoint import DEFAULT_SHARD_SIZE, ModelReader, ShardedWriter, align_rows, check_compatible, file_sha256
 from ..errors import LedmergeError
 from ..fileio import atomic_path
+from ..tokenizer import copy_tokenizer_files
 from .base import MaskFiles, MergeMethod, TensorContext
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,12 @@ def merge_device(device: str) -> torch.device:
 def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os.PathLike], spec: Mapping,
                  out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None, *,
                  device: str = "cpu", shard_size: int | str = DEFAULT_SHARD_SIZE, vocab_policy: str = "error",
-                 allow_pickle: bool = False, progress: bool | None = None) -> None:
+                 allow_pickle: bool = False, tokenizer_dir: str | os.PathLike | None = None,
+                 progress: bool | None = None) -> None:
     """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card.
+
+    config.json comes from the base; tokenizer files, chat template and generation config (stop tokens) from
+    `tokenizer_dir` (the workflow's `tokenizer` directory, see `ledmerge.tokenizer`), by default the base.
 
     Streams: one tensor of every input is in memory at a time (plus the next one, read ahead by a
     thread while the current one is merged), cast to float32 for the arithmetic and written back in
@@ -146,16 +152,32 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             if written is not None:
                 written.result()
         writer.close()
-        copy_sidecar_files(base_dir, out)
+        tokenizer = copy_tokenizer_files(tokenizer_dir or base_dir, out)
+        write_model_config(Path(base_dir) / "config.json", out)
         hashes = {"base": base.sha256s(), **{f"expert `{t}`": experts[t].sha256s() for t in tasks}}
         (out / "README.md").write_text(model_card(method, base_dir, expert_dirs, hashes,
-                                                  masks if mask_files else None, vocab_policy if aligned else None))
+                                                  masks if mask_files else None, vocab_policy if aligned else None,
+                                                  tokenizer))
     log.info("wrote merged model to %s (%d shard(s))", out_dir, len(writer.files))
 
 
+def write_model_config(base_config: Path, out: Path) -> None:
+    """The base's config.json, with the special-token ids of the generation config just copied in: a merged model
+    whose template comes from the instruct expert must not say it stops on the base's EOS."""
+    shutil.copy2(base_config, out / "config.json")
+    gen_path = out / "generation_config.json"
+    if not gen_path.is_file():
+        return
+    cfg, gen = json.loads((out / "config.json").read_text()), json.loads(gen_path.read_text())
+    ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen and gen[k] != cfg.get(k)}
+    if ids:
+        (out / "config.json").write_text(json.dumps({**cfg, **ids}, indent=2, sort_keys=True) + "\n")
+
+
 def model_card(method: MergeMethod, base_dir, expert_dirs: Mapping, hashes: Mapping[str, Mapping[Path, str]],
-               masks: Mapping | None, vocab_policy: str | None = None) -> str:
-    """README.md: HF front matter, then the full recipe and the sha256 of every input file."""
+               masks: Mapping | None, vocab_policy: str | None = None, tokenizer: Mapping | None = None) -> str:
+    """README.md: HF front matter, then the full recipe, where the tokenizer and chat template come from,
+    and the sha256 of every input file."""
     front = {"base_model": str(base_dir), "library_name": "transformers", "tags": ["merge", "ledmerge"]}
     dirs = {"base": base_dir, **{f"expert `{t}`": expert_dirs[t] for t in sorted(expert_dirs)}}
     lines = []
@@ -171,6 +193,10 @@ def model_card(method: MergeMethod, base_dir, expert_dirs: Mapping, hashes: Mapp
         "## Recipe", "", "```yaml", yaml.safe_dump(method.recipe(), sort_keys=False).strip(), "```", "",
         *([f"Experts with another vocabulary were merged into the base's (vocab_policy: {vocab_policy}).", ""]
           if vocab_policy else []),
+        "## Tokenizer and chat template", "",
+        *([f"From `{tokenizer['tokenizer_source']}` ({tokenizer['chosen_because']}); chat template: "
+           f"{tokenizer['chat_template']}; generation stops on EOS ids {tokenizer['eos_token_ids']}.", ""]
+          if tokenizer else [f"From the base, `{base_dir}`.", ""]),
         "## Inputs", "", "| role | model | file | sha256 |", "|---|---|---|---|", *lines, "",
     ])
 

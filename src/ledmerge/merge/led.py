@@ -2,7 +2,9 @@
 
 The masks only decide *which* entries of each task vector survive; how the survivors are combined is
 delegated to an existing task-vector method (`combine`: sum = task arithmetic, or TIES / DARE-TIES),
-so LED adds no arithmetic of its own. Tensors the location step did not score have no mask and follow
+so LED adds no arithmetic of its own. λ_t scales task t's masked vector before it is combined; it is not a
+TIES weight, because after Disjoint at most one task is non-zero per weight and TIES' weighted mean would
+divide λ_t back out (λ = {a: 0.5, c: 0.25} would merge both at 1). Tensors the location step did not score have no mask and follow
 `unscored`: keep the base (`base`) or take plain task arithmetic (`task_arithmetic`).
 """
 
@@ -14,7 +16,8 @@ import torch
 
 from ..errors import LedmergeError
 from . import register
-from .base import (TaskVectorMethod, check_choice, check_int, check_number, check_task_floats, check_task_keys)
+from .base import (TaskVectorMethod, check_choice, check_int, check_number, check_task_floats, check_task_keys,
+                   task_weights)
 from .dare import DareTies
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
@@ -25,7 +28,7 @@ from .ties import Ties
 class Led(TaskVectorMethod):
     name = "led"
     uses_masks = True
-    lambdas: dict[str, float] | None = None  # per-task λ_t; unlisted tasks get 1.0 (paper default)
+    lambdas: dict[str, float] | None = None  # per-task λ_t scaling M_t ⊙ τ_t; unlisted tasks get 1.0 (paper default)
     unscored: str = "base"                   # tensors without masks: "base" | "task_arithmetic"
     combine: str = "sum"                     # "sum" | "ties" | "dare_ties"
     scale: float = 1.0                       # global λ on top of λ_t
@@ -36,9 +39,7 @@ class Led(TaskVectorMethod):
     def __post_init__(self):
         self.unscored = check_choice(self.name, "unscored", self.unscored, ("base", "task_arithmetic"))
         self.combine = check_choice(self.name, "combine", self.combine, ("sum", "ties", "dare_ties"))
-        positive = self.combine != "sum"  # TIES-style means divide by the λ_t
-        self.lambdas = check_task_floats(self.name, "lambdas", self.lambdas, 0.0 if positive else float("-inf"),
-                                         lo_open=positive)
+        self.lambdas = check_task_floats(self.name, "lambdas", self.lambdas)
         self.scale = check_number(self.name, "scale", self.scale)
         self.seed = check_int(self.name, "seed", self.seed)
         for key, needs in (("density", "ties"), ("drop", "dare_ties")):
@@ -49,16 +50,16 @@ class Led(TaskVectorMethod):
             self.density = check_number(self.name, "density", self.density, 0, 1, lo_open=True)
         if self.drop is not None:
             self.drop = check_number(self.name, "drop", self.drop, 0, 1, hi_open=True)
+        # The combiners see λ_t·(M_t ⊙ τ_t) (`_scaled`), so they are built unweighted.
         if self.combine == "ties":
-            self.combiner = Ties(density=1.0 if self.density is None else self.density, scale=self.scale,
-                                 weights=self.lambdas)
+            self.combiner = Ties(density=1.0 if self.density is None else self.density, scale=self.scale)
             self.density = self.combiner.density
         elif self.combine == "dare_ties":
             self.combiner = DareTies(**({} if self.drop is None else {"drop": self.drop}), seed=self.seed,
-                                     scale=self.scale, weights=self.lambdas)
+                                     scale=self.scale)
             self.drop = self.combiner.drop
         else:
-            self.combiner = TaskArithmetic(scale=self.scale, weights=self.lambdas)
+            self.combiner = TaskArithmetic(scale=self.scale)
         self.plain = TaskArithmetic(scale=self.scale, weights=self.lambdas)
 
     def check_inputs(self, tasks, masks):
@@ -93,4 +94,5 @@ class Led(TaskVectorMethod):
         if len(scored) != len(deltas):
             raise LedmergeError(f"tensor {ctx.name} has a mask for task(s) {scored} but not for "
                                 f"{sorted(set(deltas) - set(scored))}: score all tasks with the same settings")
-        return self.combiner.merge_deltas({t: d * masks[t] for t, d in deltas.items()}, ctx)
+        lam = dict(zip(sorted(deltas), task_weights(self.lambdas, sorted(deltas))))
+        return self.combiner.merge_deltas({t: d * masks[t] * lam[t] for t, d in deltas.items()}, ctx)
