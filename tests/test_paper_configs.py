@@ -119,3 +119,28 @@ def test_docs_link_only_inside_the_repository():
     assert "## Where ledmerge differs from the paper or the reference code" in methods
     for topic in ("_random_prune_core", "loss_reduction", "bf16", "⌈r·n⌉", "HumanEval", "pdb", "chat template"):
         assert topic in methods, topic
+
+
+@pytest.mark.parametrize("setup", PAPER_CONFIGS)
+def test_paper_config_checks_with_real_checkpoints_standing_in(setup, smol_zoo, tmp_path):
+    """Hub models cannot be fetched here: the real SmolLM2 fixture stands in for them where `fetch_model` would put
+    them. check-config then resolves the chat template as a real run would: the base (like Meta-Llama-3-8B) has
+    none, so the tokenizer comes from the aligned expert; and a run whose chosen source has none is refused."""
+    from ledmerge.config import check, hub_dir, is_hub
+    from ledmerge.errors import LedmergeError
+    from ledmerge.tokenizer import resolve_source
+
+    cfg = validate(yaml.safe_load((REPO / "config" / f"{setup}.yaml").read_text()))
+    cfg["results"], cfg["hub_dir"] = str(tmp_path / "results"), str(tmp_path / "hub")
+    stand_in = {"base": smol_zoo["base"], cfg["alignment_task"]: smol_zoo["safety"]}
+    for name, source in [("base", cfg["base_model"])] + [(t, cfg["tasks"][t]["model"]) for t in cfg["tasks"]]:
+        assert is_hub(source), (setup, name)
+        target = Path(hub_dir(cfg, source))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(stand_in.get(name, smol_zoo["math"]))
+    check(cfg)
+    experts = {t: hub_dir(cfg, cfg["tasks"][t]["model"]) for t in cfg["tasks"]}
+    source, why = resolve_source(cfg["tokenizer_source"], hub_dir(cfg, cfg["base_model"]), experts, cfg["alignment_task"])
+    assert Path(source).resolve() == smol_zoo["safety"].resolve() and "no chat template" in why
+    with pytest.raises(LedmergeError, match="tokenizer_source.*no chat template"):
+        check({**cfg, "tokenizer_source": "base"})

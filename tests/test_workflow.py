@@ -31,7 +31,7 @@ MERGES = ["dare_linear", "dare_ties", "led", "linear", "task_arithmetic", "ties"
 DATA_AWARE = ["evo_ties_align", "evo_ties_task", "evo_led_align", "evo_led_task", "cocktail_align", "cocktail_task"]
 MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 METRICS = ["harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"]
-RULES = ["zoo_data", "zoo_base", "zoo_expert", "calibration", "importance", "election", "disjoint",
+RULES = ["zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration", "importance", "election", "disjoint",
          "merge", "evaluate", "report", "synthetic", "evolve", "cocktail"]
 
 
@@ -171,7 +171,7 @@ def test_merged_model_loads_and_generates(workflow_run, merge):
 @pytest.mark.slow
 def test_every_rule_has_logs(workflow_run):
     logs = workflow_run.results / "logs"
-    expected = ["zoo_data", "zoo_base", "disjoint", "report"]
+    expected = ["zoo_data", "zoo_base", "tokenizer", "disjoint", "report"]
     expected += [f"zoo_expert_{t}" for t in TASKS] + [f"calibration_{t}" for t in TASKS]
     expected += [f"importance_{t}_{r}" for t in TASKS for r in ("base", "expert")] + [f"election_{t}" for t in TASKS]
     expected += [f"merge_{m}" for m in MERGES + DATA_AWARE] + [f"evaluate_{m}" for m in MODELS]

@@ -27,7 +27,7 @@ EVAL_SETS = ("harmful", "benign", "math", "code")
 
 
 TOKENIZER = f"{R}/tokenizer"
-# Models the tokenizer rule may take the tokenizer from: auto looks at the base, then the aligned expert.
+# Models the tokenizer may come from (auto looks at the base, then at the aligned expert).
 TOKENIZER_CANDIDATES = {"auto": ["base", config["alignment_task"]], "base": ["base"]}.get(
     config["tokenizer_source"], [config["tokenizer_source"]] if config["tokenizer_source"] in TASKS else []
 )
