@@ -125,9 +125,6 @@ def check(config: dict) -> None:
             for name in [n for n in present if n != "base"]:
                 _at(keys[name], check_compatible, present["base"], {name: present[name]},
                     vocab_policy=config["merging"]["vocab_policy"], allow_pickle=config["allow_pickle"])
-    if config["alignment_task"] not in tasks:
-        raise LedmergeError(f"config error at 'alignment_task': {config['alignment_task']!r} is not a task "
-                            f"({sorted(tasks)}): name the task whose expert is the aligned (instruct) model")
     _check_tokenizer(config)
     _at("merging.shard_size", parse_size, config["merging"]["shard_size"])
     for key in ("harmful", "benign", "math", "code"):
@@ -161,7 +158,7 @@ def _check_tokenizer(config: dict) -> None:
     if not on_disk("base"):
         return
     experts = {t: model_dir(config, t) for t in tasks if on_disk(t)}
-    if source == AUTO and config["alignment_task"] not in experts:
+    if source == AUTO and config["alignment_task"] in tasks and config["alignment_task"] not in experts:
         from .tokenizer import chat_template_of
         if not chat_template_of(model_dir(config, "base")):
             return  # the aligned expert is still to be fetched
@@ -186,6 +183,9 @@ def _check_data_aware(config: dict) -> None:
     if not da["enabled"]:
         return
     tasks = config["tasks"]
+    if config["alignment_task"] not in tasks:
+        raise LedmergeError(f"config error at 'alignment_task': {config['alignment_task']!r} is not a task "
+                            f"({sorted(tasks)}): name the task whose expert is the aligned (instruct) model")
     if len(tasks) < 2:
         raise LedmergeError("config error at 'data_aware': data-aware merging needs a domain task besides the "
                             "alignment task")
