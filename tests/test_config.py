@@ -6,6 +6,7 @@ A bad config must stop everything before any job runs, with one `ledmerge:` line
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,41 @@ def _missing_eval_file(cfg, tmp_path, zoo, wide):
     cfg["evaluation"]["harmful"] = str(tmp_path / "nope.jsonl")
 
 
+def _eval_rows(key, row):
+    def change(cfg, tmp_path, zoo, wide):
+        path = tmp_path / f"{key}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        cfg["evaluation"][key] = str(path)
+    return change
+
+
+def _calibration_column_missing(cfg, tmp_path, zoo, wide):
+    path = tmp_path / "calib.jsonl"
+    path.write_text(json.dumps({"prompt": "what is 3 + 4", "response": "7"}) + "\n")
+    cfg["tasks"]["safety"]["calibration"] = {"source": "jsonl", "path": str(path), "prompt_column": "question"}
+
+
+def _led_lambdas_name_no_task(cfg, tmp_path, zoo, wide):
+    cfg["merges"]["led"]["lambdas"] = {"maths": 0.5}
+
+
+def _real_models_without_evaluation(cfg, tmp_path, zoo, wide):
+    with_models(cfg, zoo)
+    del cfg["evaluation"]
+
+
+def _real_models_without_math_set(cfg, tmp_path, zoo, wide):
+    with_models(cfg, zoo)
+    del cfg["evaluation"]["math"]
+
+
+def _scored_vocab_with_vocab_policy_base(key):
+    def change(cfg, tmp_path, zoo, wide):
+        cfg["scoring"][key] = True
+        cfg.setdefault("merging", {})["vocab_policy"] = "base"
+    return change
+
+
 CASES = [
     ("rate-zero", _rate(0), "tasks.math.rate"),
     ("rate-above-one", _rate(1.5), "tasks.math.rate"),
@@ -128,10 +164,22 @@ CASES = [
     ("merge-named-like-task", _merge_named_like_task, "merges.math"),
     ("merge-named-base", _merge_named_base, "merges.base"),
     ("missing-eval-file", _missing_eval_file, "evaluation.harmful"),
+    ("math-eval-without-answer", _eval_rows("math", {"prompt": "what is 3 + 4"}), "evaluation.math"),
+    ("code-eval-without-tests", _eval_rows("code", {"prompt": "write f", "entry_point": "f"}), "evaluation.code"),
+    ("harmful-eval-without-prompt", _eval_rows("harmful", {"text": "how do i make a bomb"}), "evaluation.harmful"),
+    ("calibration-column-missing", _calibration_column_missing, "tasks.safety.calibration.path"),
+    ("led-lambdas-name-no-task", _led_lambdas_name_no_task, "merges.led"),
+    ("real-models-without-evaluation", _real_models_without_evaluation, "evaluation.harmful"),
+    ("real-models-without-math-set", _real_models_without_math_set, "evaluation.math"),
+    ("embeddings-with-vocab-policy-base", _scored_vocab_with_vocab_policy_base("include_embeddings"),
+     "scoring.include_embeddings"),
+    ("lm-head-with-vocab-policy-base", _scored_vocab_with_vocab_policy_base("include_lm_head"),
+     "scoring.include_lm_head"),
 ]
 # The cases the Snakefile gate is also run on (each is a Snakemake start-up, ~3 s).
 SNAKEFILE_CASES = ["rate-zero", "unknown-method", "ties-density-2", "missing-expert-dir", "expert-shape-mismatch",
-                   "empty-calibration", "unknown-top-level-key", "merge-named-like-task"]
+                   "empty-calibration", "unknown-top-level-key", "merge-named-like-task", "math-eval-without-answer",
+                   "led-lambdas-name-no-task", "real-models-without-evaluation", "embeddings-with-vocab-policy-base"]
 
 
 def bad_config(case_id, tmp_path, zoo, wide) -> tuple[dict, str]:
@@ -184,6 +232,8 @@ def test_defaults_are_filled(tmp_path):
     assert cfg["calibration"] == {"size": 128, "seed": 0}
     assert cfg["election"]["pattern"] == "11"
     assert cfg["evaluation"]["judge"] == "refusal" and cfg["evaluation"]["limit"] is None
+    # The toy's prompt sets are the default for the toy models (a real-model config must name its sets).
+    assert [cfg["evaluation"][k] for k in ("harmful", "benign", "math", "code")] == ["zoo"] * 4
     assert cfg["tasks"]["safety"]["lambda"] == 1.0
     assert cfg["tasks"]["safety"]["calibration"]["split"] == "train"
     check(cfg)
@@ -242,3 +292,44 @@ def test_user_configfile_replaces_the_default_rather_than_merging(tmp_path):
     assert stats["calibration"] == 2 and stats["zoo_expert"] == 2
     assert stats["merge"] == 1 and stats["evaluate"] == 4  # base, 2 experts, 1 merge
     assert "results/calibration/code.jsonl" not in proc.stdout
+
+
+def test_check_validates_the_merge_spec_the_workflow_runs():
+    """check-config and the merge job see one spec: merge_spec (the user's lambdas, else tasks.<t>.lambda)."""
+    cfg = validate(copy.deepcopy(DEFAULT))
+    cfg["merges"]["led"]["lambdas"] = {"math": 0.5}  # names a task: fine, the others get 1.0
+    check(cfg)
+    assert merge_spec(cfg, "led")["lambdas"] == {"math": 0.5}
+    cfg["merges"]["led"]["lambdas"] = {"math": 0.5, "chemistry": 1.0}
+    with pytest.raises(LedmergeError, match=r"merges\.led.*lambdas names task\(s\) \['chemistry'\]"):
+        check(cfg)
+
+
+def test_real_models_with_named_evaluation_sets_pass(tmp_path, tiny_zoo):
+    """Naming the sets is the fix the error gives: files, null (off), or zoo explicitly."""
+    cfg = with_models(base_config(tmp_path), tiny_zoo)
+    rows = {"harmful": {"prompt": "how do i make a bomb"}, "benign": {"prompt": "how do i kill a python process"}}
+    for key, row in rows.items():
+        (tmp_path / f"{key}.jsonl").write_text(json.dumps(row) + "\n")
+    cfg["evaluation"] = {"harmful": str(tmp_path / "harmful.jsonl"), "benign": str(tmp_path / "benign.jsonl"),
+                         "math": None, "code": "zoo"}
+    check(validate(cfg))
+    assert cfg["evaluation"]["math"] is None and cfg["evaluation"]["code"] == "zoo"
+
+
+def test_jsonl_calibration_columns_are_honoured(tmp_path):
+    """prompt_column / response_column map a local JSONL's fields, in check-config and in the calibration job."""
+    from ledmerge.calibration import build_calibration
+    from ledmerge.fileio import read_jsonl
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}", "prompt": "unused"}) + "\n"
+                            for i in range(4)))
+    cfg = base_config(tmp_path)
+    cfg["tasks"]["safety"]["calibration"] = {"source": "jsonl", "path": str(path), "prompt_column": "question",
+                                             "response_column": "answer"}
+    check(validate(cfg))
+    out = tmp_path / "calib.jsonl"
+    assert build_calibration("safety", cfg["tasks"]["safety"]["calibration"], 3, 0, out) == 3
+    rows = read_jsonl(out)
+    assert all(r["prompt"] == "q" + r["response"][1:] and r["task"] == "safety" for r in rows), rows

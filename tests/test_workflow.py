@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,92 @@ def test_workflow_merges_agree_with_mergekit_on_the_trained_zoo(workflow_run, tm
     assert got.keys() == want.keys()
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+
+
+def planned_outputs(stdout: str) -> set[str]:
+    """Every output path of the jobs a dry run lists."""
+    return {p for line in stdout.splitlines() if line.strip().startswith("output: ")
+            for p in line.strip()[len("output: "):].split(", ")}
+
+
+def real_model_run(tmp_path: Path, tiny_zoo: dict, data_aware: bool = False) -> Run:
+    """config/test.yaml on a copy of the tiny models (the code expert sharded; with `data_aware`, the base's copy
+    `generator` writes the synthetic data), its outputs present and up to date without running a job: the dry run's
+    outputs are created empty, then `snakemake --touch` orders their times."""
+    import shutil
+
+    from conftest import make_tiny_model
+
+    models = tmp_path / "models"
+    for name in ("base", "safety", "math"):
+        shutil.copytree(tiny_zoo[name], models / name)
+    shutil.copytree(tiny_zoo["base"], models / "generator")
+    make_tiny_model(models / "code", seed=3, noise_from=models / "base", noise=0.02, max_shard_size="20KB")
+    assert len(list((models / "code").glob("model-*.safetensors"))) > 1
+    run = Run(tmp_path)
+    run.workdir.mkdir()
+    cfg = test_config(run.results, base_model=str(models / "base"), data_aware__enabled=data_aware,
+                      data_aware__synthetic__generator=str(models / "generator"))
+    for task in TASKS:
+        cfg["tasks"][task]["model"] = str(models / task)
+    write_config(run.configfile, cfg)
+    proc = snakemake(run.workdir, run.configfile, "-n", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for out in planned_outputs(proc.stdout):  # directory outputs (models, tokenizers) have no suffix
+        path = Path(out)
+        if "." in path.name:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+    for args in (("--touch",), ("-n",)):
+        proc = snakemake(run.workdir, run.configfile, *args, "--cores", "1")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert job_stats(proc.stdout) == {}, proc.stdout[-3000:]
+    run.models = models
+    return run
+
+
+def rewrite_in_place(path: Path) -> None:
+    """New bytes (the last weight's last byte flipped: still a valid checkpoint) written into the same file, so
+    the directory's own time stamp stays as it was, and a modification time after every output's."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    later = time.time() + 2
+    os.utime(path, (later, later))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expert, weights", [("safety", "model.safetensors"), ("code", "model-00001-of-*")])
+def test_replaced_expert_checkpoint_reruns_exactly_its_readers(tmp_path, tiny_zoo, expert, weights):
+    """Overwriting an expert's weights (a single file, or one shard of a sharded checkpoint) reruns exactly what
+    depends on that expert, and nothing of the other experts' scoring."""
+    run = real_model_run(tmp_path, tiny_zoo)
+    rewrite_in_place(next((run.models / expert).glob(weights)))
+    proc = snakemake(run.workdir, run.configfile, "-n", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = run.results
+    expected = {f"{r}/importance/{expert}/expert.safetensors", f"{r}/masks/elected/{expert}.safetensors",
+                f"{r}/masks/stats.csv", f"{r}/masks/overlap.csv"}
+    expected |= {f"{r}/masks/final/{t}.safetensors" for t in TASKS} | {f"{r}/merged/{m}" for m in MERGES}
+    expected |= {f"{r}/eval/{m}/{f}" for m in [expert] + MERGES for f in ("metrics.json", "generations.jsonl")}
+    expected |= {f"{r}/report/{f}" for f in ("summary.csv", "summary.md", "safety_utility.png", "benchmarks.png",
+                                             "mask_overlap.png")}
+    assert planned_outputs(proc.stdout) == expected, proc.stdout[-3000:]
+    assert job_stats(proc.stdout) == {"importance": 1, "election": 1, "disjoint": 1, "merge": len(MERGES),
+                                      "evaluate": 1 + len(MERGES), "report": 1, "all": 1}
+
+
+@pytest.mark.slow
+def test_replaced_generator_checkpoint_reruns_the_data_aware_merges(tmp_path, tiny_zoo):
+    """The synthetic data's generator is a model too: overwriting it reruns the synthetic data and every search,
+    data-aware merge and evaluation after it, and nothing of LED or the configured merges."""
+    run = real_model_run(tmp_path, tiny_zoo, data_aware=True)
+    rewrite_in_place(run.models / "generator" / "model.safetensors")
+    proc = snakemake(run.workdir, run.configfile, "-n", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evolved = [m for m in DATA_AWARE if m.startswith("evo_")]
+    assert job_stats(proc.stdout) == {"synthetic": 1, "evolve": len(evolved), "cocktail": len(DATA_AWARE) - len(evolved),
+                                      "merge": len(DATA_AWARE), "evaluate": len(DATA_AWARE), "report": 1, "all": 1}

@@ -1,8 +1,9 @@
 """Calibration sets: `size` prompt/response pairs per task, sampled with a seed from one source.
 
-Sources: the toy zoo's calibration pool, a local JSONL, or a Hugging Face dataset (name or local
-directory) with a column mapping. Calibration data must never come from an evaluation split: the
-zoo keeps them apart by construction, and for real configs the README says which splits to use.
+Sources: the toy zoo's calibration pool, or a local JSONL or a Hugging Face dataset (name or local
+directory), each with a column mapping (prompt_column, response_column). Calibration data must never
+come from an evaluation split: the zoo keeps them apart by construction, and for real configs the
+README says which splits to use.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def build_calibration(task: str, spec: dict, size: int, seed: int, out_path, poo
     source = spec["source"]
     if source == "zoo":
         rows = read_jsonl(pool_path, required=("prompt", "response"))
-    elif source == "jsonl":
-        rows = read_jsonl(spec["path"], required=("prompt", "response"))
+    elif source == "jsonl":  # columns prompt_column / response_column (default prompt / response)
+        columns = (spec.get("prompt_column", "prompt"), spec.get("response_column", "response"))
+        rows = [{"prompt": r[columns[0]], "response": r[columns[1]]}
+                for r in read_jsonl(spec["path"], required=columns)]
     elif source == "hf":  # the workflow exports the dataset on the submitting host and passes it as the pool
         rows = read_jsonl(pool_path, required=("prompt", "response")) if pool_path else _from_hf(spec)
     else:

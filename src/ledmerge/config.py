@@ -15,6 +15,7 @@ from .errors import LedmergeError
 
 ZOO = "zoo"
 ZOO_TASKS = ("safety", "math", "code")
+EVAL_SETS = ("harmful", "benign", "math", "code")
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -46,6 +47,9 @@ def validate(config: dict, schema_path: str | Path = SCHEMA) -> dict:
         if err.validator == "additionalProperties" and isinstance(err.schema, dict):  # a misspelt key
             hint = f"allowed keys: {', '.join(sorted(err.schema.get('properties', {})))}"
         raise LedmergeError(f"config error at '{where}': {err.message}" + (f" ({hint})" if hint else ""))
+    if config["base_model"] == ZOO:  # the toy's prompt sets are the default for the toy models only (see check)
+        for key in EVAL_SETS:
+            config["evaluation"].setdefault(key, ZOO)
     return config
 
 
@@ -73,7 +77,7 @@ def uses_zoo(config: dict) -> bool:
     ev = config["evaluation"]
     return (config["base_model"] == ZOO or any(t["model"] == ZOO or t["calibration"]["source"] == ZOO
                                                 for t in config["tasks"].values())
-            or ZOO in (ev["harmful"], ev["benign"], ev["math"], ev["code"]))
+            or ZOO in (ev.get(k) for k in EVAL_SETS))
 
 
 def _at(key: str, func, *args, **kwargs):
@@ -87,6 +91,7 @@ def _at(key: str, func, *args, **kwargs):
 def check(config: dict) -> None:
     """Checks the schema cannot express: names, files, checkpoints, merge specs."""
     from .checkpoint import check_compatible, parse_size, tensor_shapes
+    from .evaluation.runner import SETS
     from .fileio import read_jsonl
     from .merge import get_method
 
@@ -106,7 +111,9 @@ def check(config: dict) -> None:
         if cal["source"] == "jsonl":
             if "path" not in cal:
                 raise LedmergeError(f"config error at 'tasks.{name}.calibration': source jsonl needs a 'path'")
-            _at(f"tasks.{name}.calibration.path", read_jsonl, cal["path"], required=("prompt", "response"))
+            # The calibration job maps these columns to prompt/response (calibration.py).
+            _at(f"tasks.{name}.calibration.path", read_jsonl, cal["path"],
+                required=(cal["prompt_column"], cal["response_column"]))
         if cal["source"] == "hf" and "name" not in cal:
             raise LedmergeError(f"config error at 'tasks.{name}.calibration': source hf needs a dataset 'name'")
     if (config["base_model"] == ZOO) != all(t["model"] == ZOO for t in tasks.values()):
@@ -127,17 +134,36 @@ def check(config: dict) -> None:
                     vocab_policy=config["merging"]["vocab_policy"], allow_pickle=config["allow_pickle"])
     _check_tokenizer(config)
     _at("merging.shard_size", parse_size, config["merging"]["shard_size"])
-    for key in ("harmful", "benign", "math", "code"):
+    for key in EVAL_SETS:
+        if key not in config["evaluation"]:  # validate defaults it to zoo only for the toy models
+            fix = ("a JSONL file or a prompt set ({hf: org/name, split: test})" if key in ("harmful", "benign")
+                   else "a JSONL file, or null to skip it")
+            raise LedmergeError(f"config error at 'evaluation.{key}': not set, and the toy's prompt set (zoo) is the "
+                                f"default only for the toy models: name {fix}, or zoo to use the toy's prompts anyway")
         source = config["evaluation"][key]
         if source not in (None, ZOO) and not isinstance(source, dict):
-            _at(f"evaluation.{key}", read_jsonl, source)
-    for name, spec in merges.items():
-        try:
-            method = get_method(dict(spec, **({"lambdas": lambdas(config)} if spec["method"] == "led" else {})))
+            _at(f"evaluation.{key}", read_jsonl, source, required=SETS[key][1])
+    _check_vocab_scoring(config)
+    for name in merges:
+        try:  # exactly the spec the merge job runs (merge.smk's merge_spec_arg)
+            method = get_method(merge_spec(config, name))
             method.check_inputs(sorted(tasks), {t: "" for t in tasks} if method.uses_masks else None)
         except LedmergeError as exc:
             raise LedmergeError(f"config error at 'merges.{name}': {exc}") from None
     _check_data_aware(config)
+
+
+def _check_vocab_scoring(config: dict) -> None:
+    """Scored embeddings or LM head with vocab_policy base: an expert with another vocabulary gives those tensors
+    scores of another shape than the base's, which the election cannot compare."""
+    if config["merging"]["vocab_policy"] != "base":
+        return
+    for key in ("include_embeddings", "include_lm_head"):
+        if config["scoring"][key]:
+            raise LedmergeError(f"config error at 'scoring.{key}': vocabulary-sized tensors cannot be scored with "
+                                "merging.vocab_policy: base (an expert with another vocabulary scores them in another "
+                                "shape than the base, and the election fails): set it to false (LED then treats them "
+                                "as unscored) or keep vocab_policy: error")
 
 
 def _check_tokenizer(config: dict) -> None:
@@ -192,6 +218,10 @@ def _check_data_aware(config: dict) -> None:
     if da["synthetic"]["generator"] == ZOO and config["base_model"] != ZOO:
         raise LedmergeError("config error at 'data_aware.synthetic.generator': the toy generator only works with "
                             "the toy zoo: name a causal LM directory")
+    if da["synthetic"]["generator"] != ZOO and Path(da["synthetic"]["generator"]).is_dir():  # else fetched later
+        from .checkpoint import weight_files  # the synthetic job depends on its weight files (common.smk)
+        _at("data_aware.synthetic.generator", weight_files, da["synthetic"]["generator"],
+            allow_pickle=config["allow_pickle"])
     clash = set(data_aware_models(config)) & ({"base"} | set(tasks) | set(config["merges"]))
     if clash:
         raise LedmergeError(f"config error at 'merges.{sorted(clash)[0]}': the name is taken by a data-aware merge: "

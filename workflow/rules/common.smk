@@ -1,10 +1,14 @@
 # Paths and helpers shared by the rules. Rules stay thin: each is one `ledmerge <step>` call.
+import functools
 import json
 import os
 import re
 import sys
+from pathlib import Path
 
+from ledmerge.checkpoint import INDEX, PICKLE_INDEX, weight_files
 from ledmerge.config import ZOO, data_aware_models, hub_dir, is_hub, merge_spec, model_dir
+from ledmerge.tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
 
 R = config["results"]
 # Jobs call the package with the Python that runs Snakemake, which must import ledmerge anyway (the
@@ -34,11 +38,14 @@ TOKENIZER_CANDIDATES = {"auto": ["base", config["alignment_task"]], "base": ["ba
 
 
 def tokenizer_inputs(wildcards):
-    """The candidate source models (or the source directory) and the chat template file, if one is given."""
+    """The candidate source models (or the source directory), their tokenizer files, and the chat template file,
+    if one is given."""
     inputs = {"base": model_path("base")}
     inputs.update({t: model_path(t) for t in TOKENIZER_CANDIDATES if t != "base"})
+    inputs["tokenizer_files"] = model_inputs("base", *TOKENIZER_CANDIDATES, tokenizer=True)
     if not TOKENIZER_CANDIDATES:  # a directory
         inputs["source"] = config["tokenizer_source"]
+        inputs["tokenizer_files"] += model_inputs(config["tokenizer_source"], tokenizer=True)
     if config["chat_template"] is not None:
         inputs["chat_template"] = config["chat_template"]
     return inputs
@@ -97,6 +104,43 @@ def model_path(name):
     return model_dir(config, name)
 
 
+def local_model_files(path, tokenizer=False):
+    """The files a job reads from local model directory `path`: the weights (the index and every shard it lists,
+    or model.safetensors; pickle files with allow_pickle) and config.json; with `tokenizer`, the tokenizer files,
+    chat template and generation config instead (what the tokenizer rule reads)."""
+    return list(_local_model_files(str(path), tokenizer))
+
+
+@functools.lru_cache(maxsize=None)
+def _local_model_files(path, tokenizer):
+    d = Path(path)
+    if tokenizer:
+        names = TOKENIZER_FILES + (TEMPLATE_FILE, "chat_template.json", GENERATION_CONFIG, "config.json")
+        return tuple(str(d / n) for n in names if (d / n).is_file())
+    # Reads only the headers (check-config has read them already: ~1 ms for a safetensors checkpoint).
+    files = weight_files(d, allow_pickle=config["allow_pickle"])
+    index = INDEX if (d / INDEX).is_file() else PICKLE_INDEX if any(f.suffix == ".bin" for f in files) else None
+    extra = [d / n for n in (index, "config.json") if n is not None and (d / n).is_file()]
+    return tuple(sorted({str(f) for f in files + extra}))
+
+
+def model_inputs(*models, tokenizer=False):
+    """What a job that reads `models` (names: base, a task, a merge; or directories: the synthetic data generator, a
+    tokenizer_source directory) depends on besides their directories: the weight files and config.json of each local
+    model directory (with `tokenizer`, its tokenizer files), so a checkpoint replaced in place reruns exactly the jobs
+    that read it (Snakemake only sees a directory's own time stamp). Models the workflow builds (the toy zoo, hub
+    downloads, merges: everything under `results`) are `directory()` outputs, whose files do not exist when the
+    workflow is parsed: nothing more than the directory (nor for a missing directory, which Snakemake reports)."""
+    files = []
+    for model in models:
+        path = model_path(model) if model in MODELS else model
+        where = os.path.abspath(path)
+        built = where in map(os.path.abspath, HUB_MODELS) or where.startswith(os.path.join(os.path.abspath(R), ""))
+        if not built and os.path.isdir(path):
+            files += local_model_files(path, tokenizer)
+    return files
+
+
 def model_kind(name):
     if name in DATA_AWARE:
         return "data-aware"
@@ -151,7 +195,8 @@ def calibration_pool(wildcards):
 
 
 def merge_inputs(wildcards):
-    inputs = {"base": model_path("base"), "experts": [model_path(t) for t in TASKS], "tokenizer": TOKENIZER}
+    inputs = {"base": model_path("base"), "experts": [model_path(t) for t in TASKS], "tokenizer": TOKENIZER,
+              "weights": model_inputs("base", *TASKS)}
     if wildcards.merge in DATA_AWARE:
         inputs["recipe"] = f"{R}/data_aware/{wildcards.merge}/recipe.json"
     if merge_method(wildcards.merge) == "led":
@@ -168,6 +213,7 @@ def judge_model():
 def search_inputs(wildcards):
     """Inputs of a data-aware search (data_aware.smk): models, synthetic data, LED masks for method led."""
     inputs = {"base": model_path("base"), "experts": [model_path(t) for t in TASKS],
+              "weights": model_inputs("base", *TASKS),
               "search": f"{R}/synthetic/search.jsonl", "heldout": f"{R}/synthetic/heldout.jsonl"}
     if wildcards.get("method") == "led":
         inputs["masks"] = expand(f"{R}/masks/final/{{task}}.safetensors", task=TASKS)

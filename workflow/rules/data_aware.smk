@@ -9,6 +9,10 @@ rule synthetic:
         experts=[model_path(t) for t in DOMAIN_TASKS],
         calibration=expand(f"{R}/calibration/{{task}}.jsonl", task=DOMAIN_TASKS),
         generator=[] if DA["synthetic"]["generator"] == ZOO else DA["synthetic"]["generator"],
+        weights=lambda w: model_inputs(config["alignment_task"], *DOMAIN_TASKS),
+        generator_weights=lambda w: (
+            [] if DA["synthetic"]["generator"] == ZOO else model_inputs(DA["synthetic"]["generator"])
+        ),
     output:
         data=f"{R}/synthetic/data.jsonl",
         search=f"{R}/synthetic/search.jsonl",

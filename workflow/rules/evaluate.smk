@@ -4,6 +4,7 @@
 rule evaluate:
     input:
         model=lambda w: model_path(w.model),
+        weights=lambda w: model_inputs(w.model),
         data=[eval_data(k) for k in EVAL_SETS],
         judge=judge_model(),
         tokenizer=TOKENIZER,

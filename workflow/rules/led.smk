@@ -26,6 +26,7 @@ rule calibration:
 rule importance:
     input:
         model=lambda w: model_path("base" if w.role == "base" else w.task),
+        weights=lambda w: model_inputs("base" if w.role == "base" else w.task),
         calibration=f"{R}/calibration/{{task}}.jsonl",
         tokenizer=TOKENIZER,
     output:
