@@ -17,7 +17,8 @@ def hub_config(tmp_path, **evaluation):
     cfg = {"results": str(tmp_path / "results"), "base_model": {"hub": "org/base"},
            "tasks": {"math": {"model": {"hub": "org/math", "revision": "v1"}, "calibration": {"source": "hf", "name": "x/y"},
                               "rate": 0.4}},
-           "merges": {"ta": {"method": "task_arithmetic"}}, "evaluation": {"math": None, "code": None, **evaluation}}
+           "merges": {"ta": {"method": "task_arithmetic"}}, "alignment_task": "math",
+           "evaluation": {"harmful": "zoo", "benign": "zoo", "math": None, "code": None, **evaluation}}
     return validate(cfg)
 
 
