@@ -16,6 +16,10 @@ flattened and packed 8 entries per byte, first entry in the most significant bit
 zero-padded, stored as a 1-d uint8 tensor under the checkpoint tensor name; the shapes are JSON in the
 metadata (`mask_shapes`), with `mask_encoding: packbits`. Files of plain bool tensors (older ledmerge) are
 still read. Score files are read with `importance.load_scores` (rank16 codes or float32).
+
+Provenance: an elected mask records where its scores came from (the `expert_*` and `base_*` metadata of
+`ledmerge.provenance`: model directory, weight files with sizes and sha256, calibration set and its sha256);
+Disjoint copies them into the final masks and refuses elections on scores of different base models.
 """
 
 from __future__ import annotations
@@ -449,8 +453,8 @@ def _check_same_base(elected_paths: dict) -> None:
         files = recorded_files(meta, "base", path)
         if files is not None:
             seen[task] = ({n: f["sha256"] for n, f in files.items()}, meta.get("base_scores", "?"))
+    first, (want, first_scores) = next(iter(seen.items()), (None, (None, None)))
     for task, (files, scores) in seen.items():
-        first, (want, first_scores) = next(iter(seen.items()))
         if files != want:
             raise LedmergeError(f"the elections of tasks '{first}' and '{task}' used scores of different base models "
                                 f"({first_scores} and {scores}): rerun the importance and election steps")

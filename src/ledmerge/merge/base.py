@@ -285,4 +285,4 @@ def _check_files(path, task: str, role: str, meta: Mapping[str, str], files: Map
         for name in sorted(files):
             if digests[name] != files[name]["sha256"]:
                 raise LedmergeError(f"{path} was computed from another {which} (scores {where}: {name} sha256 "
-                                    f"{files[name]['sha256'][:16]}…; {actual[name]} has {digests[name][:16]}…): {fix}")
+                                    f"{files[name]['sha256'][:16]}...; {actual[name]} has {digests[name][:16]}...): {fix}")
