@@ -149,6 +149,7 @@ class ModelReader:
         self._fds: dict[Path, int] = {}
         self._hashes: dict[Path, list] | None = {} if hash_files else None
         self._pickle_shard: tuple[Path, dict] | None = None
+        self._digests: dict[Path, str] = {}
         self.infos = self._layout(allow_pickle)
         self.names = sorted(self.infos, key=lambda n: (str(self.infos[n].file), self.infos[n].begin, n))
 
@@ -186,8 +187,12 @@ class ModelReader:
             files = sorted(d.glob("*.bin")) or sorted(d.glob("*.pt"))
         log.warning("loading pickle weights from %s (allow_pickle is on)", d)
         infos = {}
+        tied = _ties_embeddings(d)
         for path in files:
-            for name, t in self._pickle_state(path).items():
+            state = self._pickle_state(path)
+            for name, t in state.items():
+                if tied and _is_tied_alias(name, t, state):
+                    continue  # stored like safetensors, which keeps a tied weight once (under its input name)
                 infos[name] = TensorInfo(path, t.dtype, tuple(t.shape), -1, -1)
         return infos
 
@@ -243,7 +248,9 @@ class ModelReader:
         out = {}
         for path in self.files():
             if self._hashes is None or self.infos[self.names[0]].begin < 0:
-                out[path] = file_sha256(path)
+                if path not in self._digests:  # pickle files: hashed once
+                    self._digests[path] = file_sha256(path)
+                out[path] = self._digests[path]
                 continue
             h, pos = self._hash_state(path)
             with open(path, "rb") as fh:
@@ -265,6 +272,28 @@ class ModelReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ties_embeddings(model_dir: Path) -> bool:
+    """Whether config.json ties the output embedding to the input one (transformers' default when it does not say)."""
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    tie = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings", True))
+    return bool(tie)
+
+
+def _is_tied_alias(name: str, tensor: torch.Tensor, state: Mapping[str, torch.Tensor]) -> bool:
+    """`lm_head.weight` that a pickle state dict of a tied model stores next to the input embedding it aliases
+    (torch.save writes both names, sharing storage): same shape and values as an `*embed*` tensor."""
+    if not name.endswith("lm_head.weight"):
+        return False
+    for other, t in state.items():
+        if other != name and "embed" in other and t.shape == tensor.shape and t.dtype == tensor.dtype and (
+                t.data_ptr() == tensor.data_ptr() or torch.equal(t, tensor)):
+            return True
+    return False
 
 
 def _index_files(index: Path) -> dict[Path, set[str]]:

@@ -91,7 +91,7 @@ def cmd_tokenizer(a):
     from .tokenizer import build_tokenizer_dir
 
     record = build_tokenizer_dir(a.source, a.base, _pairs(a.expert, "--expert"), a.alignment_task, a.out,
-                                 chat_template=a.chat_template)
+                                 chat_template=a.chat_template, trust_remote_code=a.trust_remote_code)
     print(json.dumps({k: v for k, v in record.items() if k != "sha256"}))
 
 
@@ -111,6 +111,8 @@ def cmd_score(a):
         raise LedmergeError(f"unknown scoring option(s) {unknown}: the options are {allowed}")
     if a.trust_remote_code:
         options["trust_remote_code"] = True
+    if a.allow_pickle:
+        options["allow_pickle"] = True
     summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, **options)
     print(json.dumps(summary))
 
@@ -160,13 +162,13 @@ def cmd_synthesize(a):
     else:
         generator = HFGenerator(o["generator"], max_new_tokens=o["generator_max_new_tokens"],
                                 temperature=o["temperature"], batch_size=o["batch_size"], seed=o["seed"],
-                                device=o["device"])
+                                device=o["device"], trust_remote_code=a.trust_remote_code)
     experts = _pairs(a.expert, "--expert")
     summary = synthesize(generator, a.aligned, a.alignment_task, experts, _pairs(a.calibration, "--calibration"),
                          a.out_dir, categories=o["harm_categories"], alignment_size=o["alignment_size"],
                          task_size=o["task_size"], exemplars=o["exemplars"], heldout_fraction=o["heldout_fraction"],
                          max_new_tokens=o["max_new_tokens"], batch_size=o["batch_size"], seed=o["seed"],
-                         device=o["device"])
+                         device=o["device"], trust_remote_code=a.trust_remote_code)
     print(json.dumps(summary))
 
 
@@ -177,7 +179,7 @@ def _evaluator(a, o):
     evaluator = load_evaluator(a.base, _pairs(a.expert, "--expert"), a.search, a.heldout,
                                _pairs(a.mask, "--mask") or None, tokenizer=a.tokenizer, w_align=w_align,
                                w_task=w_task, batch_size=o["batch_size"], max_length=o["max_length"],
-                               device=o["device"])
+                               device=o["device"], trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle)
     return evaluator, dict(objective=a.objective, w_align=w_align, w_task=w_task)
 
 
@@ -221,6 +223,10 @@ def cmd_report(a):
     df = build_report(metrics, kinds, a.out_dir, mask_stats_csv=a.mask_stats, mask_overlap_csv=a.mask_overlap,
                       histories=_pairs(a.history, "--history") or None)
     print(df.to_string(index=False))
+
+
+TRUST_HELP = "let transformers run the model repository's own Python code (off by default)"
+PICKLE_HELP = "also read pickle (.bin) checkpoints; only for files you trust: unpickling can run code"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,14 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alignment-task", default="safety", help="the aligned (instruct) expert's task")
     sp.add_argument("--chat-template", help="a .jinja file replacing the source's chat template")
     sp.add_argument("--out", required=True)
+    sp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     sp = add("score", cmd_score, "SNIP importance scores |W| * sum|grad| of one model on one calibration set")
     sp.add_argument("--model", required=True); sp.add_argument("--calibration", required=True); sp.add_argument("--out", required=True)
     sp.add_argument("--options", default="{}", help="JSON of the config's scoring section")
     sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
                     "expert see the same token ids; default: the model's own")
-    sp.add_argument("--trust-remote-code", action="store_true",
-                    help="let transformers run the model repository's own Python code (off by default)")
+    sp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    sp.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
 
     sp = add("elect", cmd_elect, "elected mask TopR(expert) and TopR(base) for one task")
     sp.add_argument("--expert", required=True); sp.add_argument("--base", required=True)
@@ -299,8 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--vocab-policy", default="error", choices=["error", "base"],
                     help="experts whose vocabulary differs from the base's: error (default), or base (merge "
                          "into the base's vocabulary, dropping extra token rows)")
-    sp.add_argument("--allow-pickle", action="store_true",
-                    help="also read pickle (.bin) checkpoints; only for files you trust: unpickling can run code")
+    sp.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     sp.add_argument("--tokenizer", help="tokenizer directory (`ledmerge tokenizer`) whose tokenizer, chat template "
                     "and generation config the merged model gets; default: the base's")
 
@@ -311,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calibration", nargs="+", required=True, metavar="TASK=PATH", help="exemplar questions")
     sp.add_argument("--options", required=True, help="JSON of the config's data_aware.synthetic section")
     sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     for name, func, help in (
             ("evolve", cmd_evolve, "CMA-ES search of a merge method's coefficients on synthetic data"),
@@ -325,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="align: alignment and domain data; task: domain data only")
         sp.add_argument("--options", required=True, help="JSON search options (data_aware section)")
         sp.add_argument("--out-dir", required=True)
+        sp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+        sp.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
         if name == "evolve":
             sp.add_argument("--method", required=True)
 

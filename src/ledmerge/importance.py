@@ -51,6 +51,8 @@ one tied value, and the ties at the cut-off are then broken by index instead of 
 grows with how crowded the scores are around the cut-off, with no bound in entries. Codes are stored as
 uint16 (metadata `score_encoding: rank16`) and read back as float32 (exact), higher = more important.
 `score_dtype="float32"` writes the raw scores instead (debugging; 4 bytes per weight).
+The metadata records where the scores came from: the model's weight files (`model_files`: name -> bytes and
+sha256, see `ledmerge.provenance`) and the calibration set (`calibration_sha256`); masks carry them on.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import json
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -72,6 +75,7 @@ from . import chat
 from .checkpoint import _open, file_sha256, save_tensors, tensor_shapes
 from .errors import LedmergeError
 from .fileio import read_jsonl
+from .provenance import MODEL_FILES, weights_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 GRANULARITIES = ("example", "batch")
@@ -374,7 +378,7 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
                 include_lm_head: bool = False, dtype: str = "float32", device: str = "cpu",
                 device_map: str | dict | None = None, autocast: str = "none", gradient_checkpointing: bool = False,
                 score_dtype: str = "rank16", loss_reduction: str = "sum", trust_remote_code: bool = False,
-                progress: bool = True) -> dict:
+                allow_pickle: bool = False, progress: bool = True) -> dict:
     """Score a Hugging Face model directory on a calibration JSONL ({prompt, response, ...} rows) and write the
     scores, keyed by the checkpoint's tensor names, to `out_path` (safetensors, atomic) with `save_scores`:
     rank16 codes by default, raw float32 with score_dtype="float32".
@@ -385,7 +389,10 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     `loss_reduction`: "sum" over response tokens (default), or "mean" per response token of each pass, the
     Hugging Face loss the released LED code differentiates.
 
-    `device_map` (e.g. "auto") spreads the model over the node's GPUs and makes `device` unused."""
+    `device_map` (e.g. "auto") spreads the model over the node's GPUs and makes `device` unused.
+    `allow_pickle` also scores pickle (.bin) checkpoints. The score file records the model's weight files
+    (`provenance.weights_fingerprint`, hashed in a thread while the model loads and is scored) and the
+    calibration set's sha256, so a merge can refuse masks computed from other models."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -401,7 +408,7 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     t0 = time.perf_counter()
     model_dir, calibration_path = Path(model_dir), Path(calibration_path)
     rows = read_jsonl(calibration_path, required=("prompt", "response"))
-    shapes = tensor_shapes(model_dir)  # also a clear error if the directory is not a model
+    shapes = tensor_shapes(model_dir, allow_pickle)  # also a clear error if the directory is not a model
     torch.manual_seed(0)
     tokenizer = chat.load_tokenizer(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
     examples, skipped = encode_rows(tokenizer, rows, max_length)
@@ -411,6 +418,9 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     if not examples:
         raise LedmergeError(f"no example of {calibration_path} has a response token within max_length={max_length}: "
                             "raise max_length or shorten the prompts")
+    hasher = ThreadPoolExecutor(1, "fingerprint")  # hashing first also pulls the files into the page cache
+    fingerprint = hasher.submit(weights_fingerprint, model_dir, allow_pickle)
+    hasher.shutdown(wait=False)
     where = f"device_map={device_map!r}" if device_map is not None else device
     try:
         if device_map is not None:  # accelerate places the layers; no .to() afterwards
@@ -420,7 +430,8 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype],
                                                          trust_remote_code=trust_remote_code).to(device)
     except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a CUDA device that is not there
-        raise LedmergeError(f"cannot load {model_dir} on {where} ({exc})") from None
+        fix = ": set trust_remote_code: true if you trust its code" if "custom code" in str(exc) else ""
+        raise LedmergeError(f"cannot load {model_dir} on {where} ({' '.join(str(exc).split())}){fix}") from None
     scores, summary = compute_scores(
         model, examples, chat.pad_id(tokenizer), batch_size=batch_size, granularity=granularity, include_norms=include_norms,
         include_embeddings=include_embeddings, include_lm_head=include_lm_head, checkpoint_shapes=shapes,
@@ -435,7 +446,8 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
                "loss_reduction": loss_reduction}
     save_scores(out_path, scores, encoding=score_dtype, metadata={
         "kind": "importance", "model_dir": str(model_dir), "calibration": str(calibration_path),
-        "calibration_sha256": file_sha256(calibration_path), "options": json.dumps(options, sort_keys=True),
+        "calibration_sha256": file_sha256(calibration_path),
+        MODEL_FILES: json.dumps(fingerprint.result(), sort_keys=True), "options": json.dumps(options, sort_keys=True),
         "tokenizer_dir": str(tokenizer_dir or model_dir), "tokens_sha256": tokens_sha256(examples),
         "n_examples": summary["n_examples"], "n_skipped": skipped, "n_response_tokens": summary["n_response_tokens"],
         "n_forward_backward": summary["n_forward_backward"],

@@ -16,6 +16,10 @@ flattened and packed 8 entries per byte, first entry in the most significant bit
 zero-padded, stored as a 1-d uint8 tensor under the checkpoint tensor name; the shapes are JSON in the
 metadata (`mask_shapes`), with `mask_encoding: packbits`. Files of plain bool tensors (older ledmerge) are
 still read. Score files are read with `importance.load_scores` (rank16 codes or float32).
+
+Provenance: an elected mask records where its scores came from (the `expert_*` and `base_*` metadata of
+`ledmerge.provenance`: model directory, weight files with sizes and sha256, calibration set and its sha256);
+Disjoint copies them into the final masks and refuses elections on scores of different base models.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .checkpoint import _open, save_tensors, tensors_metadata
 from .errors import LedmergeError
 from .fileio import write_text
 from .importance import load_scores
+from .provenance import recorded_files, sources_metadata
 
 PATTERN_CHARS = "01x"
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
@@ -404,6 +409,9 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
         _check_same({k: _Shape(v) for k, v in expert_shapes.items()}, {k: _Shape(v) for k, v in base_shapes.items()},
                     str(expert_scores_path), str(base_scores_path))
         _check_same_tokens(expert_scores_path, base_scores_path)
+    sources = sources_metadata("expert", tensors_metadata(expert_scores_path), expert_scores_path)
+    if use_base:
+        sources.update(sources_metadata("base", tensors_metadata(base_scores_path), base_scores_path))
     masks, numel, kept, capped = {}, 0, 0, []
     for name in sorted(expert_shapes):
         expert = load_scores(expert_scores_path, [name])[name]
@@ -422,7 +430,7 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
     save_masks(out_path, masks, metadata={
         "kind": "election", "rate": repr(float(rate)), "pattern": pattern,
         "expert_scores": str(expert_scores_path), "base_scores": str(base_scores_path) if use_base else "",
-        "zero_capped": json.dumps(capped),
+        "zero_capped": json.dumps(capped), **sources,
     })
     return {"numel": numel, "elected": kept, "zero_capped": capped}
 
@@ -435,6 +443,21 @@ def _check_same_tokens(expert_scores_path, base_scores_path) -> None:
         raise LedmergeError(f"{expert_scores_path} and {base_scores_path} were scored on different token ids "
                             "(another tokenizer, chat template, calibration set or max_length): rescore both with "
                             "the same tokenizer directory (ledmerge score --tokenizer)")
+
+
+def _check_same_base(elected_paths: dict) -> None:
+    """Every task's election must intersect with scores of the same base model (when the files say which)."""
+    seen = {}
+    for task, path in elected_paths.items():
+        meta = mask_metadata(path)
+        files = recorded_files(meta, "base", path)
+        if files is not None:
+            seen[task] = ({n: f["sha256"] for n, f in files.items()}, meta.get("base_scores", "?"))
+    first, (want, first_scores) = next(iter(seen.items()), (None, (None, None)))
+    for task, (files, scores) in seen.items():
+        if files != want:
+            raise LedmergeError(f"the elections of tasks '{first}' and '{task}' used scores of different base models "
+                                f"({first_scores} and {scores}): rerun the importance and election steps")
 
 
 def _write_csv(path, rows: list[dict], columns: list[str]) -> None:
@@ -466,6 +489,7 @@ def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv)
                     f"task '{tasks[0]}'", f"task '{t}'")
     # Tensors where a model had fewer positive scores than ⌈r·n⌉: the election kept fewer entries.
     zero_capped = {t: set(json.loads(mask_metadata(elected_paths[t]).get("zero_capped", "[]"))) for t in tasks}
+    _check_same_base(elected_paths)
     final: dict[str, dict[str, PackedMask]] = {t: {} for t in tasks}
     rows: dict[str, list] = {t: [] for t in tasks}
     overlap_rows: dict[tuple, list] = {pair: [] for pair in itertools.combinations(tasks, 2)}
@@ -486,6 +510,7 @@ def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv)
         save_masks(out_paths[task], final[task], metadata={
             "kind": "disjoint", "task": task, "tasks": ",".join(tasks), "rate": meta.get("rate", ""),
             "pattern": meta.get("pattern", ""), "elected": str(elected_paths[task]),
+            **{k: v for k, v in meta.items() if k.startswith(("expert_", "base_"))},  # where the scores came from
         })
     _write_csv(stats_csv, [r for t in tasks for r in rows[t]], STATS_COLUMNS)
     _write_csv(overlap_csv, [r for pair in overlap_rows for r in overlap_rows[pair]], OVERLAP_COLUMNS)

@@ -103,21 +103,23 @@ class Generator:
         raise NotImplementedError
 
 
-def load_causal_lm(model_dir, device: str = "cpu"):
+def load_causal_lm(model_dir, device: str = "cpu", trust_remote_code: bool = False):
     """A model and its own tokenizer, set up for batched generation (left padding, a pad token).
 
     A tokenizer without a pad token (Llama, Mistral) pads with `chat.pad_id` (its EOS token): padded
     positions are masked out. A model without a chat template is prompted with `chat.render`'s plain
-    `prompt\\n` format, which a base model continues rather than answers: logged as a warning."""
+    `prompt\\n` format, which a base model continues rather than answers: logged as a warning.
+    `trust_remote_code` lets transformers run the model repository's own code (the config's trust_remote_code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     tok.padding_side = "left"  # generation continues from the right end
     if tok.pad_token_id is None:
         tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok))
     if not getattr(tok, "chat_template", None):
         log.warning("%s has no chat template: it is prompted with plain text (prompt, newline)", model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto",
+                                                 trust_remote_code=trust_remote_code).to(device).eval()
     return model, tok
 
 
@@ -174,8 +176,8 @@ class HFGenerator(Generator):
     """Any local causal LM (Hugging Face directory), sampled at `temperature` with its chat template."""
 
     def __init__(self, model_dir, *, max_new_tokens: int = 256, temperature: float = 0.8, batch_size: int = 8,
-                 seed: int = 0, device: str = "cpu"):
-        self.model, self.tok = load_causal_lm(model_dir, device)
+                 seed: int = 0, device: str = "cpu", trust_remote_code: bool = False):
+        self.model, self.tok = load_causal_lm(model_dir, device, trust_remote_code)
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
 
     def generate(self, requests):
@@ -265,7 +267,7 @@ def build_requests(categories: list[str], domain_exemplars: dict[str, list[str]]
 def synthesize(generator: Generator, aligned_dir, alignment_task: str, expert_dirs: dict[str, str],
                calibration: dict[str, str], out_dir, *, categories: list[str], alignment_size: int, task_size: int,
                exemplars: int = 3, heldout_fraction: float = 0.25, max_new_tokens: int = 64, batch_size: int = 32,
-               seed: int = 0, device: str = "cpu") -> dict:
+               seed: int = 0, device: str = "cpu", trust_remote_code: bool = False) -> dict:
     """Write data.jsonl, search.jsonl, heldout.jsonl and summary.json into `out_dir`; returns the summary.
 
     `expert_dirs` and `calibration` map each domain task to its expert and its calibration JSONL (the
@@ -300,7 +302,8 @@ def synthesize(generator: Generator, aligned_dir, alignment_task: str, expert_di
         todo = [(r, it) for r, it in unique if r.kind == kind and (kind == "harmful" or r.topic == responder)]
         if not todo:
             continue
-        model, tok = load_causal_lm(aligned_dir if kind == "harmful" else expert_dirs[responder], device)
+        model, tok = load_causal_lm(aligned_dir if kind == "harmful" else expert_dirs[responder], device,
+                                    trust_remote_code)
         replies = chat_generate(model, tok, [it["question"] for _, it in todo], max_new_tokens=max_new_tokens,
                                 batch_size=batch_size)
         del model

@@ -107,15 +107,18 @@ def eos_ids(model_dir: str | Path) -> list[int]:
 
 
 def build_tokenizer_dir(source: str, base_dir, expert_dirs: Mapping[str, str | Path], alignment_task: str,
-                        out_dir, chat_template: str | Path | None = None) -> dict:
+                        out_dir, chat_template: str | Path | None = None, trust_remote_code: bool = False) -> dict:
     """Write the run's tokenizer directory (atomic): the source's tokenizer files verbatim, the chat template as
     chat_template.jinja (which transformers prefers to a template inside tokenizer_config.json), the generation
-    config, and tokenizer_source.json. Returns that record."""
+    config, and tokenizer_source.json. Returns that record. With `trust_remote_code`, the source's Python files
+    (a tokenizer class of the repository's own) are copied too and the directory is loaded with remote code."""
     from transformers import AutoTokenizer
 
     source_dir, reason = resolve_source(source, base_dir, expert_dirs, alignment_task)
     template = check_source(source_dir, chat_template)
     files = [f for f in TOKENIZER_FILES if (source_dir / f).is_file()]
+    if trust_remote_code:
+        files += sorted(p.name for p in source_dir.glob("*.py"))
     if "tokenizer_config.json" not in files:
         raise LedmergeError(f"{source_dir} has no tokenizer_config.json: tokenizer_source must be a model "
                             "directory with its tokenizer")
@@ -128,7 +131,8 @@ def build_tokenizer_dir(source: str, base_dir, expert_dirs: Mapping[str, str | P
         else:
             (out / TEMPLATE_FILE).write_text(template)
         (out / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
-        tok = AutoTokenizer.from_pretrained(out)  # the directory must load, with the template, as every step will
+        # the directory must load, with the template, as every step will
+        tok = AutoTokenizer.from_pretrained(out, trust_remote_code=trust_remote_code)
         if tok.chat_template != template:
             raise LedmergeError(f"the tokenizer written from {source_dir} does not load with the chosen template")
         record = {
@@ -147,7 +151,7 @@ def copy_tokenizer_files(tokenizer_dir: str | Path, out_dir: str | Path) -> dict
     """The run's tokenizer, template and generation config, into a merged model directory; the record of
     where they came from (None for a plain model directory given as the tokenizer)."""
     src = Path(tokenizer_dir)
-    for f in (*TOKENIZER_FILES, TEMPLATE_FILE, GENERATION_CONFIG):
+    for f in (*TOKENIZER_FILES, TEMPLATE_FILE, GENERATION_CONFIG, *(p.name for p in src.glob("*.py"))):
         if (src / f).is_file():
             shutil.copy2(src / f, Path(out_dir) / f)
     return _read_json(src / SOURCE_FILE) if (src / SOURCE_FILE).is_file() else None

@@ -175,6 +175,12 @@ def merge_options():
     return flags + (" --allow-pickle" if config["allow_pickle"] else "")
 
 
+def search_opt_ins():
+    """The config's trust_remote_code and allow_pickle as flags of the data-aware searches (evolve, cocktail)."""
+    return (" --trust-remote-code" if config["trust_remote_code"] else "") + (
+        " --allow-pickle" if config["allow_pickle"] else "")
+
+
 def eval_data(key):
     """Evaluation set `key` (harmful, benign, math, code): a zoo file, a user file, or none."""
     source = config["evaluation"][key]
@@ -223,6 +229,8 @@ def search_inputs(wildcards):
 def evaluation_options():
     ev = config["evaluation"]
     judge_kwargs = dict(ev["judge_kwargs"], **({"model": judge_model()} if judge_model() else {}))
+    if config["trust_remote_code"] and "model" in judge_kwargs:  # a judge that loads a model
+        judge_kwargs["trust_remote_code"] = True
     opts = {
         "harmful_path": eval_data("harmful"),
         "benign_path": eval_data("benign"),

@@ -24,6 +24,7 @@ rule synthetic:
         task=config["alignment_task"],
         options=as_json(DA["synthetic"]),
         out_dir=lambda w, output: os.path.dirname(output.data),
+        trust_remote_code="--trust-remote-code" if config["trust_remote_code"] else "",
     threads: rule_threads("synthetic")
     resources:
         **rule_resources("synthetic", DA["synthetic"]["device"]),
@@ -34,7 +35,7 @@ rule synthetic:
     shell:
         "$LEDMERGE --threads {threads} synthesize --aligned {input.aligned} --alignment-task {params.task} "
         "--expert {params.experts} --calibration {params.calibration} --options {params.options:q} "
-        "--out-dir {params.out_dir} > {log} 2>&1"
+        "--out-dir {params.out_dir} {params.trust_remote_code} > {log} 2>&1"
 
 
 rule evolve:
@@ -55,6 +56,7 @@ rule evolve:
         ),
         options=as_json({**DA["fitness"], **{k: v for k, v in DA["evolve"].items() if k != "methods"}}),
         out_dir=lambda w, output: os.path.dirname(output.recipe),
+        opt_ins=search_opt_ins(),
     threads: rule_threads("evolve")
     resources:
         **rule_resources("evolve", DA["fitness"]["device"]),
@@ -66,7 +68,7 @@ rule evolve:
         "$LEDMERGE --threads {threads} evolve --method {wildcards.method} "
         "--base {input.base} --expert {params.experts} {params.masks} --search {input.search} --heldout {input.heldout} "
         "--tokenizer {input.tokenizer} --objective {wildcards.objective} --options {params.options:q} "
-        "--out-dir {params.out_dir} > {log} 2>&1"
+        "--out-dir {params.out_dir} {params.opt_ins} > {log} 2>&1"
 
 
 rule cocktail:
@@ -83,6 +85,7 @@ rule cocktail:
         masks="",
         options=as_json({**DA["fitness"], **DA["cocktail"]}),
         out_dir=lambda w, output: os.path.dirname(output.recipe),
+        opt_ins=search_opt_ins(),
     threads: rule_threads("cocktail")
     resources:
         **rule_resources("cocktail", DA["fitness"]["device"]),
@@ -94,4 +97,4 @@ rule cocktail:
         "$LEDMERGE --threads {threads} cocktail "
         "--base {input.base} --expert {params.experts} {params.masks} --search {input.search} --heldout {input.heldout} "
         "--tokenizer {input.tokenizer} --objective {wildcards.objective} --options {params.options:q} "
-        "--out-dir {params.out_dir} > {log} 2>&1"
+        "--out-dir {params.out_dir} {params.opt_ins} > {log} 2>&1"

@@ -36,6 +36,7 @@ rule importance:
     params:
         options=as_json(config["scoring"]),
         trust_remote_code="--trust-remote-code" if config["trust_remote_code"] else "",
+        allow_pickle="--allow-pickle" if config["allow_pickle"] else "",
     threads: rule_threads("importance")
     resources:
         **rule_resources("importance", scoring_device()),
@@ -46,7 +47,7 @@ rule importance:
     shell:
         "$LEDMERGE --threads {threads} score --model {input.model} --calibration {input.calibration} "
         "--tokenizer {input.tokenizer} --out {output} "
-        "--options {params.options:q} {params.trust_remote_code} > {log} 2>&1"
+        "--options {params.options:q} {params.trust_remote_code} {params.allow_pickle} > {log} 2>&1"
 
 
 rule election:

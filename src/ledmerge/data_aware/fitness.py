@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 
 from ..chat import IGNORE_INDEX, collate, encode, load_tokenizer, pad_id, response_nll
-from ..checkpoint import check_compatible, load_state_dict, tensor_shapes
+from ..checkpoint import ModelReader, check_compatible, load_state_dict, tensor_shapes
 from ..errors import LedmergeError
 from ..fileio import read_jsonl
 from ..merge import get_method
@@ -41,24 +41,32 @@ class MergeEvaluator:
 
     def __init__(self, base_dir, expert_dirs: Mapping[str, str], data: Mapping[str, list[dict]],
                  masks: Mapping[str, str] | None = None, *, tokenizer, batch_size: int = 32, max_length: int = 256,
-                 device: str = "cpu"):
+                 device: str = "cpu", trust_remote_code: bool = False, allow_pickle: bool = False):
         """`data`: split name -> rows {prompt, response, type}; `masks`: LED mask files per task;
         `tokenizer`: the directory of the run's tokenizer (or a loaded tokenizer), which encodes every
-        row exactly as importance scoring does (`chat.encode`, its chat template)."""
+        row exactly as importance scoring does (`chat.encode`, its chat template). `trust_remote_code` and
+        `allow_pickle` are the config's opt-ins, as for scoring and merging; LED masks must come from these models'
+        scores (`MaskFiles.check_sources`, sha256 of every weight file)."""
         from transformers import AutoModelForCausalLM
 
-        check_compatible(base_dir, expert_dirs)
+        check_compatible(base_dir, expert_dirs, allow_pickle=allow_pickle)
         self.tasks = sorted(expert_dirs)
-        self.tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        self.tok = (load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+                    if isinstance(tokenizer, (str, os.PathLike)) else tokenizer)
         self.pad_id = pad_id(self.tok)  # Llama and Mistral tokenizers have no pad token
-        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
-        self.base = load_state_dict(base_dir)
-        self.experts = {t: load_state_dict(expert_dirs[t]) for t in self.tasks}
+        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                          trust_remote_code=trust_remote_code).to(device).eval()
+        self.base = load_state_dict(base_dir, allow_pickle=allow_pickle)
+        self.experts = {t: load_state_dict(expert_dirs[t], allow_pickle=allow_pickle) for t in self.tasks}
         self.params = self.model.state_dict()  # shares storage with the model's parameters
         missing = sorted(set(self.base) - set(self.params))
         if missing:
             raise LedmergeError(f"the model built from {base_dir} lacks tensors {missing[:3]} of its checkpoint")
-        mask_files = MaskFiles(masks, tensor_shapes(base_dir)) if masks else None
+        mask_files = MaskFiles(masks, tensor_shapes(base_dir, allow_pickle)) if masks else None
+        if mask_files:
+            with contextlib.ExitStack() as stack:
+                reader = lambda d: stack.enter_context(ModelReader(d, allow_pickle=allow_pickle))
+                mask_files.check_sources(reader(base_dir), {t: reader(expert_dirs[t]) for t in self.tasks}, exact=True)
         # Masks are read once here, not once per candidate.
         self.masks = {name: mask_files.for_tensor(name) if mask_files else {} for name in self.base}
         self.batches = {split: self._batches(rows, batch_size, max_length, device) for split, rows in data.items()}
@@ -127,14 +135,16 @@ def read_split(path) -> list[dict]:
 
 
 def load_evaluator(base_dir, expert_dirs, search_path, heldout_path, masks=None, *, tokenizer, w_align: float,
-                   w_task: float, batch_size: int = 32, max_length: int = 256, device: str = "cpu") -> MergeEvaluator:
+                   w_task: float, batch_size: int = 32, max_length: int = 256, device: str = "cpu",
+                   trust_remote_code: bool = False, allow_pickle: bool = False) -> MergeEvaluator:
     data = {"search": read_split(search_path), "heldout": read_split(heldout_path)}
     for kind, w in (("alignment", w_align), ("task", w_task)):
         if w and not any(r["type"] == kind for r in data["search"]):
             raise LedmergeError(f"the objective weighs {kind} data but {search_path} has none: generate more "
                                 "synthetic data or set its weight to 0")
     return MergeEvaluator(base_dir, expert_dirs, data, masks, tokenizer=tokenizer, batch_size=batch_size,
-                          max_length=max_length, device=device)
+                          max_length=max_length, device=device, trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle)
 
 
 def scores(evaluator: MergeEvaluator, spec: dict, w_align: float, w_task: float) -> dict:

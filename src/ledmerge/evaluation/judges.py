@@ -113,14 +113,16 @@ class ModelJudge(Judge):
     generated token. Replies are cut to `max_response_tokens` before formatting (HarmBench cuts at
     512), so a long reply never pushes the question or the answer cue out of the context.
     Classifiers of harm do not detect refusals, so `is_refusal` (over-refusal on benign prompts)
-    is delegated to `refusal_judge`, the keyword judge by default.
+    is delegated to `refusal_judge`, the keyword judge by default. `trust_remote_code` lets transformers run
+    the classifier repository's own code (the workflow passes the config's trust_remote_code).
     """
 
     name = "model"
 
     def __init__(self, model: str, *, template: str | None = HARMBENCH_TEMPLATE, positive: str = "Yes",
                  negative: str = "No", device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
-                 max_new_tokens: int = 4, max_response_tokens: int = 512, refusal_judge: Judge | None = None):
+                 max_new_tokens: int = 4, max_response_tokens: int = 512, refusal_judge: Judge | None = None,
+                 trust_remote_code: bool = False):
         import gc
 
         import torch
@@ -131,12 +133,13 @@ class ModelJudge(Judge):
         self.device, self.batch_size, self.max_new_tokens = device, batch_size, max_new_tokens
         self.max_response_tokens = max_response_tokens
         self.refusal_judge = refusal_judge or RefusalJudge()
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"  # generation continues from the right end
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype,
+                                                          trust_remote_code=trust_remote_code).to(device).eval()
         self._pos_id, self._neg_id = self._first_token(positive), self._first_token(negative)
 
     def _first_token(self, text: str) -> int | None:

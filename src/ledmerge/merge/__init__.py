@@ -91,6 +91,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         base = open_reader(base_dir)
         experts = {t: open_reader(expert_dirs[t]) for t in tasks}
         mask_files = MaskFiles(masks, base.shapes) if masks and method.uses_masks else None
+        check_mask_sources(mask_files, base, experts)
         out = stack.enter_context(atomic_path(out_dir, directory=True))
         writer = ShardedWriter(out, [(n, base.infos[n].dtype, base.infos[n].shape) for n in base.names], shard_size)
 
@@ -152,6 +153,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             if written is not None:
                 written.result()
         writer.close()
+        check_mask_sources(mask_files, base, experts, exact=True)  # before the output is renamed into place
         tokenizer = copy_tokenizer_files(tokenizer_dir or base_dir, out)
         write_model_config(Path(base_dir) / "config.json", out)
         hashes = {"base": base.sha256s(), **{f"expert `{t}`": experts[t].sha256s() for t in tasks}}
@@ -161,10 +163,20 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     log.info("wrote merged model to %s (%d shard(s))", out_dir, len(writer.files))
 
 
+def check_mask_sources(mask_files: MaskFiles | None, base: ModelReader, experts: Mapping[str, ModelReader], *,
+                       exact: bool = False) -> None:
+    """LED masks must come from the scores of these very models: weight file names and sizes up front, their
+    sha256 (hashed while the merge read them) at the end; see `MaskFiles.check_sources`."""
+    if mask_files is not None:
+        mask_files.check_sources(base, experts, exact=exact)
+
+
 def write_model_config(base_config: Path, out: Path) -> None:
     """The base's config.json, with the special-token ids of the generation config just copied in: a merged model
     whose template comes from the instruct expert must not say it stops on the base's EOS."""
     shutil.copy2(base_config, out / "config.json")
+    for code in base_config.parent.glob("*.py"):  # a trust_remote_code model: the code its config names
+        shutil.copy2(code, out / code.name)
     gen_path = out / "generation_config.json"
     if not gen_path.is_file():
         return
