@@ -474,6 +474,16 @@ class ShardedWriter:
         self._fh.write(memoryview(data.numpy()))
         self._next += 1
 
+    def abort(self) -> None:
+        """Close the open shard without finishing it (its directory is being discarded); errors are ignored, so a
+        full disk does not raise again from an unflushed buffer."""
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
         """Finish the last shard and write the index; an incomplete model is an error, not a file."""
         if self._fh is not None:

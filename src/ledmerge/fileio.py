@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,34 +15,119 @@ from typing import Iterable, Iterator
 
 from .errors import LedmergeError
 
+log = logging.getLogger(__name__)
+
+
+# errno -> what the user is told when an output cannot be written for lack of space, and the fix
+DISK_FULL = {
+    errno.ENOSPC: "the disk is full (ENOSPC); nothing was kept: free space there or point the config's `results` at "
+                  "a larger disk, then rerun",
+    errno.EDQUOT: "the disk quota is exceeded (EDQUOT); nothing was kept: free space within your quota or point the "
+                  "config's `results` at another disk, then rerun",
+    errno.EFBIG: "a file exceeds the size limit of the file system or of `ulimit -f` (EFBIG); nothing was kept: raise "
+                 "`ulimit -f` or point the config's `results` at another file system, then rerun",
+}
+_OS_ERROR = re.compile(r"os error (\d+)")  # how Rust writers (safetensors) report an errno
+_live: set[Path] = set()  # temporary paths this process is writing now
+
+
+def disk_full_reason(exc: BaseException | None) -> str | None:
+    """What to tell the user if the exception (or one it was raised from or while handling) is a disk-full error,
+    also one reported by a Rust writer (safetensors: "... (os error 28)"); else None."""
+    for _ in range(5):
+        if exc is None or isinstance(exc, (LedmergeError, KeyboardInterrupt, SystemExit)):
+            return None
+        code = exc.errno if isinstance(exc, OSError) else None
+        if code is None and not isinstance(exc, OSError):
+            match = _OS_ERROR.search(str(exc))
+            code = int(match.group(1)) if match else None
+        if code in DISK_FULL:
+            return DISK_FULL[code]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of `target` that an earlier, killed run left (`.{name}.tmp-{pid}-XXXX`
+    whose process is gone), and return them. Only this target's own temporaries, by exact pattern; never one
+    of a live process (another process's pid that is alive; this process's own live ones). Older names
+    without a pid are left alone: nothing says whether their writer still runs."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-[a-z0-9_]+")
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match:
+            continue
+        path, pid = Path(entry.path), int(match.group(1))
+        if path in _live or (pid != os.getpid() and _pid_alive(pid)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        log.warning("removed %s, left by an interrupted run (pid %d)", path, pid)
+        removed.append(path)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `target`; rename it onto `target` only if the block succeeds."""
+    """Yield a temporary sibling of `target`; rename it onto `target` only if the block succeeds.
+
+    The temporary is named `.{name}.tmp-{pid}-XXXX`, so a rerun removes what a killed run (kill -9, an
+    out-of-memory kill, a node lost) left beside the same target (`remove_stale_temps`; the pid is looked up on
+    the rerun's host, so two nodes must not write one target at once, which Snakemake's lock ensures). Running
+    out of disk space (ENOSPC, EDQUOT, EFBIG) anywhere in the block is a one-line LedmergeError naming `target`;
+    the temporary is removed either way."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.tmp-"
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
-    # mkstemp/mkdtemp create private (0600/0700) paths; outputs get the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod((0o777 if directory else 0o666) & ~umask)
+    remove_stale_temps(target)
+    prefix = f".{target.name}.tmp-{os.getpid()}-"
+    tmp = None
     try:
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+        _live.add(tmp)
+        # mkstemp/mkdtemp create private (0600/0700) paths; outputs get the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod((0o777 if directory else 0o666) & ~umask)
         yield tmp
         if directory and target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        reason = disk_full_reason(exc)
+        if reason:
+            raise LedmergeError(f"cannot write {target}: {reason}") from None
         raise
+    finally:
+        _live.discard(tmp)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -334,12 +334,19 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
         batches = [examples[i:i + step] for i in range(0, len(examples), step)]
         n_tokens = 0
         with _checkpointed(layers):
-            for batch in tqdm(batches, desc="importance", unit="pass", disable=not progress):
+            for i, batch in enumerate(tqdm(batches, desc="importance", unit="pass", disable=not progress)):
                 inputs = {k: v.to(device) for k, v in chat.collate(batch, pad_id).items()}
                 labels = inputs.pop("labels")
                 with _autocast(device_types, autocast):
                     logits = model(**inputs, use_cache=False).logits
                 loss = chat.response_nll(logits, labels.to(logits.device), reduction=loss_reduction)  # float32
+                if not torch.isfinite(loss):  # before backward: one NaN would spread into every score
+                    which = f"example {i * step}" if step == 1 else \
+                        f"examples {i * step}..{i * step + len(batch) - 1} (one batch)"
+                    raise LedmergeError(
+                        f"the loss on calibration {which} (0-based, of the {len(examples)} kept) is "
+                        f"{float(loss.detach())}: the model's weights hold NaN/inf or its dtype overflows; check the "
+                        "checkpoint, or score in dtype float32 without autocast")
                 loss.backward()  # hooks consume and free every scored gradient
                 n_tokens += int((labels[:, 1:] != chat.IGNORE_INDEX).sum())
                 del logits, loss
@@ -351,8 +358,19 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
             p.grad = None
     scores = {}
     with torch.no_grad():
+        for name, a in acc.items():  # all checked before any is ranked
+            if not torch.isfinite(a.sum()):  # a sum of |grad| >= 0 is inf or NaN iff an entry is (or it overflows)
+                bad = a[~torch.isfinite(a)]
+                if len(bad):
+                    raise LedmergeError(
+                        f"the gradient of {name} is not finite ({float(bad[0])} in {len(bad)} entries, summed over "
+                        f"{len(batches)} pass(es)), so its scores would be meaningless: a float16/bfloat16 backward "
+                        "overflowed or the checkpoint is broken; score in dtype float32 without autocast")
         for name in params:  # one tensor at a time, freeing its accumulator
             s = acc.pop(name).mul_(params[name].detach().float().abs())
+            if not torch.isfinite(s.sum()) and not torch.isfinite(s).all():
+                raise LedmergeError(f"the weights of {name} hold NaN/inf, so its scores are not finite: the checkpoint "
+                                    "is broken; fix or re-download it")
             scores[name] = rank_code(s) if encoding == "rank16" else s.cpu()
             del s
     return scores, {"n_examples": len(examples), "n_response_tokens": n_tokens, "n_forward_backward": len(batches)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from .. import __version__
 from ..checkpoint import DEFAULT_SHARD_SIZE, ModelReader, ShardedWriter, align_rows, check_compatible, file_sha256
 from ..errors import LedmergeError
 from ..fileio import atomic_path
-from ..tokenizer import copy_tokenizer_files
+from ..tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES, copy_tokenizer_files
 from .base import MaskFiles, MergeMethod, TensorContext
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,27 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         check_mask_sources(mask_files, base, experts)
         out = stack.enter_context(atomic_path(out_dir, directory=True))
         writer = ShardedWriter(out, [(n, base.infos[n].dtype, base.infos[n].shape) for n in base.names], shard_size)
+        stack.callback(writer.abort)  # a failed merge closes its shard before the directory is removed
+        check_free_space(out_dir, out, writer.total_size)
+
+        def check_finite(name: str, start: int, b: torch.Tensor, inputs, merged: torch.Tensor | None) -> None:
+            """Stop on a non-finite value in the float32 inputs or the stored result of one tensor (or flat chunk
+            of it from `start`), naming the file and the tensor."""
+            tensors = [b, *(inputs[t] for t in tasks), *([merged] if merged is not None else [])]
+            found = first_nonfinite(tensors)
+            if found is None:
+                return
+            k, i = found
+            value = float(tensors[k].reshape(-1)[i])
+            where = f"{value} at index {unravel(start + i, base.infos[name].shape)}"
+            if k <= len(tasks):
+                role, reader = ("the base", base) if k == 0 else (f"expert '{tasks[k - 1]}'", experts[tasks[k - 1]])
+                raise LedmergeError(f"tensor {name} of {role} in {reader.infos[name].file} holds a non-finite value "
+                                    f"({where}): the checkpoint is broken (a diverged fine-tune or a bad conversion); "
+                                    "fix or re-download it, or leave that model out")
+            raise LedmergeError(f"merging tensor {name} with {method.name} gives a non-finite value ({where}) from "
+                                f"finite inputs (it overflows {base.infos[name].dtype}): lower the weights/lambda of "
+                                f"the merge spec; nothing was written to {out_dir}")
 
         def load(name: str):
             """One tensor of every input, in its stored dtype, and its LED masks (run in the read-ahead thread)."""
@@ -110,10 +132,20 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             ctx = TensorContext(name, seed=method.seed, masks=tensor_masks)
             if dev.type != "cpu":  # one whole tensor per kernel on a GPU
                 ctx, b, inputs = ctx.to(dev), b.to(dev), {t: e.to(dev) for t, e in inputs.items()}
-                return method.merge_tensor(name, b.float(), {t: e.float() for t, e in inputs.items()}, ctx).to(b.dtype).cpu()
+                fb, fe = b.float(), {t: e.float() for t, e in inputs.items()}
+                try:
+                    merged = method.merge_tensor(name, fb, fe, ctx).to(b.dtype)
+                except Exception:  # e.g. TIES' ranking refuses NaN: name the input that holds it
+                    check_finite(name, 0, fb, fe, None)
+                    raise
+                check_finite(name, 0, fb, fe, merged)
+                return merged.cpu()
             torch.set_num_threads(workers)  # whole-tensor choices (TIES, DARE): large ops, torch's own threads
             try:
                 ctx.kept = method.select(b, inputs, ctx)
+            except Exception:  # e.g. TIES' ranking refuses NaN: name the input that holds it
+                check_finite(name, 0, b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}, None)
+                raise
             finally:
                 torch.set_num_threads(1)
             out = torch.empty_like(b)
@@ -122,8 +154,9 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
 
             def merge_chunk(start: int) -> None:  # cache-sized pieces: each elementwise op stays in L2/L3
                 part = slice(start, start + CHUNK)
-                flat_out[part] = method.merge_elements(
-                    flat_b[part].float(), {t: e[part].float() for t, e in flat_in.items()}, ctx.chunk(part))
+                fb, fe = flat_b[part].float(), {t: e[part].float() for t, e in flat_in.items()}
+                flat_out[part] = method.merge_elements(fb, fe, ctx.chunk(part))
+                check_finite(name, start, fb, fe, flat_out[part])  # all still in cache: one more read of each
 
             for _ in pool.map(merge_chunk, range(0, b.numel(), CHUNK)):
                 pass
@@ -157,9 +190,12 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         tokenizer = copy_tokenizer_files(tokenizer_dir or base_dir, out)
         write_model_config(Path(base_dir) / "config.json", out)
         hashes = {"base": base.sha256s(), **{f"expert `{t}`": experts[t].sha256s() for t in tasks}}
+        for role, d in (("base", base_dir), *((f"expert `{t}`", expert_dirs[t]) for t in tasks)):
+            hashes[role].update(config_sha256s(d, CONFIG_FILES))
+        hashes["tokenizer"] = config_sha256s(tokenizer_dir or base_dir, TOKENIZER_INPUTS)
         (out / "README.md").write_text(model_card(method, base_dir, expert_dirs, hashes,
                                                   masks if mask_files else None, vocab_policy if aligned else None,
-                                                  tokenizer))
+                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir))
     log.info("wrote merged model to %s (%d shard(s))", out_dir, len(writer.files))
 
 
@@ -169,6 +205,51 @@ def check_mask_sources(mask_files: MaskFiles | None, base: ModelReader, experts:
     sha256 (hashed while the merge read them) at the end; see `MaskFiles.check_sources`."""
     if mask_files is not None:
         mask_files.check_sources(base, experts, exact=exact)
+
+
+def first_nonfinite(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
+    """(which tensor, flat index) of the first non-finite value, or None. The test is one float32 sum of each
+    (NaN or inf anywhere makes the total non-finite); only then does the exact elementwise search run, which also
+    turns a finite total's overflow into the false alarm it is. bfloat16 is summed as it is (float32's range, and
+    half the bytes to read); float16 and narrower in float32, whose range a sum of them cannot leave."""
+    total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    for t in tensors:
+        total += t.sum() if t.dtype in (torch.float32, torch.bfloat16, torch.float64) else t.sum(dtype=torch.float32)
+    if math.isfinite(total.item()):
+        return None
+    for k, t in enumerate(tensors):
+        bad = torch.isfinite(t.reshape(-1)).logical_not_().nonzero()
+        if len(bad):
+            return k, int(bad[0])
+    return None
+
+
+def unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return index[::-1]
+
+
+def check_free_space(out_dir, tmp: Path, needed: int) -> None:
+    """Refuse to start a merge whose weights cannot fit on the output's disk (a file system that reports no free
+    space at all is not trusted: the writes then tell)."""
+    free = shutil.disk_usage(tmp).free
+    size = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} bytes"
+    if 0 < free < needed:
+        raise LedmergeError(f"cannot write {out_dir}: the merged weights need {size(needed)} but its disk has "
+                            f"{size(free)} free; free space there or point the config's `results` at a larger disk, "
+                            "then rerun")
+
+
+CONFIG_FILES = ("config.json", GENERATION_CONFIG)
+TOKENIZER_INPUTS = (*TOKENIZER_FILES, TEMPLATE_FILE, GENERATION_CONFIG)  # what copy_tokenizer_files copies
+
+
+def config_sha256s(model_dir, names) -> dict[Path, str]:
+    """sha256 of the files of `names` that `model_dir` holds."""
+    return {Path(model_dir) / f: file_sha256(Path(model_dir) / f) for f in names if (Path(model_dir) / f).is_file()}
 
 
 def write_model_config(base_config: Path, out: Path) -> None:
@@ -187,11 +268,14 @@ def write_model_config(base_config: Path, out: Path) -> None:
 
 
 def model_card(method: MergeMethod, base_dir, expert_dirs: Mapping, hashes: Mapping[str, Mapping[Path, str]],
-               masks: Mapping | None, vocab_policy: str | None = None, tokenizer: Mapping | None = None) -> str:
+               masks: Mapping | None, vocab_policy: str | None = None, tokenizer: Mapping | None = None,
+               tokenizer_dir=None) -> str:
     """README.md: HF front matter, then the full recipe, where the tokenizer and chat template come from,
-    and the sha256 of every input file."""
+    and the sha256 of every input file: weights and config.json (generation config) of each model, and the
+    tokenizer, chat template and generation config files the merged model got (role "tokenizer")."""
     front = {"base_model": str(base_dir), "library_name": "transformers", "tags": ["merge", "ledmerge"]}
-    dirs = {"base": base_dir, **{f"expert `{t}`": expert_dirs[t] for t in sorted(expert_dirs)}}
+    dirs = {"base": base_dir, **{f"expert `{t}`": expert_dirs[t] for t in sorted(expert_dirs)},
+            "tokenizer": tokenizer_dir or base_dir}
     lines = []
     for role, files in hashes.items():
         for path, digest in files.items():
