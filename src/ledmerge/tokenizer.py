@@ -101,9 +101,12 @@ def _generation_config(source_dir: Path) -> dict:
 
 
 def eos_ids(model_dir: str | Path) -> list[int]:
-    """Every EOS id a model directory stops on (its generation config's, else its config's)."""
+    """Every EOS id a model directory stops on (its generation config's, else its config's), validated."""
     ids = _generation_config(Path(model_dir)).get("eos_token_id")
-    return [ids] if isinstance(ids, int) else list(ids or [])
+    ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise LedmergeError(f"{model_dir}: eos_token_id must be an integer or a list of integers, got {ids!r}")
+    return ids
 
 
 def build_tokenizer_dir(source: str, base_dir, expert_dirs: Mapping[str, str | Path], alignment_task: str,

@@ -25,7 +25,6 @@ string, so without the ids a row that emitted <|eot_id|> early would keep the te
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 import time
 from importlib.metadata import version
@@ -128,34 +127,20 @@ def lm_eval_model_args(model_dir, backend: str = "hf", device: str = "cpu", extr
     return {**args, **(extra or {})}
 
 
-def _eos_ids(value, where: Path) -> list[int]:
-    if value is None:
-        return []
-    values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise LedmergeError(f"{where}: eos_token_id must be an integer or a list of integers, got {value!r}")
-    return values
-
-
 def stop_tokens(tokenizer_dir, trust_remote_code: bool = False) -> tuple[list[str], list[int]]:
     """(stop strings, EOS ids) of a tokenizer directory: every EOS id of its generation_config.json (an int or
     a list), then its tokenizer's eos_token, without repeats; the strings are the ids decoded with special
     tokens kept. For the toy zoo: (["<|end|>"], [3])."""
     from ..chat import load_tokenizer
+    from ..tokenizer import GENERATION_CONFIG, eos_ids
 
     tokenizer_dir = Path(tokenizer_dir)
     try:
         tok = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise LedmergeError(f"cannot load a tokenizer from {tokenizer_dir} ({exc})") from None
-    ids: list[int] = []
-    gen_path = tokenizer_dir / "generation_config.json"
-    if gen_path.is_file():
-        try:
-            gen = json.loads(gen_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise LedmergeError(f"{gen_path} is not valid JSON ({exc})") from None
-        ids += _eos_ids(gen.get("eos_token_id") if isinstance(gen, dict) else None, gen_path)
+    ids = eos_ids(tokenizer_dir)
+    gen_path = tokenizer_dir / GENERATION_CONFIG
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
     ids = list(dict.fromkeys(ids))
