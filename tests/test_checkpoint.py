@@ -12,10 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_model
-from ledmerge.checkpoint import (INDEX, SINGLE, ModelReader, ShardedWriter, check_compatible, file_sha256,
-                                 load_state_dict, parse_size, tensor_shapes, weight_files)
+from ledmerge.checkpoint import (INDEX, SINGLE, ModelReader, ShardedWriter, check_compatible, load_state_dict,
+                                 parse_size, tensor_shapes, weight_files)
 from ledmerge.errors import LedmergeError
 from ledmerge.merge import merge_device, merge_models
+from ledmerge.provenance import file_sha256
 
 TA = {"method": "task_arithmetic", "scale": 1.0}
 
@@ -254,8 +255,8 @@ def test_parse_size():
 def test_streamed_chunks_equal_whole_tensor_merges(zoo, tmp_path, monkeypatch, spec):
     """The driver merges in flat chunks (here 37 elements, so chunks straddle rows); TIES' trim and DARE's
     drops are chosen on the whole tensor first, so the bits equal `merge_tensor` on whole tensors."""
-    import ledmerge.merge as merge_pkg
-    from ledmerge.masks import save_masks
+    import ledmerge.merge.driver as merge_driver
+    from ledmerge.formats import save_masks
     from ledmerge.merge import get_method
     from ledmerge.merge.base import TensorContext
 
@@ -268,7 +269,7 @@ def test_streamed_chunks_equal_whole_tensor_merges(zoo, tmp_path, monkeypatch, s
     for t, m in masks.items():
         paths[t] = tmp_path / f"{t}.mask.safetensors"
         save_masks(paths[t], m)
-    monkeypatch.setattr(merge_pkg, "CHUNK", 37)
+    monkeypatch.setattr(merge_driver, "CHUNK", 37)
     merge_models(zoo["base"], exps, spec, tmp_path / "m", masks=paths if spec["method"] == "led" else None)
     got = load_state_dict(tmp_path / "m")
     method = get_method(spec)

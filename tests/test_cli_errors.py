@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ledmerge.cli import build_parser
-from ledmerge.importance import save_scores
+from ledmerge.formats import save_scores
 
 REPO = Path(__file__).resolve().parents[1]
 

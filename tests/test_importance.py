@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ledmerge import chat
-from ledmerge.checkpoint import file_sha256, tensors_metadata
 from ledmerge.errors import LedmergeError
-from ledmerge.importance import compute_scores, encode_rows, load_scores, save_scores, score_model
+from ledmerge.formats import load_scores, save_scores, tensors_metadata
+from ledmerge.importance import compute_scores, encode_rows, score_model
+from ledmerge.provenance import file_sha256
 
 F32 = "float32"  # raw float32 score files: these tests compare score values
 ROWS = [
@@ -325,7 +326,7 @@ def test_gradient_checkpointing_same_scores_and_recomputes(tiny_zoo, calib):
 
 def test_autocast_bf16_elects_nearly_the_same(tiny_zoo, calib, tmp_path):
     """bf16 autocast changes the scores a little; the r=0.5 masks still agree on > 90% of entries."""
-    from ledmerge.masks import top_r_mask
+    from ledmerge.topk import top_r_mask
 
     score_model(tiny_zoo["base"], calib, tmp_path / "a.safetensors", progress=False, score_dtype=F32,
                 autocast="bf16")
@@ -376,8 +377,8 @@ def test_rank_code_large_tensor_within_one_bin():
     float32 scores in at most ceil(m/65535) entries and keeps exactly ceil(r*n)."""
     import math
 
-    from ledmerge.importance import rank_code
-    from ledmerge.masks import top_k_count, top_r_mask
+    from ledmerge.formats import rank_code
+    from ledmerge.topk import top_k_count, top_r_mask
 
     g = torch.Generator().manual_seed(0)
     L = 65535
@@ -402,7 +403,7 @@ def test_rank_code_large_tensor_within_one_bin():
 def test_rank_code_reserves_zero_for_zero_scores():
     """Zero scores (sparse embedding gradients) get code 0, below every positive score, small or large tensor;
     the election then never elects them (test_masks)."""
-    from ledmerge.importance import rank_code
+    from ledmerge.formats import rank_code
 
     for n in (100, 200_000):
         s = torch.zeros(n)
@@ -413,7 +414,7 @@ def test_rank_code_reserves_zero_for_zero_scores():
 
 
 def test_save_load_scores_round_trip_and_errors(tmp_path):
-    from ledmerge.importance import rank_code
+    from ledmerge.formats import rank_code
 
     g = torch.Generator().manual_seed(1)
     scores = {"a": torch.rand(3, 5, generator=g), "b": torch.tensor(2.0), "c": torch.zeros(0), "d": torch.rand(70000)}
@@ -429,7 +430,7 @@ def test_save_load_scores_round_trip_and_errors(tmp_path):
         load_scores(tmp_path / "r.safetensors", ["zz"])
     with pytest.raises(LedmergeError, match="does not exist"):
         load_scores(tmp_path / "nope.safetensors")
-    from ledmerge.checkpoint import save_tensors
+    from ledmerge.formats import save_tensors
 
     save_tensors(tmp_path / "legacy.safetensors", {"a": scores["a"]})  # float32, no metadata
     assert torch.equal(load_scores(tmp_path / "legacy.safetensors")["a"], scores["a"])

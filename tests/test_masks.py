@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from ledmerge.checkpoint import save_tensors, tensors_metadata
 from ledmerge.errors import LedmergeError
-from ledmerge.importance import load_scores, save_scores
-from ledmerge.masks import (PackedMask, disjoint, disjoint_files, elect, elect_files, layer_and_module, load_masks,
-                            mask_names_and_shapes, mask_stats, pack_bits, save_masks, top_k_count, top_r_mask,
-                            unpack_bits)
+from ledmerge.formats import (PackedMask, load_masks, load_scores, mask_names_and_shapes, pack_bits, save_masks,
+                              save_scores, save_tensors, tensors_metadata, unpack_bits)
+from ledmerge.masks import disjoint, disjoint_files, elect, elect_files, layer_and_module, mask_stats
+from ledmerge.topk import top_k_count, top_r_mask
 
 B = lambda *xs: torch.tensor(xs, dtype=torch.bool)  # noqa: E731
 

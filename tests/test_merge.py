@@ -9,7 +9,7 @@ import torch
 
 from ledmerge.checkpoint import load_state_dict
 from ledmerge.errors import LedmergeError
-from ledmerge.masks import save_masks
+from ledmerge.formats import save_masks
 from ledmerge.merge import METHODS, get_method, merge_models
 from ledmerge.merge.base import TensorContext
 from ledmerge.merge.ties import elect_disjoint_mean, topk_mask
@@ -310,7 +310,7 @@ def test_merge_models_led_end_to_end(tiny_zoo, tmp_path):
 def test_merged_model_loads_and_generates(tiny_zoo, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ledmerge.checkpoint import file_sha256
+    from ledmerge.provenance import file_sha256
 
     out = tmp_path / "ties"
     merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in ("safety", "math", "code")},

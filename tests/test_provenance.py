@@ -24,11 +24,13 @@ import yaml
 
 from conftest import make_tiny_model
 from ledmerge import cli
-from ledmerge.checkpoint import check_compatible, file_sha256, load_state_dict, tensor_shapes
+from ledmerge.checkpoint import check_compatible, load_state_dict, tensor_shapes
 from ledmerge.errors import LedmergeError
+from ledmerge.formats import load_masks, mask_metadata, save_masks
 from ledmerge.importance import score_model
-from ledmerge.masks import disjoint_files, elect_files, load_masks, mask_metadata, save_masks
+from ledmerge.masks import disjoint_files, elect_files
 from ledmerge.merge import merge_models
+from ledmerge.provenance import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["code", "math"]
@@ -74,7 +76,7 @@ def assert_nothing_written(out: Path) -> None:
 # ---- 1. fingerprints from scores to masks to the merge
 
 def test_score_files_record_the_weight_files_and_the_calibration(tiny_zoo, led):
-    from ledmerge.checkpoint import tensors_metadata
+    from ledmerge.formats import tensors_metadata
 
     meta = tensors_metadata(led["scores"]["math", "expert"])
     weights = tiny_zoo["math"] / "model.safetensors"
@@ -194,9 +196,11 @@ def test_scoring_reads_pickle_checkpoints_with_allow_pickle(tiny_zoo, led, tmp_p
         score_model(d, led["calib"], tmp_path / "s.safetensors", progress=False)
     assert not (tmp_path / "s.safetensors").exists()
     score_model(d, led["calib"], tmp_path / "s.safetensors", progress=False, allow_pickle=True)
-    from ledmerge.checkpoint import load_tensors, tensors_metadata
+    from safetensors.torch import load_file
 
-    got, want = load_tensors(tmp_path / "s.safetensors"), load_tensors(led["scores"]["math", "expert"])
+    from ledmerge.formats import tensors_metadata
+
+    got, want = load_file(tmp_path / "s.safetensors"), load_file(led["scores"]["math", "expert"])
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     files = json.loads(tensors_metadata(tmp_path / "s.safetensors")["model_files"])
     assert files["pytorch_model.bin"]["sha256"] == file_sha256(d / "pytorch_model.bin")
@@ -204,7 +208,7 @@ def test_scoring_reads_pickle_checkpoints_with_allow_pickle(tiny_zoo, led, tmp_p
     args = ["score", "--model", str(d), "--calibration", str(led["calib"]), "--out", str(tmp_path / "c.safetensors")]
     assert cli.main(args) == 2 and "allow_pickle: true" in capsys.readouterr().err
     assert cli.main([*args, "--allow-pickle", "--options", json.dumps({"progress": False})]) == 0
-    assert torch.equal(load_tensors(tmp_path / "c.safetensors")["model.layers.0.mlp.up_proj.weight"],
+    assert torch.equal(load_file(tmp_path / "c.safetensors")["model.layers.0.mlp.up_proj.weight"],
                        want["model.layers.0.mlp.up_proj.weight"])
 
 

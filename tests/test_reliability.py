@@ -310,10 +310,10 @@ def test_merge_on_a_full_disk(zoo, tmp_path, small_disk, how):
 
 
 def test_merge_refuses_to_start_without_room_for_the_weights(zoo, tmp_path, monkeypatch):
-    import ledmerge.merge as merge_pkg
+    import ledmerge.merge.driver as merge_driver
 
     free = weights_bytes(zoo["base"]) - 1
-    monkeypatch.setattr(merge_pkg.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+    monkeypatch.setattr(merge_driver.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
     with pytest.raises(LedmergeError, match=rf"cannot write {tmp_path / 'out'}: the merged weights need .* free; free space there"):
         merge_models(zoo["base"], {"math": zoo["math"]}, TA, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
@@ -334,7 +334,7 @@ def test_scoring_on_a_full_disk(zoo, tmp_path, calib, small_disk, how):
 
 def test_masks_and_json_on_a_full_disk(tmp_path):
     """Every writer goes through atomic_path: JSON (Python writes) and mask files (safetensors) alike."""
-    script = ("import sys, torch\nfrom ledmerge.fileio import write_json\nfrom ledmerge.masks import save_masks\n"
+    script = ("import sys, torch\nfrom ledmerge.fileio import write_json\nfrom ledmerge.formats import save_masks\n"
               "from ledmerge.errors import LedmergeError\n"
               "for f in (lambda: write_json(sys.argv[1], {'x': 'y' * 10000}),\n"
               "          lambda: save_masks(sys.argv[2], {'w': torch.rand(400, 400) < 0.5})):\n"

@@ -126,8 +126,7 @@ def test_figures_and_mask_tables(workflow_run):
 
 @pytest.mark.slow
 def test_masks_are_bool_and_final_masks_disjoint(workflow_run):
-    from ledmerge.checkpoint import tensors_metadata
-    from ledmerge.masks import load_masks
+    from ledmerge.formats import load_masks, tensors_metadata
 
     final = {}
     for stage in ("elected", "final"):

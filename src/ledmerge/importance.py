@@ -38,11 +38,11 @@ Real checkpoints:
 - `trust_remote_code` is off unless the config turns it on.
 - Progress: a tqdm bar over the passes.
 
-Score files: 2 bytes per weight, as a rank code (`save_scores`/`load_scores`, the only writer and reader).
+Score files: 2 bytes per weight, as a rank code (`ledmerge.formats.save_scores`/`load_scores`, the only writer and reader).
 TopR depends only on the order of the scores inside a tensor, so files store that order, not the values.
-Per tensor, entries with a score of 0 get code 0 (the election never elects them, `masks.top_r_positive`);
+Per tensor, entries with a score of 0 get code 0 (the election never elects them, `topk.top_r_positive`);
 the m positive entries are ranked by score descending, ties by lowest flat index (the rule of
-`masks.top_r_mask`), and position p (0 = best) gets code m−p when m ≤ 65535 (unique codes: every TopR equals
+`topk.top_r_mask`), and position p (0 = best) gets code m−p when m ≤ 65535 (unique codes: every TopR equals
 the float32 one exactly), else 1 + ⌊(m−1−p)·65535/m⌋ (equal-count bins of at most ⌈m/65535⌉ consecutive
 ranks: TopR on the codes can differ from the float32 TopR only inside the bin holding the cut-off, so in at
 most ⌈m/65535⌉ entries per tensor whatever the score distribution, and it still keeps exactly ⌈r·n⌉ entries).
@@ -60,110 +60,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import chat
-from .checkpoint import _open, file_sha256, save_tensors, tensor_shapes
+from .checkpoint import tensor_shapes
 from .errors import LedmergeError
 from .fileio import read_jsonl
-from .provenance import MODEL_FILES, weights_fingerprint
+from .formats import SCORE_ENCODINGS, rank_code, save_scores
+from .provenance import MODEL_FILES, file_sha256, weights_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 GRANULARITIES = ("example", "batch")
 LOSS_REDUCTIONS = ("sum", "mean")
 AUTOCASTS = ("none", "bf16")
-SCORE_ENCODINGS = ("rank16", "float32")
-RANK_LEVELS = 65536  # uint16 codes
-RANK16_VERSION = "2"  # 2: code 0 is reserved for zero scores
-
-
-# ---- score files ----
-
-def rank_code(scores: torch.Tensor) -> torch.Tensor:
-    """The rank16 code of one tensor's scores (uint16, same shape, on the CPU); see the module docstring.
-
-    Computed on the scores' own device (a GPU sorts a large tensor much faster); higher code = higher score,
-    and code 0 = a score of 0 (or below), which the election never elects."""
-    if not scores.is_floating_point():
-        raise LedmergeError(f"scores must be floating point, got {scores.dtype}")
-    flat = scores.detach().reshape(-1)
-    if torch.isnan(flat).any():
-        raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
-    n, dev = flat.numel(), flat.device
-    m = int((flat > 0).sum())  # positive scores: codes 1..L-1; the rest: 0
-    order = torch.argsort(flat, descending=True, stable=True)  # position p -> flat index; ties: lowest index first
-    levels = RANK_LEVELS - 1
-    code = torch.zeros(n, dtype=torch.int32, device=dev)
-    if m <= levels:
-        code[:m] = torch.arange(m, 0, -1, dtype=torch.int32, device=dev)  # m-p
-    else:  # 1 + floor((m-1-p)·levels/m), bin by bin in int32: bin c holds q = m-1-p in [ceil(c·m/levels), ceil((c+1)·m/levels))
-        c = torch.arange(levels + 1, dtype=torch.int64, device=dev)
-        starts = (c * m + levels - 1) // levels
-        code[:m] = torch.repeat_interleave(torch.arange(levels, 0, -1, dtype=torch.int32, device=dev),
-                                           (starts[1:] - starts[:-1]).flip(0), output_size=m)
-    out = torch.empty(n, dtype=torch.int32, device=dev)
-    out[order] = code
-    del order, code
-    return out.cpu().to(torch.uint16).view(scores.shape)
-
-
-def save_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor], metadata: dict | None = None, *,
-                encoding: str = "rank16") -> None:
-    """Write importance scores (name -> float tensor), atomically: rank16 codes (2 bytes/weight) or float32.
-
-    With encoding "rank16", uint16 tensors are taken as codes already (from `compute_scores(encoding="rank16")`).
-    `metadata` values are stored as strings; `score_encoding` is set here."""
-    if encoding not in SCORE_ENCODINGS:
-        raise LedmergeError(f"score encoding must be one of {SCORE_ENCODINGS}, got {encoding!r}")
-    out = {}
-    for name, t in scores.items():
-        if encoding == "rank16":
-            out[name] = t.cpu() if t.dtype == torch.uint16 else rank_code(t)
-        elif t.is_floating_point():
-            out[name] = t.detach().float().cpu()
-        else:
-            raise LedmergeError(f"scores of {name} are {t.dtype}: float32 score files need floating-point scores")
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta["score_encoding"] = encoding
-    if encoding == "rank16":
-        meta["rank16_version"] = RANK16_VERSION
-    save_tensors(path, out, metadata=meta)
-
-
-def load_scores(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Scores of a score file as float32 tensors, higher = more important: decoded rank16 codes (order-
-    preserving, exact) or the raw float scores of float32 files (also legacy files without metadata)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LedmergeError(f"{path} does not exist: run the step that writes it first")
-    with _open(path) as f:
-        meta = f.metadata() or {}
-        encoding = meta.get("score_encoding", "float32")
-        if encoding not in SCORE_ENCODINGS:
-            raise LedmergeError(f"{path} has unknown score encoding {encoding!r}: re-create it with this ledmerge")
-        if encoding == "rank16" and meta.get("rank16_version") != RANK16_VERSION:
-            raise LedmergeError(f"{path} was written by an older ledmerge, whose rank codes do not mark zero scores: "
-                                "delete it and rerun the scoring step")
-        available = set(f.keys())
-        out = {}
-        for name in (list(f.keys()) if names is None else list(names)):
-            if name not in available:
-                raise LedmergeError(f"{path} has no scores for tensor {name}: re-create it")
-            t = f.get_tensor(name)
-            if (t.dtype != torch.uint16) if encoding == "rank16" else not t.is_floating_point():
-                raise LedmergeError(f"tensor {name} of {path} is {t.dtype}, not {encoding} scores: "
-                                    "pass importance score files (the scoring step's outputs)")
-            out[name] = t.float()
-    return out
 
 
 # ---- scoring ----

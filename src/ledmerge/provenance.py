@@ -10,17 +10,27 @@ Files written by an older ledmerge carry no record: they are used with a warning
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
-from .checkpoint import file_sha256, weight_files
+from .checkpoint import weight_files
 from .errors import LedmergeError
 
 MODEL_FILES = "model_files"  # score file metadata: JSON {file name: {"bytes": n, "sha256": hex}}
 # What a score file records about its sources, and the election copies under an expert_/base_ prefix.
 SOURCE_KEYS = ("model_dir", MODEL_FILES, "calibration", "calibration_sha256")
 ROLES = ("expert", "base")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def weights_fingerprint(model_dir: str | os.PathLike, allow_pickle: bool = False) -> dict[str, dict]:

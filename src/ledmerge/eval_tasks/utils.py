@@ -2,7 +2,7 @@
 ledmerge's scorers, so the same code scores inside and outside the harness."""
 
 from ledmerge.evaluation.judges import RefusalJudge
-from ledmerge.evaluation.scoring import code_passes, math_correct
+from ledmerge.evaluation.answers import code_passes, math_correct
 
 _REFUSAL = RefusalJudge()
 

@@ -10,13 +10,13 @@ tensor name, so a result never depends on the order tensors or tasks are visited
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import logging
 import math
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -51,21 +51,114 @@ class TensorContext:
                              {t: move(k) for t, k in self.kept.items()})
 
 
-class MergeMethod:
-    """Base class. Subclasses are dataclasses whose fields are the spec's parameters.
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method, declared once: its spec checks and the reference docs read this.
 
-    `__post_init__` validates the values (raising LedmergeError); `check_inputs` validates what depends
-    on the models (task names, masks); `select` and `merge_elements` do the work.
+    `kind` is how the value is checked: "number" (in the range lo..hi, ends closed unless `lo_open`/`hi_open`),
+    "number_or_per_task" (one such number, or {task: number}), "task_numbers" ({task: number >= lo}, or unset:
+    every task 1.0), "int", "bool", "choice" (one of `choices`). `optional`: unset (None) is allowed, and means
+    what the description says.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    description: str
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    def check(self, method: str, value):
+        """The value to use, or a one-line LedmergeError naming the method and the parameter."""
+        if value is None and (self.optional or self.kind == "task_numbers"):
+            return None
+        if self.kind == "number":
+            return check_number(method, self.name, value, self.lo, self.hi, lo_open=self.lo_open, hi_open=self.hi_open)
+        if self.kind == "number_or_per_task":
+            return check_number_or_per_task(method, self.name, value, self.lo, self.hi, lo_open=self.lo_open,
+                                            hi_open=self.hi_open)
+        if self.kind == "task_numbers":
+            return check_task_floats(method, self.name, value, self.lo, lo_open=self.lo_open)
+        if self.kind == "int":
+            return check_int(method, self.name, value)
+        if self.kind == "bool":
+            return check_bool(method, self.name, value)
+        if self.kind == "choice":
+            return check_choice(method, self.name, value, self.choices)
+        raise AssertionError(f"unknown parameter kind {self.kind!r}")
+
+    @property
+    def type_name(self) -> str:
+        return {"number": "number", "number_or_per_task": "number or {task: number}", "task_numbers": "{task: number}",
+                "int": "integer", "bool": "true/false", "choice": "string"}[self.kind]
+
+    @property
+    def allowed(self) -> str:
+        """What the check accepts, in words: a range, the choices, or 'any'."""
+        if self.kind == "choice":
+            return ", ".join(f"`{c}`" for c in self.choices)
+        if self.kind == "int":
+            return "any integer"
+        if self.kind == "bool":
+            return "`true`, `false`"
+        if self.kind == "task_numbers":
+            if self.lo == -math.inf:
+                return "any number per task"
+            return f"numbers {'>' if self.lo_open else '>='} {_num(self.lo)} per task"
+        if self.lo == -math.inf and self.hi == math.inf:
+            return "any finite number"
+        return f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+class MergeMethod:
+    """Base class. `PARAMS` declares the spec's parameters (each a `Param`: name, type, default, allowed values,
+    description); an instance has one attribute per parameter.
+
+    `__post_init__` validates the values (raising LedmergeError; by default each parameter's own check, in
+    declaration order); `check_inputs` validates what depends on the models (task names, masks); `select` and
+    `merge_elements` do the work.
     """
 
     name: ClassVar[str] = ""
     uses_masks: ClassVar[bool] = False
-    seed = 0  # methods that draw random numbers make this a field
+    PARAMS: ClassVar[tuple[Param, ...]] = ()
+    seed = 0  # methods that draw random numbers declare it as a parameter
+
+    def __init__(self, **values):
+        unknown = sorted(set(values) - {p.name for p in self.PARAMS})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no parameter(s) {unknown}")
+        for p in self.PARAMS:
+            setattr(self, p.name, values[p.name] if p.name in values else p.default)
+        self.__post_init__()
+
+    def __post_init__(self):
+        self.check_params()
+
+    def check_params(self, *names: str) -> None:
+        """Check the parameters `names` (default: all, in declaration order) against their declarations."""
+        params = {p.name: p for p in self.PARAMS}
+        for key in names or params:
+            setattr(self, key, params[key].check(self.name, getattr(self, key)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{p.name}={getattr(self, p.name)!r}' for p in self.PARAMS)})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self.recipe() == other.recipe()
 
     @classmethod
     def from_spec(cls, spec: Mapping) -> "MergeMethod":
         params = {k: v for k, v in spec.items() if k != "method"}
-        allowed = [f.name for f in dataclasses.fields(cls)]
+        allowed = [p.name for p in cls.PARAMS]
         unknown = sorted(set(params) - set(allowed))
         if unknown:
             raise LedmergeError(f"merge method '{cls.name}' has no parameter(s) {unknown}: "
@@ -74,7 +167,7 @@ class MergeMethod:
 
     def recipe(self) -> dict:
         """The full spec, defaults included: what the model card records."""
-        return {"method": self.name, **dataclasses.asdict(self)}
+        return {"method": self.name, **{p.name: copy.deepcopy(getattr(self, p.name)) for p in self.PARAMS}}
 
     def check_inputs(self, tasks: list[str], masks: Mapping[str, os.PathLike] | None) -> None:
         weights = getattr(self, "weights", None)

@@ -6,38 +6,38 @@ magnitude trim: the random drop is the sparsifier). Drops are seeded per (seed, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from . import register
-from .base import (TaskVectorMethod, check_bool, check_int, check_number, check_number_or_per_task, check_task_floats,
-                   per_task)
+from .base import Param, TaskVectorMethod, per_task
 from .task_arithmetic import weighted_sum
 from .ties import elect_disjoint_mean
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+DARE_PARAMS = (
+    Param("drop", "number_or_per_task", 0.9, "p, the probability of dropping each task-vector entry (DARE paper: 0.9 "
+          "is harmless for SFT deltas), or one per task", lo=0, hi=1, hi_open=True),
+    Param("seed", "int", 0, "seed of the random drops (drawn per seed, tensor and task)"),
+    Param("scale", "number", 1.0, "λ, multiplies the merged task vector"),
+    Param("weights", "task_numbers", None, "per-task w_t; unlisted tasks get 1.0"),
+    Param("rescale", "bool", True, "scale the kept entries by 1/(1 − p); false is plain random pruning, not DARE"),
+)
+
+
 class _Dare(TaskVectorMethod):
-    positive_weights: ClassVar[bool] = False
-    drop: float | dict[str, float] = 0.9     # p (DARE paper: 0.9 is harmless for SFT deltas), or per task
-    seed: int = 0
-    scale: float = 1.0                       # λ
-    weights: dict[str, float] | None = None  # per-task w_t
-    rescale: bool = True                     # false is plain random pruning, not DARE
+    drop: float | dict[str, float]
+    seed: int
+    scale: float
+    weights: dict[str, float] | None
+    rescale: bool
 
     def __post_init__(self):
-        self.drop = check_number_or_per_task(self.name, "drop", self.drop, 0, 1, hi_open=True)
-        self.seed = check_int(self.name, "seed", self.seed)
-        self.scale = check_number(self.name, "scale", self.scale)
-        lo = 0.0 if self.positive_weights else float("-inf")
-        self.weights = check_task_floats(self.name, "weights", self.weights, lo, lo_open=self.positive_weights)
-        self.rescale = check_bool(self.name, "rescale", self.rescale)
+        self.check_params()
         if not self.rescale:
             log.warning("%s with rescale: false is random pruning, not DARE: the merged task vectors "
                         "shrink by a factor 1 - drop", self.name)
@@ -59,20 +59,23 @@ class _Dare(TaskVectorMethod):
         return out
 
 
-@register
-@dataclass
 class DareLinear(_Dare):
+    """DARE with a linear combination: drop and rescale each task vector, then task arithmetic."""
+
     name = "dare_linear"
+    PARAMS = DARE_PARAMS
 
     def merge_deltas(self, deltas, ctx):
         return weighted_sum(self.dropped(deltas, ctx), self.weights) * self.scale
 
 
-@register
-@dataclass
 class DareTies(_Dare):
+    """DARE with TIES' sign election and disjoint mean: drop and rescale each task vector, then combine."""
+
     name = "dare_ties"
-    positive_weights = True  # the weighted disjoint mean divides by them
+    PARAMS = tuple(dataclasses.replace(p, lo=0.0, lo_open=True, description="per-task w_t (> 0: the weighted "
+                                       "disjoint mean divides by them); unlisted tasks get 1.0")
+                   if p.name == "weights" else p for p in DARE_PARAMS)
 
     def merge_deltas(self, deltas, ctx):
         return elect_disjoint_mean(self.dropped(deltas, ctx), self.weights) * self.scale

@@ -10,46 +10,49 @@ divide λ_t back out (λ = {a: 0.5, c: 0.25} would merge both at 1). Tensors the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import LedmergeError
-from . import register
-from .base import (TaskVectorMethod, check_choice, check_int, check_number, check_task_floats, check_task_keys,
-                   task_weights)
+from .base import Param, TaskVectorMethod, check_task_keys, task_weights
 from .dare import DareTies
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
 
-@register
-@dataclass
 class Led(TaskVectorMethod):
+    """LED-Merging: each task vector restricted to its disjoint mask M_t, scaled by λ_t, then combined."""
+
     name = "led"
     uses_masks = True
-    lambdas: dict[str, float] | None = None  # per-task λ_t scaling M_t ⊙ τ_t; unlisted tasks get 1.0 (paper default)
-    unscored: str = "base"                   # tensors without masks: "base" | "task_arithmetic"
-    combine: str = "sum"                     # "sum" | "ties" | "dare_ties"
-    scale: float = 1.0                       # global λ on top of λ_t
-    density: float | None = None             # combine: ties only; default 1.0 (the masks already sparsify)
-    drop: float | None = None                # combine: dare_ties only; default 0.9 as dare_ties
-    seed: int = 0                            # combine: dare_ties only
+    PARAMS = (
+        Param("lambdas", "task_numbers", None, "per-task λ_t scaling M_t ⊙ τ_t; unlisted tasks get 1.0 (paper "
+              "default)"),
+        Param("unscored", "choice", "base", "tensors without masks (not scored): keep the base, or take plain task "
+              "arithmetic", choices=("base", "task_arithmetic")),
+        Param("combine", "choice", "sum", "how the masked task vectors are combined: summed, or by TIES / DARE-TIES",
+              choices=("sum", "ties", "dare_ties")),
+        Param("scale", "number", 1.0, "global λ on top of λ_t"),
+        Param("density", "number", None, "combine: ties only; unset: 1.0 (the masks already sparsify)",
+              lo=0, hi=1, lo_open=True, optional=True),
+        Param("drop", "number", None, "combine: dare_ties only; unset: dare_ties' default",
+              lo=0, hi=1, hi_open=True, optional=True),
+        Param("seed", "int", 0, "combine: dare_ties only: seed of the random drops"),
+    )
+    lambdas: dict[str, float] | None
+    unscored: str
+    combine: str
+    scale: float
+    density: float | None
+    drop: float | None
+    seed: int
 
     def __post_init__(self):
-        self.unscored = check_choice(self.name, "unscored", self.unscored, ("base", "task_arithmetic"))
-        self.combine = check_choice(self.name, "combine", self.combine, ("sum", "ties", "dare_ties"))
-        self.lambdas = check_task_floats(self.name, "lambdas", self.lambdas)
-        self.scale = check_number(self.name, "scale", self.scale)
-        self.seed = check_int(self.name, "seed", self.seed)
+        self.check_params("unscored", "combine", "lambdas", "scale", "seed")
         for key, needs in (("density", "ties"), ("drop", "dare_ties")):
             if getattr(self, key) is not None and self.combine != needs:
                 raise LedmergeError(f"merge method 'led': {key} only applies with combine: {needs}, "
                                     f"not combine: {self.combine}: remove it or change combine")
-        if self.density is not None:
-            self.density = check_number(self.name, "density", self.density, 0, 1, lo_open=True)
-        if self.drop is not None:
-            self.drop = check_number(self.name, "drop", self.drop, 0, 1, hi_open=True)
+        self.check_params("density", "drop")
         # The combiners see λ_t·(M_t ⊙ τ_t) (`_scaled`), so they are built unweighted.
         if self.combine == "ties":
             self.combiner = Ties(density=1.0 if self.density is None else self.density, scale=self.scale)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import LedmergeError
-from . import register
-from .base import MergeMethod, check_bool, check_task_floats, task_weights
+from .base import MergeMethod, Param, task_weights
 from .task_arithmetic import weighted_sum
 
 
-@register
-@dataclass
 class Linear(MergeMethod):
-    name = "linear"
-    weights: dict[str, float] | None = None  # per-expert w_t; unlisted experts get 1.0
-    normalize: bool = True                   # divide by Σ w_t (a proper average)
+    """Linear merge (model soup): the weighted average of the experts; the base is not used."""
 
-    def __post_init__(self):
-        self.weights = check_task_floats(self.name, "weights", self.weights)
-        self.normalize = check_bool(self.name, "normalize", self.normalize)
+    name = "linear"
+    PARAMS = (
+        Param("weights", "task_numbers", None, "per-expert w_t; unlisted experts get 1.0"),
+        Param("normalize", "bool", True, "divide by Σ w_t (a proper average)"),
+    )
+    weights: dict[str, float] | None
+    normalize: bool
 
     def check_inputs(self, tasks, masks):
         super().check_inputs(tasks, masks)

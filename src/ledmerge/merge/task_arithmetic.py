@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
-from . import register
-from .base import TaskVectorMethod, check_number, check_task_floats, task_weights
+from .base import Param, TaskVectorMethod, task_weights
 
 
 def weighted_sum(tensors: dict[str, Tensor], weights: dict[str, float] | None = None) -> Tensor:
@@ -19,16 +16,16 @@ def weighted_sum(tensors: dict[str, Tensor], weights: dict[str, float] | None = 
     return out
 
 
-@register
-@dataclass
 class TaskArithmetic(TaskVectorMethod):
-    name = "task_arithmetic"
-    scale: float = 1.0                       # λ
-    weights: dict[str, float] | None = None  # per-task w_t; unlisted tasks get 1.0
+    """Task arithmetic: the base plus the weighted sum of the task vectors τ_t = θ_t − θ_0."""
 
-    def __post_init__(self):
-        self.scale = check_number(self.name, "scale", self.scale)
-        self.weights = check_task_floats(self.name, "weights", self.weights)
+    name = "task_arithmetic"
+    PARAMS = (
+        Param("scale", "number", 1.0, "λ, multiplies the summed task vectors"),
+        Param("weights", "task_numbers", None, "per-task w_t; unlisted tasks get 1.0"),
+    )
+    scale: float
+    weights: dict[str, float] | None
 
     def merge_deltas(self, deltas, ctx):
         return weighted_sum(deltas, self.weights) * self.scale

@@ -6,14 +6,11 @@ Its two steps are the shared building blocks: `topk_mask` (exact-count magnitude
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from ..masks import top_r_mask
-from . import register
-from .base import TaskVectorMethod, check_number, check_number_or_per_task, check_task_floats, per_task, task_weights
+from ..topk import top_r_mask
+from .base import Param, TaskVectorMethod, per_task, task_weights
 
 
 def topk_mask(x: Tensor, density: float) -> Tensor:
@@ -43,18 +40,21 @@ def elect_disjoint_mean(deltas: dict[str, Tensor], weights: dict[str, float] | N
     return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
-@register
-@dataclass
 class Ties(TaskVectorMethod):
-    name = "ties"
-    density: float | dict[str, float] = 0.2  # fraction of each τ_t kept (TIES paper: top 20%), or per task
-    scale: float = 1.0                       # λ
-    weights: dict[str, float] | None = None  # per-task w_t (> 0) in the weighted disjoint mean
+    """TIES-Merging: keep the largest-magnitude entries of each task vector, elect a sign per weight, average
+    the task vectors that agree with it."""
 
-    def __post_init__(self):
-        self.density = check_number_or_per_task(self.name, "density", self.density, 0, 1, lo_open=True)
-        self.scale = check_number(self.name, "scale", self.scale)
-        self.weights = check_task_floats(self.name, "weights", self.weights, 0, lo_open=True)
+    name = "ties"
+    PARAMS = (
+        Param("density", "number_or_per_task", 0.2, "fraction of each task vector τ_t kept, by magnitude (TIES "
+              "paper: top 20%), or one per task", lo=0, hi=1, lo_open=True),
+        Param("scale", "number", 1.0, "λ, multiplies the merged task vector"),
+        Param("weights", "task_numbers", None, "per-task w_t in the weighted disjoint mean; unlisted tasks get 1.0",
+              lo=0, lo_open=True),
+    )
+    density: float | dict[str, float]
+    scale: float
+    weights: dict[str, float] | None
 
     def select_delta(self, task, delta, ctx):
         density = per_task(self.density, task)

@@ -1,4 +1,4 @@
-"""Per-sample scoring of math and code replies, shared by the lm-eval task hooks and the tests."""
+"""Checking answers: extracting and grading math and code replies, shared by the lm-eval task hooks and the tests."""
 
 from __future__ import annotations
 

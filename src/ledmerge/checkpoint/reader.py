@@ -1,0 +1,301 @@
+"""Reading Hugging Face model directories tensor by tensor (single or sharded safetensors, pickle on request).
+
+Reads stream tensor by tensor so a merge's memory is bounded by its largest tensor, not the model.
+Safetensors are read with plain positioned reads (`os.preadv` into the tensor's own buffer) rather than the
+library's memory map: every mapped page a merge touches counts toward its resident memory until the file is
+closed, so reading three 16 GB models through mmap shows as ~48 GB of RSS, and a cluster's memory accounting
+kills the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import LedmergeError, corrupt_file
+
+log = logging.getLogger(__name__)
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+# safetensors dtype codes <-> torch dtypes
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+PICKLE_HELP = ("convert them to safetensors with `AutoModelForCausalLM.from_pretrained(d).save_pretrained(d)`, "
+               "or set allow_pickle: true (--allow-pickle) if you trust the files: unpickling can run code")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in `file`
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor layout and metadata of one safetensors file, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise corrupt_file(path, "no header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 1024**2):
+                raise corrupt_file(path, f"header length {n} exceeds the file")
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        raise LedmergeError(f"cannot read {path} ({exc.strerror}): check the path and permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise corrupt_file(path, f"bad header: {exc}") from None
+    if not isinstance(header, dict):
+        raise corrupt_file(path, "bad header")
+    metadata = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    infos = {}
+    for name, entry in header.items():
+        try:
+            dtype = ST_DTYPES[entry["dtype"]]
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(int(d) for d in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt_file(path, f"bad header entry for {name}") from None
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or start + end > size:
+            raise corrupt_file(path, f"tensor {name} lies outside the file")
+        infos[name] = TensorInfo(path, dtype, shape, start + begin, start + end)
+    return infos, metadata
+
+
+def _read_exact(fd: int, info: TensorInfo, name: str) -> torch.Tensor:
+    """The tensor's raw bytes, read straight into a fresh uint8 tensor (the GIL is released, so a reader
+    thread overlaps the merge's compute)."""
+    out = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(out.numpy()) if info.nbytes else memoryview(b"")
+    done = 0
+    while done < info.nbytes:  # one read returns at most ~2 GiB on Linux
+        got = os.preadv(fd, [view[done:done + (1 << 30)]], info.begin + done)
+        if got <= 0:
+            raise corrupt_file(info.file, f"tensor {name} ends early")
+        done += got
+    return out
+
+
+class ModelReader:
+    """Tensor-by-tensor access to a model directory (single or sharded safetensors).
+
+    `names` lists tensors in file and offset order, so visiting them in order reads every file
+    sequentially. Pickle checkpoints are refused unless `allow_pickle` (then loaded with
+    `torch.load(weights_only=True, mmap=True)`, one shard at a time).
+
+    With `hash_files`, the bytes read are also fed to a sha256 per file while they are read in file
+    order, so the model card's input hashes cost no second pass over the inputs; `sha256s` finishes
+    whatever was skipped or read out of order.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, allow_pickle: bool = False, hash_files: bool = False):
+        self.model_dir = Path(model_dir)
+        self._fds: dict[Path, int] = {}
+        self._hashes: dict[Path, list] | None = {} if hash_files else None
+        self._pickle_shard: tuple[Path, dict] | None = None
+        self._digests: dict[Path, str] = {}
+        self.infos = self._layout(allow_pickle)
+        self.names = sorted(self.infos, key=lambda n: (str(self.infos[n].file), self.infos[n].begin, n))
+
+    def _layout(self, allow_pickle: bool) -> dict[str, TensorInfo]:
+        d = self.model_dir
+        if not d.is_dir():
+            raise LedmergeError(f"model directory {d} does not exist: check the path in your config or build it first")
+        if (d / INDEX).is_file():
+            files = _index_files(d / INDEX)
+        elif (d / SINGLE).is_file():
+            files = {d / SINGLE: None}
+        elif (d / PICKLE_INDEX).is_file() or (d / PICKLE_SINGLE).is_file() or any(d.glob("*.bin")) or any(d.glob("*.pt")):
+            if not allow_pickle:
+                raise LedmergeError(f"{d} holds only pickle weights (.bin/.pt), which ledmerge does not load by default: "
+                                    + PICKLE_HELP)
+            return self._pickle_layout()
+        else:
+            raise LedmergeError(f"{d} has no {SINGLE} or {INDEX}: is it a Hugging Face model directory?")
+        infos: dict[str, TensorInfo] = {}
+        for path, expected in files.items():
+            if not path.is_file():
+                raise LedmergeError(f"shard {path} named by {d / INDEX} is missing: re-download or re-save the model")
+            found, _ = read_safetensors_header(path)
+            if expected is not None and not expected <= set(found):
+                missing = sorted(expected - set(found))[:3]
+                raise corrupt_file(path, f"it lacks {missing}, which the index places there")
+            infos.update(found)
+        return infos
+
+    def _pickle_layout(self) -> dict[str, TensorInfo]:
+        d = self.model_dir
+        if (d / PICKLE_INDEX).is_file():
+            files = sorted(_index_files(d / PICKLE_INDEX))
+        else:
+            files = sorted(d.glob("*.bin")) or sorted(d.glob("*.pt"))
+        log.warning("loading pickle weights from %s (allow_pickle is on)", d)
+        infos = {}
+        tied = _ties_embeddings(d)
+        for path in files:
+            state = self._pickle_state(path)
+            for name, t in state.items():
+                if tied and _is_tied_alias(name, t, state):
+                    continue  # stored like safetensors, which keeps a tied weight once (under its input name)
+                infos[name] = TensorInfo(path, t.dtype, tuple(t.shape), -1, -1)
+        return infos
+
+    def _pickle_state(self, path: Path) -> dict:
+        if self._pickle_shard is None or self._pickle_shard[0] != path:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise corrupt_file(path, str(exc).splitlines()[0]) from None
+            self._pickle_shard = (path, state)
+        return self._pickle_shard[1]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: i.shape for n, i in self.infos.items()}
+
+    def files(self) -> list[Path]:
+        return sorted({i.file for i in self.infos.values()})
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, in its stored dtype or cast to `dtype`."""
+        info = self.infos.get(name)
+        if info is None:
+            raise LedmergeError(f"{self.model_dir} has no tensor {name}")
+        if info.begin < 0:  # pickle
+            t = self._pickle_state(info.file)[name].clone()
+        else:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            raw = _read_exact(fd, info, name)
+            if self._hashes is not None:
+                self._hash_in_order(info, raw)
+            t = raw.view(info.dtype).reshape(info.shape)
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def _hash_state(self, path: Path) -> list:
+        state = self._hashes.get(path)
+        if state is None:  # start with the header: everything before the first tensor's data
+            start = min((i.begin for i in self.infos.values() if i.file == path), default=path.stat().st_size)
+            with open(path, "rb") as fh:
+                state = self._hashes[path] = [hashlib.sha256(fh.read(start)), start]
+        return state
+
+    def _hash_in_order(self, info: TensorInfo, raw: torch.Tensor) -> None:
+        state = self._hash_state(info.file)
+        if state[1] == info.begin:
+            state[0].update(memoryview(raw.numpy()) if info.nbytes else b"")
+            state[1] = info.end
+
+    def sha256s(self) -> dict[Path, str]:
+        """sha256 of every weight file; with `hash_files`, only the bytes not yet hashed are read."""
+        out = {}
+        for path in self.files():
+            if self._hashes is None or self.infos[self.names[0]].begin < 0:
+                if path not in self._digests:  # pickle files: hashed once
+                    from ..provenance import file_sha256  # provenance imports this module
+
+                    self._digests[path] = file_sha256(path)
+                out[path] = self._digests[path]
+                continue
+            h, pos = self._hash_state(path)
+            with open(path, "rb") as fh:
+                fh.seek(pos)
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+            self._hashes[path] = [h, path.stat().st_size]
+            out[path] = h.hexdigest()
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._pickle_shard = None
+
+    def __enter__(self) -> "ModelReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _ties_embeddings(model_dir: Path) -> bool:
+    """Whether config.json ties the output embedding to the input one (transformers' default when it does not say)."""
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    tie = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings", True))
+    return bool(tie)
+
+
+def _is_tied_alias(name: str, tensor: torch.Tensor, state: Mapping[str, torch.Tensor]) -> bool:
+    """`lm_head.weight` that a pickle state dict of a tied model stores next to the input embedding it aliases
+    (torch.save writes both names, sharing storage): same shape and values as an `*embed*` tensor."""
+    if not name.endswith("lm_head.weight"):
+        return False
+    for other, t in state.items():
+        if other != name and "embed" in other and t.shape == tensor.shape and t.dtype == tensor.dtype and (
+                t.data_ptr() == tensor.data_ptr() or torch.equal(t, tensor)):
+            return True
+    return False
+
+
+def _index_files(index: Path) -> dict[Path, set[str]]:
+    """Shard file -> tensor names, from a (safetensors or pickle) index."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        by_file: dict[Path, set[str]] = {}
+        for name, fname in weight_map.items():
+            by_file.setdefault(index.parent / fname, set()).add(name)
+        return by_file
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise LedmergeError(f"{index} is not a valid weight index ({exc}): re-download or re-save the model") from None
+
+
+def weight_files(model_dir: str | os.PathLike, allow_pickle: bool = False) -> list[Path]:
+    """The files holding a model's weights (one, or every shard), sorted."""
+    with ModelReader(model_dir, allow_pickle=allow_pickle) as r:
+        return r.files()
+
+
+def tensor_shapes(model_dir: str | os.PathLike, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from the headers, without reading any weights."""
+    with ModelReader(model_dir, allow_pickle=allow_pickle) as r:
+        return r.shapes
+
+
+def load_state_dict(model_dir: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+                    allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory in memory, cast to `dtype` when given (small models only:
+    merges stream through ModelReader instead)."""
+    with ModelReader(model_dir, allow_pickle=allow_pickle) as r:
+        return {name: r.read(name, dtype) for name in r.names}

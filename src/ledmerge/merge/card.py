@@ -1,0 +1,52 @@
+"""The merged model's card (README.md): HF front matter, the full recipe, where the tokenizer and chat template
+come from, and the sha256 of every input file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import yaml
+
+from .. import __version__
+from ..provenance import file_sha256
+from ..tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
+from .base import MergeMethod
+
+CONFIG_FILES = ("config.json", GENERATION_CONFIG)
+TOKENIZER_INPUTS = (*TOKENIZER_FILES, TEMPLATE_FILE, GENERATION_CONFIG)  # what copy_tokenizer_files copies
+
+
+def config_sha256s(model_dir, names) -> dict[Path, str]:
+    """sha256 of the files of `names` that `model_dir` holds."""
+    return {Path(model_dir) / f: file_sha256(Path(model_dir) / f) for f in names if (Path(model_dir) / f).is_file()}
+
+
+def model_card(method: MergeMethod, base_dir, expert_dirs: Mapping, hashes: Mapping[str, Mapping[Path, str]],
+               masks: Mapping | None, vocab_policy: str | None = None, tokenizer: Mapping | None = None,
+               tokenizer_dir=None) -> str:
+    """README.md: HF front matter, then the full recipe, where the tokenizer and chat template come from,
+    and the sha256 of every input file: weights and config.json (generation config) of each model, and the
+    tokenizer, chat template and generation config files the merged model got (role "tokenizer")."""
+    front = {"base_model": str(base_dir), "library_name": "transformers", "tags": ["merge", "ledmerge"]}
+    dirs = {"base": base_dir, **{f"expert `{t}`": expert_dirs[t] for t in sorted(expert_dirs)},
+            "tokenizer": tokenizer_dir or base_dir}
+    lines = []
+    for role, files in hashes.items():
+        for path, digest in files.items():
+            lines.append(f"| {role} | `{dirs[role]}` | `{path.name}` | `{digest}` |")
+    for t, path in (masks or {}).items():
+        lines.append(f"| mask `{t}` | `{Path(path).parent}` | `{Path(path).name}` | `{file_sha256(path)}` |")
+    return "\n".join([
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# Merged model ({method.name})", "",
+        f"Merged with ledmerge {__version__} using the `{method.name}` method.", "",
+        "## Recipe", "", "```yaml", yaml.safe_dump(method.recipe(), sort_keys=False).strip(), "```", "",
+        *([f"Experts with another vocabulary were merged into the base's (vocab_policy: {vocab_policy}).", ""]
+          if vocab_policy else []),
+        "## Tokenizer and chat template", "",
+        *([f"From `{tokenizer['tokenizer_source']}` ({tokenizer['chosen_because']}); chat template: "
+           f"{tokenizer['chat_template']}; generation stops on EOS ids {tokenizer['eos_token_ids']}.", ""]
+          if tokenizer else [f"From the base, `{base_dir}`.", ""]),
+        "## Inputs", "", "| role | model | file | sha256 |", "|---|---|---|---|", *lines, "",
+    ])

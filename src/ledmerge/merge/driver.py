@@ -1,0 +1,240 @@
+"""The merge driver: `merge_models` applies a merge spec to a base and its experts, tensor by tensor.
+
+It reads every input through `ledmerge.checkpoint.ModelReader` (one tensor at a time, read ahead by a thread),
+checks LED masks against the models they were computed from, stops on non-finite values, and writes the merged
+model with `ShardedWriter`, then its config, tokenizer files and model card (`card.model_card`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import DEFAULT_SHARD_SIZE, ModelReader, ShardedWriter, align_rows, check_compatible
+from ..errors import LedmergeError
+from ..fileio import atomic_path
+from ..tokenizer import copy_tokenizer_files
+from .base import MaskFiles, TensorContext
+from .card import CONFIG_FILES, TOKENIZER_INPUTS, config_sha256s, model_card
+from .registry import get_method
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 18  # elements per elementwise step on the CPU (1 MiB in float32)
+
+def merge_device(device: str) -> torch.device:
+    """The device merges compute on: cpu (default), or cuda[:i] when one is present."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LedmergeError(f"merge device {device!r} is not a device: use cpu or cuda (cuda:0, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LedmergeError(f"merge device {device!r} asked for, but torch sees no CUDA device here: use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise LedmergeError(f"merge device {device!r} is not supported: use cpu or cuda")
+    return dev
+
+
+def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os.PathLike], spec: Mapping,
+                 out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None, *,
+                 device: str = "cpu", shard_size: int | str = DEFAULT_SHARD_SIZE, vocab_policy: str = "error",
+                 allow_pickle: bool = False, tokenizer_dir: str | os.PathLike | None = None,
+                 progress: bool | None = None) -> None:
+    """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card.
+
+    config.json comes from the base; tokenizer files, chat template and generation config (stop tokens) from
+    `tokenizer_dir` (the workflow's `tokenizer` directory, see `ledmerge.tokenizer`), by default the base.
+
+    Streams: one tensor of every input is in memory at a time (plus the next one, read ahead by a
+    thread while the current one is merged), cast to float32 for the arithmetic and written back in
+    the base's stored dtype, so peak memory is a small multiple of the largest tensor, whatever the
+    model's size.
+    """
+    method = get_method(spec)
+    if not expert_dirs:
+        raise LedmergeError("no expert models to merge: list at least one expert in the config")
+    tasks = sorted(expert_dirs)
+    method.check_inputs(tasks, masks)
+    dev = merge_device(device)
+    aligned = check_compatible(base_dir, expert_dirs, vocab_policy=vocab_policy, allow_pickle=allow_pickle)
+    log.info("merging %s into %s with %s on %s", tasks, base_dir, method.recipe(), dev)
+
+    with contextlib.ExitStack() as stack:
+        open_reader = lambda d: stack.enter_context(ModelReader(d, allow_pickle=allow_pickle, hash_files=True))
+        base = open_reader(base_dir)
+        experts = {t: open_reader(expert_dirs[t]) for t in tasks}
+        mask_files = MaskFiles(masks, base.shapes) if masks and method.uses_masks else None
+        check_mask_sources(mask_files, base, experts)
+        out = stack.enter_context(atomic_path(out_dir, directory=True))
+        writer = ShardedWriter(out, [(n, base.infos[n].dtype, base.infos[n].shape) for n in base.names], shard_size)
+        stack.callback(writer.abort)  # a failed merge closes its shard before the directory is removed
+        check_free_space(out_dir, out, writer.total_size)
+
+        def check_finite(name: str, start: int, b: torch.Tensor, inputs, merged: torch.Tensor | None) -> None:
+            """Stop on a non-finite value in the float32 inputs or the stored result of one tensor (or flat chunk
+            of it from `start`), naming the file and the tensor."""
+            tensors = [b, *(inputs[t] for t in tasks), *([merged] if merged is not None else [])]
+            found = first_nonfinite(tensors)
+            if found is None:
+                return
+            k, i = found
+            value = float(tensors[k].reshape(-1)[i])
+            where = f"{value} at index {unravel(start + i, base.infos[name].shape)}"
+            if k <= len(tasks):
+                role, reader = ("the base", base) if k == 0 else (f"expert '{tasks[k - 1]}'", experts[tasks[k - 1]])
+                raise LedmergeError(f"tensor {name} of {role} in {reader.infos[name].file} holds a non-finite value "
+                                    f"({where}): the checkpoint is broken (a diverged fine-tune or a bad conversion); "
+                                    "fix or re-download it, or leave that model out")
+            raise LedmergeError(f"merging tensor {name} with {method.name} gives a non-finite value ({where}) from "
+                                f"finite inputs (it overflows {base.infos[name].dtype}): lower the weights/lambda of "
+                                f"the merge spec; nothing was written to {out_dir}")
+
+        def load(name: str):
+            """One tensor of every input, in its stored dtype, and its LED masks (run in the read-ahead thread)."""
+            b = base.read(name)
+            inputs = {t: experts[t].read(name) for t in tasks}
+            for t in tasks:
+                if name in aligned.get(t, ()):
+                    inputs[t] = align_rows(inputs[t], b)
+            return b, inputs, (mask_files.for_tensor(name) if mask_files else {})
+
+        def merge_one(name: str, b: torch.Tensor, inputs, tensor_masks) -> torch.Tensor:
+            if not b.is_floating_point():  # integer buffers are copied from the base
+                return b
+            ctx = TensorContext(name, seed=method.seed, masks=tensor_masks)
+            if dev.type != "cpu":  # one whole tensor per kernel on a GPU
+                ctx, b, inputs = ctx.to(dev), b.to(dev), {t: e.to(dev) for t, e in inputs.items()}
+                fb, fe = b.float(), {t: e.float() for t, e in inputs.items()}
+                try:
+                    merged = method.merge_tensor(name, fb, fe, ctx).to(b.dtype)
+                except Exception:  # e.g. TIES' ranking refuses NaN: name the input that holds it
+                    check_finite(name, 0, fb, fe, None)
+                    raise
+                check_finite(name, 0, fb, fe, merged)
+                return merged.cpu()
+            torch.set_num_threads(workers)  # whole-tensor choices (TIES, DARE): large ops, torch's own threads
+            try:
+                ctx.kept = method.select(b, inputs, ctx)
+            except Exception:  # e.g. TIES' ranking refuses NaN: name the input that holds it
+                check_finite(name, 0, b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}, None)
+                raise
+            finally:
+                torch.set_num_threads(1)
+            out = torch.empty_like(b)
+            flat_out, flat_b = out.view(-1), b.reshape(-1)
+            flat_in = {t: e.reshape(-1) for t, e in inputs.items()}
+
+            def merge_chunk(start: int) -> None:  # cache-sized pieces: each elementwise op stays in L2/L3
+                part = slice(start, start + CHUNK)
+                fb, fe = flat_b[part].float(), {t: e[part].float() for t, e in flat_in.items()}
+                flat_out[part] = method.merge_elements(fb, fe, ctx.chunk(part))
+                check_finite(name, start, fb, fe, flat_out[part])  # all still in cache: one more read of each
+
+            for _ in pool.map(merge_chunk, range(0, b.numel(), CHUNK)):
+                pass
+            return out
+
+        bar = tqdm(total=writer.total_size, desc=f"merge ({method.name})", unit="B", unit_scale=True, disable=progress is False)
+        # The torch threads become a pool of Python threads, each running single-threaded torch ops on its own
+        # chunk or task: no fork/join of OpenMP threads for every small op, and reads and writes overlap.
+        workers = torch.get_num_threads()
+        stack.callback(torch.set_num_threads, workers)
+        torch.set_num_threads(1)
+        pool = stack.enter_context(ThreadPoolExecutor(workers, "merge"))
+        with bar, ThreadPoolExecutor(1, "read") as reader, ThreadPoolExecutor(1, "write") as writer_thread:
+            order = writer.order
+            ahead = reader.submit(load, order[0])
+            written = None
+            for i, name in enumerate(order):
+                loaded = ahead.result()
+                if i + 1 < len(order):
+                    ahead = reader.submit(load, order[i + 1])
+                merged = merge_one(name, *loaded)
+                del loaded
+                if written is not None:
+                    written.result()  # at most one tensor waits for the disk
+                written = writer_thread.submit(writer.write, name, merged)
+                bar.update(merged.numel() * merged.element_size())
+            if written is not None:
+                written.result()
+        writer.close()
+        check_mask_sources(mask_files, base, experts, exact=True)  # before the output is renamed into place
+        tokenizer = copy_tokenizer_files(tokenizer_dir or base_dir, out)
+        write_model_config(Path(base_dir) / "config.json", out)
+        hashes = {"base": base.sha256s(), **{f"expert `{t}`": experts[t].sha256s() for t in tasks}}
+        for role, d in (("base", base_dir), *((f"expert `{t}`", expert_dirs[t]) for t in tasks)):
+            hashes[role].update(config_sha256s(d, CONFIG_FILES))
+        hashes["tokenizer"] = config_sha256s(tokenizer_dir or base_dir, TOKENIZER_INPUTS)
+        (out / "README.md").write_text(model_card(method, base_dir, expert_dirs, hashes,
+                                                  masks if mask_files else None, vocab_policy if aligned else None,
+                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir))
+    log.info("wrote merged model to %s (%d shard(s))", out_dir, len(writer.files))
+
+
+def check_mask_sources(mask_files: MaskFiles | None, base: ModelReader, experts: Mapping[str, ModelReader], *,
+                       exact: bool = False) -> None:
+    """LED masks must come from the scores of these very models: weight file names and sizes up front, their
+    sha256 (hashed while the merge read them) at the end; see `MaskFiles.check_sources`."""
+    if mask_files is not None:
+        mask_files.check_sources(base, experts, exact=exact)
+
+
+def first_nonfinite(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
+    """(which tensor, flat index) of the first non-finite value, or None. The test is one float32 sum of each
+    (NaN or inf anywhere makes the total non-finite); only then does the exact elementwise search run, which also
+    turns a finite total's overflow into the false alarm it is. bfloat16 is summed as it is (float32's range, and
+    half the bytes to read); float16 and narrower in float32, whose range a sum of them cannot leave."""
+    total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    for t in tensors:
+        total += t.sum() if t.dtype in (torch.float32, torch.bfloat16, torch.float64) else t.sum(dtype=torch.float32)
+    if math.isfinite(total.item()):
+        return None
+    for k, t in enumerate(tensors):
+        bad = torch.isfinite(t.reshape(-1)).logical_not_().nonzero()
+        if len(bad):
+            return k, int(bad[0])
+    return None
+
+
+def unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return index[::-1]
+
+
+def check_free_space(out_dir, tmp: Path, needed: int) -> None:
+    """Refuse to start a merge whose weights cannot fit on the output's disk (a file system that reports no free
+    space at all is not trusted: the writes then tell)."""
+    free = shutil.disk_usage(tmp).free
+    size = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} bytes"
+    if 0 < free < needed:
+        raise LedmergeError(f"cannot write {out_dir}: the merged weights need {size(needed)} but its disk has "
+                            f"{size(free)} free; free space there or point the config's `results` at a larger disk, "
+                            "then rerun")
+
+
+def write_model_config(base_config: Path, out: Path) -> None:
+    """The base's config.json, with the special-token ids of the generation config just copied in: a merged model
+    whose template comes from the instruct expert must not say it stops on the base's EOS."""
+    shutil.copy2(base_config, out / "config.json")
+    for code in base_config.parent.glob("*.py"):  # a trust_remote_code model: the code its config names
+        shutil.copy2(code, out / code.name)
+    gen_path = out / "generation_config.json"
+    if not gen_path.is_file():
+        return
+    cfg, gen = json.loads((out / "config.json").read_text()), json.loads(gen_path.read_text())
+    ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen and gen[k] != cfg.get(k)}
+    if ids:
+        (out / "config.json").write_text(json.dumps({**cfg, **ids}, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,73 @@
+"""The merge methods by name: `get_method` turns a spec dict into a validated method object.
+
+A spec is the dict from the user's config, e.g. {"method": "ties", "density": 0.5}. The table is built here
+from the method modules (which import only `base`, never this module or their package, so there is no import
+cycle); `register` adds another method class. `reference_markdown` renders every method's parameters, as
+declared in its `PARAMS`, for the configuration reference.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..errors import LedmergeError
+from .base import MergeMethod, Param
+from .dare import DareLinear, DareTies
+from .led import Led
+from .linear import Linear
+from .task_arithmetic import TaskArithmetic
+from .ties import Ties
+
+METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: make a method available under its `name`."""
+    assert cls.name and cls.name not in METHODS, f"bad or duplicate merge method name {cls.name!r}"
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (TaskArithmetic, Ties, DareLinear, DareTies, Led, Linear):
+    register(_cls)
+del _cls
+
+
+def get_method(spec: Mapping) -> MergeMethod:
+    """A validated method object from a spec dict; any problem is a one-line LedmergeError."""
+    if not isinstance(spec, Mapping) or "method" not in spec:
+        raise LedmergeError(f"merge spec {spec!r} has no 'method': write e.g. {{method: ties, density: 0.5}}")
+    if spec["method"] not in METHODS:
+        raise LedmergeError(f"unknown merge method {spec['method']!r}: choose one of {sorted(METHODS)}")
+    return METHODS[spec["method"]].from_spec(spec)
+
+
+def _default(p: Param) -> str:
+    if p.default is None:
+        return "unset"
+    if isinstance(p.default, bool):
+        return f"`{str(p.default).lower()}`"
+    return f"`{p.default}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_markdown() -> str:
+    """A "Merge methods" section in Markdown: one table per method (parameter, type, default, allowed values,
+    description), from each method's `PARAMS`."""
+    lines = ["## Merge methods", "",
+             "A merge spec names its method and sets any of that method's parameters, e.g. "
+             "`{method: ties, density: 0.5}`; a parameter left out takes its default. Any other key is an error.", ""]
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        summary = " ".join((cls.__doc__ or "").split())
+        lines += [f"### `{name}`", ""]
+        if summary:
+            lines += [summary, ""]
+        lines += ["| parameter | type | default | allowed | description |", "|---|---|---|---|---|"]
+        lines += [f"| `{p.name}` | {_cell(p.type_name)} | {_default(p)} | {_cell(p.allowed)} | {_cell(p.description)} |"
+                  for p in cls.PARAMS]
+        lines.append("")
+    return "\n".join(lines)
