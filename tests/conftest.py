@@ -64,6 +64,13 @@ def tiny_zoo(tmp_path_factory):
     return out
 
 
+def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' magnitude trim, as the tests state it: the ⌈density·n⌉ largest |x| (ties to the lowest flat indices)."""
+    from ledmerge.topk import top_r_mask
+
+    return top_r_mask(x.abs(), density)
+
+
 def job_stats(stdout: str) -> dict[str, int]:
     """Snakemake's 'Job stats' table (rule -> count), without the total; {} when nothing would run."""
     match = re.search(r"Job stats:\n(.*?)\n\s*\n", stdout + "\n\n", re.S)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import topk_mask
 from ledmerge.chat import IGNORE_INDEX, encode
 from ledmerge.checkpoint import load_state_dict, tensor_shapes
 from ledmerge.data_aware.cocktail import cocktail, cocktail_weights
@@ -22,7 +23,6 @@ from ledmerge.errors import LedmergeError
 from ledmerge.formats import save_masks
 from ledmerge.merge import get_method, merge_models
 from ledmerge.merge.base import TensorContext
-from ledmerge.merge.ties import topk_mask
 
 TASKS = ["code", "math", "safety"]
 ROWS = [

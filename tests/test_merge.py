@@ -7,12 +7,13 @@ import logging
 import pytest
 import torch
 
+from conftest import topk_mask
 from ledmerge.checkpoint import load_state_dict
 from ledmerge.errors import LedmergeError
 from ledmerge.formats import save_masks
 from ledmerge.merge import METHODS, get_method, merge_models
 from ledmerge.merge.base import TensorContext
-from ledmerge.merge.ties import elect_disjoint_mean, topk_mask
+from ledmerge.merge.ties import elect_disjoint_mean
 
 T = torch.tensor
 

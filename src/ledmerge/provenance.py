@@ -21,7 +21,6 @@ from .errors import LedmergeError
 MODEL_FILES = "model_files"  # score file metadata: JSON {file name: {"bytes": n, "sha256": hex}}
 # What a score file records about its sources, and the election copies under an expert_/base_ prefix.
 SOURCE_KEYS = ("model_dir", MODEL_FILES, "calibration", "calibration_sha256")
-ROLES = ("expert", "base")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -1,6 +1,7 @@
 """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
 
-Its two steps are the shared building blocks: `topk_mask` (exact-count magnitude trim) and
+Its two steps are the shared building blocks: the exact-count magnitude trim (`Ties.select_delta`: LED's TopR,
+`ledmerge.topk.top_r_mask`, on |τ_t|; ties at the threshold go to the lowest flat indices) and
 `elect_disjoint_mean` (sign election + mean of the agreeing values), reused by DARE-TIES and LED.
 """
 
@@ -11,12 +12,6 @@ from torch import Tensor
 
 from ..topk import top_r_mask
 from .base import Param, TaskVectorMethod, per_task, task_weights
-
-
-def topk_mask(x: Tensor, density: float) -> Tensor:
-    """Bool mask of the k = ceil(density·n) largest |x|, exactly k even with tied magnitudes (ties at the
-    threshold go to the lowest flat indices): LED's TopR on magnitudes, one implementation for both."""
-    return top_r_mask(x.abs(), density)
 
 
 def elect_disjoint_mean(deltas: dict[str, Tensor], weights: dict[str, float] | None = None) -> Tensor:
