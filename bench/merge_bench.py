@@ -15,249 +15,27 @@ See bench/README.md; e.g. `.venv/bin/python bench/merge_bench.py --sizes tiny`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
-import math
 import os
-import platform
-import shlex
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
-from fractions import Fraction
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import synth_ckpt as sc  # noqa: E402
+from compare import compare  # noqa: E402
+from measure import GB, GiB, cache_check, drop_cache, measure, read_through  # noqa: E402
+from report import fmt_bytes, machine_info, table  # noqa: E402
 
-GB, GiB = 1e9, 2**30
 ALL_METHODS = ("task_arithmetic", "ties", "dare_ties", "led")
 MERGEKIT_METHODS = ("task_arithmetic", "ties")
 
 
 def log(msg: str = "") -> None:
     print(msg, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Page cache
-
-def drop_cache(paths) -> None:
-    """Evict the files from the page cache (written back first: dirty pages cannot be dropped)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def read_through(paths) -> int:
-    """Read the files once, discarding the bytes (fills the page cache)."""
-    buf, total = bytearray(64 << 20), 0
-    for p in paths:
-        with open(p, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                total += n
-    return total
-
-
-def resident_bytes(paths) -> int | None:
-    """Bytes of the files in the page cache, from util-linux fincore (None if it is missing)."""
-    if not shutil.which("fincore"):
-        return None
-    out = subprocess.run(["fincore", "-b", "-n", "-r", "-o", "RES", *map(str, paths)], capture_output=True, text=True)
-    if out.returncode != 0:
-        return None
-    return sum(int(x) for x in out.stdout.split())
-
-
-def cache_check(paths) -> str:
-    """Does fadvise(DONTNEED) make reads cold here? Time a read after dropping, then a second one."""
-    size = sum(os.path.getsize(p) for p in paths)
-    drop_cache(paths)
-    res0 = resident_bytes(paths)
-    t0 = time.perf_counter()
-    read_through(paths)
-    cold = time.perf_counter() - t0
-    res1 = resident_bytes(paths)
-    t0 = time.perf_counter()
-    read_through(paths)
-    warm = time.perf_counter() - t0
-    drop_cache(paths)
-    res = "" if res0 is None else f"; resident after DONTNEED {res0 / 2**20:.1f} MiB, after a read {res1 / 2**20:.1f} MiB (fincore)"
-    return (f"reading the base's {size / GB:.2f} GB after fadvise(DONTNEED): {cold:.2f} s ({size / GB / cold:.2f} GB/s); "
-            f"again, cached: {warm:.2f} s ({size / GB / warm:.2f} GB/s){res}")
-
-
-# ---------------------------------------------------------------------------------------------
-# One measured process
-
-def _proc_mem(pid: int) -> tuple[int, int]:
-    """(VmRSS, RssAnon) in bytes from /proc/<pid>/status; (0, 0) if it is gone."""
-    rss = anon = 0
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return rss, anon
-
-
-def measure(cmd: list[str], env: dict, log_path: Path, max_rss: int, poll: float = 0.05) -> dict:
-    """Run cmd under GNU time in its own process group; poll the whole process tree's RSS.
-
-    Peak RSS is the larger of GNU time's %M (the largest single process, exact) and the polled sum over
-    the tree (catches helper processes). The tree is killed if its RSS passes `max_rss`.
-    """
-    import psutil
-
-    time_out = log_path.with_suffix(".time")
-    gnu_time = Path("/usr/bin/time")
-    full = ([str(gnu_time), "-f", "%e %M", "-o", str(time_out)] if gnu_time.exists() else []) + cmd
-    state = {"peak": 0, "anon": 0, "procs": 0, "killed": False}
-    with open(log_path, "w") as logf:
-        logf.write("$ " + shlex.join(cmd) + "\n")
-        logf.flush()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        done = threading.Event()
-
-        def watch():
-            root = psutil.Process(proc.pid)
-            while not done.is_set():
-                try:
-                    kids = root.children(recursive=True)
-                except psutil.Error:
-                    kids = []
-                pids = [proc.pid] + [k.pid for k in kids]
-                rss = anon = 0
-                for pid in pids:
-                    r, a = _proc_mem(pid)
-                    rss, anon = rss + r, anon + a
-                state["peak"] = max(state["peak"], rss)
-                state["anon"] = max(state["anon"], anon)
-                state["procs"] = max(state["procs"], len(kids))
-                if rss > max_rss and not state["killed"]:
-                    state["killed"] = True
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                done.wait(poll)
-
-        th = threading.Thread(target=watch, daemon=True)
-        th.start()
-        rc = proc.wait()
-        seconds = time.perf_counter() - t0
-        done.set()
-        th.join()
-    time_rss = 0
-    if time_out.is_file():
-        parts = time_out.read_text().split()
-        try:
-            time_rss = int(parts[-1]) * 1024  # the last line; GNU time prefixes a note if the child was signalled
-        except (IndexError, ValueError):
-            pass
-    # With GNU time in front, the command is its child: `procs` counts time's child too.
-    helpers = max(0, state["procs"] - (1 if gnu_time.exists() else 0))
-    return {"seconds": seconds, "rc": rc, "killed": state["killed"], "peak_rss": max(time_rss, state["peak"]),
-            "peak_rss_gnu_time": time_rss, "peak_rss_polled": state["peak"], "peak_anon": state["anon"],
-            "helper_processes": helpers, "log": str(log_path)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Output comparison
-
-def ties_explained(base, experts, density: float):
-    """Where ledmerge's and mergekit's TIES may legitimately differ, computed from the inputs alone:
-
-    * an expert's |delta| equals its trim threshold (the k-th largest): which of the tied entries are
-      kept is up to each tool (ledmerge: lowest flat indices; mergekit: torch.argsort's order);
-    * the elected sum of the trimmed deltas is exactly 0 with nonzero entries: ledmerge elects no
-      sign (keeps the base), mergekit elects +. bf16 deltas are discrete, so both happen often.
-    Returns two bool tensors (tie, zero_sum) shaped like the base."""
-    import torch
-
-    b = base.float()
-    tie = torch.zeros(b.shape, dtype=torch.bool)
-    kept = []
-    for e in experts:
-        d = e.float() - b
-        n = d.numel()
-        k = min(n, math.ceil(Fraction(repr(float(density))) * n))
-        mag = d.abs().reshape(-1)
-        if k >= n:
-            kept.append(d)
-            continue
-        thr = mag.kthvalue(n - k + 1).values
-        at = mag == thr
-        tie |= at.view(b.shape)
-        keep = mag > thr
-        keep[at.nonzero().flatten()[: k - int(keep.sum())]] = True  # ledmerge's rule: lowest indices
-        kept.append(d * keep.view(b.shape))
-    st = torch.stack(kept)
-    zero_sum = (st.sum(0) == 0) & (st != 0).any(0)
-    return tie, zero_sum
-
-
-def compare(a_dir, b_dir, base_dir, experts=None, density=None) -> dict:
-    """Max |a - b| in bf16 ulps of max(|a|, |b|), over every tensor; elements that differ; the fraction of
-    a's elements that differ from the base (the comparison is not vacuous). With `experts` and
-    `density` (TIES), also how many differing elements `ties_explained` does not account for."""
-    import torch
-
-    from ledmerge.checkpoint import ModelReader
-
-    worst, differ, changed, total, worst_name = 0.0, 0, 0, 0, ""
-    at_tie = at_zero = unexplained = 0
-    dtypes = set()
-    with contextlib.ExitStack() as stack:
-        ra, rb, r0 = (stack.enter_context(ModelReader(d)) for d in (a_dir, b_dir, base_dir))
-        rex = [stack.enter_context(ModelReader(d)) for d in (experts or [])]
-        na, nb = set(ra.names), set(rb.names)
-        if na != nb:
-            return {"error": f"tensor names differ: only in ledmerge {sorted(na - nb)[:3]}, "
-                             f"only in mergekit {sorted(nb - na)[:3]}"}
-        for name in sorted(na):
-            ta, tb, t0 = ra.read(name), rb.read(name), r0.read(name)
-            dtypes.add((str(ta.dtype).removeprefix("torch."), str(tb.dtype).removeprefix("torch.")))
-            if ta.shape != tb.shape:
-                return {"error": f"{name}: shape {list(ta.shape)} vs {list(tb.shape)}"}
-            a, b = ta.float(), tb.float()
-            big = torch.maximum(a.abs(), b.abs())
-            _, e = torch.frexp(big)  # big = m·2^e, m in [0.5, 1): bf16 ulp = 2^(e-1-7)
-            ulp = torch.ldexp(torch.ones_like(big), (e - 8).clamp(min=-133))
-            d = (a - b).abs()
-            m = float((d / ulp).max()) if d.numel() else 0.0
-            if m > worst:
-                worst, worst_name = m, name
-            nz = d != 0
-            differ += int(nz.sum())
-            changed += int((ta != t0).sum())
-            total += d.numel()
-            if rex and bool(nz.any()):
-                tie, zero = ties_explained(t0, [r.read(name) for r in rex], density)
-                at_tie += int((nz & tie).sum())
-                at_zero += int((nz & zero & ~tie).sum())
-                unexplained += int((nz & ~tie & ~zero).sum())
-    out = {"max_ulp": worst, "worst_tensor": worst_name, "differ": differ, "elements": total,
-           "changed_vs_base": changed / total, "dtypes": sorted(dtypes)}
-    if rex:
-        out.update(at_tie=at_tie, at_zero_sum=at_zero, unexplained=unexplained)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,74 +107,6 @@ def disk_need(spec: sc.CheckpointSpec, info: dict, methods, mergekit: bool, root
     outputs = (2 if mergekit else 1) * info["model_bytes"]
     need = models + masks + outputs
     return int(need + max(2 * GB, 0.1 * need))
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / GB:.2f} GB"
-
-
-def machine_info(a) -> list[str]:
-    import psutil
-    import safetensors
-    import torch
-    import transformers
-
-    try:
-        from importlib.metadata import version
-        mk = version("mergekit")
-    except Exception:
-        mk = "not installed"
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return [
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- command: `{shlex.join([Path(sys.executable).name] + sys.argv)}`",
-        f"- machine: {os.cpu_count()} CPUs ({cpu}), {psutil.virtual_memory().total / GiB:.1f} GiB RAM, "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
-        f"- versions: torch {torch.__version__} ({torch.get_num_threads()} threads by default), "
-        f"transformers {transformers.__version__}, safetensors {safetensors.__version__}, mergekit {mk}, "
-        f"ledmerge at {git.stdout.strip() or '?'}",
-        f"- merges run with OMP_NUM_THREADS={a.threads} (ledmerge `--threads {a.threads}`); page cache: {a.cache}"
-        + (" (inputs evicted with posix_fadvise(DONTNEED) before every case)" if a.cache == "cold"
-           else " (inputs read once before every case)"),
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-
-def table(rows: list[dict]) -> list[str]:
-    head = ["case", "seconds", "peak RSS (GiB)", "peak anon RSS (GiB)", "x I/O floor", "x faster than mergekit",
-            "max bf16 ULP diff vs mergekit", "elements differing"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    floor = next((r for r in rows if r["case"] == "I/O floor" and r.get("ok")), None)
-    for r in rows:
-        if not r.get("ok"):
-            why = "killed: RSS over the limit" if r.get("killed") else f"failed (exit {r.get('rc')})"
-            cells = [r["case"], why, f"{r['peak_rss'] / GiB:.2f}" if "peak_rss" in r else "", "", "", "", "", ""]
-        else:
-            x_floor = f"{r['seconds'] / floor['seconds']:.2f}" if floor and r is not floor else ""
-            cells = [r["case"], f"{r['seconds']:.1f}", f"{r['peak_rss'] / GiB:.2f}", f"{r['peak_anon'] / GiB:.2f}",
-                     x_floor, f"{r['speedup']:.2f}" if r.get("speedup") else "",
-                     f"{r['cmp']['max_ulp']:g}" if r.get("cmp") and "max_ulp" in r["cmp"] else r.get("cmp_note", ""),
-                     _differ_cell(r.get("cmp"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _differ_cell(c) -> str:
-    if not c or "differ" not in c:
-        return ""
-    cell = f"{c['differ']:,} ({100 * c['differ'] / c['elements']:.2g} %)"
-    if "unexplained" in c:
-        cell += f", {c['unexplained']:,} unexplained"
-    return cell
 
 
 def run_size(preset: str, n_experts: int, root: Path, a, env, notes: list[str]) -> list[dict]:
