@@ -53,7 +53,6 @@ def machine_info(a) -> list[str]:
     ]
 
 
-
 def table(rows: list[dict]) -> list[str]:
     head = ["case", "seconds", "peak RSS (GiB)", "peak anon RSS (GiB)", "x I/O floor", "x faster than mergekit",
             "max bf16 ULP diff vs mergekit", "elements differing"]

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from ..errors import LedmergeError
+from ..formats import load_masks, mask_metadata, mask_names_and_shapes
+from ..provenance import recorded_files
 
 log = logging.getLogger(__name__)
 
@@ -298,15 +300,13 @@ def task_weights(per_task: Mapping[str, float] | None, tasks) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 
 class MaskFiles:
-    """LED masks: one mask file (`ledmerge.masks.save_masks`, 1 bit per weight) per task, keyed by checkpoint
+    """LED masks: one mask file (`ledmerge.formats.save_masks`, 1 bit per weight) per task, keyed by checkpoint
     tensor name.
 
     Headers are checked up front; tensors are read one at a time so masks never all sit in memory.
     """
 
     def __init__(self, paths: Mapping[str, os.PathLike], shapes: Mapping[str, tuple[int, ...]]):
-        from ..masks import mask_names_and_shapes
-
         self.paths = dict(paths)
         self.names: dict[str, set[str]] = {}
         self._warned: set[tuple] = set()
@@ -332,9 +332,6 @@ class MaskFiles:
         """Refuse masks computed from other models than `base` and `experts` (`ModelReader`s, by task): the weight
         files each mask records (`ledmerge.provenance`) must have the same names and sizes, and with `exact` the
         same sha256 (`ModelReader.sha256s`). Masks without a record (older ledmerge) are used with a warning."""
-        from ..masks import mask_metadata
-        from ..provenance import recorded_files
-
         for task, path in sorted(self.paths.items()):
             if task not in experts:
                 continue
@@ -352,8 +349,6 @@ class MaskFiles:
                 _check_files(path, task, role, meta, files, reader, exact)
 
     def for_tensor(self, name: str) -> dict[str, Tensor | None]:
-        from ..masks import load_masks
-
         return {task: (load_masks(path, [name])[name] if name in self.names[task] else None)
                 for task, path in self.paths.items()}
 

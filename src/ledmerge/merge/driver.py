@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 18  # elements per elementwise step on the CPU (1 MiB in float32)
 
+
 def merge_device(device: str) -> torch.device:
     """The device merges compute on: cpu (default), or cuda[:i] when one is present."""
     try:
