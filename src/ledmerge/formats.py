@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
@@ -39,9 +40,29 @@ RANK16_VERSION = "2"  # 2: code 0 is reserved for zero scores
 # ---- safetensors files ----
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Atomic safetensors write (scores, masks)."""
+    """Atomic safetensors write (scores, masks), the same bytes for the same tensors and metadata."""
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes `__metadata__` in a hash order that changes from process to process; sort it so a
+    rerun of the same step gives a byte-identical file (and the same sha256 in the model cards)."""
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        # Same keys and values in another order: the compact JSON has the same length, padding included.
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (n - len(text))
+        if len(text) != n:
+            raise AssertionError(f"safetensors header of {path} changed length when sorted")
+        f.seek(8)
+        f.write(text)
 
 
 def open_tensors(path: str | os.PathLike):
