@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from ledmerge.options import resolve
 import yaml
 
 from conftest import make_tiny_model
@@ -307,7 +309,8 @@ def test_synthetic_data_models_trust_remote_code(remote, led, tmp_path, monkeypa
 
     with pytest.raises(ValueError, match=CUSTOM_CODE):
         synth.load_causal_lm(remote["math"])
-    generator = synth.HFGenerator(remote["base"], max_new_tokens=4, trust_remote_code=True)
+    generator = synth.make_generator(resolve("data_aware.synthetic", {"generator": str(remote["base"]), "generator_max_new_tokens": 4}),
+                                     trust_remote_code=True)
     assert type(generator.model).__name__ == "TinyRemoteForCausalLM"
 
     class Fixed(synth.Generator):  # valid JSON for every request, so every answering model is loaded

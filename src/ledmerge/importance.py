@@ -76,12 +76,14 @@ from .checkpoint import _open, file_sha256, save_tensors, tensor_shapes
 from .errors import LedmergeError
 from .fileio import read_jsonl
 from .provenance import MODEL_FILES, weights_fingerprint
+from .options import allowed, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-GRANULARITIES = ("example", "batch")
-LOSS_REDUCTIONS = ("sum", "mean")
-AUTOCASTS = ("none", "bf16")
-SCORE_ENCODINGS = ("rank16", "float32")
+# The allowed values are the schema's (one list each, src/ledmerge/schemas/config.schema.yaml).
+GRANULARITIES = tuple(allowed("importance.granularity"))
+LOSS_REDUCTIONS = tuple(allowed("importance.loss_reduction"))
+AUTOCASTS = tuple(allowed("importance.autocast"))
+SCORE_ENCODINGS = tuple(allowed("importance.score_dtype"))
 RANK_LEVELS = 65536  # uint16 codes
 RANK16_VERSION = "2"  # 2: code 0 is reserved for zero scores
 
@@ -391,12 +393,8 @@ def tokens_sha256(examples: list[chat.Encoded]) -> str:
     return h.hexdigest()
 
 
-def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, batch_size: int = 8, max_length: int = 256,
-                granularity: str = "example", include_norms: bool = False, include_embeddings: bool = False,
-                include_lm_head: bool = False, dtype: str = "float32", device: str = "cpu",
-                device_map: str | dict | None = None, autocast: str = "none", gradient_checkpointing: bool = False,
-                score_dtype: str = "rank16", loss_reduction: str = "sum", trust_remote_code: bool = False,
-                allow_pickle: bool = False, progress: bool = True) -> dict:
+def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, trust_remote_code: bool = False,
+                allow_pickle: bool = False, progress: bool = True, **opts) -> dict:
     """Score a Hugging Face model directory on a calibration JSONL ({prompt, response, ...} rows) and write the
     scores, keyed by the checkpoint's tensor names, to `out_path` (safetensors, atomic) with `save_scores`:
     rank16 codes by default, raw float32 with score_dtype="float32".
@@ -413,16 +411,10 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     calibration set's sha256, so a merge can refuse masks computed from other models."""
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise LedmergeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if granularity not in GRANULARITIES:
-        raise LedmergeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if autocast not in AUTOCASTS:
-        raise LedmergeError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
-    if score_dtype not in SCORE_ENCODINGS:
-        raise LedmergeError(f"score_dtype must be one of {SCORE_ENCODINGS}, got {score_dtype!r}")
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise LedmergeError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+    o = resolve("importance", opts)  # the schema's defaults and allowed values (options.py)
+    batch_size, max_length, granularity, dtype, device, device_map, autocast, score_dtype, loss_reduction = (
+        o[k] for k in ("batch_size", "max_length", "granularity", "dtype", "device", "device_map", "autocast",
+                       "score_dtype", "loss_reduction"))
     t0 = time.perf_counter()
     model_dir, calibration_path = Path(model_dir), Path(calibration_path)
     rows = read_jsonl(calibration_path, required=("prompt", "response"))
@@ -451,17 +443,15 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
         fix = ": set trust_remote_code: true if you trust its code" if "custom code" in str(exc) else ""
         raise LedmergeError(f"cannot load {model_dir} on {where} ({' '.join(str(exc).split())}){fix}") from None
     scores, summary = compute_scores(
-        model, examples, chat.pad_id(tokenizer), batch_size=batch_size, granularity=granularity, include_norms=include_norms,
-        include_embeddings=include_embeddings, include_lm_head=include_lm_head, checkpoint_shapes=shapes,
-        autocast=autocast, gradient_checkpointing=gradient_checkpointing, encoding=score_dtype,
+        model, examples, chat.pad_id(tokenizer), batch_size=batch_size, granularity=granularity,
+        include_norms=o["include_norms"], include_embeddings=o["include_embeddings"],
+        include_lm_head=o["include_lm_head"], checkpoint_shapes=shapes, autocast=autocast,
+        gradient_checkpointing=o["gradient_checkpointing"], encoding=score_dtype,
         loss_reduction=loss_reduction, progress=progress)
     n_layers = _num_layers(model)
     del model
-    options = {"batch_size": batch_size, "max_length": max_length, "granularity": granularity,
-               "include_norms": include_norms, "include_embeddings": include_embeddings,
-               "include_lm_head": include_lm_head, "dtype": dtype, "autocast": autocast,
-               "gradient_checkpointing": gradient_checkpointing, "score_dtype": score_dtype,
-               "loss_reduction": loss_reduction}
+    # What was computed, from the resolved options; where it ran (device, device_map) does not change the scores.
+    options = {k: v for k, v in o.items() if k not in ("device", "device_map")}
     save_scores(out_path, scores, encoding=score_dtype, metadata={
         "kind": "importance", "model_dir": str(model_dir), "calibration": str(calibration_path),
         "calibration_sha256": file_sha256(calibration_path),

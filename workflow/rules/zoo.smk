@@ -11,15 +11,13 @@ rule zoo_data:
         tokenizer=directory(f"{R}/zoo/tokenizer"),
     params:
         data_dir=lambda w, output: os.path.dirname(output[0]),
-        zoo=as_json(config["zoo"]),
+        options=section_json("zoo"),
         seed=config["seed"],
-    conda:
-        CONDA_ENV
     log:
         f"{LOG}/zoo_data.log",
     shell:
         "$LEDMERGE --threads {threads} zoo-data --out-dir {params.data_dir} --tokenizer {output.tokenizer} "
-        "--params {params.zoo:q} --seed {params.seed} > {log} 2>&1"
+        "--options {params.options:q} --seed {params.seed} > {log} 2>&1"
 
 
 rule zoo_base:
@@ -30,18 +28,17 @@ rule zoo_base:
         directory(f"{R}/zoo/models/base"),
     params:
         data_dir=lambda w, input: os.path.dirname(input[0]),
-        zoo=as_json({k: v for k, v in config["zoo"].items() if k not in ("finetune_steps", "finetune_lr")}),
+        # without the fine-tuning keys, so changing them does not retrain the base
+        options=as_json({k: v for k, v in config["zoo"].items() if k not in ("finetune_steps", "finetune_lr")}),
         seed=config["seed"],
     threads: rule_threads("zoo_base")
     resources:
         **rule_resources("zoo_base"),
-    conda:
-        CONDA_ENV
     log:
         f"{LOG}/zoo_base.log",
     shell:
         "$LEDMERGE --threads {threads} zoo-base --data-dir {params.data_dir} --tokenizer {input.tokenizer} --out {output} "
-        "--params {params.zoo:q} --seed {params.seed} > {log} 2>&1"
+        "--options {params.options:q} --seed {params.seed} > {log} 2>&1"
 
 
 rule zoo_expert:
@@ -53,15 +50,13 @@ rule zoo_expert:
     wildcard_constraints:
         task="safety|math|code",
     params:
-        zoo=as_json(config["zoo"]),
+        options=section_json("zoo"),
         seed=lambda w: config["seed"] + 1 + TASKS.index(w.task) if w.task in TASKS else config["seed"] + 1,
     threads: rule_threads("zoo_expert")
     resources:
         **rule_resources("zoo_expert"),
-    conda:
-        CONDA_ENV
     log:
         f"{LOG}/zoo_expert_{{task}}.log",
     shell:
         "$LEDMERGE --threads {threads} zoo-expert --task {wildcards.task} --base {input.base} --train {input.train} "
-        "--out {output} --params {params.zoo:q} --seed {params.seed} > {log} 2>&1"
+        "--out {output} --options {params.options:q} --seed {params.seed} > {log} 2>&1"
