@@ -78,7 +78,7 @@ def test_workflow_runs_on_a_slurm_cluster(tmp_path):
     slurm_dir.mkdir()
     slurm_cfg = test_config(slurm_dir / "results", data_aware__enabled=False, resources={
         "importance": {"gpu": 1, "mem_mb": 8000, "runtime": "20m"},
-        "evaluate": {"gpu": 1, "mem_mb": 8000, "runtime": "1h"}})
+        "evaluation": {"gpu": 1, "mem_mb": 8000, "runtime": "1h"}})
     slurm_cfg = write_config(tmp_path / "slurm.yaml", slurm_cfg)
 
     cluster = SlurmCluster(tmp_path / "cluster", cpus=2, gpus=1)

@@ -1,8 +1,9 @@
-# Paths and helpers shared by the rules. Rules stay thin: each is one `ledmerge <step>` call, named as its rule
-# and config section; a rule passes its section as `--options {params.options:q}` (section_json) and writes its
-# flags in its shell command. No `conda:` directive: `snakemake --sdm conda` would have to build an environment
-# that contains ledmerge itself, which is not on any conda channel (and conda channels are unreachable offline);
-# the workflow runs with the Python that runs Snakemake (`make env` installs both), see $LEDMERGE below.
+# Paths and helpers shared by the rules. Rules stay thin: each is one `ledmerge <step>` call, the step named as
+# the config section it reads, passed as `--options` (section_json); flags are written in each shell command.
+# Software: every job runs `python -m ledmerge` with the Python that runs Snakemake (`make env` installs both).
+# The `conda:` directives (CONDA_ENV, kept for `snakemake --lint`) are not a working `--sdm conda` setup:
+# envs/ledmerge.yaml lacks ledmerge itself (not on any conda channel; it must be pip-installed from this
+# repository), and `snakemake --sdm conda -n` could not be tried here (no conda on this machine, no network).
 import functools
 import json
 import os
@@ -20,6 +21,8 @@ R = config["results"]
 # environment, so no `envvars:` is needed); every other value reaches a rule through its
 # input/output/params, which keeps provenance tracking and `snakemake --lint` clean.
 os.environ.update(LEDMERGE=f"{sys.executable} -m ledmerge")
+# Documents the software of every rule (see the note at the top).
+CONDA_ENV = os.path.join(workflow.basedir, "envs", "ledmerge.yaml")
 TASKS = sorted(config["tasks"])
 MERGES = sorted(config["merges"])
 # Data-aware merges (data_aware.smk): named evo_<method>_<objective> and cocktail_<objective>.

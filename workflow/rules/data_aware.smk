@@ -23,11 +23,13 @@ rule synthetic:
         calibration=pairs(DOMAIN_TASKS, calibration_file),
         task=config["alignment_task"],
         options=section_json("data_aware.synthetic"),
-        out_dir=SYNTHETIC,
+        out_dir=lambda w, output: os.path.dirname(output.data),
         trust_remote_code=opt_in("trust_remote_code"),
     threads: rule_threads("synthetic")
     resources:
         **rule_resources("synthetic", DA["synthetic"]["device"]),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/synthetic.log",
     shell:
@@ -67,10 +69,12 @@ rule evolve:
     threads: rule_threads("evolve")
     resources:
         **rule_resources("evolve", DA["fitness"]["device"]),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/evolve_{{method}}_{{objective}}.log",
     shell:
-        "$LEDMERGE --threads {threads} evolve --method {wildcards.method} --mask {params.masks} " + SEARCH_SHELL
+        " ".join(("$LEDMERGE --threads {threads} evolve --method {wildcards.method} --mask {params.masks}", SEARCH_SHELL))
 
 
 rule cocktail:
@@ -87,7 +91,9 @@ rule cocktail:
     threads: rule_threads("cocktail")
     resources:
         **rule_resources("cocktail", DA["fitness"]["device"]),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/cocktail_{{objective}}.log",
     shell:
-        "$LEDMERGE --threads {threads} cocktail " + SEARCH_SHELL
+        " ".join(("$LEDMERGE --threads {threads} cocktail", SEARCH_SHELL))

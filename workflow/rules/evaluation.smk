@@ -20,6 +20,8 @@ rule evaluation:
     threads: rule_threads("evaluation")
     resources:
         **rule_resources("evaluation", config["evaluation"]["device"]),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/evaluation_{{model}}.log",
     shell:

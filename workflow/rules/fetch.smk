@@ -16,6 +16,8 @@ rule fetch_model:
     params:
         repo=lambda w: HUB_MODELS[f"{HUB}/{w.repo}"]["hub"],
         revision=lambda w: HUB_MODELS[f"{HUB}/{w.repo}"].get("revision", "main"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/fetch_model_{{repo}}.log",
     shell:
@@ -30,6 +32,8 @@ rule fetch_dataset:
     params:
         spec=lambda w, output: as_json(DATASETS[output[0]][0]),
         columns=lambda w, output: as_json(DATASETS[output[0]][1]),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/fetch_dataset_{{dataset}}.log",
     shell:

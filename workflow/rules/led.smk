@@ -3,7 +3,7 @@
 
 rule calibration:
     input:
-        calibration_pool,
+        pool=calibration_pool,
     output:
         calibration_file("{task}"),
     params:
@@ -12,11 +12,13 @@ rule calibration:
     threads: rule_threads("calibration", 1)
     resources:
         **rule_resources("calibration"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/calibration_{{task}}.log",
     shell:
         "$LEDMERGE --threads {threads} calibration --task {wildcards.task} --source {params.source:q} "
-        "--pool {input[0]} --options {params.options:q} --out {output} > {log} 2>&1"
+        "--pool {input.pool} --options {params.options:q} --out {output} > {log} 2>&1"
 
 
 rule importance:
@@ -35,6 +37,8 @@ rule importance:
     threads: rule_threads("importance")
     resources:
         **rule_resources("importance", importance_device()),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/importance_{{task}}_{{role}}.log",
     shell:
@@ -54,6 +58,8 @@ rule election:
     threads: rule_threads("election", 1)
     resources:
         **rule_resources("election"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/election_{{task}}.log",
     shell:
@@ -74,6 +80,8 @@ rule disjoint:
     threads: rule_threads("disjoint", 1)
     resources:
         **rule_resources("disjoint"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/disjoint.log",
     shell:

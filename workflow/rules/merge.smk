@@ -15,6 +15,8 @@ rule merge:
     threads: rule_threads("merge")
     resources:
         **rule_resources("merge", config["merge"]["device"]),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/merge_{{merge}}.log",
     shell:

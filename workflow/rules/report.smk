@@ -19,6 +19,8 @@ rule report:
         histories=pairs(EVOLVED, lambda m: f"{search_dir(m)}/history.csv"),
     resources:
         **rule_resources("report"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/report.log",
     shell:

@@ -13,6 +13,8 @@ rule tokenizer:
         alignment_task=config["alignment_task"],
         chat_template=lambda w, input: input.chat_template if "chat_template" in input.keys() else "",
         trust_remote_code=opt_in("trust_remote_code"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/tokenizer.log",
     shell:

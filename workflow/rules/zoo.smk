@@ -13,6 +13,8 @@ rule zoo_data:
         data_dir=lambda w, output: os.path.dirname(output[0]),
         options=section_json("zoo"),
         seed=config["seed"],
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/zoo_data.log",
     shell:
@@ -34,6 +36,8 @@ rule zoo_base:
     threads: rule_threads("zoo_base")
     resources:
         **rule_resources("zoo_base"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/zoo_base.log",
     shell:
@@ -55,6 +59,8 @@ rule zoo_expert:
     threads: rule_threads("zoo_expert")
     resources:
         **rule_resources("zoo_expert"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOG}/zoo_expert_{{task}}.log",
     shell:
