@@ -50,6 +50,10 @@ class MergeEvaluator:
         scores (`MaskFiles.check_sources`, sha256 of every weight file)."""
         from transformers import AutoModelForCausalLM
 
+        # `opts`: the config's data_aware.fitness section (batch_size, max_length, device), schema defaults filled;
+        # the objective's weights are load_evaluator's.
+        o = resolve("data_aware.fitness", opts)
+        batch_size, max_length, device = o["batch_size"], o["max_length"], o["device"]
         check_compatible(base_dir, expert_dirs, allow_pickle=allow_pickle)
         self.tasks = sorted(expert_dirs)
         self.tok = (load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
