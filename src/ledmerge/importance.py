@@ -122,7 +122,7 @@ def save_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor], met
                 encoding: str = "rank16") -> None:
     """Write importance scores (name -> float tensor), atomically: rank16 codes (2 bytes/weight) or float32.
 
-    With encoding "rank16", uint16 tensors are taken as codes already (from `compute_scores(encoding="rank16")`).
+    With encoding "rank16", uint16 tensors are taken as codes already (from `compute_scores` with score_dtype "rank16").
     `metadata` values are stored as strings; `score_encoding` is set here."""
     if encoding not in SCORE_ENCODINGS:
         raise LedmergeError(f"score encoding must be one of {SCORE_ENCODINGS}, got {encoding!r}")
@@ -280,25 +280,20 @@ def _autocast(device_types: set[str], mode: str):
     return stack
 
 
-def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, *, batch_size: int = 8,
-                   granularity: str = "example", include_norms: bool = False, include_embeddings: bool = False,
-                   include_lm_head: bool = False, checkpoint_shapes: dict | None = None, autocast: str = "none",
-                   gradient_checkpointing: bool = False, encoding: str = "float32", loss_reduction: str = "sum",
-                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, *,
+                   checkpoint_shapes: dict | None = None, progress: bool = True,
+                   **opts) -> tuple[dict[str, torch.Tensor], dict]:
     """Scores for an in-memory model (on one device or spread by a device_map): name -> tensor on the CPU
-    (float32 scores, or their uint16 rank16 codes with encoding="rank16", computed on each tensor's device),
-    plus counts. The model is put in eval mode and its unscored parameters frozen (requires_grad is restored
-    afterwards)."""
-    if granularity not in GRANULARITIES:
-        raise LedmergeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if autocast not in AUTOCASTS:
-        raise LedmergeError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
-    if encoding not in SCORE_ENCODINGS:
-        raise LedmergeError(f"score_dtype must be one of {SCORE_ENCODINGS}, got {encoding!r}")
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise LedmergeError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-    if batch_size < 1:
-        raise LedmergeError(f"batch_size must be >= 1, got {batch_size}")
+    (uint16 rank16 codes, computed on each tensor's device, or float32 scores with score_dtype="float32"),
+    plus counts. `opts`: the config's `importance` section (batch_size, granularity, include_*, autocast,
+    gradient_checkpointing, score_dtype, loss_reduction; schema defaults for the rest; the loading keys dtype,
+    device, device_map and max_length are score_model's). The model is put in eval mode and its unscored
+    parameters frozen (requires_grad is restored afterwards)."""
+    o = resolve("importance", opts)
+    batch_size, granularity, autocast, encoding, loss_reduction = (
+        o[k] for k in ("batch_size", "granularity", "autocast", "score_dtype", "loss_reduction"))
+    include_norms, include_embeddings, include_lm_head, gradient_checkpointing = (
+        o[k] for k in ("include_norms", "include_embeddings", "include_lm_head", "gradient_checkpointing"))
     if not examples:
         raise LedmergeError("no calibration example has a response token left: raise max_length or check the data")
     offloaded = sorted({n for n, p in model.named_parameters() if p.device.type == "meta"})
@@ -412,9 +407,8 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, tr
     from transformers import AutoModelForCausalLM
 
     o = resolve("importance", opts)  # the schema's defaults and allowed values (options.py)
-    batch_size, max_length, granularity, dtype, device, device_map, autocast, score_dtype, loss_reduction = (
-        o[k] for k in ("batch_size", "max_length", "granularity", "dtype", "device", "device_map", "autocast",
-                       "score_dtype", "loss_reduction"))
+    max_length, dtype, device, device_map, score_dtype = (
+        o[k] for k in ("max_length", "dtype", "device", "device_map", "score_dtype"))
     t0 = time.perf_counter()
     model_dir, calibration_path = Path(model_dir), Path(calibration_path)
     rows = read_jsonl(calibration_path, required=("prompt", "response"))
@@ -442,12 +436,8 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, tr
     except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a CUDA device that is not there
         fix = ": set trust_remote_code: true if you trust its code" if "custom code" in str(exc) else ""
         raise LedmergeError(f"cannot load {model_dir} on {where} ({' '.join(str(exc).split())}){fix}") from None
-    scores, summary = compute_scores(
-        model, examples, chat.pad_id(tokenizer), batch_size=batch_size, granularity=granularity,
-        include_norms=o["include_norms"], include_embeddings=o["include_embeddings"],
-        include_lm_head=o["include_lm_head"], checkpoint_shapes=shapes, autocast=autocast,
-        gradient_checkpointing=o["gradient_checkpointing"], encoding=score_dtype,
-        loss_reduction=loss_reduction, progress=progress)
+    scores, summary = compute_scores(model, examples, chat.pad_id(tokenizer), checkpoint_shapes=shapes,
+                                     progress=progress, **o)
     n_layers = _num_layers(model)
     del model
     # What was computed, from the resolved options; where it ran (device, device_map) does not change the scores.

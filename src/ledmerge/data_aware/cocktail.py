@@ -16,8 +16,8 @@ from ..merge import get_method
 from .fitness import MergeEvaluator, fitness, scores
 
 
-def cocktail_weights(losses: dict[str, float], temperature: float = 1.0) -> dict[str, float]:
-    """softmax(−L/T), computed stably (shifted by the smallest loss)."""
+def cocktail_weights(losses: dict[str, float], temperature: float) -> dict[str, float]:
+    """softmax(−L/T), computed stably (shifted by the smallest loss); T: data_aware.cocktail.temperature."""
     low = min(losses.values())
     e = {m: math.exp(-(loss - low) / temperature) for m, loss in losses.items()}
     total = sum(e.values())

@@ -32,8 +32,9 @@ DENSITY_MIN = 0.05
 POSITIVE_WEIGHT = 1e-6  # TIES-style means divide by the weights: 0 becomes this
 
 
-def genome(method: str, tasks: list[str], weight_max: float = 1.0) -> list[tuple[str, str, float, float, float]]:
-    """(kind, task, lower, upper, start) per coordinate: a weight per task, then a density per task."""
+def genome(method: str, tasks: list[str], weight_max: float) -> list[tuple[str, str, float, float, float]]:
+    """(kind, task, lower, upper, start) per coordinate: a weight per task, then a density per task; `weight_max`:
+    data_aware.evolve.weight_max."""
     if method not in METHODS:
         raise LedmergeError(f"data-aware search has no method {method!r}: choose from {list(METHODS)}")
     genes = [("weight", t, 0.0, weight_max, 1.0 / len(tasks)) for t in tasks]
