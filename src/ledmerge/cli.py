@@ -99,21 +99,21 @@ def cmd_fetch_dataset(a):
 def cmd_zoo_data(a):
     from .zoo.build import build_data
 
-    build_data(a.out_dir, a.tokenizer, _options(a, "zoo"), a.seed)
+    build_data(a.out_dir, a.tokenizer, a.seed, **_options(a, "zoo"))
 
 
 def cmd_zoo_base(a):
     from .zoo.build import build_base
 
     _threads(a)
-    print(json.dumps(build_base(a.data_dir, a.tokenizer, a.out, _options(a, "zoo"), a.seed)))
+    print(json.dumps(build_base(a.data_dir, a.tokenizer, a.out, a.seed, **_options(a, "zoo"))))
 
 
 def cmd_zoo_expert(a):
     from .zoo.build import build_expert
 
     _threads(a)
-    print(json.dumps(build_expert(a.base, a.train, a.out, _options(a, "zoo"), a.seed, a.task)))
+    print(json.dumps(build_expert(a.base, a.train, a.out, a.seed, a.task, **_options(a, "zoo"))))
 
 
 def cmd_calibration(a):

@@ -92,7 +92,19 @@ def renamed_error(config: dict, prefix: str = "") -> None:
 def fill(instance: dict, path: str = "", where: str = "", prefix: str = "option ") -> dict:
     """Fill the defaults of section `path` into `instance` (in place) and validate it; the first error becomes
     one line naming the key (`where` prefixes the key, e.g. "importance.") and the fix."""
-    sub = section(path) if path else schema()
+    return _fill(instance, section(path) if path else schema(), where, prefix)
+
+
+def fill_definition(instance: dict, name: str, where: str = "", prefix: str = "option ") -> dict:
+    """`fill` against one of the schema's `definitions` (e.g. hub_model, for a {hub: org/name} that a free-form
+    section such as evaluation.judge_kwargs holds)."""
+    root = schema()
+    if name not in root.get("definitions", {}):
+        raise LedmergeError(f"the configuration schema has no definition {name!r}")
+    return _fill(instance, _resolve_refs(root["definitions"][name], root), where, prefix)
+
+
+def _fill(instance: dict, sub: dict, where: str, prefix: str) -> dict:
     validator = _with_defaults(Draft202012Validator)(sub)
     # Validate twice: the first pass fills defaults (inside nested defaults too), the second reports.
     list(validator.iter_errors(instance))
