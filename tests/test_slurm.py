@@ -104,7 +104,7 @@ def test_workflow_runs_on_a_slurm_cluster(tmp_path):
     for _, slurm_id, logfile in submitted:
         assert re.search(rf"_job_complete: JobId={slurm_id} WEXITSTATUS 0", ctld_log), slurm_id
         assert Path(logfile).is_file(), logfile
-        wants_gpu = "/rule_importance/" in logfile or "/rule_evaluate/" in logfile
+        wants_gpu = "/rule_importance/" in logfile or "/rule_evaluation/" in logfile
         assert bool(re.search(r"TresPerJob=gres:gpu:1\b", jobs[slurm_id])) == wants_gpu, (logfile, jobs[slurm_id])
 
     assert outputs(slurm_dir / "results") == outputs(local / "results")

@@ -154,7 +154,7 @@ def stop_ids(model, tok) -> list[int]:
 
 
 @torch.no_grad()
-def chat_generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32,
+def chat_generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int,
                   temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Replies to `prompts` with the chat template (chat.render), greedy unless temperature > 0; a
     reply ends at any of `stop_ids`."""
@@ -277,6 +277,10 @@ def harm_categories(o: dict) -> list[str]:
     return list(BEAVERTAILS_CATEGORIES)
 
 
+# Keys of the data_aware.synthetic section that only choose and drive the generator (make_generator, harm_categories).
+GENERATOR_KEYS = ("generator", "harm_categories", "malformed_fraction", "generator_max_new_tokens", "temperature")
+
+
 def make_generator(o: dict, trust_remote_code: bool = False) -> Generator:
     """The generator of resolved `data_aware.synthetic` options: the toy one (generator zoo) or a causal LM."""
     if o["generator"] == "zoo":
@@ -290,8 +294,9 @@ def run_synthetic(aligned_dir, alignment_task: str, expert_dirs: dict[str, str],
                   *, trust_remote_code: bool = False, **opts) -> dict:
     """The `synthetic` step: `opts` is the config's `data_aware.synthetic` section (schema defaults for the rest)."""
     o = resolve("data_aware.synthetic", opts)
+    rest = {k: v for k, v in o.items() if k not in GENERATOR_KEYS}  # the generator's keys are make_generator's
     return synthesize(make_generator(o, trust_remote_code), aligned_dir, alignment_task, expert_dirs, calibration,
-                      out_dir, categories=harm_categories(o), trust_remote_code=trust_remote_code, **o)
+                      out_dir, categories=harm_categories(o), trust_remote_code=trust_remote_code, **rest)
 
 
 def synthesize(generator: Generator, aligned_dir, alignment_task: str, expert_dirs: dict[str, str],
