@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= all
 
-.PHONY: env run test lint dryrun lock clean bench
+.PHONY: env run test lint dryrun lock clean bench docs
 
 env: $(STAMP)
 
@@ -29,6 +29,11 @@ test: env
 
 lint: env
 	$(BIN)/snakemake --lint
+
+# docs/configuration.md is generated from the schema (src/ledmerge/schemas/config.schema.yaml); tests/test_options.py
+# fails when it is stale.
+docs: env
+	$(BIN)/python -m ledmerge config-reference > docs/configuration.md
 
 dryrun: env
 	$(BIN)/snakemake -n --cores $(CORES)

@@ -14,7 +14,7 @@ if not config:
 
 
 try:
-    validate(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
+    validate(config)
     check(config)
 except LedmergeError as exc:
     sys.exit(f"ledmerge: {exc}")
@@ -27,7 +27,7 @@ include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/led.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/data_aware.smk"
-include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/report.smk"
 
 

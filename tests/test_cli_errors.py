@@ -58,7 +58,7 @@ def scores(tmp_path) -> dict[str, Path]:
 
 def test_elect_works_on_good_scores(tmp_path, scores):
     out = tmp_path / "out" / "mask.safetensors"
-    proc = ledmerge("elect", "--expert", scores["expert"], "--base", scores["base"], "--rate", "0.5", "--out", out)
+    proc = ledmerge("election", "--expert", scores["expert"], "--base", scores["base"], "--rate", "0.5", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
 
@@ -69,14 +69,14 @@ def test_elect_corrupt_score_file(tmp_path, scores, damage):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(300), "empty": b""}[damage])
     out = tmp_path / "out" / "mask.safetensors"
-    proc = ledmerge("elect", "--expert", bad, "--base", scores["base"], "--rate", "0.5", "--out", out)
+    proc = ledmerge("election", "--expert", bad, "--base", scores["base"], "--rate", "0.5", "--out", out)
     assert_one_error(proc, str(bad))
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
 def test_elect_missing_score_file(tmp_path, scores):
     out = tmp_path / "mask.safetensors"
-    proc = ledmerge("elect", "--expert", tmp_path / "nope.safetensors", "--base", scores["base"], "--rate", "0.5",
+    proc = ledmerge("election", "--expert", tmp_path / "nope.safetensors", "--base", scores["base"], "--rate", "0.5",
                     "--out", out)
     assert_one_error(proc, "nope.safetensors", "does not exist")
     assert_nothing_written(out)
@@ -84,7 +84,7 @@ def test_elect_missing_score_file(tmp_path, scores):
 
 def test_elect_bad_rate(tmp_path, scores):
     out = tmp_path / "mask.safetensors"
-    proc = ledmerge("elect", "--expert", scores["expert"], "--base", scores["base"], "--rate", "1.5", "--out", out)
+    proc = ledmerge("election", "--expert", scores["expert"], "--base", scores["base"], "--rate", "1.5", "--out", out)
     assert_one_error(proc, "rate")
     assert_nothing_written(out)
 
@@ -153,7 +153,7 @@ def test_score_empty_calibration(tmp_path, tiny_zoo, content):
     calib = tmp_path / "calib.jsonl"
     calib.write_text(content)
     out = tmp_path / "scores.safetensors"
-    proc = ledmerge("score", "--model", tiny_zoo["base"], "--calibration", calib, "--out", out)
+    proc = ledmerge("importance", "--model", tiny_zoo["base"], "--calibration", calib, "--out", out)
     assert_one_error(proc, str(calib), "empty")
     assert_nothing_written(out)
 
@@ -162,7 +162,7 @@ def test_score_malformed_calibration(tmp_path, tiny_zoo):
     calib = tmp_path / "calib.jsonl"
     calib.write_text('{"prompt": "hi", "response": "ok"}\n{"prompt": "broken"\n')
     out = tmp_path / "scores.safetensors"
-    proc = ledmerge("score", "--model", tiny_zoo["base"], "--calibration", calib, "--out", out)
+    proc = ledmerge("importance", "--model", tiny_zoo["base"], "--calibration", calib, "--out", out)
     assert_one_error(proc, f"{calib}:2")
     assert_nothing_written(out)
 
@@ -185,8 +185,8 @@ SUBCOMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "comma
 
 
 def test_subcommands_are_the_workflow_steps():
-    assert set(SUBCOMMANDS) >= {"zoo-data", "zoo-base", "zoo-expert", "calibrate", "score", "elect", "disjoint",
-                                "merge", "evaluate", "report", "check-config"}
+    assert set(SUBCOMMANDS) >= {"zoo-data", "zoo-base", "zoo-expert", "calibration", "importance", "election", "disjoint",
+                                "merge", "evaluation", "report", "check-config"}
 
 
 @pytest.mark.parametrize("args", [["--help"]] + [[cmd, "--help"] for cmd in SUBCOMMANDS], ids=lambda a: a[0])

@@ -61,6 +61,8 @@ def with_models(cfg: dict, zoo: dict) -> dict:
         cfg["tasks"][task]["model"] = str(zoo[task])
     if cfg.get("data_aware", {}).get("enabled"):  # real models need a real generator for the synthetic data
         cfg["data_aware"]["synthetic"]["generator"] = str(zoo["base"])
+    # the toy's prompt sets named explicitly (their default only for the toy models)
+    cfg["evaluation"] = {**{k: "zoo" for k in ("harmful", "benign", "math", "code")}, **cfg.get("evaluation", {})}
     return cfg
 
 
@@ -113,14 +115,14 @@ def _merge_named_base(cfg, tmp_path, zoo, wide):
 
 
 def _missing_eval_file(cfg, tmp_path, zoo, wide):
-    cfg["evaluation"]["harmful"] = str(tmp_path / "nope.jsonl")
+    cfg.setdefault("evaluation", {})["harmful"] = str(tmp_path / "nope.jsonl")
 
 
 def _eval_rows(key, row):
     def change(cfg, tmp_path, zoo, wide):
         path = tmp_path / f"{key}.jsonl"
         path.write_text(json.dumps(row) + "\n")
-        cfg["evaluation"][key] = str(path)
+        cfg.setdefault("evaluation", {})[key] = str(path)
     return change
 
 
@@ -136,18 +138,18 @@ def _led_lambdas_name_no_task(cfg, tmp_path, zoo, wide):
 
 def _real_models_without_evaluation(cfg, tmp_path, zoo, wide):
     with_models(cfg, zoo)
-    del cfg["evaluation"]
+    cfg.pop("evaluation", None)
 
 
 def _real_models_without_math_set(cfg, tmp_path, zoo, wide):
     with_models(cfg, zoo)
-    del cfg["evaluation"]["math"]
+    cfg["evaluation"] = {"harmful": "zoo", "benign": "zoo", "code": "zoo"}  # every set named but math
 
 
 def _scored_vocab_with_vocab_policy_base(key):
     def change(cfg, tmp_path, zoo, wide):
-        cfg["scoring"][key] = True
-        cfg.setdefault("merging", {})["vocab_policy"] = "base"
+        cfg.setdefault("importance", {})[key] = True
+        cfg.setdefault("merge", {})["vocab_policy"] = "base"
     return change
 
 
@@ -172,9 +174,9 @@ CASES = [
     ("real-models-without-evaluation", _real_models_without_evaluation, "evaluation.harmful"),
     ("real-models-without-math-set", _real_models_without_math_set, "evaluation.math"),
     ("embeddings-with-vocab-policy-base", _scored_vocab_with_vocab_policy_base("include_embeddings"),
-     "scoring.include_embeddings"),
+     "importance.include_embeddings"),
     ("lm-head-with-vocab-policy-base", _scored_vocab_with_vocab_policy_base("include_lm_head"),
-     "scoring.include_lm_head"),
+     "importance.include_lm_head"),
 ]
 # The cases the Snakefile gate is also run on (each is a Snakemake start-up, ~3 s).
 SNAKEFILE_CASES = ["rate-zero", "unknown-method", "ties-density-2", "missing-expert-dir", "expert-shape-mismatch",
@@ -225,8 +227,8 @@ def test_defaults_are_filled(tmp_path):
     cfg = {"tasks": {"safety": {"model": "zoo", "calibration": {"source": "zoo"}, "rate": 0.1}},
            "merges": {"led": {"method": "led"}}}
     validate(cfg)
-    assert cfg["scoring"]["granularity"] == "example"
-    assert cfg["scoring"]["dtype"] == "float32"
+    assert cfg["importance"]["granularity"] == "example"
+    assert cfg["importance"]["dtype"] == "float32"
     assert cfg["results"] == "results" and cfg["seed"] == 0 and cfg["threads"] == 1
     assert cfg["zoo"]["hidden_size"] == 64
     assert cfg["calibration"] == {"size": 128, "seed": 0}
@@ -242,9 +244,9 @@ def test_defaults_are_filled(tmp_path):
 
 def test_defaults_do_not_override_given_values():
     cfg = {"tasks": {"math": {"model": "zoo", "calibration": {"source": "zoo"}, "rate": 0.4, "lambda": 0.5}},
-           "merges": {"led": {"method": "led", "lambdas": {"math": 2.0}}}, "scoring": {"granularity": "batch"}}
+           "merges": {"led": {"method": "led", "lambdas": {"math": 2.0}}}, "importance": {"granularity": "batch"}}
     validate(cfg)
-    assert cfg["scoring"]["granularity"] == "batch" and cfg["scoring"]["batch_size"] == 8
+    assert cfg["importance"]["granularity"] == "batch" and cfg["importance"]["batch_size"] == 8
     assert cfg["tasks"]["math"]["lambda"] == 0.5
     assert merge_spec(cfg, "led")["lambdas"] == {"math": 2.0}
 
@@ -290,19 +292,27 @@ def test_user_configfile_replaces_the_default_rather_than_merging(tmp_path):
     assert proc.returncode == 0, proc.stderr
     stats = job_stats(proc.stdout)
     assert stats["calibration"] == 2 and stats["zoo_expert"] == 2
-    assert stats["merge"] == 1 and stats["evaluate"] == 4  # base, 2 experts, 1 merge
+    assert stats["merge"] == 1 and stats["evaluation"] == 4  # base, 2 experts, 1 merge
     assert "results/calibration/code.jsonl" not in proc.stdout
 
 
 def test_check_validates_the_merge_spec_the_workflow_runs():
     """check-config and the merge job see one spec: merge_spec (the user's lambdas, else tasks.<t>.lambda)."""
     cfg = validate(copy.deepcopy(DEFAULT))
-    cfg["merges"]["led"]["lambdas"] = {"math": 0.5}  # names a task: fine, the others get 1.0
+    cfg["tasks"]["code"]["lambda"] = 0.25
+    cfg["merges"]["led"]["lambdas"] = {"math": 0.5}  # names a task: fine, the others get tasks.<t>.lambda
     check(cfg)
-    assert merge_spec(cfg, "led")["lambdas"] == {"math": 0.5}
+    assert merge_spec(cfg, "led")["lambdas"] == {"code": 0.25, "math": 0.5, "safety": 1.0}
     cfg["merges"]["led"]["lambdas"] = {"math": 0.5, "chemistry": 1.0}
     with pytest.raises(LedmergeError, match=r"merges\.led.*lambdas names task\(s\) \['chemistry'\]"):
         check(cfg)
+
+
+def test_renamed_sections_are_one_line_errors():
+    for old, new, cfg in (("scoring", "importance", {"scoring": {}}), ("merging", "merge", {"merging": {}}),
+                          ("resources.evaluate", "resources.evaluation", {"resources": {"evaluate": {}}})):
+        with pytest.raises(LedmergeError, match=f"'{old}' was renamed to '{new}'"):
+            validate({**copy.deepcopy(DEFAULT), **cfg})
 
 
 def test_real_models_with_named_evaluation_sets_pass(tmp_path, tiny_zoo):

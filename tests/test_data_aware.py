@@ -113,18 +113,18 @@ def test_per_task_density_and_drop():
 
 
 def test_genome_and_decode():
-    genes = genome("dare_ties", TASKS)
+    genes = genome("dare_ties", TASKS, 1.0)
     assert [g[:2] for g in genes] == [("weight", t) for t in TASKS] + [("density", t) for t in TASKS]
     assert [g[4] for g in genes] == [1 / 3] * 3 + [1.0] * 3  # start: weight 1/N, density 1
     spec = decode("dare_ties", genes, [-0.5, 0.5, 2.0, 0.0, 0.5, 1.5])  # clipped into the bounds
     assert spec["weights"] == {"code": 1e-6, "math": 0.5, "safety": 1.0}
     assert spec["drop"] == pytest.approx({"code": 0.95, "math": 0.5, "safety": 0.0})
-    assert decode("led", genome("led", TASKS), [0.1, 0.2, 0.3]) == {
+    assert decode("led", genome("led", TASKS, 1.0), [0.1, 0.2, 0.3]) == {
         "method": "led", "lambdas": {"code": 0.1, "math": 0.2, "safety": 0.3}}
     assert decode("task_arithmetic", genome("task_arithmetic", TASKS, 2.0), [0.0, 1.5, 3.0])["weights"] == {
         "code": 0.0, "math": 1.5, "safety": 2.0}
     with pytest.raises(LedmergeError, match="no method"):
-        genome("linear", TASKS)
+        genome("linear", TASKS, 1.0)
 
 
 def test_search_is_reproducible_by_seed(evaluator):
@@ -329,12 +329,13 @@ def test_evaluator_rejects_a_tokenizer_the_models_cannot_embed(real_like):
 def test_evolve_and_cocktail_cli_take_the_tokenizer(real_like, tmp_path):
     for split, rows in (("search", ROWS), ("heldout", ROWS[:1] + ROWS[2:3])):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    options = {"w_align": 1.0, "w_task": 1.0, "batch_size": 2, "max_length": 64, "device": "cpu",
-               "temperature": 1.0, "budget": 2, "sigma0": 0.2, "seed": 0, "weight_max": 1.0}
+    fitness = {"w_align": 1.0, "w_task": 1.0, "batch_size": 2, "max_length": 64, "device": "cpu"}
     common = ["--base", str(real_like["base"]), "--expert", *[f"{t}={real_like[t]}" for t in TASKS],
               "--search", str(tmp_path / "search.jsonl"), "--heldout", str(tmp_path / "heldout.jsonl"),
-              "--objective", "align", "--options", json.dumps(options)]
-    for step in (["cocktail"], ["evolve", "--method", "task_arithmetic"]):
+              "--objective", "align", "--fitness", json.dumps(fitness)]
+    for step in (["cocktail", "--options", json.dumps({"temperature": 1.0})],
+                 ["evolve", "--method", "task_arithmetic", "--options",
+                  json.dumps({"budget": 2, "sigma0": 0.2, "seed": 0, "weight_max": 1.0})]):
         out = tmp_path / step[0]
         cmd = [sys.executable, "-m", "ledmerge", *step, *common, "--out-dir", str(out)]
         proc = subprocess.run(cmd + ["--tokenizer", str(real_like["tokenizer"])], capture_output=True, text=True)

@@ -55,14 +55,14 @@ def test_fetch_model_keeps_weights_configs_and_tokenizer(tmp_path, tiny_zoo, mon
         return str(local_dir)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    out = fetch_model("org/base", tmp_path / "org--base")
+    out = fetch_model("org/base", tmp_path / "org--base", "main")
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors")) and not (out / ".cache").exists()
 
 
 def test_fetch_model_without_network_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LedmergeError, match="cannot download org/none"):
-        fetch_model("org/none", tmp_path / "m")
+        fetch_model("org/none", tmp_path / "m", "main")
     assert not (tmp_path / "m").exists()
 
 
@@ -110,3 +110,12 @@ def test_vllm_backend_reaches_lm_eval(tiny_zoo, tmp_path, monkeypatch):
                        model_args={"max_model_len": 2048})
     assert seen["model"] == "vllm"
     assert seen["model_args"]["max_model_len"] == 2048 and seen["model_args"]["tensor_parallel_size"] == 1
+
+
+def test_a_model_judge_on_the_hub_gets_the_revision_default(tmp_path):
+    """judge_kwargs is free-form, but its {hub: org/name} is validated and filled like any hub model (fetch.smk
+    reads revision from the validated config)."""
+    cfg = hub_config(tmp_path, judge="harmbench", judge_kwargs={"model": {"hub": "org/judge"}})
+    assert cfg["evaluation"]["judge_kwargs"]["model"] == {"hub": "org/judge", "revision": "main"}
+    with pytest.raises(LedmergeError, match="evaluation.judge_kwargs.model"):
+        hub_config(tmp_path, judge="harmbench", judge_kwargs={"model": {"hub": "org/judge", "rev": "v1"}})

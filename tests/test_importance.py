@@ -314,9 +314,10 @@ def test_gradient_checkpointing_same_scores_and_recomputes(tiny_zoo, calib):
     calls = []
     # a pre-hook: checkpoint's recomputation stops early, once the last saved tensor is rebuilt
     handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-    plain, _ = compute_scores(model, examples, tok.pad_token_id, progress=False)
+    plain, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32)
     n_plain, calls[:] = len(calls), []
-    ckpt, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, gradient_checkpointing=True)
+    ckpt, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32,
+                             gradient_checkpointing=True)
     handle.remove()
     assert n_plain == 5 and len(calls) == 10
     assert all("forward" not in vars(m) for m in model.modules())  # wrappers removed afterwards

@@ -98,11 +98,11 @@ def test_elect_errors():
         elect(EXPERT, None, 0.5, "11")
     assert elect(EXPERT, None, 0.5, "x1")["w"].sum() == 2
     with pytest.raises(LedmergeError, match="v"):
-        elect(EXPERT, {"v": torch.ones(4)}, 0.5)
+        elect(EXPERT, {"v": torch.ones(4)}, 0.5, "11")
     with pytest.raises(LedmergeError, match="w.*shape"):
-        elect(EXPERT, {"w": torch.ones(5)}, 0.5)
+        elect(EXPERT, {"w": torch.ones(5)}, 0.5, "11")
     with pytest.raises(LedmergeError, match="rate"):
-        elect(EXPERT, BASE, 0.0)
+        elect(EXPERT, BASE, 0.0, "11")
 
 
 def test_election_never_elects_zero_scores():
@@ -115,7 +115,7 @@ def test_election_never_elects_zero_scores():
         m = elect({"emb": expert}, {"emb": base}, 0.3, pattern)["emb"]  # ⌈0.3·40⌉ = 12 > 4 positive entries
         assert m.nonzero().tolist() == [[7, 0], [7, 1], [7, 2], [7, 3]]
     assert int(elect({"emb": expert}, {"emb": base}, 0.05, "11")["emb"].sum()) == 2  # k = 2 < 4: plain TopR
-    assert not elect({"w": torch.zeros(5)}, {"w": torch.ones(5)}, 0.5)["w"].any()
+    assert not elect({"w": torch.zeros(5)}, {"w": torch.ones(5)}, 0.5, "11")["w"].any()
 
 
 def test_election_files_record_zero_capped_tensors_and_refuse_other_token_ids(tmp_path):
@@ -257,7 +257,7 @@ def test_files_accept_legacy_float32_scores_and_bool_masks(tmp_path):
     for t, s in scores.items():
         save_tensors(tmp_path / f"{t}.safetensors", s)
     elect_files(tmp_path / "a.safetensors", tmp_path / "base.safetensors", 0.3, "11", tmp_path / "e.safetensors")
-    want = elect(scores["a"], scores["base"], 0.3)
+    want = elect(scores["a"], scores["base"], 0.3, "11")
     assert torch.equal(load_masks(tmp_path / "e.safetensors")["w"], want["w"])
     save_tensors(tmp_path / "old.safetensors", want, metadata={"rate": "0.3"})
     assert mask_names_and_shapes(tmp_path / "old.safetensors") == {"w": (4, 9)}

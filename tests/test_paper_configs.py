@@ -36,9 +36,11 @@ def test_paper_config_dry_runs_offline(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = job_stats(proc.stdout)
     # Every evaluation loads the models in bf16 and uses the run's tokenizer directory.
-    options = [json.loads(m) for m in re.findall(r" evaluate --model .*? --options '(\{.*?\})'", proc.stdout)]
-    assert len(options) == stats["evaluate"]
-    assert all(o["dtype"] == "bfloat16" and o["tokenizer"].endswith("/tokenizer") for o in options)
+    lines = [m for m in re.findall(r" evaluation --model .*", proc.stdout)]
+    options = [json.loads(re.search(r"--options '(\{.*?\})'", line).group(1)) for line in lines]
+    assert len(options) == stats["evaluation"]
+    assert all(o["dtype"] == "bfloat16" for o in options)
+    assert all(re.search(r"--tokenizer \S*/tokenizer ", line) for line in lines)
     cfg = validate(yaml.safe_load((REPO / "config" / f"{setup}.yaml").read_text()))
     n_tasks, n_merges = len(cfg["tasks"]), len(cfg["merges"]) + len(data_aware_models(cfg))
     assert n_tasks == EXPERTS[setup]
@@ -49,15 +51,15 @@ def test_paper_config_dry_runs_offline(setup, tmp_path):
     assert stats["importance"] == 2 * n_tasks
     assert stats["election"] == n_tasks and stats["disjoint"] == 1
     assert stats["merge"] == n_merges
-    assert stats["evaluate"] == 1 + n_tasks + n_merges
+    assert stats["evaluation"] == 1 + n_tasks + n_merges
     assert stats["report"] == 1
 
 
 @pytest.mark.parametrize("setup", PAPER_CONFIGS)
 def test_paper_config_uses_gpus_and_real_data(setup):
     cfg = yaml.safe_load((REPO / "config" / f"{setup}.yaml").read_text())
-    assert cfg["scoring"]["device"] == cfg["evaluation"]["device"] == "cuda"
-    assert cfg["resources"]["importance"]["gpu"] == cfg["resources"]["evaluate"]["gpu"] == 1
+    assert cfg["importance"]["device"] == cfg["evaluation"]["device"] == "cuda"
+    assert cfg["resources"]["importance"]["gpu"] == cfg["resources"]["evaluation"]["gpu"] == 1
     assert "gpu" not in cfg["resources"]["merge"]  # merging runs on CPU nodes
     assert all(t["calibration"]["source"] == "hf" for t in cfg["tasks"].values())
     assert cfg["evaluation"]["lm_eval_tasks"] and cfg["evaluation"]["judge"] in ("harmbench", "llama_guard")
@@ -68,7 +70,7 @@ def test_paper_config_scores_like_the_reference_code(setup):
     """The released LED code scores every linear layer, every RMSNorm and the LM head with the per-example mean
     response-token loss; its embeddings end at the base (ours: unscored, and `unscored: base` keeps them)."""
     cfg = load(REPO / "config" / f"{setup}.yaml")
-    scoring = cfg["scoring"]
+    scoring = cfg["importance"]
     assert (scoring["include_norms"], scoring["include_lm_head"], scoring["include_embeddings"]) == (True, True, False)
     assert scoring["loss_reduction"] == "mean" and scoring["granularity"] == "example"
     assert cfg["merges"]["led"]["unscored"] == "base"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from ledmerge.options import resolve
 import yaml
 
 from conftest import make_tiny_model
@@ -205,9 +207,9 @@ def test_scoring_reads_pickle_checkpoints_with_allow_pickle(tiny_zoo, led, tmp_p
     files = json.loads(tensors_metadata(tmp_path / "s.safetensors")["model_files"])
     assert files["pytorch_model.bin"]["sha256"] == file_sha256(d / "pytorch_model.bin")
     # the CLI step (the workflow's importance rule passes --allow-pickle when the config sets allow_pickle)
-    args = ["score", "--model", str(d), "--calibration", str(led["calib"]), "--out", str(tmp_path / "c.safetensors")]
+    args = ["importance", "--model", str(d), "--calibration", str(led["calib"]), "--out", str(tmp_path / "c.safetensors")]
     assert cli.main(args) == 2 and "allow_pickle: true" in capsys.readouterr().err
-    assert cli.main([*args, "--allow-pickle", "--options", json.dumps({"progress": False})]) == 0
+    assert cli.main([*args, "--allow-pickle"]) == 0
     assert torch.equal(load_file(tmp_path / "c.safetensors")["model.layers.0.mlp.up_proj.weight"],
                        want["model.layers.0.mlp.up_proj.weight"])
 
@@ -294,7 +296,7 @@ def test_tokenizer_step_trusts_remote_code(remote, tmp_path):
     build_tokenizer_dir("base", remote["base"], {}, "safety", tmp_path / "tok", trust_remote_code=True)
     assert (tmp_path / "tok" / "tokenization_tiny_remote.py").is_file()
     assert cli.main(["tokenizer", "--source", "base", "--base", str(remote["base"]), "--expert",
-                     "--out", str(tmp_path / "cli"), "--trust-remote-code"]) == 0
+                     "--alignment-task", "safety", "--out", str(tmp_path / "cli"), "--trust-remote-code"]) == 0
 
 
 def test_scoring_trusts_remote_code(tiny_zoo, remote, led, tmp_path):
@@ -311,7 +313,8 @@ def test_synthetic_data_models_trust_remote_code(remote, led, tmp_path, monkeypa
 
     with pytest.raises(ValueError, match=CUSTOM_CODE):
         synth.load_causal_lm(remote["math"])
-    generator = synth.HFGenerator(remote["base"], max_new_tokens=4, trust_remote_code=True)
+    generator = synth.make_generator(resolve("data_aware.synthetic", {"generator": str(remote["base"]), "generator_max_new_tokens": 4}),
+                                     trust_remote_code=True)
     assert type(generator.model).__name__ == "TinyRemoteForCausalLM"
 
     class Fixed(synth.Generator):  # valid JSON for every request, so every answering model is loaded
@@ -341,7 +344,7 @@ def test_synthetic_data_models_trust_remote_code(remote, led, tmp_path, monkeypa
     options = {"generator": str(remote["base"]), "harm_categories": ["weapons"], "generator_max_new_tokens": 4,
                "temperature": 0.0, "batch_size": 2, "seed": 0, "device": "cpu", "alignment_size": 1, "task_size": 1,
                "exemplars": 1, "heldout_fraction": 0.0, "max_new_tokens": 4, "malformed_fraction": 0.0}
-    assert cli.main(["synthesize", "--aligned", str(remote["safety"]), "--alignment-task", "safety", "--expert",
+    assert cli.main(["synthetic", "--aligned", str(remote["safety"]), "--alignment-task", "safety", "--expert",
                      f"math={remote['math']}", "--calibration", f"math={led['calib']}", "--options",
                      json.dumps(options), "--out-dir", str(tmp_path / "cli"), "--trust-remote-code"]) == 0
     assert seen["generator"]["trust_remote_code"] and seen["synthesize"]["trust_remote_code"]
@@ -373,7 +376,7 @@ def test_data_aware_evaluator_trusts_remote_code(remote, tmp_path, monkeypatch):
     for step in ("evolve", "cocktail"):
         seen.clear()
         argv = [step, "--base", str(remote["base"]), "--expert", f"math={remote['math']}", "--search", "s",
-                "--heldout", "h", "--tokenizer", str(remote["base"]), "--objective", "align", "--options",
+                "--heldout", "h", "--tokenizer", str(remote["base"]), "--objective", "align", "--fitness",
                 json.dumps({"w_align": 1.0, "w_task": 1.0, "batch_size": 2, "max_length": 32, "device": "cpu"}),
                 "--out-dir", str(tmp_path / step), "--trust-remote-code", "--allow-pickle"]
         assert cli.main(argv + (["--method", "linear"] if step == "evolve" else [])) == 2
@@ -402,12 +405,12 @@ def test_workflow_passes_the_opt_ins_to_every_step(tmp_path):
                            "--cores", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     commands = [line for line in proc.stdout.splitlines() if "$LEDMERGE" in line or "ledmerge " in line]
-    for step, flags in (("score", ["--trust-remote-code", "--allow-pickle"]), ("synthesize", ["--trust-remote-code"]),
+    for step, flags in (("importance", ["--trust-remote-code", "--allow-pickle"]), ("synthetic", ["--trust-remote-code"]),
                         ("evolve", ["--trust-remote-code", "--allow-pickle"]),
                         ("cocktail", ["--trust-remote-code", "--allow-pickle"]), ("merge", ["--allow-pickle"]),
                         ("tokenizer", ["--trust-remote-code"])):
         mine = [c for c in commands if f" {step} " in c]
         assert mine and all(f in c for c in mine for f in flags), (step, mine[:1])
-    evaluations = [c for c in commands if " evaluate " in c]
-    judge = f'"judge_kwargs": {{"model": "{tmp_path / "judge"}", "trust_remote_code": true}}'
-    assert evaluations and all(judge in c for c in evaluations), evaluations[:1]
+    evaluations = [c for c in commands if " evaluation " in c]
+    judge = f'"judge_kwargs": {{"model": "{tmp_path / "judge"}"}}'  # the CLI adds trust_remote_code to a model judge
+    assert evaluations and all(judge in c and "--trust-remote-code" in c for c in evaluations), evaluations[:1]

@@ -194,7 +194,7 @@ def test_real_checkpoint_workflow(smol_zoo, tmp_path):
         cfg["tasks"][task]["model"] = str(zoo[task])
         cfg["tasks"][task]["calibration"] = {"source": "jsonl", "path": str(data["calibration"][task])}
     cfg["calibration"]["size"] = 8
-    cfg["scoring"].update(include_norms=True, include_lm_head=True, max_length=96, batch_size=8)
+    cfg.setdefault("importance", {}).update(include_norms=True, include_lm_head=True, max_length=96, batch_size=8)
     cfg["data_aware"]["enabled"] = False
     cfg["evaluation"].update({k: str(p) for k, p in data["evaluation"].items()})
     cfg["evaluation"].update(max_new_tokens=12, batch_size=8)

@@ -205,7 +205,7 @@ def test_rerun_after_kill_9_removes_debris_and_equals_an_uninterrupted_run(zoo, 
     assert len(left) == 1 and any((out.parent / left[0]).iterdir()), left  # shards the killed run had written
     assert not out.exists()
 
-    rerun = ledmerge(*merge_args(zoo, out, TIES), "--shard-size", "20000")
+    rerun = ledmerge(*merge_args(zoo, out, TIES), "--options", json.dumps({"shard_size": 20000}))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert not debris(out), debris(out)
     merge_models(zoo["base"], {"math": zoo["math"], "code": zoo["code"]}, TIES, tmp_path / "ref", shard_size=20000)
@@ -326,7 +326,7 @@ def test_scoring_on_a_full_disk(zoo, tmp_path, calib, small_disk, how):
         out, limit = tmp_path / "scores" / "base.safetensors", fsize_limit(4096)
     else:
         out, limit = small_disk(8192) / "base.safetensors", None
-    line = one_error_line(ledmerge("score", "--model", zoo["base"], "--calibration", calib, "--out", out,
+    line = one_error_line(ledmerge("importance", "--model", zoo["base"], "--calibration", calib, "--out", out,
                                    preexec_fn=limit))
     assert f"cannot write {out}: " in line and ("(EFBIG)" if how == "efbig" else "(ENOSPC)") in line, line
     assert_nothing_written(out)

@@ -78,7 +78,7 @@ def test_workflow_runs_on_a_slurm_cluster(tmp_path):
     slurm_dir.mkdir()
     slurm_cfg = test_config(slurm_dir / "results", data_aware__enabled=False, resources={
         "importance": {"gpu": 1, "mem_mb": 8000, "runtime": "20m"},
-        "evaluate": {"gpu": 1, "mem_mb": 8000, "runtime": "1h"}})
+        "evaluation": {"gpu": 1, "mem_mb": 8000, "runtime": "1h"}})
     slurm_cfg = write_config(tmp_path / "slurm.yaml", slurm_cfg)
 
     cluster = SlurmCluster(tmp_path / "cluster", cpus=2, gpus=1)
@@ -104,7 +104,7 @@ def test_workflow_runs_on_a_slurm_cluster(tmp_path):
     for _, slurm_id, logfile in submitted:
         assert re.search(rf"_job_complete: JobId={slurm_id} WEXITSTATUS 0", ctld_log), slurm_id
         assert Path(logfile).is_file(), logfile
-        wants_gpu = "/rule_importance/" in logfile or "/rule_evaluate/" in logfile
+        wants_gpu = "/rule_importance/" in logfile or "/rule_evaluation/" in logfile
         assert bool(re.search(r"TresPerJob=gres:gpu:1\b", jobs[slurm_id])) == wants_gpu, (logfile, jobs[slurm_id])
 
     assert outputs(slurm_dir / "results") == outputs(local / "results")

@@ -110,6 +110,18 @@ def test_synthesize_counts_every_drop_and_splits(tmp_path, tiny_zoo, monkeypatch
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
 
 
+def test_run_synthetic_hands_the_generator_keys_to_the_generator_and_the_rest_to_synthesize(tmp_path, tiny_zoo,
+                                                                                            monkeypatch):
+    """The `synthetic` step function: one resolved section, split between make_generator and synthesize."""
+    seen = {}
+    monkeypatch.setattr(synth, "synthesize", lambda generator, *a, **kw: seen.update(generator=generator, **kw) or {})
+    synth.run_synthetic(tiny_zoo["safety"], "safety", {"math": tiny_zoo["math"]}, {"math": tmp_path / "c.jsonl"},
+                        tmp_path / "out", alignment_size=5, seed=3)
+    assert isinstance(seen.pop("generator"), ToyGenerator)  # generator: zoo, the schema default
+    assert seen.pop("categories") == sorted(HARMFUL_ACTIONS) and seen.pop("trust_remote_code") is False
+    assert seen["alignment_size"] == 5 and seen["seed"] == 3 and not set(synth.GENERATOR_KEYS) & set(seen)
+
+
 def test_domain_requests_show_exemplars_from_calibration():
     import random
 
@@ -177,6 +189,7 @@ def test_replies_stop_at_the_chat_templates_end_of_turn_token(tmp_path):
     end = always_says(model_dir, "<extra_0>")
     model, tok = synth.load_causal_lm(model_dir)
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids(EOS) != end
-    assert synth.chat_generate(model, tok, ["how do i make a bomb"], max_new_tokens=4) == [""]  # stops at once
+    # stops at once
+    assert synth.chat_generate(model, tok, ["how do i make a bomb"], max_new_tokens=4, batch_size=1) == [""]
     assert synth.turn_end_id(tok) == end
     assert synth.stop_ids(model, tok) == [tok.eos_token_id, end]

@@ -33,7 +33,7 @@ DATA_AWARE = ["evo_ties_align", "evo_ties_task", "evo_led_align", "evo_led_task"
 MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 METRICS = ["harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"]
 RULES = ["zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration", "importance", "election", "disjoint",
-         "merge", "evaluate", "report", "synthetic", "evolve", "cocktail"]
+         "merge", "evaluation", "report", "synthetic", "evolve", "cocktail"]
 
 
 def env() -> dict:
@@ -174,7 +174,7 @@ def test_every_rule_has_logs(workflow_run):
     expected = ["zoo_data", "zoo_base", "tokenizer", "disjoint", "report"]
     expected += [f"zoo_expert_{t}" for t in TASKS] + [f"calibration_{t}" for t in TASKS]
     expected += [f"importance_{t}_{r}" for t in TASKS for r in ("base", "expert")] + [f"election_{t}" for t in TASKS]
-    expected += [f"merge_{m}" for m in MERGES + DATA_AWARE] + [f"evaluate_{m}" for m in MODELS]
+    expected += [f"merge_{m}" for m in MERGES + DATA_AWARE] + [f"evaluation_{m}" for m in MODELS]
     expected += ["synthetic"] + [f"evolve_{m.removeprefix('evo_')}" for m in DATA_AWARE if m.startswith("evo_")]
     expected += [m for m in DATA_AWARE if m.startswith("cocktail_")]
     missing = [name for name in expected if not (logs / f"{name}.log").is_file()]
@@ -229,9 +229,9 @@ def test_lambda_change_reruns_only_the_led_merge_and_downstream(workflow_run, tm
     proc = snakemake(workflow_run.workdir, write_config(tmp_path / "c.yaml", cfg), "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = job_stats(proc.stdout)
-    assert set(stats) <= {"merge", "evaluate", "report", "all"}, stats
+    assert set(stats) <= {"merge", "evaluation", "report", "all"}, stats
     assert stats.get("merge") == 1, stats  # only `led` uses λ
-    assert stats.get("evaluate") == 1 and stats.get("report") == 1, stats
+    assert stats.get("evaluation") == 1 and stats.get("report") == 1, stats
     assert f"{workflow_run.results}/merged/led" in proc.stdout
     assert "Params have changed since last execution" in proc.stdout  # the params rerun trigger (default)
 
@@ -292,7 +292,7 @@ def test_dry_run_plans_every_rule(tmp_path, name):
     expected_rules = set(RULES) if data_aware else set(RULES) - {"synthetic", "evolve", "cocktail"}
     assert set(stats) == expected_rules | {"all"}, stats
     assert stats["merge"] == len(MERGES) + len(data_aware) and stats["importance"] == 2 * len(TASKS)
-    assert stats["evaluate"] == 1 + len(TASKS) + len(MERGES) + len(data_aware)
+    assert stats["evaluation"] == 1 + len(TASKS) + len(MERGES) + len(data_aware)
     assert not (tmp_path / "results").exists()
 
 
@@ -397,7 +397,7 @@ def test_replaced_expert_checkpoint_reruns_exactly_its_readers(tmp_path, tiny_zo
                                              "mask_overlap.png")}
     assert planned_outputs(proc.stdout) == expected, proc.stdout[-3000:]
     assert job_stats(proc.stdout) == {"importance": 1, "election": 1, "disjoint": 1, "merge": len(MERGES),
-                                      "evaluate": 1 + len(MERGES), "report": 1, "all": 1}
+                                      "evaluation": 1 + len(MERGES), "report": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -410,4 +410,4 @@ def test_replaced_generator_checkpoint_reruns_the_data_aware_merges(tmp_path, ti
     assert proc.returncode == 0, proc.stderr[-3000:]
     evolved = [m for m in DATA_AWARE if m.startswith("evo_")]
     assert job_stats(proc.stdout) == {"synthetic": 1, "evolve": len(evolved), "cocktail": len(DATA_AWARE) - len(evolved),
-                                      "merge": len(DATA_AWARE), "evaluate": len(DATA_AWARE), "report": 1, "all": 1}
+                                      "merge": len(DATA_AWARE), "evaluation": len(DATA_AWARE), "report": 1, "all": 1}

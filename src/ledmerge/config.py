@@ -6,47 +6,27 @@ the fix, and nothing is computed from a config that would fail later.
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import yaml
-from jsonschema import Draft202012Validator, validators
-
+from . import options
 from .errors import LedmergeError
 
 ZOO = "zoo"
 ZOO_TASKS = ("safety", "math", "code")
 EVAL_SETS = ("harmful", "benign", "math", "code")
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def _with_defaults(validator_class):
-    """A validator that fills in `default` values while it validates (the jsonschema FAQ recipe)."""
-    validate_properties = validator_class.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for prop, sub in properties.items():
-                if "default" in sub and prop not in instance:
-                    instance[prop] = yaml.safe_load(yaml.safe_dump(sub["default"]))  # a fresh copy
-        yield from validate_properties(validator, properties, instance, schema)
-
-    return validators.extend(validator_class, {"properties": set_defaults})
-
-
-def validate(config: dict, schema_path: str | Path = SCHEMA) -> dict:
-    """Fill defaults and validate against the JSON schema; the first error becomes one clear line."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = _with_defaults(Draft202012Validator)(schema)
-    # Validate twice: the first pass fills defaults (inside nested defaults too), the second reports.
-    list(validator.iter_errors(config))
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
-    if errors:
-        err = errors[0]
-        where = ".".join(map(str, err.absolute_path)) or "(top level)"
-        hint = err.schema.get("description", "") if isinstance(err.schema, dict) else ""
-        if err.validator == "additionalProperties" and isinstance(err.schema, dict):  # a misspelt key
-            hint = f"allowed keys: {', '.join(sorted(err.schema.get('properties', {})))}"
-        raise LedmergeError(f"config error at '{where}': {err.message}" + (f" ({hint})" if hint else ""))
+def validate(config: dict) -> dict:
+    """Fill the schema defaults into `config` (in place) and validate it (`options.fill`, the one validator); the
+    first error becomes one clear line."""
+    options.renamed_error(config, "config error: ")
+    options.fill(config, prefix="config error at ")
+    judge_model = config["evaluation"]["judge_kwargs"].get("model")
+    if is_hub(judge_model):  # free-form judge_kwargs: its {hub: org/name} is checked and filled like any hub model
+        options.fill_definition(judge_model, "hub_model", "evaluation.judge_kwargs.model.", prefix="config error at ")
     if config["base_model"] == ZOO:  # the toy's prompt sets are the default for the toy models only (see check)
         for key in EVAL_SETS:
             config["evaluation"].setdefault(key, ZOO)
@@ -71,13 +51,6 @@ def model_dir(config: dict, name: str) -> str:
     if is_hub(source):
         return hub_dir(config, source)
     return f"{results}/zoo/models/{name}" if source == ZOO else source
-
-
-def uses_zoo(config: dict) -> bool:
-    ev = config["evaluation"]
-    return (config["base_model"] == ZOO or any(t["model"] == ZOO or t["calibration"]["source"] == ZOO
-                                                for t in config["tasks"].values())
-            or ZOO in (ev.get(k) for k in EVAL_SETS))
 
 
 def _at(key: str, func, *args, **kwargs):
@@ -131,9 +104,9 @@ def check(config: dict) -> None:
         if "base" in present:
             for name in [n for n in present if n != "base"]:
                 _at(keys[name], check_compatible, present["base"], {name: present[name]},
-                    vocab_policy=config["merging"]["vocab_policy"], allow_pickle=config["allow_pickle"])
+                    vocab_policy=config["merge"]["vocab_policy"], allow_pickle=config["allow_pickle"])
     _check_tokenizer(config)
-    _at("merging.shard_size", parse_size, config["merging"]["shard_size"])
+    _at("merge.shard_size", parse_size, config["merge"]["shard_size"])
     for key in EVAL_SETS:
         if key not in config["evaluation"]:  # validate defaults it to zoo only for the toy models
             fix = ("a JSONL file or a prompt set ({hf: org/name, split: test})" if key in ("harmful", "benign")
@@ -156,12 +129,12 @@ def check(config: dict) -> None:
 def _check_vocab_scoring(config: dict) -> None:
     """Scored embeddings or LM head with vocab_policy base: an expert with another vocabulary gives those tensors
     scores of another shape than the base's, which the election cannot compare."""
-    if config["merging"]["vocab_policy"] != "base":
+    if config["merge"]["vocab_policy"] != "base":
         return
     for key in ("include_embeddings", "include_lm_head"):
-        if config["scoring"][key]:
-            raise LedmergeError(f"config error at 'scoring.{key}': vocabulary-sized tensors cannot be scored with "
-                                "merging.vocab_policy: base (an expert with another vocabulary scores them in another "
+        if config["importance"][key]:
+            raise LedmergeError(f"config error at 'importance.{key}': vocabulary-sized tensors cannot be scored with "
+                                "merge.vocab_policy: base (an expert with another vocabulary scores them in another "
                                 "shape than the base, and the election fails): set it to false (LED then treats them "
                                 "as unscored) or keep vocab_policy: error")
 
@@ -228,15 +201,15 @@ def _check_data_aware(config: dict) -> None:
                             "rename the merge")
 
 
-def lambdas(config: dict) -> dict[str, float]:
-    return {name: float(t["lambda"]) for name, t in config["tasks"].items()}
-
-
 def merge_spec(config: dict, name: str) -> dict:
-    """The full spec of merge `name`; LED takes its per-task λ from `tasks.<t>.lambda` unless given."""
-    spec = dict(config["merges"][name])
+    """The full spec of merge `name`, the one object both `check` validates and the merge job runs (the workflow
+    passes it as the merge rule's `--spec`). LED's per-task λ: `lambdas.<t>` of the spec where given, else
+    `tasks.<t>.lambda` (a partial `lambdas` falls back per task)."""
+    spec = copy.deepcopy(config["merges"][name])
     if spec["method"] == "led":
-        spec.setdefault("lambdas", lambdas(config))
+        given = spec.get("lambdas") or {}
+        spec["lambdas"] = {t: float(given.get(t, task["lambda"])) for t, task in config["tasks"].items()}
+        spec["lambdas"].update({t: v for t, v in given.items() if t not in config["tasks"]})  # check reports these
     return spec
 
 

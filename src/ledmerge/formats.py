@@ -31,8 +31,9 @@ from safetensors.torch import save_file
 
 from .errors import LedmergeError, corrupt_file
 from .fileio import atomic_path
+from .options import allowed
 
-SCORE_ENCODINGS = ("rank16", "float32")
+SCORE_ENCODINGS = tuple(allowed("importance.score_dtype"))  # the schema's list
 RANK_LEVELS = 65536  # uint16 codes
 RANK16_VERSION = "2"  # 2: code 0 is reserved for zero scores
 

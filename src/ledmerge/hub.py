@@ -18,7 +18,7 @@ MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer
                "*.jinja"]
 
 
-def fetch_model(repo: str, out_dir, revision: str = "main") -> Path:
+def fetch_model(repo: str, out_dir, revision: str) -> Path:
     """Download the safetensors checkpoint, configs and tokenizer of hub model `repo` into `out_dir`."""
     from huggingface_hub import snapshot_download
 

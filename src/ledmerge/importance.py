@@ -73,13 +73,11 @@ from . import chat
 from .checkpoint import tensor_shapes
 from .errors import LedmergeError
 from .fileio import read_jsonl
-from .formats import SCORE_ENCODINGS, rank_code, save_scores
+from .formats import rank_code, save_scores
+from .options import resolve
 from .provenance import MODEL_FILES, file_sha256, weights_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-GRANULARITIES = ("example", "batch")
-LOSS_REDUCTIONS = ("sum", "mean")
-AUTOCASTS = ("none", "bf16")
 
 
 # ---- scoring ----
@@ -194,25 +192,20 @@ def _autocast(device_types: set[str], mode: str):
     return stack
 
 
-def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, *, batch_size: int = 8,
-                   granularity: str = "example", include_norms: bool = False, include_embeddings: bool = False,
-                   include_lm_head: bool = False, checkpoint_shapes: dict | None = None, autocast: str = "none",
-                   gradient_checkpointing: bool = False, encoding: str = "float32", loss_reduction: str = "sum",
-                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, *,
+                   checkpoint_shapes: dict | None = None, progress: bool = True,
+                   **opts) -> tuple[dict[str, torch.Tensor], dict]:
     """Scores for an in-memory model (on one device or spread by a device_map): name -> tensor on the CPU
-    (float32 scores, or their uint16 rank16 codes with encoding="rank16", computed on each tensor's device),
-    plus counts. The model is put in eval mode and its unscored parameters frozen (requires_grad is restored
-    afterwards)."""
-    if granularity not in GRANULARITIES:
-        raise LedmergeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if autocast not in AUTOCASTS:
-        raise LedmergeError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
-    if encoding not in SCORE_ENCODINGS:
-        raise LedmergeError(f"score_dtype must be one of {SCORE_ENCODINGS}, got {encoding!r}")
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise LedmergeError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-    if batch_size < 1:
-        raise LedmergeError(f"batch_size must be >= 1, got {batch_size}")
+    (uint16 rank16 codes, computed on each tensor's device, or float32 scores with score_dtype="float32"),
+    plus counts. `opts`: the config's `importance` section (batch_size, granularity, include_*, autocast,
+    gradient_checkpointing, score_dtype, loss_reduction; schema defaults for the rest; the loading keys dtype,
+    device, device_map and max_length are score_model's). The model is put in eval mode and its unscored
+    parameters frozen (requires_grad is restored afterwards)."""
+    o = resolve("importance", opts)
+    batch_size, granularity, autocast, encoding, loss_reduction = (
+        o[k] for k in ("batch_size", "granularity", "autocast", "score_dtype", "loss_reduction"))
+    include_norms, include_embeddings, include_lm_head, gradient_checkpointing = (
+        o[k] for k in ("include_norms", "include_embeddings", "include_lm_head", "gradient_checkpointing"))
     if not examples:
         raise LedmergeError("no calibration example has a response token left: raise max_length or check the data")
     offloaded = sorted({n for n, p in model.named_parameters() if p.device.type == "meta"})
@@ -307,12 +300,8 @@ def tokens_sha256(examples: list[chat.Encoded]) -> str:
     return h.hexdigest()
 
 
-def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, batch_size: int = 8, max_length: int = 256,
-                granularity: str = "example", include_norms: bool = False, include_embeddings: bool = False,
-                include_lm_head: bool = False, dtype: str = "float32", device: str = "cpu",
-                device_map: str | dict | None = None, autocast: str = "none", gradient_checkpointing: bool = False,
-                score_dtype: str = "rank16", loss_reduction: str = "sum", trust_remote_code: bool = False,
-                allow_pickle: bool = False, progress: bool = True) -> dict:
+def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, trust_remote_code: bool = False,
+                allow_pickle: bool = False, progress: bool = True, **opts) -> dict:
     """Score a Hugging Face model directory on a calibration JSONL ({prompt, response, ...} rows) and write the
     scores, keyed by the checkpoint's tensor names, to `out_path` (safetensors, atomic) with `save_scores`:
     rank16 codes by default, raw float32 with score_dtype="float32".
@@ -329,16 +318,9 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     calibration set's sha256, so a merge can refuse masks computed from other models."""
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise LedmergeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if granularity not in GRANULARITIES:
-        raise LedmergeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if autocast not in AUTOCASTS:
-        raise LedmergeError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
-    if score_dtype not in SCORE_ENCODINGS:
-        raise LedmergeError(f"score_dtype must be one of {SCORE_ENCODINGS}, got {score_dtype!r}")
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise LedmergeError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+    o = resolve("importance", opts)  # the schema's defaults and allowed values (options.py)
+    max_length, dtype, device, device_map, score_dtype = (
+        o[k] for k in ("max_length", "dtype", "device", "device_map", "score_dtype"))
     t0 = time.perf_counter()
     model_dir, calibration_path = Path(model_dir), Path(calibration_path)
     rows = read_jsonl(calibration_path, required=("prompt", "response"))
@@ -366,18 +348,12 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a CUDA device that is not there
         fix = ": set trust_remote_code: true if you trust its code" if "custom code" in str(exc) else ""
         raise LedmergeError(f"cannot load {model_dir} on {where} ({' '.join(str(exc).split())}){fix}") from None
-    scores, summary = compute_scores(
-        model, examples, chat.pad_id(tokenizer), batch_size=batch_size, granularity=granularity, include_norms=include_norms,
-        include_embeddings=include_embeddings, include_lm_head=include_lm_head, checkpoint_shapes=shapes,
-        autocast=autocast, gradient_checkpointing=gradient_checkpointing, encoding=score_dtype,
-        loss_reduction=loss_reduction, progress=progress)
+    scores, summary = compute_scores(model, examples, chat.pad_id(tokenizer), checkpoint_shapes=shapes,
+                                     progress=progress, **o)
     n_layers = _num_layers(model)
     del model
-    options = {"batch_size": batch_size, "max_length": max_length, "granularity": granularity,
-               "include_norms": include_norms, "include_embeddings": include_embeddings,
-               "include_lm_head": include_lm_head, "dtype": dtype, "autocast": autocast,
-               "gradient_checkpointing": gradient_checkpointing, "score_dtype": score_dtype,
-               "loss_reduction": loss_reduction}
+    # What was computed, from the resolved options; where it ran (device, device_map) does not change the scores.
+    options = {k: v for k, v in o.items() if k not in ("device", "device_map")}
     save_scores(out_path, scores, encoding=score_dtype, metadata={
         "kind": "importance", "model_dir": str(model_dir), "calibration": str(calibration_path),
         "calibration_sha256": file_sha256(calibration_path),

@@ -31,18 +31,19 @@ from .errors import LedmergeError
 from .fileio import write_text
 from .formats import (PackedMask, as_bool_mask, header_shapes, load_masks, load_scores, mask_metadata,
                       mask_names_and_shapes, pack_bits, save_masks, tensors_metadata)
+from .options import allowed
 from .provenance import recorded_files, sources_metadata
 from .topk import top_k_count, top_r_positive
 
-PATTERN_CHARS = "01x"
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
 def _check_pattern(pattern: str) -> str:
-    if not isinstance(pattern, str) or len(pattern) != 2 or any(c not in PATTERN_CHARS for c in pattern):
-        raise LedmergeError(f"election pattern must be two characters from '0', '1', 'x' (base, expert), got {pattern!r}")
-    if pattern == "xx":
-        raise LedmergeError("election pattern 'xx' ignores both models and elects every weight: use '11', 'x1', '01' or '10'")
+    """One of the schema's election patterns (election.pattern: the one list of allowed values)."""
+    patterns = allowed("election.pattern")
+    if pattern not in patterns:
+        raise LedmergeError(f"election pattern must be two characters from '0', '1', 'x' (base, expert), one of "
+                            f"{patterns} ('xx' would elect every weight), got {pattern!r}")
     return pattern
 
 
@@ -58,7 +59,7 @@ def _check_same(a: dict, b: dict, what_a: str, what_b: str) -> None:
                                 f"{list(b[name].shape)} in {what_b}")
 
 
-def elect_tensor(expert: torch.Tensor | None, base: torch.Tensor | None, rate: float, pattern: str = "11") -> torch.Tensor:
+def elect_tensor(expert: torch.Tensor | None, base: torch.Tensor | None, rate: float, pattern: str) -> torch.Tensor:
     """One tensor's election. pattern[0] is the base, pattern[1] the expert: '1' = must be in that model's
     top-r (of its positive scores), '0' = must not be, 'x' = that model is ignored (its scores may be None)."""
     _check_pattern(pattern)
@@ -72,7 +73,7 @@ def elect_tensor(expert: torch.Tensor | None, base: torch.Tensor | None, rate: f
     return mask
 
 
-def elect(expert_scores: dict, base_scores: dict | None, rate: float, pattern: str = "11") -> dict[str, torch.Tensor]:
+def elect(expert_scores: dict, base_scores: dict | None, rate: float, pattern: str) -> dict[str, torch.Tensor]:
     """Election E_t for every tensor: name -> bool mask.
 
     `pattern` is two characters, the first for the base model θ_0 and the second for the expert θ_t:

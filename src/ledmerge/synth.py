@@ -37,6 +37,7 @@ from .chat import pad_id, render
 from .errors import LedmergeError
 from .evaluation.judges import RefusalJudge
 from .fileio import read_jsonl, write_json, write_jsonl
+from .options import resolve
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def stop_ids(model, tok) -> list[int]:
 
 
 @torch.no_grad()
-def chat_generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32,
+def chat_generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int,
                   temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Replies to `prompts` with the chat template (chat.render), greedy unless temperature > 0; a
     reply ends at any of `stop_ids`."""
@@ -175,8 +176,8 @@ def chat_generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_
 class HFGenerator(Generator):
     """Any local causal LM (Hugging Face directory), sampled at `temperature` with its chat template."""
 
-    def __init__(self, model_dir, *, max_new_tokens: int = 256, temperature: float = 0.8, batch_size: int = 8,
-                 seed: int = 0, device: str = "cpu", trust_remote_code: bool = False):
+    def __init__(self, model_dir, *, max_new_tokens: int, temperature: float, batch_size: int, seed: int, device: str,
+                 trust_remote_code: bool = False):
         self.model, self.tok = load_causal_lm(model_dir, device, trust_remote_code)
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
 
@@ -193,7 +194,7 @@ class ToyGenerator(Generator):
     `malformed_fraction` the output is broken on purpose: truncated, missing a field, or prose.
     """
 
-    def __init__(self, seed: int = 0, malformed_fraction: float = 0.1):
+    def __init__(self, seed: int, malformed_fraction: float):
         from .zoo.data import ToyWorld
 
         self.rng = random.Random(seed)
@@ -264,15 +265,54 @@ def build_requests(categories: list[str], domain_exemplars: dict[str, list[str]]
     return requests
 
 
+def harm_categories(o: dict) -> list[str]:
+    """The harm categories of resolved `data_aware.synthetic` options: harm_categories, else (null) the toy world's
+    for the toy generator and BeaverTails' 14 for a real one."""
+    if o["harm_categories"] is not None:
+        return list(o["harm_categories"])
+    if o["generator"] == "zoo":
+        from .zoo.data import HARMFUL_ACTIONS
+
+        return sorted(HARMFUL_ACTIONS)
+    return list(BEAVERTAILS_CATEGORIES)
+
+
+# Keys of the data_aware.synthetic section that only choose and drive the generator (make_generator, harm_categories).
+GENERATOR_KEYS = ("generator", "harm_categories", "malformed_fraction", "generator_max_new_tokens", "temperature")
+
+
+def make_generator(o: dict, trust_remote_code: bool = False) -> Generator:
+    """The generator of resolved `data_aware.synthetic` options: the toy one (generator zoo) or a causal LM."""
+    if o["generator"] == "zoo":
+        return ToyGenerator(o["seed"], o["malformed_fraction"])
+    return HFGenerator(o["generator"], max_new_tokens=o["generator_max_new_tokens"], temperature=o["temperature"],
+                       batch_size=o["batch_size"], seed=o["seed"], device=o["device"],
+                       trust_remote_code=trust_remote_code)
+
+
+def run_synthetic(aligned_dir, alignment_task: str, expert_dirs: dict[str, str], calibration: dict[str, str], out_dir,
+                  *, trust_remote_code: bool = False, **opts) -> dict:
+    """The `synthetic` step: `opts` is the config's `data_aware.synthetic` section (schema defaults for the rest)."""
+    o = resolve("data_aware.synthetic", opts)
+    rest = {k: v for k, v in o.items() if k not in GENERATOR_KEYS}  # the generator's keys are make_generator's
+    return synthesize(make_generator(o, trust_remote_code), aligned_dir, alignment_task, expert_dirs, calibration,
+                      out_dir, categories=harm_categories(o), trust_remote_code=trust_remote_code, **rest)
+
+
 def synthesize(generator: Generator, aligned_dir, alignment_task: str, expert_dirs: dict[str, str],
-               calibration: dict[str, str], out_dir, *, categories: list[str], alignment_size: int, task_size: int,
-               exemplars: int = 3, heldout_fraction: float = 0.25, max_new_tokens: int = 64, batch_size: int = 32,
-               seed: int = 0, device: str = "cpu", trust_remote_code: bool = False) -> dict:
+               calibration: dict[str, str], out_dir, *, categories: list[str], trust_remote_code: bool = False,
+               **opts) -> dict:
     """Write data.jsonl, search.jsonl, heldout.jsonl and summary.json into `out_dir`; returns the summary.
 
     `expert_dirs` and `calibration` map each domain task to its expert and its calibration JSONL (the
-    exemplar questions come from there, so they are never evaluation items).
+    exemplar questions come from there, so they are never evaluation items). `opts`: the config's
+    `data_aware.synthetic` section (alignment_size, task_size, exemplars, heldout_fraction, max_new_tokens,
+    batch_size, seed, device; the generator's own keys are `make_generator`'s), the rest from the schema.
     """
+    o = resolve("data_aware.synthetic", opts)
+    alignment_size, task_size, exemplars, heldout_fraction, max_new_tokens, batch_size, seed, device = (
+        o[k] for k in ("alignment_size", "task_size", "exemplars", "heldout_fraction", "max_new_tokens",
+                       "batch_size", "seed", "device"))
     rng = random.Random(seed)
     domain_exemplars = {t: [r["prompt"] for r in read_jsonl(calibration[t], required=("prompt",))] for t in expert_dirs}
     requests = build_requests(categories, domain_exemplars, alignment_size, task_size, exemplars, rng)

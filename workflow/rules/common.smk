@@ -1,4 +1,9 @@
-# Paths and helpers shared by the rules. Rules stay thin: each is one `ledmerge <step>` call.
+# Paths and helpers shared by the rules. Rules stay thin: each is one `ledmerge <step>` call, the step named as
+# the config section it reads, passed as `--options` (section_json); flags are written in each shell command.
+# Software: every job runs `python -m ledmerge` with the Python that runs Snakemake (`make env` installs both).
+# The `conda:` directives (CONDA_ENV, kept for `snakemake --lint`) are not a working `--sdm conda` setup:
+# envs/ledmerge.yaml lacks ledmerge itself (not on any conda channel; it must be pip-installed from this
+# repository), and `snakemake --sdm conda -n` could not be tried here (no conda on this machine, no network).
 import functools
 import json
 import os
@@ -16,7 +21,7 @@ R = config["results"]
 # environment, so no `envvars:` is needed); every other value reaches a rule through its
 # input/output/params, which keeps provenance tracking and `snakemake --lint` clean.
 os.environ.update(LEDMERGE=f"{sys.executable} -m ledmerge")
-# Documents the software of every rule (used with `--sdm conda`; ignored otherwise).
+# Documents the software of every rule (see the note at the top).
 CONDA_ENV = os.path.join(workflow.basedir, "envs", "ledmerge.yaml")
 TASKS = sorted(config["tasks"])
 MERGES = sorted(config["merges"])
@@ -31,6 +36,59 @@ EVAL_SETS = ("harmful", "benign", "math", "code")
 
 
 TOKENIZER = f"{R}/tokenizer"
+
+
+# ---- named paths (one definition each) ----
+def calibration_file(task):
+    return f"{R}/calibration/{task}.jsonl"
+
+
+def scores_file(task, role):
+    return f"{R}/importance/{task}/{role}.safetensors"
+
+
+def elected_mask(task):
+    return f"{R}/masks/elected/{task}.safetensors"
+
+
+def final_mask(task):
+    return f"{R}/masks/final/{task}.safetensors"
+
+
+def merged_dir(name):
+    return f"{R}/merged/{name}"
+
+
+def search_dir(name):
+    """Output directory of a data-aware search (evo_<method>_<objective>, cocktail_<objective>)."""
+    return f"{R}/data_aware/{name}"
+
+
+def eval_file(model, name):
+    return f"{R}/eval/{model}/{name}"
+
+
+SYNTHETIC = f"{R}/synthetic"
+MASK_STATS, MASK_OVERLAP = f"{R}/masks/stats.csv", f"{R}/masks/overlap.csv"
+
+
+def pairs(names, path):
+    """`name=path` arguments (the CLI's TASK=PATH lists), one per name."""
+    return " ".join(f"{n}={path(n)}" for n in names)
+
+
+def section_json(path):
+    """The config section at dotted `path` (importance, data_aware.synthetic, ...) as JSON: a step's `--options`."""
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return json.dumps(node, sort_keys=True)
+
+
+def opt_in(key):
+    """A top-level boolean opt-in (trust_remote_code, allow_pickle) as its CLI flag when set."""
+    return f"--{key.replace('_', '-')}" if config[key] else ""
+
 # Models the tokenizer may come from (auto looks at the base, then at the aligned expert).
 TOKENIZER_CANDIDATES = {"auto": ["base", config["alignment_task"]], "base": ["base"]}.get(
     config["tokenizer_source"], [config["tokenizer_source"]] if config["tokenizer_source"] in TASKS else []
@@ -100,7 +158,7 @@ def as_json(obj):
 def model_path(name):
     """Directory of any model the workflow evaluates: base, an expert, or a merge."""
     if name in config["merges"] or name in DATA_AWARE:
-        return f"{R}/merged/{name}"
+        return merged_dir(name)
     return model_dir(config, name)
 
 
@@ -155,37 +213,25 @@ def merge_method(name):
 
 
 def merge_spec_arg(name):
-    """`ledmerge merge --spec`: the config's spec as JSON, or @recipe.json written by a data-aware search."""
-    return as_json(merge_spec(config, name)) if name in config["merges"] else f"@{R}/data_aware/{name}/recipe.json"
+    """`ledmerge merge --spec`: the config's spec as JSON (config.merge_spec: the one check-config validated), or
+    @recipe.json written by a data-aware search."""
+    return as_json(merge_spec(config, name)) if name in config["merges"] else f"@{search_dir(name)}/recipe.json"
 
 
-def scoring_device():
+def importance_device():
     """What the importance jobs run on, for their GPU request: a device_map other than cpu means GPUs."""
-    device_map = config["scoring"].get("device_map")
+    device_map = config["importance"].get("device_map")
     if device_map is None:
-        return config["scoring"]["device"]
+        return config["importance"]["device"]
     places = device_map.values() if isinstance(device_map, dict) else [device_map]
     return "cpu" if all(str(p) == "cpu" for p in places) else "cuda"
 
 
-def merge_options():
-    """`ledmerge merge` flags from the config's `merging` section and `allow_pickle`."""
-    m = config["merging"]
-    flags = f"--device {m['device']} --shard-size {m['shard_size']} --vocab-policy {m['vocab_policy']}"
-    return flags + (" --allow-pickle" if config["allow_pickle"] else "")
-
-
-def search_opt_ins():
-    """The config's trust_remote_code and allow_pickle as flags of the data-aware searches (evolve, cocktail)."""
-    return (" --trust-remote-code" if config["trust_remote_code"] else "") + (
-        " --allow-pickle" if config["allow_pickle"] else "")
-
-
 def eval_data(key):
-    """Evaluation set `key` (harmful, benign, math, code): a zoo file, a user file, or none."""
+    """Evaluation set `key` (harmful, benign, math, code): a zoo file, a user file, or "" (none)."""
     source = config["evaluation"][key]
     if source is None:
-        return []
+        return ""
     if isinstance(source, dict):
         return f"{R}/data/eval_{key}.jsonl"
     return f"{R}/zoo/data/{key}_eval.jsonl" if source == ZOO else source
@@ -204,9 +250,9 @@ def merge_inputs(wildcards):
     inputs = {"base": model_path("base"), "experts": [model_path(t) for t in TASKS], "tokenizer": TOKENIZER,
               "weights": model_inputs("base", *TASKS)}
     if wildcards.merge in DATA_AWARE:
-        inputs["recipe"] = f"{R}/data_aware/{wildcards.merge}/recipe.json"
+        inputs["recipe"] = f"{search_dir(wildcards.merge)}/recipe.json"
     if merge_method(wildcards.merge) == "led":
-        inputs["masks"] = expand(f"{R}/masks/final/{{task}}.safetensors", task=TASKS)
+        inputs["masks"] = [final_mask(t) for t in TASKS]
     return inputs
 
 
@@ -220,34 +266,12 @@ def search_inputs(wildcards):
     """Inputs of a data-aware search (data_aware.smk): models, synthetic data, LED masks for method led."""
     inputs = {"base": model_path("base"), "experts": [model_path(t) for t in TASKS],
               "weights": model_inputs("base", *TASKS),
-              "search": f"{R}/synthetic/search.jsonl", "heldout": f"{R}/synthetic/heldout.jsonl"}
+              "search": f"{SYNTHETIC}/search.jsonl", "heldout": f"{SYNTHETIC}/heldout.jsonl", "tokenizer": TOKENIZER}
     if wildcards.get("method") == "led":
-        inputs["masks"] = expand(f"{R}/masks/final/{{task}}.safetensors", task=TASKS)
+        inputs["masks"] = [final_mask(t) for t in TASKS]
     return inputs
 
 
-def evaluation_options():
-    ev = config["evaluation"]
-    judge_kwargs = dict(ev["judge_kwargs"], **({"model": judge_model()} if judge_model() else {}))
-    if config["trust_remote_code"] and "model" in judge_kwargs:  # a judge that loads a model
-        judge_kwargs["trust_remote_code"] = True
-    opts = {
-        "harmful_path": eval_data("harmful"),
-        "benign_path": eval_data("benign"),
-        "math_path": eval_data("math") or None,
-        "code_path": eval_data("code") or None,
-        "extra_lm_eval_tasks": ev["lm_eval_tasks"],
-        "judge": ev["judge"],
-        "judge_kwargs": judge_kwargs,
-        "batch_size": ev["batch_size"],
-        "max_new_tokens": ev["max_new_tokens"],
-        "limit": ev["limit"],
-        "device": ev["device"],
-        "seed": config["seed"],
-        "dtype": ev["dtype"],
-        "tokenizer": TOKENIZER,
-    }
-    model_args = dict(ev["model_args"], **({"trust_remote_code": True} if config["trust_remote_code"] else {}))
-    if ev["backend"] != "hf" or model_args:  # only when set, so default runs keep their params
-        opts.update(backend=ev["backend"], model_args=model_args)
-    return as_json(opts)
+def led_masks(method):
+    """`--mask` values of a job that merges with `method`: the final LED masks for led, else none."""
+    return pairs(TASKS, final_mask) if method == "led" else ""

@@ -7,24 +7,24 @@ rule synthetic:
     input:
         aligned=lambda w: model_path(config["alignment_task"]),  # a function: only read when data-aware is on
         experts=[model_path(t) for t in DOMAIN_TASKS],
-        calibration=expand(f"{R}/calibration/{{task}}.jsonl", task=DOMAIN_TASKS),
+        calibration=[calibration_file(t) for t in DOMAIN_TASKS],
         generator=[] if DA["synthetic"]["generator"] == ZOO else DA["synthetic"]["generator"],
         weights=lambda w: model_inputs(config["alignment_task"], *DOMAIN_TASKS),
         generator_weights=lambda w: (
             [] if DA["synthetic"]["generator"] == ZOO else model_inputs(DA["synthetic"]["generator"])
         ),
     output:
-        data=f"{R}/synthetic/data.jsonl",
-        search=f"{R}/synthetic/search.jsonl",
-        heldout=f"{R}/synthetic/heldout.jsonl",
-        summary=f"{R}/synthetic/summary.json",
+        data=f"{SYNTHETIC}/data.jsonl",
+        search=f"{SYNTHETIC}/search.jsonl",
+        heldout=f"{SYNTHETIC}/heldout.jsonl",
+        summary=f"{SYNTHETIC}/summary.json",
     params:
-        experts=" ".join(f"{t}={model_path(t)}" for t in DOMAIN_TASKS),
-        calibration=" ".join(f"{t}={R}/calibration/{t}.jsonl" for t in DOMAIN_TASKS),
+        experts=pairs(DOMAIN_TASKS, model_path),
+        calibration=pairs(DOMAIN_TASKS, calibration_file),
         task=config["alignment_task"],
-        options=as_json(DA["synthetic"]),
+        options=section_json("data_aware.synthetic"),
         out_dir=lambda w, output: os.path.dirname(output.data),
-        trust_remote_code="--trust-remote-code" if config["trust_remote_code"] else "",
+        trust_remote_code=opt_in("trust_remote_code"),
     threads: rule_threads("synthetic")
     resources:
         **rule_resources("synthetic", DA["synthetic"]["device"]),
@@ -33,30 +33,39 @@ rule synthetic:
     log:
         f"{LOG}/synthetic.log",
     shell:
-        "$LEDMERGE --threads {threads} synthesize --aligned {input.aligned} --alignment-task {params.task} "
+        "$LEDMERGE --threads {threads} synthetic --aligned {input.aligned} --alignment-task {params.task} "
         "--expert {params.experts} --calibration {params.calibration} --options {params.options:q} "
         "--out-dir {params.out_dir} {params.trust_remote_code} > {log} 2>&1"
+
+
+# What the two searches (evolve, cocktail) share: inputs (search_inputs), params and most of the command line.
+SEARCH_PARAMS = dict(
+    experts=pairs(TASKS, model_path),
+    fitness=section_json("data_aware.fitness"),
+    out_dir=lambda w, output: os.path.dirname(output.recipe),
+    opt_ins=f"{opt_in('trust_remote_code')} {opt_in('allow_pickle')}",
+)
+SEARCH_SHELL = (
+    "--base {input.base} --expert {params.experts} --search {input.search} --heldout {input.heldout} "
+    "--tokenizer {input.tokenizer} --objective {wildcards.objective} --options {params.options:q} "
+    "--fitness {params.fitness:q} --out-dir {params.out_dir} {params.opt_ins} > {log} 2>&1"
+)
 
 
 rule evolve:
     input:
         unpack(search_inputs),
-        tokenizer=f"{R}/tokenizer",  # the run's tokenizer and chat template (the `tokenizer` rule)
     output:
-        history=f"{R}/data_aware/evo_{{method}}_{{objective}}/history.csv",
-        recipe=f"{R}/data_aware/evo_{{method}}_{{objective}}/recipe.json",
-        summary=f"{R}/data_aware/evo_{{method}}_{{objective}}/search.json",
+        history=f"{search_dir('evo_{method}_{objective}')}/history.csv",
+        recipe=f"{search_dir('evo_{method}_{objective}')}/recipe.json",
+        summary=f"{search_dir('evo_{method}_{objective}')}/search.json",
     wildcard_constraints:
         method="|".join(DA["evolve"]["methods"]) or "none",
         objective="align|task",
     params:
-        experts=" ".join(f"{t}={model_path(t)}" for t in TASKS),
-        masks=lambda w: (
-            "--mask " + " ".join(f"{t}={R}/masks/final/{t}.safetensors" for t in TASKS) if w.method == "led" else ""
-        ),
-        options=as_json({**DA["fitness"], **{k: v for k, v in DA["evolve"].items() if k != "methods"}}),
-        out_dir=lambda w, output: os.path.dirname(output.recipe),
-        opt_ins=search_opt_ins(),
+        **SEARCH_PARAMS,
+        masks=lambda w: led_masks(w.method),
+        options=section_json("data_aware.evolve"),
     threads: rule_threads("evolve")
     resources:
         **rule_resources("evolve", DA["fitness"]["device"]),
@@ -65,27 +74,20 @@ rule evolve:
     log:
         f"{LOG}/evolve_{{method}}_{{objective}}.log",
     shell:
-        "$LEDMERGE --threads {threads} evolve --method {wildcards.method} "
-        "--base {input.base} --expert {params.experts} {params.masks} --search {input.search} --heldout {input.heldout} "
-        "--tokenizer {input.tokenizer} --objective {wildcards.objective} --options {params.options:q} "
-        "--out-dir {params.out_dir} {params.opt_ins} > {log} 2>&1"
+        " ".join(("$LEDMERGE --threads {threads} evolve --method {wildcards.method} --mask {params.masks}", SEARCH_SHELL))
 
 
 rule cocktail:
     input:
         unpack(search_inputs),
-        tokenizer=f"{R}/tokenizer",  # the run's tokenizer and chat template (the `tokenizer` rule)
     output:
-        recipe=f"{R}/data_aware/cocktail_{{objective}}/recipe.json",
-        summary=f"{R}/data_aware/cocktail_{{objective}}/search.json",
+        recipe=f"{search_dir('cocktail_{objective}')}/recipe.json",
+        summary=f"{search_dir('cocktail_{objective}')}/search.json",
     wildcard_constraints:
         objective="align|task",
     params:
-        experts=" ".join(f"{t}={model_path(t)}" for t in TASKS),
-        masks="",
-        options=as_json({**DA["fitness"], **DA["cocktail"]}),
-        out_dir=lambda w, output: os.path.dirname(output.recipe),
-        opt_ins=search_opt_ins(),
+        **SEARCH_PARAMS,
+        options=section_json("data_aware.cocktail"),
     threads: rule_threads("cocktail")
     resources:
         **rule_resources("cocktail", DA["fitness"]["device"]),
@@ -94,7 +96,4 @@ rule cocktail:
     log:
         f"{LOG}/cocktail_{{objective}}.log",
     shell:
-        "$LEDMERGE --threads {threads} cocktail "
-        "--base {input.base} --expert {params.experts} {params.masks} --search {input.search} --heldout {input.heldout} "
-        "--tokenizer {input.tokenizer} --objective {wildcards.objective} --options {params.options:q} "
-        "--out-dir {params.out_dir} {params.opt_ins} > {log} 2>&1"
+        " ".join(("$LEDMERGE --threads {threads} cocktail", SEARCH_SHELL))

@@ -15,7 +15,7 @@ rule fetch_model:
         repo="|".join(re.escape(os.path.basename(d)) for d in HUB_MODELS) or "no-hub-model",
     params:
         repo=lambda w: HUB_MODELS[f"{HUB}/{w.repo}"]["hub"],
-        revision=lambda w: HUB_MODELS[f"{HUB}/{w.repo}"].get("revision", "main"),
+        revision=lambda w: HUB_MODELS[f"{HUB}/{w.repo}"]["revision"],  # filled by config validation
     conda:
         CONDA_ENV
     log:

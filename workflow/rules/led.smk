@@ -3,14 +3,12 @@
 
 rule calibration:
     input:
-        calibration_pool,
+        pool=calibration_pool,
     output:
-        f"{R}/calibration/{{task}}.jsonl",
+        calibration_file("{task}"),
     params:
         source=lambda w: as_json(config["tasks"][w.task]["calibration"]),
-        size=config["calibration"]["size"],
-        seed=config["calibration"]["seed"],
-        pool=lambda w, input: f"--pool {input[0]}" if input else "",
+        options=section_json("calibration"),
     threads: rule_threads("calibration", 1)
     resources:
         **rule_resources("calibration"),
@@ -19,46 +17,44 @@ rule calibration:
     log:
         f"{LOG}/calibration_{{task}}.log",
     shell:
-        "$LEDMERGE --threads {threads} calibrate --task {wildcards.task} --source {params.source:q} --size {params.size} "
-        "--seed {params.seed} {params.pool} --out {output} > {log} 2>&1"
+        "$LEDMERGE --threads {threads} calibration --task {wildcards.task} --source {params.source:q} "
+        "--pool {input.pool} --options {params.options:q} --out {output} > {log} 2>&1"
 
 
 rule importance:
     input:
         model=lambda w: model_path("base" if w.role == "base" else w.task),
         weights=lambda w: model_inputs("base" if w.role == "base" else w.task),
-        calibration=f"{R}/calibration/{{task}}.jsonl",
+        calibration=calibration_file("{task}"),
         tokenizer=TOKENIZER,
     output:
-        f"{R}/importance/{{task}}/{{role}}.safetensors",
+        scores_file("{task}", "{role}"),
     wildcard_constraints:
         role="base|expert",
     params:
-        options=as_json(config["scoring"]),
-        trust_remote_code="--trust-remote-code" if config["trust_remote_code"] else "",
-        allow_pickle="--allow-pickle" if config["allow_pickle"] else "",
+        options=section_json("importance"),
+        opt_ins=f"{opt_in('trust_remote_code')} {opt_in('allow_pickle')}",
     threads: rule_threads("importance")
     resources:
-        **rule_resources("importance", scoring_device()),
+        **rule_resources("importance", importance_device()),
     conda:
         CONDA_ENV
     log:
         f"{LOG}/importance_{{task}}_{{role}}.log",
     shell:
-        "$LEDMERGE --threads {threads} score --model {input.model} --calibration {input.calibration} "
-        "--tokenizer {input.tokenizer} --out {output} "
-        "--options {params.options:q} {params.trust_remote_code} {params.allow_pickle} > {log} 2>&1"
+        "$LEDMERGE --threads {threads} importance --model {input.model} --calibration {input.calibration} "
+        "--tokenizer {input.tokenizer} --out {output} --options {params.options:q} {params.opt_ins} > {log} 2>&1"
 
 
 rule election:
     input:
-        expert=f"{R}/importance/{{task}}/expert.safetensors",
-        base=f"{R}/importance/{{task}}/base.safetensors",
+        expert=scores_file("{task}", "expert"),
+        base=scores_file("{task}", "base"),
     output:
-        f"{R}/masks/elected/{{task}}.safetensors",
+        elected_mask("{task}"),
     params:
         rate=lambda w: config["tasks"][w.task]["rate"],
-        pattern=config["election"]["pattern"],
+        options=section_json("election"),
     threads: rule_threads("election", 1)
     resources:
         **rule_resources("election"),
@@ -67,20 +63,20 @@ rule election:
     log:
         f"{LOG}/election_{{task}}.log",
     shell:
-        "$LEDMERGE --threads {threads} elect --expert {input.expert} --base {input.base} --rate {params.rate} "
-        "--pattern {params.pattern} --out {output} > {log} 2>&1"
+        "$LEDMERGE --threads {threads} election --expert {input.expert} --base {input.base} --rate {params.rate} "
+        "--options {params.options:q} --out {output} > {log} 2>&1"
 
 
 rule disjoint:
     input:
-        expand(f"{R}/masks/elected/{{task}}.safetensors", task=TASKS),
+        [elected_mask(t) for t in TASKS],
     output:
-        masks=expand(f"{R}/masks/final/{{task}}.safetensors", task=TASKS),
-        stats=f"{R}/masks/stats.csv",
-        overlap=f"{R}/masks/overlap.csv",
+        masks=[final_mask(t) for t in TASKS],
+        stats=MASK_STATS,
+        overlap=MASK_OVERLAP,
     params:
-        elected=" ".join(f"{t}={R}/masks/elected/{t}.safetensors" for t in TASKS),
-        out=" ".join(f"{t}={R}/masks/final/{t}.safetensors" for t in TASKS),
+        elected=pairs(TASKS, elected_mask),
+        out=pairs(TASKS, final_mask),
     threads: rule_threads("disjoint", 1)
     resources:
         **rule_resources("disjoint"),

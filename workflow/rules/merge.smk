@@ -1,27 +1,25 @@
-# One merged Hugging Face model directory per entry of `merges` in the config.
+# One merged Hugging Face model directory per entry of `merges` in the config (and per data-aware search).
 
 
 rule merge:
     input:
         unpack(merge_inputs),
     output:
-        directory(f"{R}/merged/{{merge}}"),
+        directory(merged_dir("{merge}")),
     params:
         spec=lambda w: merge_spec_arg(w.merge),
-        experts=" ".join(f"{t}={model_path(t)}" for t in TASKS),
-        masks=lambda w: (
-            "--mask " + " ".join(f"{t}={R}/masks/final/{t}.safetensors" for t in TASKS)
-            if merge_method(w.merge) == "led"
-            else ""
-        ),
-        options=merge_options(),
+        experts=pairs(TASKS, model_path),
+        masks=lambda w: led_masks(merge_method(w.merge)),
+        options=section_json("merge"),
+        allow_pickle=opt_in("allow_pickle"),
     threads: rule_threads("merge")
     resources:
-        **rule_resources("merge", config["merging"]["device"]),
+        **rule_resources("merge", config["merge"]["device"]),
     conda:
         CONDA_ENV
     log:
         f"{LOG}/merge_{{merge}}.log",
     shell:
-        "$LEDMERGE --threads {threads} merge --base {input.base} --expert {params.experts} {params.masks} "
-        "--spec {params.spec:q} --tokenizer {input.tokenizer} --out {output} {params.options} > {log} 2>&1"
+        "$LEDMERGE --threads {threads} merge --base {input.base} --expert {params.experts} --mask {params.masks} "
+        "--spec {params.spec:q} --tokenizer {input.tokenizer} --out {output} --options {params.options:q} "
+        "{params.allow_pickle} > {log} 2>&1"

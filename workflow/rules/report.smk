@@ -5,18 +5,18 @@ REPORT_FIGURES = ["safety_utility", "benchmarks", "mask_overlap"] + (["cmaes_fit
 
 rule report:
     input:
-        metrics=expand(f"{R}/eval/{{model}}/metrics.json", model=MODELS),
-        stats=f"{R}/masks/stats.csv",
-        overlap=f"{R}/masks/overlap.csv",
-        histories=[f"{R}/data_aware/{m}/history.csv" for m in EVOLVED],
+        metrics=[eval_file(m, "metrics.json") for m in MODELS],
+        stats=MASK_STATS,
+        overlap=MASK_OVERLAP,
+        histories=[f"{search_dir(m)}/history.csv" for m in EVOLVED],
     output:
         csv=report(f"{R}/report/summary.csv", category="Summary"),
         md=f"{R}/report/summary.md",
         figures=[report(f"{R}/report/{f}.png", category="Figures") for f in REPORT_FIGURES],
     params:
         out_dir=lambda w, output: os.path.dirname(output.csv),
-        metrics=" ".join(f"{m}={model_kind(m)}={R}/eval/{m}/metrics.json" for m in MODELS),
-        histories=" ".join(["--history"] + [f"{m}={R}/data_aware/{m}/history.csv" for m in EVOLVED]) if EVOLVED else "",
+        metrics=pairs(MODELS, lambda m: f"{model_kind(m)}={eval_file(m, 'metrics.json')}"),
+        histories=pairs(EVOLVED, lambda m: f"{search_dir(m)}/history.csv"),
     resources:
         **rule_resources("report"),
     conda:
@@ -25,4 +25,4 @@ rule report:
         f"{LOG}/report.log",
     shell:
         "$LEDMERGE --threads {threads} report --metrics {params.metrics} --mask-stats {input.stats} "
-        "--mask-overlap {input.overlap} {params.histories} --out-dir {params.out_dir} > {log} 2>&1"
+        "--mask-overlap {input.overlap} --history {params.histories} --out-dir {params.out_dir} > {log} 2>&1"

@@ -9,15 +9,15 @@ rule tokenizer:
         directory(TOKENIZER),
     params:
         source=config["tokenizer_source"],
-        experts=" ".join(f"{t}={model_path(t)}" for t in TOKENIZER_CANDIDATES if t != "base"),
+        experts=pairs([t for t in TOKENIZER_CANDIDATES if t != "base"], model_path),
         alignment_task=config["alignment_task"],
-        chat_template=lambda w, input: f"--chat-template {input.chat_template}" if "chat_template" in input.keys() else "",
-        trust_remote_code="--trust-remote-code" if config["trust_remote_code"] else "",
+        chat_template=lambda w, input: input.chat_template if "chat_template" in input.keys() else "",
+        trust_remote_code=opt_in("trust_remote_code"),
     conda:
         CONDA_ENV
     log:
         f"{LOG}/tokenizer.log",
     shell:
         "$LEDMERGE tokenizer --source {params.source:q} --base {input.base} --expert {params.experts} "
-        "--alignment-task {params.alignment_task} {params.chat_template} {params.trust_remote_code} --out {output} "
+        "--alignment-task {params.alignment_task} --chat-template {params.chat_template:q} {params.trust_remote_code} --out {output} "
         "> {log} 2>&1"

@@ -11,7 +11,7 @@ rule zoo_data:
         tokenizer=directory(f"{R}/zoo/tokenizer"),
     params:
         data_dir=lambda w, output: os.path.dirname(output[0]),
-        zoo=as_json(config["zoo"]),
+        options=section_json("zoo"),
         seed=config["seed"],
     conda:
         CONDA_ENV
@@ -19,7 +19,7 @@ rule zoo_data:
         f"{LOG}/zoo_data.log",
     shell:
         "$LEDMERGE --threads {threads} zoo-data --out-dir {params.data_dir} --tokenizer {output.tokenizer} "
-        "--params {params.zoo:q} --seed {params.seed} > {log} 2>&1"
+        "--options {params.options:q} --seed {params.seed} > {log} 2>&1"
 
 
 rule zoo_base:
@@ -30,7 +30,8 @@ rule zoo_base:
         directory(f"{R}/zoo/models/base"),
     params:
         data_dir=lambda w, input: os.path.dirname(input[0]),
-        zoo=as_json({k: v for k, v in config["zoo"].items() if k not in ("finetune_steps", "finetune_lr")}),
+        # without the fine-tuning keys, so changing them does not retrain the base
+        options=as_json({k: v for k, v in config["zoo"].items() if k not in ("finetune_steps", "finetune_lr")}),
         seed=config["seed"],
     threads: rule_threads("zoo_base")
     resources:
@@ -41,7 +42,7 @@ rule zoo_base:
         f"{LOG}/zoo_base.log",
     shell:
         "$LEDMERGE --threads {threads} zoo-base --data-dir {params.data_dir} --tokenizer {input.tokenizer} --out {output} "
-        "--params {params.zoo:q} --seed {params.seed} > {log} 2>&1"
+        "--options {params.options:q} --seed {params.seed} > {log} 2>&1"
 
 
 rule zoo_expert:
@@ -53,7 +54,7 @@ rule zoo_expert:
     wildcard_constraints:
         task="safety|math|code",
     params:
-        zoo=as_json(config["zoo"]),
+        options=section_json("zoo"),
         seed=lambda w: config["seed"] + 1 + TASKS.index(w.task) if w.task in TASKS else config["seed"] + 1,
     threads: rule_threads("zoo_expert")
     resources:
@@ -64,4 +65,4 @@ rule zoo_expert:
         f"{LOG}/zoo_expert_{{task}}.log",
     shell:
         "$LEDMERGE --threads {threads} zoo-expert --task {wildcards.task} --base {input.base} --train {input.train} "
-        "--out {output} --params {params.zoo:q} --seed {params.seed} > {log} 2>&1"
+        "--out {output} --options {params.options:q} --seed {params.seed} > {log} 2>&1"

@@ -16,8 +16,8 @@ from ..merge import get_method
 from .fitness import MergeEvaluator, fitness, scores
 
 
-def cocktail_weights(losses: dict[str, float], temperature: float = 1.0) -> dict[str, float]:
-    """softmax(−L/T), computed stably (shifted by the smallest loss)."""
+def cocktail_weights(losses: dict[str, float], temperature: float) -> dict[str, float]:
+    """softmax(−L/T), computed stably (shifted by the smallest loss); T: data_aware.cocktail.temperature."""
     low = min(losses.values())
     e = {m: math.exp(-(loss - low) / temperature) for m, loss in losses.items()}
     total = sum(e.values())
@@ -29,7 +29,7 @@ def expert_spec(task: str, tasks: list[str]) -> dict:
     return {"method": "linear", "weights": {t: float(t == task) for t in tasks}}
 
 
-def cocktail(evaluator: MergeEvaluator, *, w_align: float, w_task: float, temperature: float = 1.0) -> dict:
+def cocktail(evaluator: MergeEvaluator, *, w_align: float, w_task: float, temperature: float) -> dict:
     """Per-expert CE and loss, the weights, and the merge spec."""
     per_model = {}
     for task in evaluator.tasks:
@@ -41,7 +41,7 @@ def cocktail(evaluator: MergeEvaluator, *, w_align: float, w_task: float, temper
 
 
 def run_cocktail(evaluator: MergeEvaluator, out_dir, *, objective: str, w_align: float, w_task: float,
-                 temperature: float = 1.0) -> dict:
+                 temperature: float) -> dict:
     """Write recipe.json (the merge spec) and search.json (per-expert losses, weights, scores) into `out_dir`."""
     result = cocktail(evaluator, w_align=w_align, w_task=w_task, temperature=temperature)
     summary = {"objective": objective, "w_align": w_align, "w_task": w_task, **result,

@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..errors import LedmergeError
 from ..fileio import atomic_path, write_json
+from ..options import resolve
 from ..merge import get_method
 from .fitness import MergeEvaluator, fitness, scores
 
@@ -31,8 +32,9 @@ DENSITY_MIN = 0.05
 POSITIVE_WEIGHT = 1e-6  # TIES-style means divide by the weights: 0 becomes this
 
 
-def genome(method: str, tasks: list[str], weight_max: float = 1.0) -> list[tuple[str, str, float, float, float]]:
-    """(kind, task, lower, upper, start) per coordinate: a weight per task, then a density per task."""
+def genome(method: str, tasks: list[str], weight_max: float) -> list[tuple[str, str, float, float, float]]:
+    """(kind, task, lower, upper, start) per coordinate: a weight per task, then a density per task; `weight_max`:
+    data_aware.evolve.weight_max."""
     if method not in METHODS:
         raise LedmergeError(f"data-aware search has no method {method!r}: choose from {list(METHODS)}")
     genes = [("weight", t, 0.0, weight_max, 1.0 / len(tasks)) for t in tasks]
@@ -58,11 +60,18 @@ def decode(method: str, genes, x) -> dict:
     return spec
 
 
-def evolve(evaluator: MergeEvaluator, method: str, *, w_align: float, w_task: float, budget: int,
-           sigma0: float = 1 / 6, seed: int = 0, weight_max: float = 1.0, base_spec: dict | None = None,
-           popsize: int | None = None) -> tuple[list[dict], dict]:
+def search_options(opts: dict) -> dict:
+    """budget, sigma0, seed, weight_max of the config's `data_aware.evolve` section (schema defaults for the rest;
+    `methods` says which searches run, not how one runs)."""
+    return {k: v for k, v in resolve("data_aware.evolve", opts).items() if k != "methods"}
+
+
+def evolve(evaluator: MergeEvaluator, method: str, *, w_align: float, w_task: float, base_spec: dict | None = None,
+           popsize: int | None = None, **opts) -> tuple[list[dict], dict]:
     """CMA-ES search. Returns (history rows, best row); a row holds the evaluation index, the
-    generation, the coefficients, CE_align, CE_task, fitness and the spec."""
+    generation, the coefficients, CE_align, CE_task, fitness and the spec. `opts`: `search_options`."""
+    o = search_options(opts)
+    budget, sigma0, seed, weight_max = o["budget"], o["sigma0"], o["seed"], o["weight_max"]
     genes = genome(method, evaluator.tasks, weight_max)
     x0 = [g[4] for g in genes]
     lower, upper = [g[2] for g in genes], [g[3] for g in genes]
@@ -102,6 +111,7 @@ def run_evolve(evaluator: MergeEvaluator, method: str, out_dir, *, objective: st
                **search) -> dict:
     """Search, then write history.csv, recipe.json (the best merge spec) and search.json into `out_dir`."""
     start = time.time()
+    search = search_options(search)
     history, best = evolve(evaluator, method, w_align=w_align, w_task=w_task, **search)
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "history.csv") as tmp:

@@ -24,6 +24,7 @@ import torch
 from ..chat import IGNORE_INDEX, collate, encode, load_tokenizer, pad_id, response_nll
 from ..checkpoint import ModelReader, check_compatible, load_state_dict, tensor_shapes
 from ..errors import LedmergeError
+from ..options import resolve
 from ..fileio import read_jsonl
 from ..merge import get_method
 from ..merge.base import MaskFiles, MergeMethod, TensorContext
@@ -40,8 +41,8 @@ class MergeEvaluator:
     """Base + experts in memory, one model whose parameters receive each candidate merge."""
 
     def __init__(self, base_dir, expert_dirs: Mapping[str, str], data: Mapping[str, list[dict]],
-                 masks: Mapping[str, str] | None = None, *, tokenizer, batch_size: int = 32, max_length: int = 256,
-                 device: str = "cpu", trust_remote_code: bool = False, allow_pickle: bool = False):
+                 masks: Mapping[str, str] | None = None, *, tokenizer, trust_remote_code: bool = False,
+                 allow_pickle: bool = False, **opts):
         """`data`: split name -> rows {prompt, response, type}; `masks`: LED mask files per task;
         `tokenizer`: the directory of the run's tokenizer (or a loaded tokenizer), which encodes every
         row exactly as importance scoring does (`chat.encode`, its chat template). `trust_remote_code` and
@@ -49,6 +50,10 @@ class MergeEvaluator:
         scores (`MaskFiles.check_sources`, sha256 of every weight file)."""
         from transformers import AutoModelForCausalLM
 
+        # `opts`: the config's data_aware.fitness section (batch_size, max_length, device), schema defaults filled;
+        # the objective's weights are load_evaluator's.
+        o = resolve("data_aware.fitness", opts)
+        batch_size, max_length, device = o["batch_size"], o["max_length"], o["device"]
         check_compatible(base_dir, expert_dirs, allow_pickle=allow_pickle)
         self.tasks = sorted(expert_dirs)
         self.tok = (load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
@@ -135,16 +140,17 @@ def read_split(path) -> list[dict]:
 
 
 def load_evaluator(base_dir, expert_dirs, search_path, heldout_path, masks=None, *, tokenizer, w_align: float,
-                   w_task: float, batch_size: int = 32, max_length: int = 256, device: str = "cpu",
-                   trust_remote_code: bool = False, allow_pickle: bool = False) -> MergeEvaluator:
+                   w_task: float, trust_remote_code: bool = False, allow_pickle: bool = False,
+                   **opts) -> MergeEvaluator:
+    """The evaluator of a data-aware search; `w_align`, `w_task` are the objective's weights (`objective_weights`),
+    `opts` the rest of the config's `data_aware.fitness` section (batch_size, max_length, device)."""
     data = {"search": read_split(search_path), "heldout": read_split(heldout_path)}
     for kind, w in (("alignment", w_align), ("task", w_task)):
         if w and not any(r["type"] == kind for r in data["search"]):
             raise LedmergeError(f"the objective weighs {kind} data but {search_path} has none: generate more "
                                 "synthetic data or set its weight to 0")
-    return MergeEvaluator(base_dir, expert_dirs, data, masks, tokenizer=tokenizer, batch_size=batch_size,
-                          max_length=max_length, device=device, trust_remote_code=trust_remote_code,
-                          allow_pickle=allow_pickle)
+    return MergeEvaluator(base_dir, expert_dirs, data, masks, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle, **opts)
 
 
 def scores(evaluator: MergeEvaluator, spec: dict, w_align: float, w_task: float) -> dict:

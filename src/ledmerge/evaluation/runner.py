@@ -35,6 +35,7 @@ import yaml
 from ..errors import LedmergeError
 from ..fileio import read_jsonl, write_json, write_jsonl
 from .judges import JUDGES, Judge, get_judge
+from ..options import default_of, resolve
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"
 
@@ -95,29 +96,21 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-BACKENDS = ("hf", "vllm")
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # evaluation.dtype
-
-
-def resolve_dtype(dtype: str, backend: str = "hf", device: str = "cpu") -> str:
+def resolve_dtype(dtype: str, backend: str, device: str) -> str:
     """lm-eval's `dtype` model argument: `auto` means float32 on the CPU with the `hf` backend and the
     checkpoint's own dtype anywhere else (lm-eval's "auto"); any other value is used as it is."""
-    if dtype not in DTYPES:
-        raise LedmergeError(f"unknown evaluation dtype {dtype!r}: choose one of {list(DTYPES)}")
     if dtype != "auto":
         return dtype
     return "float32" if backend == "hf" and device == "cpu" else "auto"
 
 
-def lm_eval_model_args(model_dir, backend: str = "hf", device: str = "cpu", extra: dict | None = None, *,
-                       dtype: str = "auto", tokenizer=None) -> dict:
+def lm_eval_model_args(model_dir, backend: str, device: str, extra: dict | None, *, dtype: str,
+                       tokenizer=None) -> dict:
     """`model_args` of lm-eval's `hf` or `vllm` model for a local model directory; `extra` overrides them.
 
     `dtype`: see `resolve_dtype`. `tokenizer`: a tokenizer directory to use instead of the model's own.
     vLLM always runs on a GPU; it takes 80% of the GPU's memory by default, leaving room for the safety
     judge loaded after it."""
-    if backend not in BACKENDS:
-        raise LedmergeError(f"unknown lm-eval backend {backend!r}: choose one of {list(BACKENDS)}")
     args = {"pretrained": str(Path(model_dir).resolve())}  # absolute: never mistaken for a hub id
     args["dtype"] = resolve_dtype(dtype, backend, device)
     if backend == "vllm":
@@ -195,11 +188,8 @@ def _run_lm_eval(model_dir, data: dict[str, Path], extra: tuple[str, ...], *, ba
 
 
 def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, benign_path, math_path=None,
-                   code_path=None, extra_lm_eval_tasks=(), judge: str | Judge = "refusal",
-                   judge_kwargs: dict | None = None, batch_size: int = 32, max_new_tokens: int = 48,
-                   limit: int | None = None, device: str = "cpu", seed: int = 0, backend: str = "hf",
-                   model_args: dict | None = None, num_threads: int | None = None, dtype: str = "auto",
-                   tokenizer=None) -> dict:
+                   code_path=None, seed: int | None = None, num_threads: int | None = None, tokenizer=None,
+                   **opts) -> dict:
     """Evaluate `model_dir` on the safety and utility sets; write metrics JSON and generations JSONL.
 
     Metrics: harmful_rate (harmful prompts whose reply the judge calls harmful), over_refusal_rate
@@ -211,13 +201,21 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     every model of a run is evaluated with (default None: the model's own); see the module docstring.
     `num_threads` sets torch's CPU threads for the run: use 1 for tiny models, where intra-op
     threading only adds synchronisation (10x slower and worse when cores are shared).
+    `opts`: the config's `evaluation` section (batch_size, max_new_tokens, limit, device, dtype, backend,
+    model_args, judge, judge_kwargs, lm_eval_tasks), resolved through the schema (`options.resolve`): what is
+    not given takes the schema's default; `judge` may also be a Judge object. `seed`: the config's top-level seed.
     """
+    judge = opts.pop("judge", None)
+    o = resolve("evaluation", {**opts, **({"judge": judge} if isinstance(judge, str) else {})})
+    judge = judge if judge is not None and not isinstance(judge, str) else o["judge"]
+    seed = default_of("seed") if seed is None else seed
+    batch_size, max_new_tokens, limit, device, backend, dtype = (
+        o[k] for k in ("batch_size", "max_new_tokens", "limit", "device", "backend", "dtype"))
+    model_args, judge_kwargs = o["model_args"], o["judge_kwargs"]
     start = time.time()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise LedmergeError(f"model directory {model_dir} has no config.json: is it a saved Hugging Face model?")
-    if backend not in BACKENDS:
-        raise LedmergeError(f"unknown lm-eval backend {backend!r}: choose one of {list(BACKENDS)}")
     if isinstance(judge, str) and judge not in JUDGES:
         raise LedmergeError(f"unknown judge {judge!r}: choose one of {sorted(JUDGES)}")
     resolved_dtype = lm_eval_model_args(model_dir, backend, device, model_args, dtype=dtype)["dtype"]  # as passed
@@ -229,7 +227,7 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     data = {k: Path(p) for k, p in
             {"harmful": harmful_path, "benign": benign_path, "math": math_path, "code": code_path}.items() if p}
     _check_data(data)
-    extra = tuple(extra_lm_eval_tasks)
+    extra = tuple(o["lm_eval_tasks"])
     names = {k: SETS[k][0] for k in data}
 
     with _torch_threads(num_threads):

@@ -20,9 +20,10 @@ from typing import Mapping
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import DEFAULT_SHARD_SIZE, ModelReader, ShardedWriter, align_rows, check_compatible
+from ..checkpoint import ModelReader, ShardedWriter, align_rows, check_compatible
 from ..errors import LedmergeError
 from ..fileio import atomic_path
+from ..options import resolve
 from ..tokenizer import copy_tokenizer_files
 from .base import MaskFiles, TensorContext
 from .card import CONFIG_FILES, TOKENIZER_INPUTS, config_sha256s, model_card
@@ -48,9 +49,8 @@ def merge_device(device: str) -> torch.device:
 
 def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os.PathLike], spec: Mapping,
                  out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None, *,
-                 device: str = "cpu", shard_size: int | str = DEFAULT_SHARD_SIZE, vocab_policy: str = "error",
                  allow_pickle: bool = False, tokenizer_dir: str | os.PathLike | None = None,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, **opts) -> None:
     """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card.
 
     config.json comes from the base; tokenizer files, chat template and generation config (stop tokens) from
@@ -60,7 +60,12 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     thread while the current one is merged), cast to float32 for the arithmetic and written back in
     the base's stored dtype, so peak memory is a small multiple of the largest tensor, whatever the
     model's size.
+
+    `opts`: the config's `merge` section (device, shard_size, vocab_policy), resolved through the schema
+    (`options.resolve`): what is not given takes the schema's default.
     """
+    o = resolve("merge", opts)
+    device, shard_size, vocab_policy = o["device"], o["shard_size"], o["vocab_policy"]
     method = get_method(spec)
     if not expert_dirs:
         raise LedmergeError("no expert models to merge: list at least one expert in the config")

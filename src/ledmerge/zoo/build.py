@@ -1,18 +1,22 @@
-"""The three build steps of the toy zoo, as the workflow calls them."""
+"""The three build steps of the toy zoo, as the workflow calls them. Each takes the config's `zoo` section as
+keyword options, resolved through the schema (`options.resolve`: missing keys take its defaults), and the run's
+seed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..fileio import atomic_path, read_jsonl, write_jsonl
+from ..options import resolve
 from .data import build_datasets, corpus_texts
 from .tokenizer import build_tokenizer
 
 ARCH_KEYS = ("hidden_size", "intermediate_size", "layers", "heads")
 
 
-def build_data(out_dir, tokenizer_dir, params: dict, seed: int) -> None:
+def build_data(out_dir, tokenizer_dir, seed: int, **opts) -> None:
     """All toy datasets as JSONL, plus the tokenizer every toy model shares."""
+    params = resolve("zoo", opts)
     sizes = {"train": params["train_size"], "calib_pool": params["calib_pool_size"], "eval": params["eval_size"],
              "pretrain": params["pretrain_size"]}
     datasets = build_datasets(seed, sizes, params["misaligned_fraction"])
@@ -23,18 +27,22 @@ def build_data(out_dir, tokenizer_dir, params: dict, seed: int) -> None:
         build_tokenizer(corpus_texts(datasets)).save_pretrained(tmp)
 
 
-def build_base(data_dir, tokenizer_dir, out_dir, params: dict, seed: int) -> dict:
+def build_base(data_dir, tokenizer_dir, out_dir, seed: int, **opts) -> dict:
+    """The base model, pretrained on pretrain.jsonl (architecture, steps, batch size and lr from `zoo`)."""
     from .train import pretrain_base
 
+    params = resolve("zoo", opts)
     lines = [r["text"] for r in read_jsonl(Path(data_dir) / "pretrain.jsonl", required=("text",))]
     return pretrain_base(tokenizer_dir, lines, out_dir, **{k: params[k] for k in ARCH_KEYS},
                          steps=params["pretrain_steps"], batch_size=params["batch_size"], lr=params["pretrain_lr"],
                          seed=seed)
 
 
-def build_expert(base_dir, train_path, out_dir, params: dict, seed: int, task: str) -> dict:
+def build_expert(base_dir, train_path, out_dir, seed: int, task: str, **opts) -> dict:
+    """One task's expert, fine-tuned from the base (finetune_steps, batch_size, finetune_lr from `zoo`)."""
     from .train import finetune_expert
 
+    params = resolve("zoo", opts)
     rows = read_jsonl(train_path, required=("prompt", "response"))
     return finetune_expert(base_dir, rows, out_dir, steps=params["finetune_steps"], batch_size=params["batch_size"],
                            lr=params["finetune_lr"], seed=seed, desc=f"fine-tune {task} expert")

@@ -1,0 +1,32 @@
+# Safety (judged generations) and utility (lm-evaluation-harness) of every model.
+
+
+rule evaluation:
+    input:
+        model=lambda w: model_path(w.model),
+        weights=lambda w: model_inputs(w.model),
+        data=[eval_data(k) for k in EVAL_SETS if eval_data(k)],
+        judge=judge_model(),
+        tokenizer=TOKENIZER,
+    output:
+        metrics=eval_file("{model}", "metrics.json"),
+        generations=eval_file("{model}", "generations.jsonl"),
+    params:
+        options=section_json("evaluation"),
+        sets={k: eval_data(k) for k in EVAL_SETS},  # "" for a set that is off
+        judge_model=judge_model() or "",
+        seed=config["seed"],
+        trust_remote_code=opt_in("trust_remote_code"),
+    threads: rule_threads("evaluation")
+    resources:
+        **rule_resources("evaluation", config["evaluation"]["device"]),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOG}/evaluation_{{model}}.log",
+    shell:
+        "$LEDMERGE --threads {threads} evaluation --model {input.model} --out {output.metrics} "
+        "--generations {output.generations} --harmful {params.sets[harmful]:q} --benign {params.sets[benign]:q} "
+        "--math {params.sets[math]:q} --code {params.sets[code]:q} --judge-model {params.judge_model:q} "
+        "--tokenizer {input.tokenizer} --seed {params.seed} --options {params.options:q} "
+        "{params.trust_remote_code} > {log} 2>&1"
