@@ -9,6 +9,7 @@ import pytest
 from ledmerge.config import check, hub_dir, model_dir, validate
 from ledmerge.errors import LedmergeError
 from ledmerge.evaluation.runner import lm_eval_model_args
+from ledmerge.options import resolve
 from ledmerge.fileio import read_jsonl, write_jsonl
 from ledmerge.hub import fetch_dataset, fetch_model
 
@@ -80,14 +81,15 @@ def test_fetch_dataset_maps_columns(tmp_path):
 
 
 def test_lm_eval_model_args_per_backend(tmp_path):
-    hf = lm_eval_model_args(tmp_path, "hf", "cpu")
+    hf = lm_eval_model_args(tmp_path, "hf", "cpu", None, dtype="auto")
     assert hf == {"pretrained": str(tmp_path.resolve()), "dtype": "float32"}
-    assert lm_eval_model_args(tmp_path, "hf", "cuda")["dtype"] == "auto"
-    vllm = lm_eval_model_args(tmp_path, "vllm", "cuda", {"gpu_memory_utilization": 0.5, "max_model_len": 4096})
+    assert lm_eval_model_args(tmp_path, "hf", "cuda", None, dtype="auto")["dtype"] == "auto"
+    vllm = lm_eval_model_args(tmp_path, "vllm", "cuda", {"gpu_memory_utilization": 0.5, "max_model_len": 4096},
+                              dtype="auto")
     assert vllm == {"pretrained": str(tmp_path.resolve()), "dtype": "auto", "tensor_parallel_size": 1,
                     "gpu_memory_utilization": 0.5, "max_model_len": 4096}
-    with pytest.raises(LedmergeError, match="backend"):
-        lm_eval_model_args(tmp_path, "onnx")
+    with pytest.raises(LedmergeError, match="evaluation.backend"):  # the schema's list of backends
+        resolve("evaluation", {"backend": "onnx"})
 
 
 def test_vllm_backend_reaches_lm_eval(tiny_zoo, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 from ledmerge.errors import LedmergeError
 from ledmerge.eval_tasks import utils as hooks
 from ledmerge.evaluation import evaluate_model, extract_answer, extract_code, math_correct
+from ledmerge.options import resolve
 from ledmerge.evaluation.runner import TEMPLATE_DIR, generation_kwargs, lm_eval_model_args, stop_tokens
 from ledmerge.fileio import write_jsonl
 
@@ -190,16 +191,20 @@ def test_generation_kwargs_per_backend():
 
 def test_lm_eval_model_args_dtype_and_tokenizer(tmp_path):
     model, tok = tmp_path / "m", tmp_path / "tok"
-    assert lm_eval_model_args(model)["dtype"] == "float32"  # auto on the CPU
-    assert lm_eval_model_args(model, device="cuda")["dtype"] == "auto"  # the checkpoint's own dtype
-    assert lm_eval_model_args(model, device="cuda", dtype="bfloat16")["dtype"] == "bfloat16"
-    assert lm_eval_model_args(model, dtype="float16")["dtype"] == "float16"
-    args = lm_eval_model_args(model, "vllm", "cuda", dtype="bfloat16", tokenizer=tok)
-    assert args["dtype"] == "bfloat16" and args["tokenizer"] == str(tok.resolve())
-    assert "tokenizer" not in lm_eval_model_args(model)
-    assert lm_eval_model_args(model, extra={"dtype": "float16"}, dtype="bfloat16")["dtype"] == "float16"
-    with pytest.raises(LedmergeError, match="unknown evaluation dtype"):
-        lm_eval_model_args(model, dtype="fp8")
+
+    def args(backend="hf", device="cpu", extra=None, dtype="auto", **kw):
+        return lm_eval_model_args(model, backend, device, extra, dtype=dtype, **kw)
+
+    assert args()["dtype"] == "float32"  # auto on the CPU
+    assert args(device="cuda")["dtype"] == "auto"  # the checkpoint's own dtype
+    assert args(device="cuda", dtype="bfloat16")["dtype"] == "bfloat16"
+    assert args(dtype="float16")["dtype"] == "float16"
+    vllm = args("vllm", "cuda", dtype="bfloat16", tokenizer=tok)
+    assert vllm["dtype"] == "bfloat16" and vllm["tokenizer"] == str(tok.resolve())
+    assert "tokenizer" not in args()
+    assert args(extra={"dtype": "float16"}, dtype="bfloat16")["dtype"] == "float16"
+    with pytest.raises(LedmergeError, match="evaluation.dtype"):  # the schema's list of dtypes
+        resolve("evaluation", {"dtype": "fp8"})
 
 
 def test_dtype_and_tokenizer_reach_lm_eval(tiny_zoo, tmp_path, monkeypatch):
