@@ -29,6 +29,7 @@ test: env
 
 lint: env
 	$(BIN)/snakemake --lint
+	$(BIN)/ruff check .
 
 # docs/configuration.md is generated from the schema (src/ledmerge/schemas/config.schema.yaml); tests/test_options.py
 # fails when it is stale.

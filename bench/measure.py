@@ -60,7 +60,8 @@ def cache_check(paths) -> str:
     read_through(paths)
     warm = time.perf_counter() - t0
     drop_cache(paths)
-    res = "" if res0 is None else f"; resident after DONTNEED {res0 / 2**20:.1f} MiB, after a read {res1 / 2**20:.1f} MiB (fincore)"
+    res = "" if res0 is None else (f"; resident after DONTNEED {res0 / 2**20:.1f} MiB, "
+                                   f"after a read {res1 / 2**20:.1f} MiB (fincore)")
     return (f"reading the base's {size / GB:.2f} GB after fadvise(DONTNEED): {cold:.2f} s ({size / GB / cold:.2f} GB/s); "
             f"again, cached: {warm:.2f} s ({size / GB / warm:.2f} GB/s){res}")
 

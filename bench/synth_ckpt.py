@@ -171,7 +171,7 @@ def generate(spec: CheckpointSpec, root: Path, log=print) -> dict[str, Path]:
     torch_dtype, st_dtype, _ = DTYPES[spec.dtype]
     shards = plan_shards(specs, spec.shard_bytes, info["elem_size"])
     files = shard_names(len(shards))
-    for m, d in dirs.items():
+    for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
         cfg.to_json_file(d / "config.json")
         GenerationConfig(bos_token_id=1, eos_token_id=2).to_json_file(d / "generation_config.json")

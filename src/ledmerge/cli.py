@@ -287,33 +287,44 @@ def build_parser() -> argparse.ArgumentParser:
         "schema: docs/configuration.md")
 
     sp = add("fetch-model", cmd_fetch_model, "download a hub model's safetensors, configs and tokenizer")
-    sp.add_argument("--repo", required=True); sp.add_argument("--revision", required=True); sp.add_argument("--out", required=True)
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("--revision", required=True)
+    sp.add_argument("--out", required=True)
 
     sp = add("fetch-dataset", cmd_fetch_dataset, "export a split of a Hugging Face dataset to JSONL")
     sp.add_argument("--spec", required=True, help="JSON {name, config_name, split}")
-    sp.add_argument("--columns", required=True, help="JSON {output field: dataset column}"); sp.add_argument("--out", required=True)
+    sp.add_argument("--columns", required=True, help="JSON {output field: dataset column}")
+    sp.add_argument("--out", required=True)
 
     sp = add("zoo-data", cmd_zoo_data, "write the toy world's datasets and tokenizer", "zoo")
-    sp.add_argument("--out-dir", required=True); sp.add_argument("--tokenizer", required=True)
+    sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--tokenizer", required=True)
     sp.add_argument("--seed", type=int, required=True, help="the config's top-level seed")
 
     sp = add("zoo-base", cmd_zoo_base, "pretrain the toy base model", "zoo")
-    sp.add_argument("--data-dir", required=True); sp.add_argument("--tokenizer", required=True)
-    sp.add_argument("--out", required=True); sp.add_argument("--seed", type=int, required=True)
+    sp.add_argument("--data-dir", required=True)
+    sp.add_argument("--tokenizer", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--seed", type=int, required=True)
 
     sp = add("zoo-expert", cmd_zoo_expert, "fine-tune one toy expert from the base", "zoo")
-    sp.add_argument("--task", required=True); sp.add_argument("--base", required=True); sp.add_argument("--train", required=True)
-    sp.add_argument("--out", required=True); sp.add_argument("--seed", type=int, required=True)
+    sp.add_argument("--task", required=True)
+    sp.add_argument("--base", required=True)
+    sp.add_argument("--train", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--seed", type=int, required=True)
 
     sp = add("calibration", cmd_calibration, "sample a task's calibration set (prompt/response JSONL)", "calibration")
     sp.add_argument("--task", required=True)
     sp.add_argument("--source", required=True, help="JSON of the task's tasks.<name>.calibration spec")
-    sp.add_argument("--pool", help="toy zoo calibration pool (source zoo)"); sp.add_argument("--out", required=True)
+    sp.add_argument("--pool", help="toy zoo calibration pool (source zoo)")
+    sp.add_argument("--out", required=True)
 
     sp = add("tokenizer", cmd_tokenizer, "the run's tokenizer, chat template and stop tokens, from one model")
     sp.add_argument("--source", required=True, help="the config's tokenizer_source: auto (the base if it has a chat "
                     "template, else the aligned expert), base, a task name, or a model directory")
-    sp.add_argument("--base", required=True); sp.add_argument("--expert", nargs="*", metavar="TASK=DIR")
+    sp.add_argument("--base", required=True)
+    sp.add_argument("--expert", nargs="*", metavar="TASK=DIR")
     sp.add_argument("--alignment-task", required=True, help="the aligned (instruct) expert's task")
     sp.add_argument("--chat-template", nargs="?", help="a .jinja file replacing the source's chat template")
     sp.add_argument("--out", required=True)
@@ -321,23 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("importance", cmd_importance, "SNIP importance scores |W| * sum|grad| of one model on one calibration set",
              "importance")
-    sp.add_argument("--model", required=True); sp.add_argument("--calibration", required=True); sp.add_argument("--out", required=True)
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--calibration", required=True)
+    sp.add_argument("--out", required=True)
     sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
                     "expert see the same token ids; absent: the model's own")
     opt_ins(sp)
 
     sp = add("election", cmd_election, "elected mask TopR(expert) and TopR(base) for one task", "election")
-    sp.add_argument("--expert", required=True); sp.add_argument("--base", required=True)
+    sp.add_argument("--expert", required=True)
+    sp.add_argument("--base", required=True)
     sp.add_argument("--rate", type=float, required=True, help="the task's tasks.<name>.rate")
     sp.add_argument("--out", required=True)
 
     sp = add("disjoint", cmd_disjoint, "final masks: drop weights elected by more than one task; mask statistics")
     sp.add_argument("--elected", nargs="+", required=True, metavar="TASK=PATH")
     sp.add_argument("--out", nargs="+", required=True, metavar="TASK=PATH")
-    sp.add_argument("--stats", required=True); sp.add_argument("--overlap", required=True)
+    sp.add_argument("--stats", required=True)
+    sp.add_argument("--overlap", required=True)
 
     sp = add("merge", cmd_merge, "merge experts into the base with one method", "merge")
-    sp.add_argument("--base", required=True); sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR")
+    sp.add_argument("--base", required=True)
+    sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR")
     sp.add_argument("--mask", nargs="*", metavar="TASK=PATH")
     sp.add_argument("--spec", required=True, help="JSON merge spec, or @FILE holding one")
     sp.add_argument("--out", required=True)
@@ -361,9 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.epilog += "\n\n" + help_epilog("data_aware.fitness").replace("--options", "--fitness")
         sp.add_argument("--fitness", metavar="JSON", help="the config's `data_aware.fitness` section as a JSON "
                         "object, or @FILE; missing keys take the defaults listed below")
-        sp.add_argument("--base", required=True); sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR")
+        sp.add_argument("--base", required=True)
+        sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR")
         sp.add_argument("--mask", nargs="*", metavar="TASK=PATH", help="LED masks (method led)")
-        sp.add_argument("--search", required=True); sp.add_argument("--heldout", required=True)
+        sp.add_argument("--search", required=True)
+        sp.add_argument("--heldout", required=True)
         sp.add_argument("--tokenizer", required=True, metavar="DIR",
                         help="the run's tokenizer directory (chat template; the workflow's results/tokenizer)")
         sp.add_argument("--objective", choices=["align", "task"], required=True,
@@ -375,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("evaluation", cmd_evaluation, "safety and utility evaluation of one model (lm-evaluation-harness)",
              "evaluation")
-    sp.add_argument("--model", required=True); sp.add_argument("--out", required=True); sp.add_argument("--generations", required=True)
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--generations", required=True)
     sp.add_argument("--harmful", required=True, help="harmful prompts (JSONL)")
     sp.add_argument("--benign", required=True, help="benign prompts that look harmful (JSONL)")
     sp.add_argument("--math", nargs="?", help="math problems (JSONL); absent: not evaluated")
@@ -387,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("report", cmd_report, "summary table and figures")
     sp.add_argument("--metrics", nargs="+", required=True, metavar="NAME=KIND=PATH")
-    sp.add_argument("--mask-stats"); sp.add_argument("--mask-overlap"); sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--mask-stats")
+    sp.add_argument("--mask-overlap")
+    sp.add_argument("--out-dir", required=True)
     sp.add_argument("--history", nargs="*", metavar="NAME=CSV", help="CMA-ES search histories (data-aware merges)")
     return p
 

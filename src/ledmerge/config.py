@@ -7,10 +7,10 @@ the fix, and nothing is computed from a config that would fail later.
 from __future__ import annotations
 
 import copy
-
 from pathlib import Path
 
 import yaml
+
 from . import options
 from .errors import LedmergeError
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import os
+import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open

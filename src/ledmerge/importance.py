@@ -21,7 +21,8 @@ How it is computed, and why:
 Pass count. N calibration examples cost N forward+backward passes in all (granularity "example"; "batch":
 ⌈N/batch_size⌉), each pass scoring every tensor of every layer at once. The released LED code scores layer
 by layer, re-running all calibration samples once per layer: N×L passes for L layers, 32x the passes for
-an 8B model (Llama-3-8B has L = 32 decoder layers; 128 examples: 128 passes here against 4,096). `score_model` reports both (`n_forward_backward`, `reference_passes` = N×L).
+an 8B model (Llama-3-8B has L = 32 decoder layers; 128 examples: 128 passes here against 4,096).
+`score_model` reports both (`n_forward_backward`, `reference_passes` = N×L).
 
 Real checkpoints:
 - `device_map` ("auto", "balanced", {module: device}, ...) is handed to `from_pretrained` (accelerate) to

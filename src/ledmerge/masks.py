@@ -29,8 +29,18 @@ import torch
 
 from .errors import LedmergeError
 from .fileio import write_text
-from .formats import (PackedMask, as_bool_mask, header_shapes, load_masks, load_scores, mask_metadata,
-                      mask_names_and_shapes, pack_bits, save_masks, tensors_metadata)
+from .formats import (
+    PackedMask,
+    as_bool_mask,
+    header_shapes,
+    load_masks,
+    load_scores,
+    mask_metadata,
+    mask_names_and_shapes,
+    pack_bits,
+    save_masks,
+    tensors_metadata,
+)
 from .options import allowed
 from .provenance import recorded_files, sources_metadata
 from .topk import top_k_count, top_r_positive

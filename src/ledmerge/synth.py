@@ -347,7 +347,7 @@ def synthesize(generator: Generator, aligned_dir, alignment_task: str, expert_di
         replies = chat_generate(model, tok, [it["question"] for _, it in todo], max_new_tokens=max_new_tokens,
                                 batch_size=batch_size)
         del model
-        for (request, item), reply in zip(todo, replies, strict=True):
+        for (_request, item), reply in zip(todo, replies, strict=True):
             if not reply:
                 summary.drop("empty_response")
             elif kind == "harmful" and not judge.is_refusal(item["question"], reply):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from .errors import LedmergeError
 from .fileio import atomic_path

@@ -79,7 +79,7 @@ def kth_largest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, torch.
     return threshold, above + int((candidates > threshold).sum()), where[candidates == threshold]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _histogram_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, "histogram")
 

@@ -5,8 +5,21 @@ tensor (`ShardedWriter`), `compat` checks models against the base before a merge
 """
 
 from .compat import VOCAB_POLICIES, align_rows, check_compatible
-from .reader import (INDEX, PICKLE_HELP, PICKLE_INDEX, PICKLE_SINGLE, SINGLE, ST_DTYPES, TORCH_TO_ST, ModelReader,
-                     TensorInfo, load_state_dict, read_safetensors_header, tensor_shapes, weight_files)
+from .reader import (
+                     INDEX,
+                     PICKLE_HELP,
+                     PICKLE_INDEX,
+                     PICKLE_SINGLE,
+                     SINGLE,
+                     ST_DTYPES,
+                     TORCH_TO_ST,
+                     ModelReader,
+                     TensorInfo,
+                     load_state_dict,
+                     read_safetensors_header,
+                     tensor_shapes,
+                     weight_files,
+)
 from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size
 
 __all__ = ["VOCAB_POLICIES", "align_rows", "check_compatible", "INDEX", "PICKLE_HELP", "PICKLE_INDEX", "PICKLE_SINGLE",

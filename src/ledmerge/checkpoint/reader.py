@@ -15,9 +15,9 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -240,7 +240,7 @@ class ModelReader:
         self._fds.clear()
         self._pickle_shard = None
 
-    def __enter__(self) -> "ModelReader":
+    def __enter__(self) -> ModelReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,8 +12,8 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 

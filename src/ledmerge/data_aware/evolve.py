@@ -21,8 +21,8 @@ import pandas as pd
 
 from ..errors import LedmergeError
 from ..fileio import atomic_path, write_json
-from ..options import resolve
 from ..merge import get_method
+from ..options import resolve
 from .fitness import MergeEvaluator, fitness, scores
 
 log = logging.getLogger(__name__)

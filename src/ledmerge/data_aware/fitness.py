@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from ..chat import IGNORE_INDEX, collate, encode, load_tokenizer, pad_id, response_nll
 from ..checkpoint import ModelReader, check_compatible, load_state_dict, tensor_shapes
 from ..errors import LedmergeError
-from ..options import resolve
 from ..fileio import read_jsonl
 from ..merge import get_method
 from ..merge.base import MaskFiles, MergeMethod, TensorContext
+from ..options import resolve
 
 TYPES = ("alignment", "task")
 

@@ -1,8 +1,8 @@
 """`!function` hooks of the ledmerge lm-eval tasks: thin adapters from lm-eval's (doc, results) to
 ledmerge's scorers, so the same code scores inside and outside the harness."""
 
-from ledmerge.evaluation.judges import RefusalJudge
 from ledmerge.evaluation.answers import code_passes, math_correct
+from ledmerge.evaluation.judges import RefusalJudge
 
 _REFUSAL = RefusalJudge()
 

@@ -34,8 +34,8 @@ import yaml
 
 from ..errors import LedmergeError
 from ..fileio import read_jsonl, write_json, write_jsonl
-from .judges import JUDGES, Judge, get_judge
 from ..options import default_of, resolve
+from .judges import JUDGES, get_judge
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"
 

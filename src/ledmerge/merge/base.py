@@ -15,8 +15,9 @@ import logging
 import math
 import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -41,13 +42,13 @@ class TensorContext:
         """A generator seeded from (seed, tensor name, task): independent of visiting order."""
         return torch.Generator().manual_seed(zlib.crc32(f"{self.seed}\0{self.name}\0{task}".encode()))
 
-    def chunk(self, part: slice) -> "TensorContext":
+    def chunk(self, part: slice) -> TensorContext:
         """The context of the flat slice `part` of the tensor (masks sliced alike)."""
         flat = lambda m: None if m is None else m.reshape(-1)[part]
         return TensorContext(self.name, self.seed, {t: flat(m) for t, m in self.masks.items()},
                              {t: flat(k) for t, k in self.kept.items()})
 
-    def to(self, device: torch.device) -> "TensorContext":
+    def to(self, device: torch.device) -> TensorContext:
         move = lambda m: None if m is None else m.to(device)
         return TensorContext(self.name, self.seed, {t: move(m) for t, m in self.masks.items()},
                              {t: move(k) for t, k in self.kept.items()})
@@ -158,7 +159,7 @@ class MergeMethod:
         return type(other) is type(self) and self.recipe() == other.recipe()
 
     @classmethod
-    def from_spec(cls, spec: Mapping) -> "MergeMethod":
+    def from_spec(cls, spec: Mapping) -> MergeMethod:
         params = {k: v for k, v in spec.items() if k != "method"}
         allowed = [p.name for p in cls.PARAMS]
         unknown = sorted(set(params) - set(allowed))

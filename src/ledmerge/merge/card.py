@@ -3,8 +3,8 @@ come from, and the sha256 of every input file."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import yaml
 

@@ -13,9 +13,9 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from tqdm import tqdm

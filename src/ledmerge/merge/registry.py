@@ -8,7 +8,7 @@ declared in its `PARAMS`, for the configuration reference.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..errors import LedmergeError
 from .base import MergeMethod, Param
