@@ -4,6 +4,7 @@ lm-eval task YAMLs) and `ledmerge check-config` works from any directory."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,9 +19,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy, so setuptools' build/ and egg-info never land in the checkout.
+    source = out / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "src"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif (REPO / name).exists():
+            shutil.copy2(REPO / name, source / name)
     # --no-build-isolation: the build backend (setuptools) is already in the environment; offline-safe.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(out), str(REPO)], check=True, capture_output=True, timeout=300)
+                    "--wheel-dir", str(out), str(source)], check=True, capture_output=True, timeout=300)
     (path,) = out.glob("ledmerge-*.whl")
     return path
 

@@ -155,7 +155,7 @@ def _checkpoint_layers(model: nn.Module) -> list[nn.Module]:
         layers = max(lists, key=len, default=[])
     if not layers:
         raise LedmergeError(f"gradient checkpointing: {type(model).__name__} has no repeated layers to checkpoint; "
-                            "set scoring.gradient_checkpointing to false")
+                            "set importance.gradient_checkpointing to false")
     return layers
 
 

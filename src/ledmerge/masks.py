@@ -226,7 +226,7 @@ def _check_same_tokens(expert_scores_path, base_scores_path) -> None:
     if None not in fingerprints and fingerprints[0] != fingerprints[1]:
         raise LedmergeError(f"{expert_scores_path} and {base_scores_path} were scored on different token ids "
                             "(another tokenizer, chat template, calibration set or max_length): rescore both with "
-                            "the same tokenizer directory (ledmerge score --tokenizer)")
+                            "the same tokenizer directory (ledmerge importance --tokenizer)")
 
 
 def _check_same_base(elected_paths: dict) -> None:
