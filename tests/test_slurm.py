@@ -3,9 +3,9 @@
 The cluster (tests/slurm_cluster.py) is started from Debian's slurmctld, slurmd, slurm-client and munge
 packages, which `.ci/run` installs when it runs as root; without them, or without root (the daemons need
 it), the test is skipped. The test configuration runs with a copy of the repository's profile whose
-placeholders point at the test cluster, with importance and evaluation jobs asking for the cluster's one
-(pretend) GPU. Every job must have been a SLURM job that completed, and the outputs must equal those of
-a local run of the same configuration.
+placeholders point at the test cluster, with importance and evaluation jobs asking for one of the cluster's
+two (pretend) GPUs (two, so that two such jobs run at once on its two CPUs). Every job must have been a
+SLURM job that completed, and the outputs must equal those of a local run of the same configuration.
 
 The local run is the session's `workflow_run` (tests/conftest.py; tests/test_workflow.py checks it), so the
 test workflow runs once, not twice: the SLURM run starts from a copy of its trained toy zoo (`results/zoo`,
@@ -101,7 +101,7 @@ def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
     slurm_cfg = write_config(tmp_path / "slurm.yaml", slurm_cfg)
     seed_zoo(workflow_run.results, slurm_dir / "results")
 
-    cluster = SlurmCluster(tmp_path / "cluster", cpus=2, gpus=1)
+    cluster = SlurmCluster(tmp_path / "cluster", cpus=2, gpus=2)
     with cluster:
         profile = test_profile(tmp_path / "profile", cluster)
         proc = run_snakemake(slurm_dir, slurm_cfg, "--profile", str(profile), extra_env=cluster.env)
