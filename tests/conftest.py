@@ -80,6 +80,7 @@ def tiny_zoo(tmp_path_factory):
 SHARED_FIXTURE_GROUPS = {"workflow_run": "workflow", "smol_zoo": "smol_zoo"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks (its worker hook)
 def pytest_collection_modifyitems(config, items):
     """Users of the session workflow run and of the real checkpoint are `integration` tests (not in `make
     check`), in one xdist group per fixture, and collected first (groups in SHARED_FIXTURE_GROUPS' order)."""
@@ -91,8 +92,15 @@ def pytest_collection_modifyitems(config, items):
             group = SHARED_FIXTURE_GROUPS[fixture]
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.xdist_group(group))
-            rank[item.nodeid] = order.index(group)
-    items.sort(key=lambda item: rank.get(item.nodeid, len(order)))  # stable: the rest keep their order
+            rank[id(item)] = order.index(group)
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and getattr(config.option, "loadgroup", False) and hasattr(item, "_id") and "@" not in item.nodeid:
+            # pytest >= 9.2 reads node ids from `_id`, so xdist 3.8's `item._nodeid = f"{nodeid}@{group}"` (how
+            # loadgroup tells the scheduler the group) is lost and the group's tests spread over the workers, each
+            # building the fixture. Set the same suffix where pytest reads it.
+            item._id = type(item._id).parse(f"{item.nodeid}@{'_'.join(groups)}")
+    items.sort(key=lambda item: rank.get(id(item), len(order)))  # stable: the rest keep their order
 
 
 def job_stats(stdout: str) -> dict[str, int]:
