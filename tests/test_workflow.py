@@ -109,7 +109,7 @@ def test_every_rule_has_logs(workflow_run):
     expected = ["zoo_data", "zoo_base", "tokenizer", "disjoint", "report"]
     expected += [f"zoo_expert_{t}" for t in TASKS] + [f"calibration_{t}" for t in TASKS]
     expected += [f"importance_{t}_{r}" for t in TASKS for r in ("base", "expert")] + [f"election_{t}" for t in TASKS]
-    expected += [f"merge_{m}" for m in MERGES + DATA_AWARE] + [f"evaluate_{m}" for m in MODELS]
+    expected += [f"merge_{m}" for m in MERGES + DATA_AWARE] + [f"evaluation_{m}" for m in MODELS]
     expected += ["synthetic"] + [f"evolve_{m.removeprefix('evo_')}" for m in DATA_AWARE if m.startswith("evo_")]
     expected += [m for m in DATA_AWARE if m.startswith("cocktail_")]
     missing = [name for name in expected if not (logs / f"{name}.log").is_file()]
