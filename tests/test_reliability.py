@@ -109,6 +109,7 @@ def test_nonfinite_input_weight_stops_the_merge(zoo, tmp_path, where, value, spe
     assert_nothing_written(out)
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 def test_nonfinite_input_cli_one_line_exit_2(zoo, tmp_path):
     bad = poison(zoo["code"], tmp_path / "bad", float("nan"))
     out = tmp_path / "out"
@@ -195,6 +196,7 @@ def tree_bytes(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 def test_rerun_after_kill_9_removes_debris_and_equals_an_uninterrupted_run(zoo, tmp_path):
     out = tmp_path / "merged"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_MERGE, zoo["base"], zoo["math"], zoo["code"], out],
@@ -296,6 +298,7 @@ def weights_bytes(model_dir: Path) -> int:
         return sum(i.nbytes for i in r.infos.values())
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 @pytest.mark.parametrize("how", ["efbig", "enospc"])
 def test_merge_on_a_full_disk(zoo, tmp_path, small_disk, how):
     if how == "efbig":
@@ -319,6 +322,7 @@ def test_merge_refuses_to_start_without_room_for_the_weights(zoo, tmp_path, monk
     assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 @pytest.mark.parametrize("how", ["efbig", "enospc"])
 def test_scoring_on_a_full_disk(zoo, tmp_path, calib, small_disk, how):
     """Score files are written by safetensors' Rust code, which reports the errno in its message."""
@@ -332,6 +336,7 @@ def test_scoring_on_a_full_disk(zoo, tmp_path, calib, small_disk, how):
     assert_nothing_written(out)
 
 
+@pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 def test_masks_and_json_on_a_full_disk(tmp_path):
     """Every writer goes through atomic_path: JSON (Python writes) and mask files (safetensors) alike."""
     script = ("import sys, torch\nfrom ledmerge.fileio import write_json\nfrom ledmerge.formats import save_masks\n"

@@ -3,9 +3,16 @@
 The cluster (tests/slurm_cluster.py) is started from Debian's slurmctld, slurmd, slurm-client and munge
 packages, which `.ci/run` installs when it runs as root; without them, or without root (the daemons need
 it), the test is skipped. The test configuration runs with a copy of the repository's profile whose
-placeholders point at the test cluster, with importance and evaluation jobs asking for the cluster's one
-(pretend) GPU. Every job must have been a SLURM job that completed, and the outputs must equal those of
-a local run of the same configuration.
+placeholders point at the test cluster, with importance and evaluation jobs asking for one of the cluster's
+two (pretend) GPUs (two, so that two such jobs run at once on its two CPUs). Every job must have been a
+SLURM job that completed, and the outputs must equal those of a local run of the same configuration.
+
+The local run is the session's `workflow_run` (tests/conftest.py; tests/test_workflow.py checks it), so the
+test workflow runs once, not twice: the SLURM run starts from a copy of its trained toy zoo (`results/zoo`,
+times kept, so Snakemake finds it up to date and plans every later rule) and runs two of its merges, LED and
+TIES; their summary rows, merged weights and those of the base and experts must equal the local run's.
+Every other rule kind (tokenizer, calibration, importance, election, disjoint, merge, evaluation, report)
+runs on the cluster.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,7 +29,8 @@ import yaml
 
 from conftest import job_stats
 from slurm_cluster import SlurmCluster, missing_tools
-from test_workflow import MERGES, REPO, SNAKEMAKE, env, sha256, test_config, write_config
+from conftest import REPO, SNAKEMAKE, env, sha256, test_config, write_config
+from test_workflow import TASKS
 
 MISSING = missing_tools()
 pytestmark = [
@@ -57,31 +66,42 @@ def run_snakemake(workdir: Path, configfile: Path, *args: str, extra_env: dict |
                           timeout=timeout)
 
 
-def outputs(results: Path) -> dict:
-    """What must agree between runs: the summary table and the merged weights."""
+# The merges run on SLURM (a subset of config/test.yaml's: one LED merge, one of the configured baselines).
+SLURM_MERGES = ["led", "ties"]
+# The jobs that the SLURM run plans once the zoo is in place: every rule after the zoo's.
+SLURM_JOBS = {"tokenizer": 1, "calibration": len(TASKS), "importance": 2 * len(TASKS), "election": len(TASKS),
+              "disjoint": 1, "merge": len(SLURM_MERGES), "evaluation": 1 + len(TASKS) + len(SLURM_MERGES),
+              "report": 1, "all": 1}
+
+
+def seed_zoo(reference: Path, results: Path) -> None:
+    """Copy the reference run's toy zoo (data, tokenizer, models) into `results`, file times kept (copy2), so its
+    outputs are as old, relative to each other, as Snakemake wrote them."""
+    shutil.copytree(reference / "zoo", results / "zoo", copy_function=shutil.copy2)
+
+
+def outputs(results: Path, models: list[str]) -> dict:
+    """What must agree between runs: the summary rows of `models` and the merged weights."""
     with open(results / "report" / "summary.csv") as fh:
-        summary = list(csv.DictReader(fh))
+        summary = {row["model"]: row for row in csv.DictReader(fh) if row["model"] in models}
     return {"summary": summary,
-            **{m: sha256(results / "merged" / m / "model.safetensors") for m in MERGES}}
+            **{m: sha256(results / "merged" / m / "model.safetensors") for m in models if m in SLURM_MERGES}}
 
 
-def test_workflow_runs_on_a_slurm_cluster(tmp_path):
-    local = tmp_path / "local"
-    local.mkdir()
-    # The data-aware jobs add nothing SLURM-specific and would double the test's time: off in both runs.
-    cfg = write_config(tmp_path / "local.yaml", test_config(local / "results", data_aware__enabled=False))
-    proc = run_snakemake(local, cfg, "--cores", "2")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    # Same result-changing settings; only where the jobs run and what they ask for differ.
+def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
+    # Same result-changing settings as the local run (config/test.yaml); only where the jobs run, what they ask
+    # for and which merges are made differ. The data-aware jobs add nothing SLURM-specific: off.
     slurm_dir = tmp_path / "slurm"
     slurm_dir.mkdir()
-    slurm_cfg = test_config(slurm_dir / "results", data_aware__enabled=False, resources={
+    merges = test_config(slurm_dir / "results")["merges"]
+    slurm_cfg = test_config(slurm_dir / "results", data_aware__enabled=False,
+                            merges={m: merges[m] for m in SLURM_MERGES}, resources={
         "importance": {"gpu": 1, "mem_mb": 8000, "runtime": "20m"},
         "evaluation": {"gpu": 1, "mem_mb": 8000, "runtime": "1h"}})
     slurm_cfg = write_config(tmp_path / "slurm.yaml", slurm_cfg)
+    seed_zoo(workflow_run.results, slurm_dir / "results")
 
-    cluster = SlurmCluster(tmp_path / "cluster", cpus=2, gpus=1)
+    cluster = SlurmCluster(tmp_path / "cluster", cpus=2, gpus=2)
     with cluster:
         profile = test_profile(tmp_path / "profile", cluster)
         proc = run_snakemake(slurm_dir, slurm_cfg, "--profile", str(profile), extra_env=cluster.env)
@@ -98,8 +118,9 @@ def test_workflow_runs_on_a_slurm_cluster(tmp_path):
                 for _, slurm_id, _ in submitted}
 
     stats = job_stats(log)
+    assert stats == SLURM_JOBS, stats  # the copied zoo is up to date: nothing of it reruns
     expected = sum(n for rule, n in stats.items() if rule != "all")  # `all` only collects the report
-    assert expected >= 30 and len(submitted) == expected, (stats, len(submitted))
+    assert len(submitted) == expected, (stats, len(submitted))
     assert len({slurm_id for _, slurm_id, _ in submitted}) == expected
     for _, slurm_id, logfile in submitted:
         assert re.search(rf"_job_complete: JobId={slurm_id} WEXITSTATUS 0", ctld_log), slurm_id
@@ -107,4 +128,7 @@ def test_workflow_runs_on_a_slurm_cluster(tmp_path):
         wants_gpu = "/rule_importance/" in logfile or "/rule_evaluation/" in logfile
         assert bool(re.search(r"TresPerJob=gres:gpu:1\b", jobs[slurm_id])) == wants_gpu, (logfile, jobs[slurm_id])
 
-    assert outputs(slurm_dir / "results") == outputs(local / "results")
+    models = ["base", *TASKS, *SLURM_MERGES]
+    slurm, local = outputs(slurm_dir / "results", models), outputs(workflow_run.results, models)
+    assert sorted(slurm["summary"]) == sorted(models), slurm["summary"]
+    assert slurm == local

@@ -1,7 +1,8 @@
 """The Snakemake workflow end to end on the tiny test config (config/test.yaml).
 
-One session-scoped run builds everything into a temporary directory; the other tests reuse it: the
-outputs' contents, Snakemake's rerun decisions after a config change, merge reproducibility, lint.
+One session-scoped run (the `workflow_run` fixture of tests/conftest.py, shared with tests/test_slurm.py) builds
+everything into a temporary directory; the other tests reuse it: the outputs' contents, Snakemake's rerun
+decisions after a config change, merge reproducibility, lint.
 Snakemake runs with `--directory <tmp>` so its state (.snakemake: locks, metadata) never touches the
 repository's own runs.
 """
@@ -9,11 +10,9 @@ repository's own runs.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,11 +20,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import job_stats
+from conftest import (REPO, SNAKEMAKE, Run, env, job_stats, ledmerge, sha256, snakemake,  # noqa: F401 (re-exported)
+                      test_config, write_config)
 from ledmerge.config import data_aware_models, validate
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 TASKS = ["code", "math", "safety"]
 MERGES = ["dare_linear", "dare_ties", "led", "linear", "task_arithmetic", "ties"]
 # Data-aware merges of config/test.yaml: CMA-ES for ties and led, and LM-Cocktail, each with and without alignment data.
@@ -34,70 +32,6 @@ MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 METRICS = ["harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"]
 RULES = ["zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration", "importance", "election", "disjoint",
          "merge", "evaluation", "report", "synthetic", "evolve", "cocktail"]
-
-
-def env() -> dict:
-    # One torch thread per process: with more, torch on shared cores is orders of magnitude slower.
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-
-
-def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the repository's Snakefile on `configfile`, from the repository root, with its state in `workdir`."""
-    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(configfile), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def ledmerge(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ledmerge", *args], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_config(results: Path, **changes) -> dict:
-    """config/test.yaml with `results` moved and dotted-key `changes` applied (e.g. tasks__math__lambda=0.5)."""
-    cfg = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    cfg["results"] = str(results)
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split("__")
-        node = cfg
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return cfg
-
-
-test_config.__test__ = False  # a helper, not a test
-
-
-def write_config(path: Path, cfg: dict) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-class Run:
-    def __init__(self, root: Path):
-        self.root = root
-        self.workdir = root / "work"
-        self.results = root / "results"
-        self.configfile = root / "config.yaml"
-
-
-@pytest.fixture(scope="session")
-def workflow_run(tmp_path_factory) -> Run:
-    """The whole workflow on config/test.yaml, once per session."""
-    run = Run(tmp_path_factory.mktemp("workflow"))
-    run.workdir.mkdir()
-    write_config(run.configfile, test_config(run.results))
-    proc = snakemake(run.workdir, run.configfile, "--cores", "2")
-    if proc.returncode != 0:
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((run.results / "logs").glob("*.log")))
-        pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-6000:]}\n{logs[-6000:]}")
-    return run
 
 
 @pytest.mark.slow

@@ -28,9 +28,15 @@ def _schema_text() -> str:
     return resources.files("ledmerge").joinpath("schemas/config.schema.yaml").read_text()
 
 
+@functools.lru_cache(maxsize=1)
+def _parsed_schema() -> dict:
+    # Parsed once per process (libyaml when available): every `resolve` reads the schema, ~0.4 s per parse.
+    return yaml.load(_schema_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def schema() -> dict:
     """The whole configuration schema (a fresh copy)."""
-    return yaml.safe_load(_schema_text())
+    return copy.deepcopy(_parsed_schema())
 
 
 def _resolve_refs(node, root: dict):
@@ -49,7 +55,12 @@ def _resolve_refs(node, root: dict):
 
 def section(path: str) -> dict:
     """The sub-schema of a dotted section path ("importance", "data_aware.synthetic"; "" = everything), with
-    every $ref resolved."""
+    every $ref resolved (a fresh copy)."""
+    return copy.deepcopy(_section(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _section(path: str) -> dict:
     root = schema()
     node = _resolve_refs(root, root)
     for part in filter(None, path.split(".")):
