@@ -115,7 +115,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.procs.append(subprocess.Popen([_tool(name), *args], stdout=log, stderr=subprocess.STDOUT,
                                            env=self.env, start_new_session=True))
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         self._write_config()
         key = self.root / "munge" / "munge.key"
         subprocess.run([_tool("mungekey"), "--create", f"--keyfile={key}"], check=True, timeout=30,
@@ -166,7 +166,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 proc.wait(timeout=10)
         self.procs.clear()
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         try:
             return self.start()
         except BaseException:

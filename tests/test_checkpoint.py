@@ -8,12 +8,21 @@ import re
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_model
-from ledmerge.checkpoint import (INDEX, SINGLE, ModelReader, ShardedWriter, check_compatible, load_state_dict,
-                                 parse_size, tensor_shapes, weight_files)
+from ledmerge.checkpoint import (
+    INDEX,
+    SINGLE,
+    ModelReader,
+    ShardedWriter,
+    check_compatible,
+    load_state_dict,
+    parse_size,
+    tensor_shapes,
+    weight_files,
+)
 from ledmerge.errors import LedmergeError
 from ledmerge.merge import merge_device, merge_models
 from ledmerge.provenance import file_sha256

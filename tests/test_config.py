@@ -27,9 +27,9 @@ DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 def make_model(path: Path, hidden_size: int, seed: int = 0) -> Path:
     """Like conftest.make_tiny_model, with a chosen hidden size (an expert of another architecture)."""
     import torch
+    from conftest import TINY_WORDS
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import TINY_WORDS
     from ledmerge.zoo.tokenizer import build_tokenizer
 
     tok = build_tokenizer([TINY_WORDS])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import topk_mask
+
 from ledmerge.chat import IGNORE_INDEX, encode
 from ledmerge.checkpoint import load_state_dict, tensor_shapes
 from ledmerge.data_aware.cocktail import cocktail, cocktail_weights
@@ -162,8 +162,8 @@ def test_led_search_uses_the_masks(tiny_zoo, tmp_path):
     names = [n for n, s in shapes.items() if len(s) == 2 and "layers" in n]
     g = torch.Generator().manual_seed(0)
     masks = {}
-    for i, t in enumerate(TASKS):  # disjoint random masks: entry j belongs to task (j mod 3)
-        idx = {n: torch.randint(0, 3, shapes[n], generator=g) for n in names} if i == 0 else idx
+    idx = {n: torch.randint(0, 3, shapes[n], generator=g) for n in names}  # entry j belongs to task idx[j]
+    for i, t in enumerate(TASKS):  # disjoint random masks
         masks[t] = tmp_path / f"{t}.safetensors"
         save_masks(masks[t], {n: idx[n] == i for n in names})
     ev = MergeEvaluator(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, {"search": ROWS, "heldout": []}, masks,

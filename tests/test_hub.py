@@ -9,9 +9,9 @@ import pytest
 from ledmerge.config import check, hub_dir, model_dir, validate
 from ledmerge.errors import LedmergeError
 from ledmerge.evaluation.runner import lm_eval_model_args
-from ledmerge.options import resolve
 from ledmerge.fileio import read_jsonl, write_jsonl
 from ledmerge.hub import fetch_dataset, fetch_model
+from ledmerge.options import resolve
 
 
 def hub_config(tmp_path, **evaluation):

@@ -215,9 +215,9 @@ def test_optional_tensors(tiny_zoo, calib, tmp_path):
 
 
 def test_tied_embeddings_use_the_checkpoint_name(tmp_path, calib):
+    from conftest import TINY_WORDS
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import TINY_WORDS
     from ledmerge.zoo.tokenizer import build_tokenizer
 
     tok = build_tokenizer([TINY_WORDS])

@@ -8,9 +8,9 @@ import pytest
 from ledmerge.errors import LedmergeError
 from ledmerge.eval_tasks import utils as hooks
 from ledmerge.evaluation import evaluate_model, extract_answer, extract_code, math_correct
-from ledmerge.options import resolve
 from ledmerge.evaluation.runner import TEMPLATE_DIR, generation_kwargs, lm_eval_model_args, stop_tokens
 from ledmerge.fileio import write_jsonl
+from ledmerge.options import resolve
 
 MATH = {"prompt": "tom has 3 apples and gets 4 more . how many apples does tom have ?", "answer": "7"}
 CODE = {"prompt": "write a function f that returns the sum of a and b", "entry_point": "f",
@@ -108,6 +108,7 @@ EOT = "<|eot|>"  # a second end-of-turn token, as Llama-3-Instruct's <|eot_id|> 
 
 def _two_eos_tokenizer():
     from conftest import TINY_WORDS
+
     from ledmerge.zoo.tokenizer import build_tokenizer
 
     tok = build_tokenizer([TINY_WORDS])

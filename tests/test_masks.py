@@ -12,8 +12,18 @@ import pytest
 import torch
 
 from ledmerge.errors import LedmergeError
-from ledmerge.formats import (PackedMask, load_masks, load_scores, mask_names_and_shapes, pack_bits, save_masks,
-                              save_scores, save_tensors, tensors_metadata, unpack_bits)
+from ledmerge.formats import (
+    PackedMask,
+    load_masks,
+    load_scores,
+    mask_names_and_shapes,
+    pack_bits,
+    save_masks,
+    save_scores,
+    save_tensors,
+    tensors_metadata,
+    unpack_bits,
+)
 from ledmerge.masks import disjoint, disjoint_files, elect, elect_files, layer_and_module, mask_stats
 from ledmerge.topk import top_k_count, top_r_mask
 

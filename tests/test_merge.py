@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import torch
-
 from conftest import topk_mask
+
 from ledmerge.checkpoint import load_state_dict
 from ledmerge.errors import LedmergeError
 from ledmerge.formats import save_masks

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import job_stats
-from ledmerge.config import data_aware_models, validate
-from ledmerge.config import load
 from test_workflow import REPO, SNAKEMAKE, env
+
+from ledmerge.config import data_aware_models, load, validate
 
 PAPER_CONFIGS = ["llama3_8b", "mistral_7b", "llama2_13b", "llama3_8b_bio"]
 # Experts per setup (every one is scored with the base on its own data: 2 importance jobs per task).

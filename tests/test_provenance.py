@@ -20,11 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ledmerge.options import resolve
 import yaml
-
 from conftest import make_tiny_model
+
 from ledmerge import cli
 from ledmerge.checkpoint import check_compatible, load_state_dict, tensor_shapes
 from ledmerge.errors import LedmergeError
@@ -32,6 +30,7 @@ from ledmerge.formats import load_masks, mask_metadata, save_masks
 from ledmerge.importance import score_model
 from ledmerge.masks import disjoint_files, elect_files
 from ledmerge.merge import merge_models
+from ledmerge.options import resolve
 from ledmerge.provenance import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,7 +312,8 @@ def test_synthetic_data_models_trust_remote_code(remote, led, tmp_path, monkeypa
 
     with pytest.raises(ValueError, match=CUSTOM_CODE):
         synth.load_causal_lm(remote["math"])
-    generator = synth.make_generator(resolve("data_aware.synthetic", {"generator": str(remote["base"]), "generator_max_new_tokens": 4}),
+    generator = synth.make_generator(resolve("data_aware.synthetic", {"generator": str(remote["base"]),
+                                                                      "generator_max_new_tokens": 4}),
                                      trust_remote_code=True)
     assert type(generator.model).__name__ == "TinyRemoteForCausalLM"
 

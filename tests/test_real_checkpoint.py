@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-
 import real_checkpoint
+import torch
 from real_checkpoint import ENDOFTEXT, TASKS, write_small_data
 
 IM_END = "<|im_end|>"
@@ -180,9 +179,8 @@ WORKFLOW_LAYERS = 2
 @pytest.mark.timeout(900)
 def test_real_checkpoint_workflow(smol_zoo, tmp_path):
     import yaml
-    from transformers import AutoTokenizer
-
     from test_workflow import REPO, snakemake, write_config
+    from transformers import AutoTokenizer
 
     zoo = real_checkpoint.truncate_zoo(smol_zoo, tmp_path / "zoo", WORKFLOW_LAYERS)
     # Two prompts per evaluation set and short replies: what is checked is which tokenizer, template and stop

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_model
 from ledmerge import chat
 from ledmerge.checkpoint import ModelReader, load_state_dict
 from ledmerge.errors import LedmergeError
@@ -317,7 +317,8 @@ def test_merge_refuses_to_start_without_room_for_the_weights(zoo, tmp_path, monk
 
     free = weights_bytes(zoo["base"]) - 1
     monkeypatch.setattr(merge_driver.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
-    with pytest.raises(LedmergeError, match=rf"cannot write {tmp_path / 'out'}: the merged weights need .* free; free space there"):
+    want = rf"cannot write {tmp_path / 'out'}: the merged weights need .* free; free space there"
+    with pytest.raises(LedmergeError, match=want):
         merge_models(zoo["base"], {"math": zoo["math"]}, TA, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 

@@ -26,10 +26,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import job_stats
+from conftest import REPO, SNAKEMAKE, env, job_stats, sha256, test_config, write_config
 from slurm_cluster import SlurmCluster, missing_tools
-from conftest import REPO, SNAKEMAKE, env, sha256, test_config, write_config
 from test_workflow import TASKS
 
 MISSING = missing_tools()

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import make_tiny_model
 from safetensors import safe_open
 
-from conftest import make_tiny_model
 from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
 from ledmerge.importance import score_model

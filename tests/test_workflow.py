@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, SNAKEMAKE, Run, env, job_stats, ledmerge, sha256, snakemake, test_config, write_config  # noqa: F401 (re-exported)
 
-from conftest import (REPO, SNAKEMAKE, Run, env, job_stats, ledmerge, sha256, snakemake,  # noqa: F401 (re-exported)
-                      test_config, write_config)
 from ledmerge.config import data_aware_models, validate
 
 TASKS = ["code", "math", "safety"]

@@ -59,7 +59,7 @@ def section(path: str) -> dict:
     return copy.deepcopy(_section(path))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _section(path: str) -> dict:
     root = schema()
     node = _resolve_refs(root, root)
