@@ -20,9 +20,9 @@ from .reader import (
                      tensor_shapes,
                      weight_files,
 )
-from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size
+from .writer import ShardedWriter, parse_size
 
 __all__ = ["VOCAB_POLICIES", "align_rows", "check_compatible", "INDEX", "PICKLE_HELP", "PICKLE_INDEX", "PICKLE_SINGLE",
            "SINGLE", "ST_DTYPES", "TORCH_TO_ST", "ModelReader", "TensorInfo", "load_state_dict",
-           "read_safetensors_header", "tensor_shapes", "weight_files", "DEFAULT_SHARD_SIZE", "ShardedWriter",
+           "read_safetensors_header", "tensor_shapes", "weight_files", "ShardedWriter",
            "parse_size"]

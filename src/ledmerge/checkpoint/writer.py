@@ -20,8 +20,6 @@ import torch
 from ..errors import LedmergeError
 from .reader import INDEX, SINGLE, TORCH_TO_ST
 
-DEFAULT_SHARD_SIZE = 5 * 1000**3  # what save_pretrained and mergekit use
-
 
 def parse_size(value: int | str) -> int:
     """Bytes from an int or a string like '5GB', '500MB', '2GiB' (as save_pretrained's max_shard_size)."""
@@ -49,7 +47,7 @@ class ShardedWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, plan: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_size: int | str = DEFAULT_SHARD_SIZE, metadata: Mapping[str, str] | None = None):
+                 max_shard_size: int | str, metadata: Mapping[str, str] | None = None):
         self.out_dir = Path(out_dir)
         self.metadata = {"format": "pt", **(metadata or {})}
         limit = parse_size(max_shard_size)
