@@ -27,7 +27,7 @@ from ledmerge.formats import (
 from ledmerge.masks import disjoint, disjoint_files, elect, elect_files, layer_and_module, mask_stats
 from ledmerge.topk import top_k_count, top_r_mask
 
-B = lambda *xs: torch.tensor(xs, dtype=torch.bool)  # noqa: E731
+B = lambda *xs: torch.tensor(xs, dtype=torch.bool)
 
 
 # ---- TopR ----

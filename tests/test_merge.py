@@ -115,8 +115,8 @@ def test_dare_drop_fraction_and_rescale():
 
 
 def test_dare_seeding():
-    ctx = lambda name, seed=0: TensorContext(name, seed=seed)  # noqa: E731
-    draw = lambda c, task="a": torch.rand(1000, generator=c.generator(task))  # noqa: E731
+    ctx = lambda name, seed=0: TensorContext(name, seed=seed)
+    draw = lambda c, task="a": torch.rand(1000, generator=c.generator(task))
     assert torch.equal(draw(ctx("w")), draw(ctx("w")))
     assert not torch.equal(draw(ctx("w")), draw(ctx("w", seed=1)))
     assert not torch.equal(draw(ctx("w")), draw(ctx("v")))
