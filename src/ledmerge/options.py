@@ -147,20 +147,24 @@ def defaults(path: str) -> dict:
     return {k: _copy(v["default"]) for k, v in sub.get("properties", {}).items() if "default" in v}
 
 
+def _key(path_to_key: str) -> dict:
+    """The schema node of one key, e.g. "seed" or "merge.shard_size" (empty when there is none)."""
+    parent, _, key = path_to_key.rpartition(".")
+    return section(parent).get("properties", {}).get(key) or {}
+
+
 def default_of(path_to_key: str):
     """The default of one key, e.g. "seed" or "merge.shard_size"."""
-    parent, _, key = path_to_key.rpartition(".")
-    node = section(parent).get("properties", {}).get(key)
-    if node is None or "default" not in node:
+    node = _key(path_to_key)
+    if "default" not in node:
         raise LedmergeError(f"{path_to_key} has no default")
     return _copy(node["default"])
 
 
 def allowed(path_to_key: str) -> list:
     """The allowed values (enum) of one key, e.g. "election.pattern"."""
-    parent, _, key = path_to_key.rpartition(".")
-    node = section(parent).get("properties", {}).get(key)
-    if node is None or "enum" not in node:
+    node = _key(path_to_key)
+    if "enum" not in node:
         raise LedmergeError(f"{path_to_key} has no list of allowed values")
     return list(node["enum"])
 
