@@ -82,7 +82,7 @@ def section_json(path):
     node = config
     for part in path.split("."):
         node = node[part]
-    return json.dumps(node, sort_keys=True)
+    return as_json(node)
 
 
 def opt_in(key):
