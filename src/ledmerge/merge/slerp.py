@@ -35,8 +35,8 @@ def slerp_coefficients(a: Tensor, b: Tensor, t: float) -> tuple[float, float]:
 
 
 class Slerp(MergeMethod):
-    """SLERP: spherical interpolation, tensor by tensor, from the base (t = 0) to the one expert (t = 1);
-    linear where the two tensors are (anti)colinear or one is zero."""
+    """SLERP: spherical interpolation, tensor by tensor, from the base (t = 0) to the one expert (t = 1), so the
+    config has exactly one task; linear where the two tensors are (anti)colinear or one is zero."""
 
     name = "slerp"
     PARAMS = (
