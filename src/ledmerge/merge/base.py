@@ -245,9 +245,10 @@ SUM_CHUNK = 1 << 20  # elements summed at a time by `sum64`: 8 MiB of float64 sc
 
 
 def sum64(a: Tensor, b: Tensor | None = None) -> float:
-    """Σ a (or Σ a·b) over a whole tensor, in float64 and a slice at a time. A float32 sum's last bits depend on
-    how torch splits it across threads; a float64 one's do not reach the float32 results computed from it, so a
-    merge gives the same bits on any machine. Slicing bounds the scratch on embedding-sized tensors."""
+    """Σ a (or Σ a·b) over a whole tensor, in float64, a slice at a time, the slices added in order. A float32
+    sum's last bits depend on how torch splits it across threads; a float64 sum's differences lie far below
+    float32's precision, so the float32 results computed from it are the same on any machine. Slicing bounds
+    the scratch on embedding-sized tensors."""
     a = a.reshape(-1)
     b = None if b is None else b.reshape(-1)
     total = 0.0

@@ -53,11 +53,11 @@ class Breadcrumbs(TaskVectorMethod):
         rounded-up counts, fewer outliers are dropped so the band keeps its size."""
         magnitudes = delta.abs_()
         n = magnitudes.numel()
-        kept = top_k_count(n, per_task(self.density, task))
-        outliers = min(top_k_count(n, self.gamma) if self.gamma > 0 else 0, n - kept)
-        if kept == n:
+        band = top_k_count(n, per_task(self.density, task))
+        outliers = min(top_k_count(n, self.gamma) if self.gamma > 0 else 0, n - band)
+        if band == n:
             return None
-        keep = top_k_mask(magnitudes, outliers + kept)
+        keep = top_k_mask(magnitudes, outliers + band)
         if outliers:
             keep &= ~top_k_mask(magnitudes, outliers)
         if self.rescale:
