@@ -37,6 +37,9 @@ class TensorContext:
     seed: int = 0
     masks: dict[str, Tensor | None] = field(default_factory=dict)  # task -> LED mask (None: tensor unscored)
     kept: dict[str, Tensor] = field(default_factory=dict)  # task -> entries `select` kept (whole-tensor choices)
+    # Numbers `select` derived from the whole tensor, keyed as the method likes (an L1 rescale per task, SLERP's
+    # two coefficients): a chunk cannot compute them from its own slice.
+    scales: dict[str, float] = field(default_factory=dict)
 
     def generator(self, task: str) -> torch.Generator:
         """A generator seeded from (seed, tensor name, task): independent of visiting order."""
@@ -46,12 +49,12 @@ class TensorContext:
         """The context of the flat slice `part` of the tensor (masks sliced alike)."""
         flat = lambda m: None if m is None else m.reshape(-1)[part]
         return TensorContext(self.name, self.seed, {t: flat(m) for t, m in self.masks.items()},
-                             {t: flat(k) for t, k in self.kept.items()})
+                             {t: flat(k) for t, k in self.kept.items()}, self.scales)
 
     def to(self, device: torch.device) -> TensorContext:
         move = lambda m: None if m is None else m.to(device)
         return TensorContext(self.name, self.seed, {t: move(m) for t, m in self.masks.items()},
-                             {t: move(k) for t, k in self.kept.items()})
+                             {t: move(k) for t, k in self.kept.items()}, self.scales)
 
 
 @dataclass(frozen=True)
@@ -176,8 +179,9 @@ class MergeMethod:
         weights = getattr(self, "weights", None)
         if weights:
             check_task_keys(self.name, "weights", weights, tasks)
-        for key in ("density", "drop"):  # per-task values (data-aware search) must cover every task
-            value = getattr(self, key, None)
+        # per-task values (data-aware search) must cover every task
+        for key in (p.name for p in self.PARAMS if p.kind == "number_or_per_task"):
+            value = getattr(self, key)
             if isinstance(value, Mapping):
                 check_task_keys(self.name, key, value, tasks)
                 missing = sorted(set(tasks) - set(value))
@@ -188,7 +192,8 @@ class MergeMethod:
             log.warning("merge method '%s' ignores the masks it was given", self.name)
 
     def select(self, base: Tensor, experts: dict[str, Tensor], ctx: TensorContext) -> dict[str, Tensor]:
-        """Per-task bool masks that need the whole tensor (any dtype in; computed in float32); {} if none."""
+        """Per-task bool masks that need the whole tensor (any dtype in; computed in float32); {} if none.
+        Whole-tensor numbers go into `ctx.scales`."""
         return {}
 
     def merge_elements(self, base: Tensor, experts: dict[str, Tensor], ctx: TensorContext) -> Tensor:
@@ -217,14 +222,51 @@ class TaskVectorMethod(MergeMethod):
 
     def select_delta(self, task: str, delta: Tensor, ctx: TensorContext) -> Tensor | None:
         """The entries of task vector `delta` (whole tensor, the caller's own copy: it may be overwritten)
-        that survive, or None: all of them."""
+        that survive, or None: all of them. A rescale of the survivors goes into `ctx.scales[task]`."""
         return None
+
+    @staticmethod
+    def kept_deltas(deltas: dict[str, Tensor], ctx: TensorContext) -> dict[str, Tensor]:
+        """Each task vector restricted to the entries `select` kept, times the rescale it chose, if any."""
+        out = {}
+        for t, d in deltas.items():
+            kept = d * ctx.kept[t] if t in ctx.kept else d
+            out[t] = kept * ctx.scales[t] if t in ctx.scales else kept
+        return out
 
     def merge_elements(self, base, experts, ctx):
         return base + self.merge_deltas({t: e - base for t, e in experts.items()}, ctx)
 
     def merge_deltas(self, deltas: dict[str, Tensor], ctx: TensorContext) -> Tensor:
         raise NotImplementedError
+
+
+SUM_CHUNK = 1 << 20  # elements summed at a time by `sum64`: 8 MiB of float64 scratch
+
+
+def sum64(a: Tensor, b: Tensor | None = None) -> float:
+    """Σ a (or Σ a·b) over a whole tensor, in float64, a slice at a time, the slices added in order. A float32
+    sum's last bits depend on how torch splits it across threads; a float64 sum's differences lie far below
+    float32's precision, so the float32 results computed from it are the same on any machine. Slicing bounds
+    the scratch on embedding-sized tensors."""
+    a = a.reshape(-1)
+    b = None if b is None else b.reshape(-1)
+    total = 0.0
+    for start in range(0, a.numel(), SUM_CHUNK):
+        part = a[start:start + SUM_CHUNK].double()
+        if b is not None:
+            part *= b[start:start + SUM_CHUNK]
+        total += float(part.sum())
+    return total
+
+
+def l1_rescale(magnitudes: Tensor, keep: Tensor, ctx: TensorContext, task: str) -> None:
+    """Record in `ctx.scales[task]` the factor that gives the kept entries the L1 norm of the whole task vector
+    (`magnitudes` = |τ_t|): mergekit's `rescale`, one number per tensor, so the chunks need no per-entry
+    probabilities. Below 1e-7 either norm is noise and nothing is rescaled, as mergekit does."""
+    before, after = sum64(magnitudes), sum64(magnitudes, keep)
+    if before >= 1e-7 and after >= 1e-7:
+        ctx.scales[task] = before / after
 
 
 # ---------------------------------------------------------------------------------------------

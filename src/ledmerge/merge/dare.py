@@ -6,7 +6,6 @@ magnitude trim: the random drop is the sparsifier). Drops are seeded per (seed, 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor
 
 from .base import Param, TaskVectorMethod, per_task
 from .task_arithmetic import weighted_sum
-from .ties import elect_disjoint_mean
+from .ties import elect_disjoint_mean, with_mean_weights
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +72,7 @@ class DareTies(_Dare):
     """DARE with TIES' sign election and disjoint mean: drop and rescale each task vector, then combine."""
 
     name = "dare_ties"
-    PARAMS = tuple(dataclasses.replace(p, lo=0.0, lo_open=True, description="per-task w_t (> 0: the weighted "
-                                       "disjoint mean divides by them); unlisted tasks get 1.0")
-                   if p.name == "weights" else p for p in DARE_PARAMS)
+    PARAMS = with_mean_weights(DARE_PARAMS)
 
     def merge_deltas(self, deltas, ctx):
         return elect_disjoint_mean(self.dropped(deltas, ctx), self.weights) * self.scale

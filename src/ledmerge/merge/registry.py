@@ -12,9 +12,12 @@ from collections.abc import Mapping
 
 from ..errors import LedmergeError
 from .base import MergeMethod, Param
+from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .dare import DareLinear, DareTies
+from .della import Della, DellaLinear
 from .led import Led
 from .linear import Linear
+from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
@@ -28,7 +31,8 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-for _cls in (TaskArithmetic, Ties, DareLinear, DareTies, Led, Linear):
+for _cls in (TaskArithmetic, Ties, DareLinear, DareTies, Led, Linear, Breadcrumbs, BreadcrumbsTies, Della, DellaLinear,
+             Slerp):
     register(_cls)
 del _cls
 
