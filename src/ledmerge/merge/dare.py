@@ -18,6 +18,18 @@ from .ties import elect_disjoint_mean, with_mean_weights
 log = logging.getLogger(__name__)
 
 
+def dare_keep(shape: torch.Size, drop: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Keep each entry with probability 1 - drop. Drawn on the CPU generator whatever the device, so a CUDA merge
+    drops the same entries."""
+    return (torch.rand(shape, generator=generator) >= drop).to(device)
+
+
+def dare_rescaled(delta: Tensor, keep: Tensor, drop: float, rescale: bool = True) -> Tensor:
+    """The kept entries of `delta`, scaled by 1/(1-drop) to keep its expectation (unless not `rescale`)."""
+    kept = delta * keep
+    return kept / (1 - drop) if rescale else kept
+
+
 DARE_PARAMS = (
     Param("drop", "number_or_per_task", 0.9, "p, the probability of dropping each task-vector entry (DARE paper: 0.9 "
           "is harmless for SFT deltas), or one per task", lo=0, hi=1, hi_open=True),
@@ -45,17 +57,10 @@ class _Dare(TaskVectorMethod):
         return {t: self.select_delta(t, base, ctx) for t in sorted(experts)}  # drops ignore values: no task vector
 
     def select_delta(self, task, delta, ctx):
-        """Keep each entry with probability 1 - drop. Drawn on the CPU generator whatever the device, so
-        a CUDA merge drops the same entries."""
-        return (torch.rand(delta.shape, generator=ctx.generator(task)) >= per_task(self.drop, task)).to(delta.device)
+        return dare_keep(delta.shape, per_task(self.drop, task), ctx.generator(task), delta.device)
 
     def dropped(self, deltas: dict[str, Tensor], ctx) -> dict[str, Tensor]:
-        """The kept entries, scaled by 1/(1-drop) to keep the task vector's expectation."""
-        out = {}
-        for t, d in deltas.items():
-            kept = d * ctx.kept[t]
-            out[t] = kept / (1 - per_task(self.drop, t)) if self.rescale else kept
-        return out
+        return {t: dare_rescaled(d, ctx.kept[t], per_task(self.drop, t), self.rescale) for t, d in deltas.items()}
 
 
 class DareLinear(_Dare):
