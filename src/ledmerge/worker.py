@@ -139,7 +139,8 @@ def _preload() -> object:
     return torch.get_rng_state()
 
 
-def _run_child(conn: socket.socket, listener: socket.socket, request: dict, fds: list[int], rng_state) -> None:
+def _run_child(conn: socket.socket, listener: socket.socket, request: dict, fds: list[int], rng_state,
+               added: dict) -> None:
     """In the forked child: become the job (streams, directory, environment, argv), run the step, exit."""
     code = 1
     try:
@@ -154,7 +155,7 @@ def _run_child(conn: socket.socket, listener: socket.socket, request: dict, fds:
             os.close(fd)
         os.chdir(request["cwd"])
         os.environ.clear()
-        os.environ.update(request["env"])
+        os.environ.update({**added, **request["env"]})
         sys.argv = [f"{sys.executable} -m ledmerge", *request["argv"]]
         import tempfile
 
@@ -193,8 +194,11 @@ def serve(path: str, idle_exit_s: float = IDLE_EXIT_S) -> None:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     started = time.time()
+    before = dict(os.environ)
+    base_env = _import_time_env(before)
     rng_state = _preload()
-    base_env = _import_time_env(dict(os.environ))
+    # What the imports themselves set (e.g. torch's TORCHINDUCTOR_CACHE_DIR): a fresh process would have it too.
+    added = {k: v for k, v in os.environ.items() if k not in before}
     print(f"ledmerge worker: ready on {path} after {time.time() - started:.1f} s", file=sys.stderr, flush=True)
 
     import torch
@@ -216,7 +220,10 @@ def serve(path: str, idle_exit_s: float = IDLE_EXIT_S) -> None:
                             os.close(fd)
                         conn.close()
                         continue
-                    if len(fds) != 3 or _import_time_env(request["env"]) != base_env or torch.cuda.is_initialized():
+                    why = _fallback_reason(request, fds, base_env, torch)
+                    if why:
+                        print(f"ledmerge worker: {' '.join(request.get('argv', [])[:1])} runs in a fresh process: {why}",
+                              file=sys.stderr, flush=True)
                         for fd in fds:
                             os.close(fd)
                         conn.sendall(b'{"fallback": true}\n')
@@ -226,7 +233,7 @@ def serve(path: str, idle_exit_s: float = IDLE_EXIT_S) -> None:
                     sys.stderr.flush()
                     pid = os.fork()
                     if pid == 0:
-                        _run_child(conn, listener, request, fds, rng_state)
+                        _run_child(conn, listener, request, fds, rng_state, added)
                     for fd in fds:
                         os.close(fd)
                     conn.sendall(b'{"started": true}\n')
@@ -258,6 +265,18 @@ def serve(path: str, idle_exit_s: float = IDLE_EXIT_S) -> None:
         listener.close()
         if os.path.exists(path):
             os.unlink(path)
+
+
+def _fallback_reason(request: dict, fds: list[int], base_env: dict, torch) -> str:
+    """Why this job cannot fork from the worker ('' when it can)."""
+    if len(fds) != 3:
+        return f"{len(fds)} file descriptors received, expected 3"
+    env = _import_time_env(request["env"])
+    if env != base_env:
+        return f"import-time environment differs ({sorted(set(env.items()) ^ set(base_env.items()))[:4]})"
+    if torch.cuda.is_initialized():
+        return "CUDA is initialised in the worker"
+    return ""
 
 
 def _kill(pid: int) -> None:
