@@ -142,7 +142,8 @@ def cmd_importance(a):
     from .importance import score_model
 
     _threads(a)
-    summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, **_options(a, "importance"),
+    summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, base_dir=a.base,
+                          **_options(a, "importance"),
                           trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle)
     print(json.dumps(summary))
 
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
                     "expert see the same token ids; absent: the model's own")
+    sp.add_argument("--base", help="the base model, when --model is a PEFT LoRA adapter on it")
     opt_ins(sp)
 
     sp = add("election", cmd_election, "elected mask TopR(expert) and TopR(base) for one task", "election")
