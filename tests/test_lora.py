@@ -3,14 +3,18 @@ the merge driver, in importance scoring, and the one-line refusals of adapters t
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 
 import pytest
 import torch
-from conftest import make_tiny_model
+import yaml
+from conftest import REPO, make_tiny_model, snakemake, write_config
 from safetensors.torch import load_file, save_file
 
 from ledmerge.checkpoint import AdapterReader, check_compatible, load_state_dict
+from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
 from ledmerge.formats import load_scores, tensors_metadata
 from ledmerge.importance import score_model
@@ -213,3 +217,37 @@ def test_fan_in_fan_out_transposes(tmp_path):
     with AdapterReader(adapter, base) as reader:
         torch.testing.assert_close(reader.read("h.0.attn.c_attn.weight"), w + 2.0 * (b @ a).T)
         assert torch.equal(reader.read("h.0.attn.c_attn.bias"), torch.zeros(3))
+
+
+def adapter_config(lora_zoo, tmp_path, math_model) -> dict:
+    """The default config on the tiny models: full experts for safety and code, `math_model` for math."""
+    cfg = copy.deepcopy(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    cfg["results"] = str(tmp_path / "results")
+    cfg["base_model"] = str(lora_zoo["base"])
+    for task in cfg["tasks"]:
+        cfg["tasks"][task]["model"] = str(math_model if task == "math" else lora_zoo["full"])
+    cfg["data_aware"]["enabled"] = False
+    cfg["evaluation"] = {k: "zoo" for k in ("harmful", "benign", "math", "code")}
+    return cfg
+
+
+def test_config_check_accepts_a_matching_adapter_and_refuses_a_bad_one(lora_zoo, tmp_path):
+    check(validate(adapter_config(lora_zoo, tmp_path, lora_zoo["adapter"])))
+    bad = edit_adapter(lora_zoo["adapter"], tmp_path / "bad", reshape={Q_A: (4, 24)})
+    with pytest.raises(LedmergeError, match=r"^config error at 'tasks.math.model': model 'math': adapter .*base's "
+                                            r"shape \[16, 16\]") as info:
+        check(validate(adapter_config(lora_zoo, tmp_path, bad)))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.integration
+def test_workflow_passes_the_base_to_adapter_jobs(lora_zoo, tmp_path):
+    """Scoring and evaluating a LoRA expert get --base (and depend on the base's weights); full experts do not."""
+    configfile = write_config(tmp_path / "lora.yaml", adapter_config(lora_zoo, tmp_path, lora_zoo["adapter"]))
+    proc = snakemake(tmp_path, configfile, "-n", "-p", "--cores", "1", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = [line for line in proc.stdout.splitlines() if "$LEDMERGE" in line or "-m ledmerge" in line]
+    flagged = {m.group(1) for line in commands if " --base " in line and (m := re.search(
+        r"(importance --model \S+|evaluation --model \S+)", line))}
+    adapter = str(lora_zoo["adapter"])
+    assert flagged == {f"importance --model {adapter}", f"evaluation --model {adapter}"}, commands
