@@ -37,7 +37,8 @@ def one_thread():
 
 
 def make_adapter(base_dir, out, seed: int = 0, **lora_kwargs):
-    """A LoRA adapter saved by peft on `base_dir`, with random non-zero A and B (peft starts B at zero)."""
+    """A LoRA adapter saved by peft on `base_dir`, with random non-zero A and B (peft starts B at zero) and the
+    copies of `modules_to_save` moved off the base's values."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -49,6 +50,8 @@ def make_adapter(base_dir, out, seed: int = 0, **lora_kwargs):
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif "modules_to_save" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
     peft_model.save_pretrained(out)
     return out
 
@@ -75,6 +78,7 @@ def lora_zoo(tmp_path_factory):
     {},
     {"use_rslora": True},
     {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"layers.1.self_attn.q_proj": 3}},
+    {"modules_to_save": ["lm_head"]},
 ])
 def test_adapter_alone_with_task_arithmetic_is_peft_merge(lora_zoo, tmp_path, lora_kwargs):
     base, adapter = lora_zoo["base"], make_adapter(lora_zoo["base"], tmp_path / "adapter", seed=1, **lora_kwargs)
@@ -82,9 +86,10 @@ def test_adapter_alone_with_task_arithmetic_is_peft_merge(lora_zoo, tmp_path, lo
     merge_models(base, {"lora": adapter}, {"method": "task_arithmetic", "scale": 1.0}, out, progress=False)
     got, want, before = load_state_dict(out), peft_merged(base, adapter), load_state_dict(base)
     assert set(got) == set(before)
-    changed = [n for n in got if not torch.equal(got[n], before[n])]
-    assert len(changed) == 2 * len(TARGETS)  # each target in both layers, nothing else
-    assert all(any(t in n for t in TARGETS) for n in changed)
+    changed = {n for n in got if not torch.equal(got[n], before[n])}
+    whole = {f"{m}.weight" for m in lora_kwargs.get("modules_to_save", [])}
+    assert len(changed - whole) == 2 * len(TARGETS) and whole <= changed  # each target in both layers, nothing else
+    assert all(any(t in n for t in TARGETS) for n in changed - whole)
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, want[name], rtol=1e-6, atol=1e-6, msg=name)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LedmergeError
-from .reader import ADAPTER_CONFIG, INDEX, SINGLE, ModelReader, TensorInfo
+from .reader import ADAPTER_CONFIG, INDEX, SINGLE, ModelReader, TensorInfo, tensor_shapes
 
 PREFIX = "base_model.model."  # what peft's state dict puts before the base model's module names
 _FACTOR = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
@@ -176,8 +176,7 @@ def _config(model_dir: Path) -> dict:
 def check_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, base: dict[str, tuple[int, ...]]) \
         -> AdapterPlan:
     """Everything `AdapterReader` will rely on, from the headers and configs alone."""
-    factors = ModelReader(adapter_dir).shapes
-    plan = plan_adapter(adapter_dir, factors, base)
+    plan = plan_adapter(adapter_dir, tensor_shapes(adapter_dir), base)
     check_base_name(adapter_dir, base_dir, plan.config)
     return plan
 
