@@ -256,3 +256,17 @@ def test_workflow_passes_the_base_to_adapter_jobs(lora_zoo, tmp_path):
         r"(importance --model \S+|evaluation --model \S+)", line))}
     adapter = str(lora_zoo["adapter"])
     assert flagged == {f"importance --model {adapter}", f"evaluation --model {adapter}"}, commands
+
+
+def test_evaluation_loads_the_base_then_the_adapter(lora_zoo, tmp_path):
+    from ledmerge.evaluation import evaluate_model
+    from ledmerge.evaluation.runner import lm_eval_model_args
+
+    base, adapter = lora_zoo["base"], lora_zoo["adapter"]
+    hf = lm_eval_model_args(adapter, "hf", "cpu", None, dtype="auto", base=base)
+    assert (hf["pretrained"], hf["peft"]) == (str(base.resolve()), str(adapter.resolve()))
+    vllm = lm_eval_model_args(adapter, "vllm", "cuda", {"max_lora_rank": 64}, dtype="auto", base=base)
+    assert (vllm["pretrained"], vllm["lora_local_path"], vllm["max_lora_rank"]) == (
+        str(base.resolve()), str(adapter.resolve()), 64)
+    with pytest.raises(LedmergeError, match="evaluating it needs its base model"):
+        evaluate_model(adapter, tmp_path / "m.json", tmp_path / "g.jsonl", harmful_path=None, benign_path=None)
