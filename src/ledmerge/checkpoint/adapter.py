@@ -215,7 +215,7 @@ class AdapterReader:
         stored = self.base.infos[name].dtype
         if name in self.plan.whole:
             t = self.factors.read(self.plan.whole[name], stored)
-        elif name in self.plan.lora:
+        else:
             lora = self.plan.lora[name]
             delta = self.factors.read(lora.b, torch.float32) @ self.factors.read(lora.a, torch.float32)
             if lora.fan_in_fan_out:
