@@ -142,7 +142,8 @@ def cmd_importance(a):
     from .importance import score_model
 
     _threads(a)
-    summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, **_options(a, "importance"),
+    summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, base_dir=a.base,
+                          **_options(a, "importance"),
                           trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle)
     print(json.dumps(summary))
 
@@ -230,7 +231,7 @@ def cmd_evaluation(a):
             o["judge_kwargs"]["trust_remote_code"] = True
     result = evaluate_model(a.model, a.out, a.generations, harmful_path=a.harmful, benign_path=a.benign,
                             math_path=a.math, code_path=a.code, seed=a.seed, tokenizer=a.tokenizer,
-                            num_threads=_num_threads(a), **o)
+                            base_dir=a.base, num_threads=_num_threads(a), **o)
     print(json.dumps(result["metrics"]))
 
 
@@ -338,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
                     "expert see the same token ids; absent: the model's own")
+    sp.add_argument("--base", help="the base model, when --model is a PEFT LoRA adapter on it")
     opt_ins(sp)
 
     sp = add("election", cmd_election, "elected mask TopR(expert) and TopR(base) for one task", "election")
@@ -404,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenizer", help="the run's tokenizer directory; absent: the model's own")
     sp.add_argument("--judge-model", nargs="?", metavar="DIR", help="local directory of a model judge given as {hub: org/name}")
     sp.add_argument("--seed", type=int, required=True, help="the config's top-level seed")
+    sp.add_argument("--base", help="the base model, when --model is a PEFT LoRA adapter on it")
     opt_ins(sp, pickle=False)
 
     sp = add("report", cmd_report, "summary table and figures")

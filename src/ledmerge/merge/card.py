@@ -9,11 +9,12 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
+from ..checkpoint import ADAPTER_CONFIG
 from ..provenance import file_sha256
 from ..tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
 from .base import MergeMethod
 
-CONFIG_FILES = ("config.json", GENERATION_CONFIG)
+CONFIG_FILES = ("config.json", GENERATION_CONFIG, ADAPTER_CONFIG)  # a LoRA expert's scale and targets are in its config
 TOKENIZER_INPUTS = (*TOKENIZER_FILES, TEMPLATE_FILE, GENERATION_CONFIG)  # what copy_tokenizer_files copies
 
 

@@ -1,6 +1,7 @@
 """The merge driver: `merge_models` applies a merge spec to a base and its experts, tensor by tensor.
 
-It reads every input through `ledmerge.checkpoint.ModelReader` (one tensor at a time, read ahead by a thread),
+It reads every input through `ledmerge.checkpoint.ModelReader` (one tensor at a time, read ahead by a thread; a
+LoRA adapter expert through `AdapterReader`, which adds its `scale·B·A` to the base's tensor as it is read),
 checks LED masks against the models they were computed from, stops on non-finite values, and writes the merged
 model with `ShardedWriter`, then its config, tokenizer files and model card (`card.model_card`).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import ModelReader, ShardedWriter, align_rows, check_compatible
+from ..checkpoint import AdapterReader, ModelReader, ShardedWriter, align_rows, check_compatible, open_model
 from ..errors import LedmergeError
 from ..fileio import atomic_path
 from ..options import resolve
@@ -79,7 +80,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     log.info("merging %s into %s with %s on %s", tasks, base_dir, method.recipe(), dev)
 
     with contextlib.ExitStack() as stack:
-        open_reader = lambda d: stack.enter_context(ModelReader(d, allow_pickle=allow_pickle, hash_files=True))
+        open_reader = lambda d: stack.enter_context(open_model(d, base_dir, allow_pickle=allow_pickle, hash_files=True))
         base = open_reader(base_dir)
         experts = {t: open_reader(expert_dirs[t]) for t in tasks}
         mask_files = MaskFiles(masks, base.shapes) if masks and method.uses_masks else None
@@ -101,7 +102,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             where = f"{value} at index {unravel(start + i, base.infos[name].shape)}"
             if k <= len(tasks):
                 role, reader = ("the base", base) if k == 0 else (f"expert '{tasks[k - 1]}'", experts[tasks[k - 1]])
-                raise LedmergeError(f"tensor {name} of {role} in {reader.infos[name].file} holds a non-finite value "
+                raise LedmergeError(f"tensor {name} of {role} in {reader.source(name)} holds a non-finite value "
                                     f"({where}): the checkpoint is broken (a diverged fine-tune or a bad conversion); "
                                     "fix or re-download it, or leave that model out")
             raise LedmergeError(f"merging tensor {name} with {method.name} gives a non-finite value ({where}) from "
@@ -209,7 +210,8 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     return summary
 
 
-def check_mask_sources(mask_files: MaskFiles | None, base: ModelReader, experts: Mapping[str, ModelReader], *,
+def check_mask_sources(mask_files: MaskFiles | None, base: ModelReader,
+                       experts: Mapping[str, ModelReader | AdapterReader], *,
                        exact: bool = False) -> None:
     """LED masks must come from the scores of these very models: weight file names and sizes up front, their
     sha256 (hashed while the merge read them) at the end; see `MaskFiles.check_sources`."""
