@@ -30,17 +30,7 @@ rule report:
 
 # Paper outputs: booktabs tables (LaTeX + Markdown) and print-ready figures (PDF + PNG), a fixed set of files
 # (an ablation no sweep covers is a placeholder), so the outputs here are static. Captions: workflow/report/.
-from ledmerge.paper import FIGURES as PAPER_FIGURES, TABLES as PAPER_TABLES
-
-PAPER = f"{R}/report/paper"
-SWEEPS_CSV = f"{R}/report/sweeps.csv"
-
-
-def paper_sweeps(wildcards):
-    """sweeps.csv when sweeps are configured; none yet: the ablation tables and figures are placeholders."""
-    return [SWEEPS_CSV] if config.get("sweeps") else []
-
-
+# Resources: the report's (`resources.report`); both are light.
 rule paper:
     input:
         summary=rules.report.output.csv,
@@ -60,7 +50,7 @@ rule paper:
         ],
         pdf=[f"{PAPER}/{f}.pdf" for f in PAPER_FIGURES],
     params:
-        out_dir=PAPER,
+        out_dir=lambda w, output: os.path.dirname(output.latex[0]),
         metrics=pairs(MODELS, lambda m: eval_file(m, "metrics.json")),
         sweeps=lambda w, input: f"--sweeps {input.sweeps}" if input.sweeps else "",
     resources:
