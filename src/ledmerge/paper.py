@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 
 from .errors import LedmergeError  # noqa: E402
 from .fileio import write_text  # noqa: E402
-from .report import KINDS, RATE_SETS, _save, load_counts, plot_mask_overlap, rate_interval  # noqa: E402
+from .report import KINDS, RATE_SETS, load_counts, plot_mask_overlap, rate_interval, save_figure  # noqa: E402
 
 # (column, short label, direction): the LED paper's layout, safety metrics then utility metrics.
 SAFETY = [("harmful_rate", "harmful rate", "min"), ("over_refusal_rate", "over-refusal rate", "min")]
@@ -355,7 +355,9 @@ def _errorbars(rows: pd.DataFrame, m: str):
 
 
 def rate_sweep_figure(sweeps: pd.DataFrame):
-    """Harmful rate and mean utility against the safety task's rate, one line per location method."""
+    """Harmful rate and mean utility against the safety task's rate, one line per location method.
+
+    Points of one method at one rate (seeds, or other parameters the sweeps also vary) are averaged, ± their sd."""
     rows = ablation_rows(sweeps, "rate")
     if rows.empty or "rate_safety" not in rows or rows["rate_safety"].nunique() < 2:
         return placeholder_figure(f"{NO_SWEEP}: no sweep varies rate_safety", FULL_WIDTH)
@@ -420,9 +422,9 @@ def build_paper(summary_csv, metrics_paths: dict[str, str | Path], mask_stats_cs
         write_text(out_dir / f"{name}.tex", tex)
         write_text(out_dir / f"{name}.md", md)
     with plt.rc_context(STYLE):
-        _save(safety_utility_figure(summary, counts)[0], out_dir, "fig_safety_utility")
-        _save(rate_sweep_figure(sweeps), out_dir, "fig_rate_sweep")
-        _save(location_ablation_figure(sweeps), out_dir, "fig_location_ablation")
+        save_figure(safety_utility_figure(summary, counts)[0], out_dir, "fig_safety_utility")
+        save_figure(rate_sweep_figure(sweeps), out_dir, "fig_rate_sweep")
+        save_figure(location_ablation_figure(sweeps), out_dir, "fig_location_ablation")
         plot_mask_overlap(mask_stats_csv, mask_overlap_csv, out_dir, name="fig_mask_overlap",
                           figsize=(FULL_WIDTH, 2.6))
     return [out_dir / name for name in OUTPUTS]

@@ -2,7 +2,8 @@
 
 Inputs are the per-model metrics JSONs of `ledmerge.evaluation.evaluate_model` and, optionally, the
 mask CSVs of `ledmerge.masks` (per-tensor stats and pairwise overlaps). Outputs, all written
-atomically into `out_dir`: summary.csv, summary.md, and each figure as PNG (200 dpi) and PDF.
+atomically into `out_dir`: summary.csv, summary.md (with each rate's 95% Wilson interval), and each figure as
+PNG (200 dpi) and PDF. The paper's tables and figures (ledmerge.paper) build on these.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(fig, out_dir: Path, name: str) -> None:
+def save_figure(fig, out_dir: Path, name: str) -> None:
+    """PNG for screens and `snakemake --report`, PDF for print; each replaced atomically, then the figure closed."""
     for ext, kw in (("png", {"dpi": 200}), ("pdf", {})):
         with atomic_path(out_dir / f"{name}.{ext}") as tmp:
             fig.savefig(tmp, format=ext, bbox_inches="tight", **kw)
@@ -148,7 +150,7 @@ def plot_safety_utility(df: pd.DataFrame, out_dir: Path) -> None:
     ax.text(0.02, 0.98, "↖ better", transform=ax.transAxes, ha="left", va="top", fontsize=8, color="0.4")
     ax.grid(alpha=0.3)
     ax.legend(title="model kind", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    _save(fig, out_dir, "safety_utility")
+    save_figure(fig, out_dir, "safety_utility")
 
 
 def plot_benchmarks(df: pd.DataFrame, out_dir: Path) -> None:
@@ -169,7 +171,7 @@ def plot_benchmarks(df: pd.DataFrame, out_dir: Path) -> None:
     ax.set(ylim=(0, top), ylabel="fraction of prompts", title="Benchmarks per model")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    _save(fig, out_dir, "benchmarks")
+    save_figure(fig, out_dir, "benchmarks")
 
 
 def _per_layer(df: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
@@ -218,7 +220,7 @@ def plot_mask_overlap(mask_stats_csv, mask_overlap_csv, out_dir: Path, name: str
         ax.grid(alpha=0.3)
         ax.legend(frameon=False)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(fig, out_dir, name)
+    save_figure(fig, out_dir, name)
 
 
 def plot_cmaes_fitness(histories: dict[str, str | Path], out_dir: Path) -> None:
@@ -244,7 +246,7 @@ def plot_cmaes_fitness(histories: dict[str, str | Path], out_dir: Path) -> None:
                title=f"CMA-ES: {titles.get(objective, objective)}")
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, title="best so far")
-    _save(fig, out_dir, "cmaes_fitness")
+    save_figure(fig, out_dir, "cmaes_fitness")
 
 
 def build_report(metrics_paths: dict[str, str | Path], model_kinds: dict[str, str], out_dir,
