@@ -34,6 +34,7 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         rules.report.output,
+        rules.paper.output,
     default_target: True
 
 

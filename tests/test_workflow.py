@@ -30,7 +30,7 @@ DATA_AWARE = ["evo_ties_align", "evo_ties_task", "evo_led_align", "evo_led_task"
 MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 METRICS = ["harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"]
 RULES = ["zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration", "importance", "election", "disjoint",
-         "merge", "evaluation", "report", "synthetic", "evolve", "cocktail"]
+         "merge", "evaluation", "report", "paper", "synthetic", "evolve", "cocktail"]
 
 
 @pytest.mark.slow
@@ -162,9 +162,9 @@ def test_lambda_change_reruns_only_the_led_merge_and_downstream(workflow_run, tm
     proc = snakemake(workflow_run.workdir, write_config(tmp_path / "c.yaml", cfg), "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = job_stats(proc.stdout)
-    assert set(stats) <= {"merge", "evaluation", "report", "all"}, stats
+    assert set(stats) <= {"merge", "evaluation", "report", "paper", "all"}, stats
     assert stats.get("merge") == 1, stats  # only `led` uses λ
-    assert stats.get("evaluation") == 1 and stats.get("report") == 1, stats
+    assert stats.get("evaluation") == 1 and stats.get("report") == 1 and stats.get("paper") == 1, stats
     assert f"{workflow_run.results}/merged/led" in proc.stdout
     assert "Params have changed since last execution" in proc.stdout  # the params rerun trigger (default)
 

@@ -249,6 +249,14 @@ def cmd_report(a):
     print(df.to_string(index=False))
 
 
+def cmd_paper(a):
+    from .paper import build_paper
+
+    written = build_paper(a.summary, _pairs(a.metrics, "--metrics"), a.mask_stats, a.mask_overlap, a.out_dir,
+                          sweeps_csv=a.sweeps)
+    print("\n".join(str(p) for p in written))
+
+
 TRUST_HELP = "let transformers run the model repository's own Python code (off by default)"
 PICKLE_HELP = "also read pickle (.bin) checkpoints; only for files you trust: unpickling can run code"
 
@@ -415,6 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mask-overlap")
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--history", nargs="*", metavar="NAME=CSV", help="CMA-ES search histories (data-aware merges)")
+
+    sp = add("paper", cmd_paper, "paper tables (LaTeX booktabs and Markdown) and print-ready figures (PDF and PNG)")
+    sp.add_argument("--summary", required=True, help="the report's summary.csv")
+    sp.add_argument("--metrics", nargs="+", required=True, metavar="NAME=PATH",
+                    help="each summary model's metrics.json (evaluation set sizes, for the Wilson intervals)")
+    sp.add_argument("--mask-stats", required=True)
+    sp.add_argument("--mask-overlap", required=True)
+    sp.add_argument("--sweeps", help="the sweeps' long table (sweeps.csv); absent: the ablations are placeholders")
+    sp.add_argument("--out-dir", required=True)
     return p
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ledmerge.checkpoint import ADAPTER_CONFIG, INDEX, PICKLE_INDEX, is_adapter, weight_files
 from ledmerge.config import ZOO, data_aware_models, hub_dir, is_hub, merge_spec, model_dir
+from ledmerge.paper import FIGURES as PAPER_FIGURES, TABLES as PAPER_TABLES
 from ledmerge.tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
 
 R = config["results"]
@@ -69,7 +70,14 @@ def eval_file(model, name):
 
 
 SYNTHETIC = f"{R}/synthetic"
+PAPER = f"{R}/report/paper"
+SWEEPS_CSV = f"{R}/report/sweeps.csv"
 MASK_STATS, MASK_OVERLAP = f"{R}/masks/stats.csv", f"{R}/masks/overlap.csv"
+
+
+def paper_sweeps(wildcards):
+    """sweeps.csv when sweeps are configured; none: the paper's ablation tables and figures are placeholders."""
+    return [SWEEPS_CSV] if config.get("sweeps") else []
 
 
 def pairs(names, path):
