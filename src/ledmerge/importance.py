@@ -275,7 +275,7 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
                         f"examples {i * step}..{i * step + len(batch) - 1} (one batch)"
                     raise LedmergeError(
                         f"the loss on calibration {which} (0-based, of the {len(examples)} kept) is "
-                        f"{float(losses[int(bad[0, 0])])}: the model's weights hold NaN/inf or its dtype "
+                        f"{float(losses.detach()[int(bad[0, 0])])}: the model's weights hold NaN/inf or its dtype "
                         "overflows; check the checkpoint, or score in dtype float32 without autocast")
                 losses.sum().backward()  # hooks (or taps) consume and free every scored gradient
                 n_tokens += int((labels[:, 1:] != chat.IGNORE_INDEX).sum())
