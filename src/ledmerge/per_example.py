@@ -75,7 +75,7 @@ class PerExampleTaps:
         for module in model.modules():
             for p in module.parameters(recurse=False):
                 owners[id(p)].append(module)
-        self.model, self.autocast = model, autocast
+        self.autocast = autocast
         self.sinks: dict[nn.Module, object] = {}
         self.ties: dict[nn.Module, dict] = {}
         rerun: dict[nn.Module, list[tuple[nn.Parameter, torch.Tensor]]] = defaultdict(list)
@@ -106,8 +106,8 @@ class PerExampleTaps:
         self.buffers: dict[tuple, torch.Tensor] = {}
 
     def _scratch(self, shape, dtype, device) -> torch.Tensor:
-        """One reused buffer per gradient shape: a fresh one per example and layer costs the allocator (and,
-        on the CPU, the kernel's zeroing of new pages) more than the abs and sum that read it."""
+        """One reused buffer per weight shape for the example's gradient, instead of a fresh allocation per
+        example and layer (on the CPU a large one is new, zero-filled pages each time)."""
         key = (shape, dtype, device)
         if key not in self.buffers:
             self.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
