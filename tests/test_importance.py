@@ -81,7 +81,7 @@ def assert_close(got, want, rtol):
 
 def test_scores_equal_hand_computation(tiny_zoo, calib, tmp_path):
     out = tmp_path / "scores.safetensors"
-    summary = score_model(tiny_zoo["base"], calib, out, progress=False, score_dtype=F32)
+    summary = score_model(tiny_zoo["base"], calib, out, progress=False, score_dtype=F32, batch_size=8)
     assert summary["n_examples"] == 5 and summary["n_forward_backward"] == 1  # batch_size 8, exact per example
     assert summary["n_response_tokens"] == sum(len(r["response"].split()) + 1 for r in ROWS)
     got = load_scores(out)
@@ -243,7 +243,8 @@ def test_truncated_examples_are_skipped(tiny_zoo, calib, tmp_path):
     """max_length=8: rows 0 and 3 have prompts of 8 and 9 tokens (words + <|user|> <|assistant|>), so no
     response token is left; rows 1, 2, 4 keep at least one."""
     with pytest.warns(UserWarning, match="2 of 5"):
-        summary = score_model(tiny_zoo["base"], calib, tmp_path / "s.safetensors", max_length=8, progress=False)
+        summary = score_model(tiny_zoo["base"], calib, tmp_path / "s.safetensors", max_length=8, progress=False,
+                              batch_size=8)
     assert summary["n_examples"] == 3 and summary["n_skipped"] == 2 and summary["n_forward_backward"] == 1
     assert tensors_metadata(tmp_path / "s.safetensors")["n_skipped"] == "2"
 
@@ -279,7 +280,7 @@ def test_compute_scores_restores_model_state(tiny_zoo):
     assert all(torch.equal(a[n], b[n]) for n in a)  # deterministic: eval mode, dropout off
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
-    assert info["n_forward_backward"] == 1  # the default batch_size holds all 5
+    assert info["n_forward_backward"] == 5  # the default batch_size 1: one example per pass
 
 
 # ---- scaling options: rank16 score files, device_map, autocast, gradient checkpointing, remote code ----
@@ -306,7 +307,7 @@ def test_score_file_is_rank16_by_default(tiny_zoo, calib, tmp_path):
         order = torch.argsort(r.view(-1), descending=True, stable=True)
         assert torch.equal(order, torch.argsort(c.view(-1), descending=True))
     # the reference per-layer loop re-runs every example once per layer
-    assert summary["n_forward_backward"] == 1 and summary["n_layers"] == 2 and summary["reference_passes"] == 10
+    assert summary["n_forward_backward"] == 5 and summary["n_layers"] == 2 and summary["reference_passes"] == 10
 
 
 def test_gradient_checkpointing_same_scores_and_recomputes(tiny_zoo, calib):
@@ -316,9 +317,9 @@ def test_gradient_checkpointing_same_scores_and_recomputes(tiny_zoo, calib):
     calls = []
     # a pre-hook: checkpoint's recomputation stops early, once the last saved tensor is rebuilt
     handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-    plain, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32)
+    plain, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32, batch_size=8)
     n_plain, calls[:] = len(calls), []
-    ckpt, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32,
+    ckpt, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32, batch_size=8,
                              gradient_checkpointing=True)
     handle.remove()
     assert n_plain == 1 and len(calls) == 2  # one pass (batch_size 8), its MLP recomputed once
