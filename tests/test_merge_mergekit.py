@@ -69,3 +69,25 @@ def test_agrees_with_mergekit(tiny_zoo, tmp_path, ours, theirs):
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
         assert not torch.equal(got[name], base[name]), name  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("spec", [
+    {"method": "task_arithmetic", "scale": 0.8, "weights": WEIGHTS},
+    {"method": "ties", "density": 0.5, "scale": 0.7, "weights": WEIGHTS},
+], ids=["task_arithmetic", "ties"])
+def test_mergekit_runs_the_exported_config_to_our_merge(tiny_zoo, tmp_path, spec):
+    """The mergekit_config.yml a merge writes, run by mergekit as it is, gives our merged weights."""
+    import yaml
+
+    from ledmerge.merge.mergekit_io import FILE_NAME
+
+    merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, spec, tmp_path / "ours")
+    exported = yaml.safe_load((tmp_path / "ours" / FILE_NAME).read_text())
+    assert "mergekit_config.yml" in (tmp_path / "ours" / "README.md").read_text()
+    want = run_mergekit(exported, tmp_path / "mergekit")
+    got = load_state_dict(tmp_path / "ours")
+    assert got.keys() == want.keys()
+    base = load_state_dict(tiny_zoo["base"])
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+        assert not torch.equal(got[name], base[name]), name

@@ -1,5 +1,5 @@
-"""The merged model's card (README.md): HF front matter, the full recipe, where the tokenizer and chat template
-come from, and the sha256 of every input file."""
+"""The merged model's card (README.md): HF front matter, the full recipe, whether a mergekit equivalent was
+written, where the tokenizer and chat template come from, and the sha256 of every input file."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from .. import __version__
 from ..provenance import file_sha256
 from ..tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
 from .base import MergeMethod
+from .mergekit_io import FILE_NAME as MERGEKIT_FILE
+from .mergekit_io import MERGEKIT_VERSION
 
 CONFIG_FILES = ("config.json", GENERATION_CONFIG)
 TOKENIZER_INPUTS = (*TOKENIZER_FILES, TEMPLATE_FILE, GENERATION_CONFIG)  # what copy_tokenizer_files copies
@@ -24,7 +26,7 @@ def config_sha256s(model_dir, names) -> dict[Path, str]:
 
 def model_card(method: MergeMethod, base_dir, expert_dirs: Mapping, hashes: Mapping[str, Mapping[Path, str]],
                masks: Mapping | None, vocab_policy: str | None = None, tokenizer: Mapping | None = None,
-               tokenizer_dir=None) -> str:
+               tokenizer_dir=None, mergekit: bool = False) -> str:
     """README.md: HF front matter, then the full recipe, where the tokenizer and chat template come from,
     and the sha256 of every input file: weights and config.json (generation config) of each model, and the
     tokenizer, chat template and generation config files the merged model got (role "tokenizer")."""
@@ -42,6 +44,9 @@ def model_card(method: MergeMethod, base_dir, expert_dirs: Mapping, hashes: Mapp
         f"# Merged model ({method.name})", "",
         f"Merged with ledmerge {__version__} using the `{method.name}` method.", "",
         "## Recipe", "", "```yaml", yaml.safe_dump(method.recipe(), sort_keys=False).strip(), "```", "",
+        *([f"The same merge as a mergekit {MERGEKIT_VERSION} configuration: `{MERGEKIT_FILE}` (what still differs "
+           "is in its comments).", ""] if mergekit else
+          [f"No mergekit configuration: mergekit has no `{method.name}` method.", ""]),
         *([f"Experts with another vocabulary were merged into the base's (vocab_policy: {vocab_policy}).", ""]
           if vocab_policy else []),
         "## Tokenizer and chat template", "",

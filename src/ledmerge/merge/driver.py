@@ -2,7 +2,8 @@
 
 It reads every input through `ledmerge.checkpoint.ModelReader` (one tensor at a time, read ahead by a thread),
 checks LED masks against the models they were computed from, stops on non-finite values, and writes the merged
-model with `ShardedWriter`, then its config, tokenizer files and model card (`card.model_card`).
+model with `ShardedWriter`, then its config, tokenizer files, model card (`card.model_card`) and, for the methods
+mergekit shares, the equivalent mergekit configuration (`mergekit_io.to_mergekit`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ..options import resolve
 from ..tokenizer import copy_tokenizer_files
 from .base import MaskFiles, TensorContext
 from .card import CONFIG_FILES, TOKENIZER_INPUTS, config_sha256s, model_card
+from .mergekit_io import FILE_NAME as MERGEKIT_FILE
+from .mergekit_io import floating_dtype, to_mergekit
 from .registry import get_method
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,8 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                  out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None, *,
                  allow_pickle: bool = False, tokenizer_dir: str | os.PathLike | None = None,
                  progress: bool | None = None, **opts) -> None:
-    """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card.
+    """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card
+    and, where mergekit has the method, `mergekit_config.yml`.
 
     config.json comes from the base; tokenizer files, chat template and generation config (stop tokens) from
     `tokenizer_dir` (the workflow's `tokenizer` directory, see `ledmerge.tokenizer`), by default the base.
@@ -181,9 +185,13 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         for role, d in (("base", base_dir), *((f"expert `{t}`", expert_dirs[t]) for t in tasks)):
             hashes[role].update(config_sha256s(d, CONFIG_FILES))
         hashes["tokenizer"] = config_sha256s(tokenizer_dir or base_dir, TOKENIZER_INPUTS)
+        exported = to_mergekit(method, base_dir, {t: expert_dirs[t] for t in tasks}, floating_dtype(base.infos))
+        if exported is not None:
+            (out / MERGEKIT_FILE).write_text(exported)
         (out / "README.md").write_text(model_card(method, base_dir, expert_dirs, hashes,
                                                   masks if mask_files else None, vocab_policy if aligned else None,
-                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir))
+                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir,
+                                                  mergekit=exported is not None))
     log.info("wrote merged model to %s (%d shard(s))", out_dir, len(writer.files))
 
 

@@ -1,0 +1,166 @@
+"""mergekit configurations in and out (`ledmerge.merge.mergekit_io`): export → import gives the spec back, what
+cannot be honoured is refused with one line naming the mergekit key, and the translation table covers every
+parameter of the methods it lists. (tests/test_merge_mergekit.py runs mergekit itself on an exported file.)"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from test_config import base_config, with_models
+
+from ledmerge.config import check, merge_spec, validate
+from ledmerge.errors import LedmergeError
+from ledmerge.merge import METHODS, get_method
+from ledmerge.merge.mergekit_io import EQUIVALENTS, FILE_NAME, to_mergekit
+
+TASKS = ("code", "math", "safety")
+
+
+def export(spec: dict, zoo, out_dtype="float32") -> str:
+    return to_mergekit(get_method(spec), zoo["base"], {t: zoo[t] for t in TASKS}, out_dtype)
+
+
+def imported(tmp_path, zoo, text: str, **entry) -> dict:
+    """The spec a config with merge {x: {mergekit: <file holding text>, **entry}} runs (validated as
+    check-config does)."""
+    path = tmp_path / FILE_NAME
+    path.write_text(text)
+    cfg = with_models(base_config(tmp_path), zoo)
+    cfg["merges"] = {"x": {"mergekit": str(path), **entry}}
+    validate(cfg)
+    return merge_spec(cfg, "x")
+
+
+@pytest.mark.parametrize("spec, seed", [
+    ({"method": "task_arithmetic", "scale": 0.8, "weights": {"math": 0.5, "code": 2.0}}, None),
+    ({"method": "ties", "density": 0.3, "scale": 0.7}, None),
+    ({"method": "ties", "density": {"code": 0.3, "math": 0.5, "safety": 0.7}, "weights": {"safety": 0.25}}, None),
+    ({"method": "dare_linear", "drop": 0.3, "seed": 3, "scale": 1.5}, 3),
+    ({"method": "dare_ties", "drop": 0.9, "rescale": False, "weights": {"math": 3.0}}, 0),
+    ({"method": "linear", "weights": {"math": 0.5}, "normalize": False}, None),
+], ids=["task_arithmetic", "ties", "ties-per-task", "dare_linear", "dare_ties", "linear"])
+def test_export_then_import_gives_the_same_spec(tmp_path, tiny_zoo, spec, seed):
+    text = export(spec, tiny_zoo)
+    got = imported(tmp_path, tiny_zoo, text, **({"seed": seed} if seed is not None else {}))
+    assert get_method(got).recipe() == get_method(spec).recipe()
+    assert get_method(got).recipe() != get_method({"method": spec["method"]}).recipe()  # not just the defaults
+
+
+def test_exported_file_says_what_differs(tiny_zoo):
+    text = export({"method": "ties", "density": 0.5}, tiny_zoo)
+    comments = " ".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "int(density*n)" in comments and "+ sign" in comments
+    doc = yaml.safe_load(text)
+    assert doc["parameters"] == {"lambda": 1.0, "normalize": True, "rescale": False}
+    assert [m["parameters"]["density"] for m in doc["models"]] == [0.5] * 3
+    assert "out_dtype" not in doc and "out_dtype" in yaml.safe_load(export({"method": "ties"}, tiny_zoo, "bfloat16"))
+
+
+def test_led_has_no_mergekit_equivalent(tiny_zoo):
+    assert export({"method": "led"}, tiny_zoo) is None
+
+
+def test_the_table_covers_every_parameter_of_its_methods():
+    """A parameter added to a shared method without a translation would be exported as its default: refuse."""
+    for name, eq in EQUIVALENTS.items():
+        params = {p.name for p in METHODS[name].PARAMS} - {"seed"}  # the seed is the import's own key
+        assert {k.ours for k in eq.keys if k.ours} == params, name
+
+
+def test_check_config_runs_the_imported_spec(tmp_path, tiny_zoo):
+    path = tmp_path / "linear.yml"
+    path.write_text(export({"method": "linear", "weights": {"math": 2.0}}, tiny_zoo))
+    cfg = with_models(base_config(tmp_path), tiny_zoo)
+    cfg["merges"] = {"linear_mk": {"mergekit": str(path)}}
+    validate(cfg)
+    check(cfg)
+    doc = yaml.safe_load(path.read_text())
+    doc["models"][0]["parameters"]["weight"] = -3.0  # the weights now sum to 0: the task-level check refuses it
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(LedmergeError, match=r"^config error at 'merges.linear_mk': merge method 'linear': the weights "
+                                            r"sum to 0"):
+        check(cfg)
+
+
+def _set(*keys, value):
+    def change(doc):
+        node = doc
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return change
+
+
+def _drop(*keys):
+    def change(doc):
+        node = doc
+        for k in keys[:-1]:
+            node = node[k]
+        del node[keys[-1]]
+    return change
+
+
+TIES = {"method": "ties", "density": 0.5}
+# (id, spec exported, change to the mergekit document, the mergekit key the one line names)
+REFUSED = [
+    ("unknown-method", TIES, _set("merge_method", value="model_stock"), "'merge_method'"),
+    ("slices", TIES, _set("slices", value=[]), "'slices'"),
+    ("tokenizer-source", TIES, _set("tokenizer_source", value="union"), "'tokenizer_source'"),
+    ("chat-template", TIES, _set("chat_template", value="chatml"), "'chat_template'"),
+    ("unknown-top-level", TIES, _set("merge_options", value={}), "'merge_options'"),
+    ("gradient", TIES, _set("parameters", "density", value=[0.2, 0.8]), "'parameters.density'"),
+    ("filter", TIES, _set("models", 1, "parameters", "weight", value=[{"filter": "mlp", "value": 2.0}]),
+     "'models[1].parameters.weight'"),
+    ("unknown-parameter", TIES, _set("parameters", "gamma", value=0.01), "'parameters.gamma'"),
+    ("other-model", TIES, _set("models", 1, "model", value="org/other-model"), "'models[1].model'"),
+    ("base-among-models", TIES, lambda d: d["models"].append({"model": d["base_model"]}), "'models[3].model'"),
+    ("task-twice", TIES, lambda d: d["models"].append(copy.deepcopy(d["models"][0])), "'models[3].model'"),
+    ("task-missing", TIES, lambda d: d["models"].pop(), "'models'"),
+    ("other-base", TIES, _set("base_model", value="org/other-base"), "'base_model'"),
+    ("no-base", TIES, _drop("base_model"), "'base_model'"),
+    ("lora", TIES, _set("models", 0, "model", value={"model": {"path": "x"}, "lora": {"path": "y"}}),
+     "'models[0].model'"),
+    ("dtype", TIES, _set("dtype", value="bfloat16"), "'dtype'"),
+    ("out-dtype", TIES, _set("out_dtype", value="bfloat16"), "'out_dtype'"),
+    ("ties-unnormalised", TIES, _set("parameters", "normalize", value=False), "'parameters.normalize'"),
+    ("ties-rescaled", TIES, _set("parameters", "rescale", value=True), "'parameters.rescale'"),
+    ("task-arithmetic-normalised", {"method": "task_arithmetic"}, _set("parameters", "normalize", value=True),
+     "'parameters.normalize'"),
+    ("dare-ties-mergekit-default", {"method": "dare_ties"}, _drop("parameters", "normalize"),
+     "'parameters.normalize'"),
+]
+
+
+@pytest.mark.parametrize("spec, change, key", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_what_cannot_be_honoured_is_refused_naming_the_key(tmp_path, tiny_zoo, spec, change, key):
+    doc = yaml.safe_load(export(spec, tiny_zoo))
+    change(doc)
+    with pytest.raises(LedmergeError) as info:
+        imported(tmp_path, tiny_zoo, yaml.safe_dump(doc))
+    message = str(info.value)
+    assert f"mergekit key {key}" in message, message
+    assert "\n" not in message, message
+
+
+def test_seed_for_a_method_without_random_draws_is_refused(tmp_path, tiny_zoo):
+    with pytest.raises(LedmergeError, match="seed is given but ties draws no random numbers"):
+        imported(tmp_path, tiny_zoo, export(TIES, tiny_zoo), seed=1)
+
+
+def test_relative_paths_and_hub_ids_map_to_the_config_models(tmp_path, tiny_zoo, monkeypatch):
+    """The documented rule: a path resolving to the model's directory (relative: to the working directory), or the
+    hub id of a {hub: org/name} model."""
+    doc = yaml.safe_load(export(TIES, tiny_zoo))
+    monkeypatch.chdir(tiny_zoo["base"].parent)
+    doc["base_model"] = "./base"
+    doc["models"][0]["model"] = "math/../code"
+    assert imported(tmp_path, tiny_zoo, yaml.safe_dump(doc)) == {"method": "ties", "density": 0.5, "scale": 1.0}
+    cfg = with_models(base_config(tmp_path), tiny_zoo)
+    cfg["tasks"]["code"]["model"] = {"hub": "org/coder"}
+    doc["models"][0]["model"] = "org/coder"
+    (tmp_path / "hub.yml").write_text(yaml.safe_dump(doc))
+    cfg["merges"] = {"x": {"mergekit": str(tmp_path / "hub.yml")}}
+    validate(cfg)
+    assert merge_spec(cfg, "x")["density"] == 0.5
