@@ -115,7 +115,10 @@ REFUSED = [
      "'models[1].parameters.weight'"),
     ("unknown-parameter", TIES, _set("parameters", "gamma", value=0.01), "'parameters.gamma'"),
     ("other-model", TIES, _set("models", 1, "model", value="org/other-model"), "'models[1].model'"),
-    ("base-among-models", TIES, lambda d: d["models"].append({"model": d["base_model"]}), "'models[3].model'"),
+    ("base-among-models-with-parameters", TIES,
+     lambda d: d["models"].append({"model": d["base_model"], "parameters": {"weight": 1.0}}), "'models[3].model'"),
+    ("base-among-linear-models", {"method": "linear"},
+     lambda d: d["models"].append({"model": d["models"][0]["model"].replace("code", "base")}), "'models[3].model'"),
     ("task-twice", TIES, lambda d: d["models"].append(copy.deepcopy(d["models"][0])), "'models[3].model'"),
     ("task-missing", TIES, lambda d: d["models"].pop(), "'models'"),
     ("other-base", TIES, _set("base_model", value="org/other-base"), "'base_model'"),
@@ -142,6 +145,20 @@ def test_what_cannot_be_honoured_is_refused_naming_the_key(tmp_path, tiny_zoo, s
     message = str(info.value)
     assert f"mergekit key {key}" in message, message
     assert "\n" not in message, message
+
+
+def test_the_base_may_be_listed_among_the_models_without_parameters(tmp_path, tiny_zoo):
+    """mergekit's usual way of writing a TIES or DARE config: the base once more in `models`, where it is the base."""
+    doc = yaml.safe_load(export(TIES, tiny_zoo))
+    doc["models"].insert(0, {"model": doc["base_model"]})
+    assert imported(tmp_path, tiny_zoo, yaml.safe_dump(doc)) == {"method": "ties", "density": 0.5, "scale": 1.0}
+
+
+def test_bad_values_are_refused_with_the_mergekit_names(tmp_path, tiny_zoo):
+    doc = yaml.safe_load(export({"method": "dare_ties"}, tiny_zoo))
+    doc["models"][0]["parameters"]["density"] = 0.0  # drop 1: nothing kept
+    with pytest.raises(LedmergeError, match=r"drop\[code\] must be .* drop = 1 - density"):
+        imported(tmp_path, tiny_zoo, yaml.safe_dump(doc))
 
 
 def test_seed_for_a_method_without_random_draws_is_refused(tmp_path, tiny_zoo):

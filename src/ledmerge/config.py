@@ -221,7 +221,7 @@ def mergekit_spec(config: dict, entry: dict) -> dict:
     not main), else a path (relative: to the working directory, as mergekit reads it) that resolves to the same
     directory as the model's."""
     from .checkpoint import ModelReader
-    from .merge.mergekit_io import floating_dtype, from_mergekit, read_mergekit
+    from .merge.mergekit_io import MIXED, floating_dtype, from_mergekit, read_mergekit
 
     names = ["base", *config["tasks"]]
     sources = {n: config["base_model"] if n == "base" else config["tasks"][n]["model"] for n in names}
@@ -240,7 +240,7 @@ def mergekit_spec(config: dict, entry: dict) -> dict:
         if not Path(model_dir(config, "base")).is_dir():
             return None
         with ModelReader(model_dir(config, "base"), allow_pickle=config["allow_pickle"]) as reader:
-            return floating_dtype(reader.infos)
+            return floating_dtype(reader.infos) or MIXED
 
     path = entry["mergekit"]
     return from_mergekit(read_mergekit(path), path, sorted(config["tasks"]), identify, base_dtype, entry.get("seed"))

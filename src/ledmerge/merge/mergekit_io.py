@@ -29,6 +29,7 @@ MERGEKIT_VERSION = "0.1.5"
 FILE_NAME = "mergekit_config.yml"
 COMPUTE_DTYPE = "float32"  # every ledmerge merge computes in float32 and writes each tensor in the base's dtype
 DTYPES = ("float32", "bfloat16", "float16")
+MIXED = "mixed"  # a base whose floating tensors are stored in several dtypes
 
 
 def _one_minus(x: float) -> float:
@@ -134,7 +135,7 @@ def from_mergekit(doc: Mapping, where: str, tasks: list[str], identify: Callable
                   base_dtype: Callable[[], str | None], seed: int | None = None) -> dict:
     """The ledmerge spec that computes what mergekit configuration `doc` computes, for a run whose experts are
     `tasks`. `identify` maps a mergekit model reference to 'base', a task name, or None (not one of the run's
-    models); `base_dtype` gives the base's stored floating dtype (None: not known yet); `seed` is the spec's seed
+    models); `base_dtype` gives the base's stored floating dtype (None: not on disk yet; `MIXED`); `seed` is the spec's seed
     for the methods that draw random numbers. `where` (the file) prefixes every error."""
     for key in doc:
         if key in REFUSED:
@@ -192,8 +193,8 @@ def from_mergekit(doc: Mapping, where: str, tasks: list[str], identify: Callable
     try:  # the values themselves, in ledmerge's words, with the mergekit names they came from
         METHODS[method].from_spec(spec)
     except LedmergeError as exc:
-        renamed = ", ".join(f"{k.theirs} is {k.ours}" + (" (1 - density)" if k.convert else "")
-                            for k in eq.keys if k.ours and k.ours != k.theirs)
+        renamed = ", ".join(f"{k.ours} = {'1 - ' if k.convert is _one_minus else ''}{k.theirs}"
+                            for k in eq.keys if k.ours and (k.ours != k.theirs or k.convert))
         raise LedmergeError(f"{where}: {exc} (in mergekit's words: {renamed})") from None
     return spec
 
@@ -209,9 +210,10 @@ def _check_dtypes(doc: Mapping, where: str, base_dtype: Callable[[], str | None]
     if out_dtype not in DTYPES:
         raise _error(where, "out_dtype", f"{out_dtype!r} is not a dtype ledmerge writes ({list(DTYPES)})")
     stored = base_dtype()
-    if stored is None:
-        raise _error(where, "out_dtype", f"{out_dtype!r} cannot be checked before the base model is on disk "
-                     "(ledmerge writes every tensor in the base's dtype): remove it")
+    if stored is None or stored == MIXED:
+        why = "cannot be checked before the base model is on disk" if stored is None else "but the base mixes dtypes"
+        raise _error(where, "out_dtype", f"{out_dtype!r} {why} (ledmerge writes every tensor in the base's own "
+                     "dtype): remove it")
     if out_dtype != stored:
         raise _error(where, "out_dtype", f"{out_dtype!r}, but ledmerge writes every tensor in the base's dtype, "
                      f"{stored}: remove it or set {stored}")
@@ -235,9 +237,11 @@ def _models(doc: Mapping, where: str, eq: Equivalent, tasks: list[str],
         if not isinstance(entry, Mapping) or "model" not in entry or set(entry) - {"model", "parameters"}:
             raise _error(where, f"models[{i}]", "must be {model: <dir>, parameters: {...}}")
         name = identify(_ref(where, f"models[{i}].model", entry["model"]))
+        if name == "base" and eq.uses_base and not entry.get("parameters"):
+            continue  # mergekit's usual way of naming the base once more: it is not merged as an expert
         if name is None or name == "base":
-            what = "the base model (ledmerge merges the experts into it)" if name == "base" else \
-                "not one of the config's task experts"
+            what = ("the base model, with parameters or in a merge of the experts only" if name == "base" else
+                    "not one of the config's task experts")
             raise _error(where, f"models[{i}].model", f"{entry['model']!r} is {what}: list only the directories "
                          f"(or hub ids) of tasks.<t>.model, one entry per task {tasks}")
         if name in found:
