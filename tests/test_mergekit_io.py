@@ -58,8 +58,24 @@ def test_exported_file_says_what_differs(tiny_zoo):
     assert "out_dtype" not in doc and "out_dtype" in yaml.safe_load(export({"method": "ties"}, tiny_zoo, "bfloat16"))
 
 
-def test_led_has_no_mergekit_equivalent(tiny_zoo):
+def test_led_has_no_mergekit_equivalent_and_its_card_says_so(tiny_zoo):
+    from ledmerge.merge.card import model_card
+
     assert export({"method": "led"}, tiny_zoo) is None
+    card = model_card(get_method({"method": "led"}), tiny_zoo["base"], {}, {}, None)
+    assert "No mergekit configuration: mergekit has no `led` method." in card
+
+
+def test_experts_aligned_to_the_base_vocabulary_get_no_mergekit_file(tiny_zoo, tmp_path):
+    from conftest import make_tiny_model
+
+    from ledmerge.merge import merge_models
+
+    wide = make_tiny_model(tmp_path / "wide", seed=5, extra_tokens=3)
+    merge_models(tiny_zoo["base"], {"math": tiny_zoo["math"], "code": wide}, {"method": "task_arithmetic"},
+                 tmp_path / "m", vocab_policy="base")
+    assert not (tmp_path / "m" / FILE_NAME).exists()
+    assert "vocabularies were aligned to the base's rows by index" in (tmp_path / "m" / "README.md").read_text()
 
 
 def test_the_table_covers_every_parameter_of_its_methods():

@@ -185,7 +185,9 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         for role, d in (("base", base_dir), *((f"expert `{t}`", expert_dirs[t]) for t in tasks)):
             hashes[role].update(config_sha256s(d, CONFIG_FILES))
         hashes["tokenizer"] = config_sha256s(tokenizer_dir or base_dir, TOKENIZER_INPUTS)
-        exported = to_mergekit(method, base_dir, {t: expert_dirs[t] for t in tasks}, floating_dtype(base.infos))
+        # Rows aligned by index (vocab_policy base) have no mergekit setting: no equivalent then.
+        exported = None if aligned else to_mergekit(method, base_dir, {t: expert_dirs[t] for t in tasks},
+                                                     floating_dtype(base.infos))
         if exported is not None:
             (out / MERGEKIT_FILE).write_text(exported)
         (out / "README.md").write_text(model_card(method, base_dir, expert_dirs, hashes,
