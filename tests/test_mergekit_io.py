@@ -40,12 +40,34 @@ def imported(tmp_path, zoo, text: str, **entry) -> dict:
     ({"method": "dare_linear", "drop": 0.3, "seed": 3, "scale": 1.5}, 3),
     ({"method": "dare_ties", "drop": 0.9, "rescale": False, "weights": {"math": 3.0}}, 0),
     ({"method": "linear", "weights": {"math": 0.5}, "normalize": False}, None),
-], ids=["task_arithmetic", "ties", "ties-per-task", "dare_linear", "dare_ties", "linear"])
+    ({"method": "breadcrumbs", "density": 0.7, "gamma": 0.05, "rescale": True}, None),
+    ({"method": "breadcrumbs_ties", "density": 0.5, "weights": {"code": 2.0}}, None),
+    ({"method": "della", "density": 0.4, "epsilon": 0.1, "seed": 2}, 2),
+    ({"method": "della_linear", "density": {"code": 0.3, "math": 0.5, "safety": 0.7}, "rescale": False}, 0),
+], ids=["task_arithmetic", "ties", "ties-per-task", "dare_linear", "dare_ties", "linear", "breadcrumbs",
+        "breadcrumbs_ties", "della", "della_linear"])
 def test_export_then_import_gives_the_same_spec(tmp_path, tiny_zoo, spec, seed):
     text = export(spec, tiny_zoo)
     got = imported(tmp_path, tiny_zoo, text, **({"seed": seed} if seed is not None else {}))
     assert get_method(got).recipe() == get_method(spec).recipe()
     assert get_method(got).recipe() != get_method({"method": spec["method"]}).recipe()  # not just the defaults
+
+
+def test_slerp_round_trip_lists_the_base_among_the_models(tmp_path, tiny_zoo):
+    """mergekit's slerp takes the base and the one expert as its two inputs."""
+    text = to_mergekit(get_method({"method": "slerp", "t": 0.3}), tiny_zoo["base"], {"math": tiny_zoo["math"]}, None)
+    assert [m["model"] for m in yaml.safe_load(text)["models"]] == [str(tiny_zoo["base"]), str(tiny_zoo["math"])]
+    path = tmp_path / FILE_NAME
+    path.write_text(text)
+    cfg = with_models(base_config(tmp_path), tiny_zoo)
+    cfg["tasks"] = {"math": cfg["tasks"]["math"]}
+    cfg["merges"] = {"x": {"mergekit": str(path)}}
+    validate(cfg)
+    assert merge_spec(cfg, "x") == {"method": "slerp", "t": 0.3}
+
+
+def test_post_steps_have_no_mergekit_equivalent(tiny_zoo):
+    assert export({"method": "ties", "density": 0.5, "resta": {"gamma": 0.5, "aligned": "safety"}}, tiny_zoo) is None
 
 
 def test_exported_file_says_what_differs(tiny_zoo):

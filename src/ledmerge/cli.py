@@ -168,9 +168,10 @@ def cmd_merge(a):
     _threads(a)
     if a.spec.startswith("@") and not os.path.isfile(a.spec[1:]):  # the recipe a data-aware search writes
         raise LedmergeError(f"cannot read the merge spec file {a.spec[1:]}: run its search first")
-    merge_models(a.base, _pairs(a.expert, "--expert"), _json_arg(a.spec, "--spec"), a.out,
-                 masks=_pairs(a.mask, "--mask") or None, **_options(a, "merge"), allow_pickle=a.allow_pickle,
-                 tokenizer_dir=a.tokenizer)
+    summary = merge_models(a.base, _pairs(a.expert, "--expert"), _json_arg(a.spec, "--spec"), a.out,
+                           masks=_pairs(a.mask, "--mask") or None, **_options(a, "merge"), allow_pickle=a.allow_pickle,
+                           tokenizer_dir=a.tokenizer)
+    print(json.dumps(summary))
 
 
 def cmd_synthetic(a):

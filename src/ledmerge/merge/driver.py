@@ -35,6 +35,7 @@ from .registry import get_method
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 18  # elements per elementwise step on the CPU (1 MiB in float32)
+SUMMARY_FILE = "ledmerge_merge.json"  # the recipe and what each post-step did per tensor (also the CLI's stdout)
 
 
 def merge_device(device: str) -> torch.device:
@@ -53,9 +54,11 @@ def merge_device(device: str) -> torch.device:
 def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os.PathLike], spec: Mapping,
                  out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None, *,
                  allow_pickle: bool = False, tokenizer_dir: str | os.PathLike | None = None,
-                 progress: bool | None = None, **opts) -> None:
+                 progress: bool | None = None, **opts) -> dict:
     """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card
-    and, where mergekit has the method, `mergekit_config.yml`.
+    and, where mergekit has the method, `mergekit_config.yml`. Returns the merge's summary (also written to
+    `SUMMARY_FILE` in it): the full recipe, and per post-step and tensor what the step did (SafeMERGE: the
+    similarity and whether the layer was replaced).
 
     config.json comes from the base; tokenizer files, chat template and generation config (stop tokens) from
     `tokenizer_dir` (the workflow's `tokenizer` directory, see `ledmerge.tokenizer`), by default the base.
@@ -122,6 +125,12 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             if not b.is_floating_point():  # integer buffers are copied from the base
                 return b
             ctx = TensorContext(name, seed=method.seed, masks=tensor_masks)
+            merged = merge_floats(name, b, inputs, ctx)
+            for step, record in ctx.report.items():
+                reports.setdefault(step, {})[name] = record
+            return merged
+
+        def merge_floats(name: str, b: torch.Tensor, inputs, ctx: TensorContext) -> torch.Tensor:
             if dev.type != "cpu":  # one whole tensor per kernel on a GPU
                 ctx, b, inputs = ctx.to(dev), b.to(dev), {t: e.to(dev) for t, e in inputs.items()}
                 fb, fe = b.float(), {t: e.float() for t, e in inputs.items()}
@@ -140,7 +149,8 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 raise
             finally:
                 torch.set_num_threads(1)
-            out = torch.empty_like(b)
+            # Post-steps need the whole float32 result before it is rounded to the stored dtype.
+            out = torch.empty_like(b, dtype=torch.float32 if method.post else b.dtype)
             flat_out, flat_b = out.view(-1), b.reshape(-1)
             flat_in = {t: e.reshape(-1) for t, e in inputs.items()}
 
@@ -152,8 +162,17 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
 
             for _ in pool.map(merge_chunk, range(0, b.numel(), CHUNK)):
                 pass
-            return out
+            if not method.post:
+                return out
+            torch.set_num_threads(workers)  # whole-tensor steps (SafeMERGE's products): torch's own threads
+            try:
+                merged = method.finish(out, b, inputs, ctx).to(b.dtype)
+            finally:
+                torch.set_num_threads(1)
+            check_finite(name, 0, b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}, merged.reshape(-1))
+            return merged
 
+        reports: dict[str, dict[str, dict]] = {}  # post-step -> tensor -> what it did (ctx.report)
         bar = tqdm(total=writer.total_size, desc=f"merge ({method.name})", unit="B", unit_scale=True, disable=progress is False)
         # The torch threads become a pool of Python threads, each running single-threaded torch ops on its own
         # chunk or task: no fork/join of OpenMP threads for every small op, and reads and writes overlap.
@@ -192,9 +211,12 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             (out / MERGEKIT_FILE).write_text(exported)
         (out / "README.md").write_text(model_card(method, base_dir, expert_dirs, hashes,
                                                   masks if mask_files else None, vocab_policy if aligned else None,
-                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir,
+                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir, reports=reports,
                                                   mergekit=exported is not None))
+        summary = {"recipe": method.recipe(), "post_steps": reports}
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("wrote merged model to %s (%d shard(s))", out_dir, len(writer.files))
+    return summary
 
 
 def check_mask_sources(mask_files: MaskFiles | None, base: ModelReader, experts: Mapping[str, ModelReader], *,

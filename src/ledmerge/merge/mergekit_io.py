@@ -68,6 +68,7 @@ class Equivalent:
     method: str
     keys: tuple[Key, ...]
     uses_base: bool = True  # mergekit needs `base_model` (task-vector methods); linear ignores it
+    lists_base: bool = False  # mergekit counts the base among `models` (slerp's two inputs)
     ignored: tuple[str, ...] = ()  # mergekit settings that do not change the result (accepted, not exported)
     differences: str = ""  # what still differs, for the exported file's comments
 
@@ -94,6 +95,24 @@ EQUIVALENTS: dict[str, Equivalent] = {e.method: e for e in (
                  "entries by 1 - drop.")
       for name, normalize in (("dare_linear", False), ("dare_ties", True))),
     Equivalent("linear", (WEIGHT, Key("normalize", "normalize", default=True)), uses_base=False),
+    *(Equivalent(name, (WEIGHT, LAMBDA, Key("density", "density", per_model=True, default=1.0),
+                        Key("gamma", "gamma", per_model=True, default=0.01), Key("rescale", "rescale", default=False),
+                        Key("normalize", value=normalize, default=False)),
+                 ignored=("int8_mask",),
+                 differences="Breadcrumbs differs in counts only: mergekit keeps int(density*n) entries after "
+                 "dropping the int(gamma*n) largest, ledmerge rounds both up (and refuses density + gamma > 1).")
+      for name, normalize in (("breadcrumbs", False), ("breadcrumbs_ties", True))),
+    *(Equivalent(name, (WEIGHT, LAMBDA, Key("density", "density", per_model=True, default=1.0),
+                        Key("epsilon", "epsilon", per_model=True, default=0.15), Key("rescale", "rescale", default=True),
+                        Key("normalize", value=normalize, default=normalize)),
+                 ignored=("int8_mask",),
+                 differences="DELLA agrees in everything but the draws: mergekit draws the drops with "
+                 "torch.bernoulli from the global generator (mergekit-yaml --random-seed), ledmerge seeded "
+                 "uniforms per (seed, tensor, task) from the spec's seed.")
+      for name, normalize in (("della", True), ("della_linear", False))),
+    Equivalent("slerp", (Key("t", "t"),), lists_base=True,
+               differences="SLERP differs on a zero tensor only (mergekit rotates it as if of norm 1, ledmerge "
+               "interpolates linearly); ledmerge sums the norms and the cosine in float64, mergekit in float32."),
 )}
 
 # What a mergekit file may hold at its top level; every other key is refused.
@@ -268,10 +287,10 @@ def _ref(where: str, key: str, value) -> str:
 
 def to_mergekit(method: MergeMethod, base_dir, expert_dirs: Mapping[str, Any], out_dtype: str | None) -> str | None:
     """The mergekit configuration (YAML text, comments included) that computes this merge, or None when mergekit
-    has no such method (LED: its masks come from calibration data). `out_dtype`: the base's one floating dtype
-    (None: mixed), what ledmerge writes."""
+    has no such method (LED: its masks come from calibration data) or the spec adds post-steps. `out_dtype`: the
+    base's one floating dtype (None: mixed), what ledmerge writes."""
     eq = EQUIVALENTS.get(method.name)
-    if eq is None:
+    if eq is None or method.post:  # RESTA and SafeMERGE post-steps have no mergekit equivalent
         return None
     recipe, tasks = method.recipe(), sorted(expert_dirs)
     shared, per_model = {}, {t: {} for t in tasks}
@@ -286,7 +305,9 @@ def to_mergekit(method: MergeMethod, base_dir, expert_dirs: Mapping[str, Any], o
             shared[k.theirs] = k.value if k.ours is None else k.to_other(recipe[k.ours])
     doc = {"merge_method": method.name,
            **({"base_model": str(base_dir)} if eq.uses_base else {}),
-           "models": [{"model": str(expert_dirs[t]), "parameters": per_model[t]} for t in tasks],
+           "models": [*([{"model": str(base_dir)}] if eq.lists_base else []),
+                      *({"model": str(expert_dirs[t]), **({"parameters": per_model[t]} if per_model[t] else {})}
+                        for t in tasks)],
            "parameters": shared, "dtype": COMPUTE_DTYPE,
            **({"out_dtype": out_dtype} if out_dtype not in (None, COMPUTE_DTYPE) else {})}
     notes = [f"mergekit {MERGEKIT_VERSION} configuration of this merge, written by ledmerge from its recipe "
