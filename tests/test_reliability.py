@@ -373,7 +373,8 @@ def test_model_card_hashes_configs_tokenizer_and_template(zoo, tmp_path):
         for f in ("config.json", "model.safetensors"):
             assert f"| {role} | `{d}` | `{f}` | `{sha(d / f)}` |" in card, (role, f)
     copied = [p for p in (tmp_path / "m").iterdir()
-              if p.name not in ("config.json", "README.md", SUMMARY_FILE) and not p.name.endswith(".safetensors")]
+              if p.name not in ("config.json", "README.md", SUMMARY_FILE, "mergekit_config.yml")
+              and not p.name.endswith(".safetensors")]
     assert {p.name for p in copied} >= {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                                         "generation_config.json"}
     for p in copied:  # every file the merged model got from the tokenizer directory, as it was recorded there
