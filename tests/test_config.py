@@ -263,7 +263,7 @@ def test_defaults_do_not_override_given_values():
     cfg = {"tasks": {"math": {"model": "zoo", "calibration": {"source": "zoo"}, "rate": 0.4, "lambda": 0.5}},
            "merges": {"led": {"method": "led", "lambdas": {"math": 2.0}}}, "importance": {"granularity": "batch"}}
     validate(cfg)
-    assert cfg["importance"]["granularity"] == "batch" and cfg["importance"]["batch_size"] == 8
+    assert cfg["importance"]["granularity"] == "batch" and cfg["importance"]["batch_size"] == 1
     assert cfg["tasks"]["math"]["lambda"] == 0.5
     assert merge_spec(cfg, "led")["lambdas"] == {"math": 2.0}
 
