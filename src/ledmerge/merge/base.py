@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +27,8 @@ from ..formats import load_masks, mask_metadata, mask_names_and_shapes
 from ..provenance import recorded_files
 
 log = logging.getLogger(__name__)
+
+DeltaChunks = Callable[[slice], Tensor]  # flat slice -> float32 task-vector entries (a fresh copy)
 
 
 @dataclass
@@ -207,17 +209,21 @@ class TaskVectorMethod(MergeMethod):
     def select(self, base, experts, ctx):
         if type(self).select_delta is TaskVectorMethod.select_delta:
             return {}
-        base = base.float()
+        flat_base = base.reshape(-1)
         kept = {}
-        for t in sorted(experts):  # one whole-tensor task vector in memory at a time
-            keep = self.select_delta(t, experts[t].to(torch.float32, copy=True).sub_(base), ctx)
+        for t in sorted(experts):
+            flat = experts[t].reshape(-1)
+            delta = lambda part, flat=flat: flat[part].to(torch.float32, copy=True).sub_(flat_base[part].float())
+            keep = self.select_delta(t, delta, base.numel(), ctx)
             if keep is not None:
-                kept[t] = keep
+                kept[t] = keep.to(base.device).view(base.shape)
         return kept
 
-    def select_delta(self, task: str, delta: Tensor, ctx: TensorContext) -> Tensor | None:
-        """The entries of task vector `delta` (whole tensor, the caller's own copy: it may be overwritten)
-        that survive, or None: all of them."""
+    def select_delta(self, task: str, delta: DeltaChunks, n: int, ctx: TensorContext) -> Tensor | None:
+        """The entries of the n-entry task vector that survive (a flat bool mask), or None: all of them.
+
+        The task vector comes in flat slices, `delta(part)`: a fresh float32 copy each call (the callee may
+        overwrite it), so no whole-tensor float32 copy is ever needed (an 8B model's LM head is 525M entries)."""
         return None
 
     def merge_elements(self, base, experts, ctx):

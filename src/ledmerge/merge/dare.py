@@ -12,6 +12,7 @@ import logging
 import torch
 from torch import Tensor
 
+from .. import topk
 from .base import Param, TaskVectorMethod, per_task
 from .task_arithmetic import weighted_sum
 from .ties import elect_disjoint_mean
@@ -42,13 +43,17 @@ class _Dare(TaskVectorMethod):
             log.warning("%s with rescale: false is random pruning, not DARE: the merged task vectors "
                         "shrink by a factor 1 - drop", self.name)
 
-    def select(self, base, experts, ctx):
-        return {t: self.select_delta(t, base, ctx) for t in sorted(experts)}  # drops ignore values: no task vector
-
-    def select_delta(self, task, delta, ctx):
-        """Keep each entry with probability 1 - drop. Drawn on the CPU generator whatever the device, so
-        a CUDA merge drops the same entries."""
-        return (torch.rand(delta.shape, generator=ctx.generator(task)) >= per_task(self.drop, task)).to(delta.device)
+    def select_delta(self, task, delta, n, ctx):
+        """Keep each entry with probability 1 - drop, whatever its value (`delta` is never computed). Drawn on the
+        CPU generator whatever the device, so a CUDA merge drops the same entries; drawn slice by slice, which gives
+        the same stream as one whole-tensor draw (torch's CPU generator fills a tensor in order) without holding
+        n float32 numbers at once."""
+        g, p = ctx.generator(task), per_task(self.drop, task)
+        keep = torch.empty(n, dtype=torch.bool)
+        for start in range(0, n, topk.SELECT_CHUNK):
+            part = slice(start, min(start + topk.SELECT_CHUNK, n))
+            keep[part] = torch.rand(part.stop - start, generator=g) >= p
+        return keep
 
     def dropped(self, deltas: dict[str, Tensor], ctx) -> dict[str, Tensor]:
         """The kept entries, scaled by 1/(1-drop) to keep the task vector's expectation."""

@@ -136,19 +136,21 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 raise
             finally:
                 torch.set_num_threads(1)
-            out = torch.empty_like(b)
-            flat_out, flat_b = out.view(-1), b.reshape(-1)
+            # Each chunk's result overwrites the base chunk it came from (copied to float32 just before): no second
+            # tensor of the output's size (1 GB for an 8B model's LM head).
+            flat_b = b.view(-1)
             flat_in = {t: e.reshape(-1) for t, e in inputs.items()}
 
             def merge_chunk(start: int) -> None:  # cache-sized pieces: each elementwise op stays in L2/L3
                 part = slice(start, start + CHUNK)
-                fb, fe = flat_b[part].float(), {t: e[part].float() for t, e in flat_in.items()}
-                flat_out[part] = method.merge_elements(fb, fe, ctx.chunk(part))
-                check_finite(name, start, fb, fe, flat_out[part])  # all still in cache: one more read of each
+                fb = flat_b[part].to(torch.float32, copy=True)  # a copy even of float32: the result goes there
+                fe = {t: e[part].float() for t, e in flat_in.items()}
+                flat_b[part] = method.merge_elements(fb, fe, ctx.chunk(part))
+                check_finite(name, start, fb, fe, flat_b[part])  # all still in cache: one more read of each
 
             for _ in pool.map(merge_chunk, range(0, b.numel(), CHUNK)):
                 pass
-            return out
+            return b
 
         bar = tqdm(total=writer.total_size, desc=f"merge ({method.name})", unit="B", unit_scale=True, disable=progress is False)
         # The torch threads become a pool of Python threads, each running single-threaded torch ops on its own

@@ -1,7 +1,8 @@
 """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
 
 Its two steps are the shared building blocks: the exact-count magnitude trim (`Ties.select_delta`: LED's TopR,
-`ledmerge.topk.top_r_mask`, on |τ_t|; ties at the threshold go to the lowest flat indices) and
+`ledmerge.topk.top_r_mask`, on |τ_t|, computed slice by slice by `top_k_mask_chunks`; ties at the threshold go
+to the lowest flat indices) and
 `elect_disjoint_mean` (sign election + mean of the agreeing values), reused by DARE-TIES and LED.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..topk import top_r_mask
+from ..topk import top_k_count, top_k_mask_chunks
 from .base import Param, TaskVectorMethod, per_task, task_weights
 
 
@@ -51,9 +52,10 @@ class Ties(TaskVectorMethod):
     scale: float
     weights: dict[str, float] | None
 
-    def select_delta(self, task, delta, ctx):
+    def select_delta(self, task, delta, n, ctx):
         density = per_task(self.density, task)
-        return None if density >= 1 else top_r_mask(delta.abs_(), density)
+        k = top_k_count(n, density)
+        return None if k >= n else top_k_mask_chunks(lambda part: delta(part).abs_(), n, k)
 
     def merge_deltas(self, deltas, ctx):
         trimmed = {t: d * ctx.kept[t] if t in ctx.kept else d for t, d in deltas.items()}
