@@ -27,11 +27,10 @@ def elect_disjoint_mean(deltas: dict[str, Tensor], weights: dict[str, float] | N
         w = torch.tensor(task_weights(weights, tasks), dtype=torch.float32, device=stacked.device)
         w = w.view(-1, *([1] * (stacked.dim() - 1)))
         stacked = stacked * w
-    sign = stacked.sum(0).sign()
-    agree = (stacked.sign() == sign) & (sign != 0)  # a zero sum elects nothing; zeros never agree with ±1
+    agree = (stacked * stacked.sum(0).sign_()) > 0  # shares the sum's sign: a zero sum elects nothing, zeros never agree
     total = (stacked * agree).sum(0)
     if not weights:
-        return total / agree.sum(0).clamp_(min=1)
+        return total.div_(agree.sum(0, dtype=torch.float32).clamp_(min=1))  # counts are exact in float32
     divisor = (w * agree).sum(0)
     return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
