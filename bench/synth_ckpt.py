@@ -34,6 +34,11 @@ PRESETS: dict[str, dict] = {
                  num_attention_heads=8, num_key_value_heads=4),          # 28.0M parameters
     "1b": dict(_BIG, num_hidden_layers=22),                                # 1.100B
     "3b": dict(_BIG, num_hidden_layers=65),                                # 2.994B
+    "1b2": dict(_BIG, num_hidden_layers=2),  # 0.222B: 1b's widths and largest tensors, for quick iterations
+    # Llama-3-8B's widths (vocabulary 128256, untied LM head) with 2 of its 32 layers: its largest tensors,
+    # the 525M-entry embedding and LM head, on a small disk.
+    "llama3": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                   num_key_value_heads=8, num_hidden_layers=2),                    # 1.486B
 }
 WEIGHT_STD = 0.02  # typical magnitude of a linear/embedding weight (HF initializer_range)
 

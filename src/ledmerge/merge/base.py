@@ -30,6 +30,7 @@ from ..provenance import recorded_files
 log = logging.getLogger(__name__)
 
 
+
 @dataclass
 class TensorContext:
     """What a method may need beyond the weights of one tensor."""
@@ -310,23 +311,40 @@ class PostStep(Declared):
         return []
 
 
+class DeltaChunks:
+    """One tensor's task vector τ = expert − base, read on demand: `delta(part)` is a fresh float32 copy of the flat
+    slice `part` (the callee may overwrite it), `delta.whole()` the whole task vector in its shape."""
+
+    def __init__(self, expert: Tensor, base: Tensor):
+        self.shape, self._expert, self._base = base.shape, expert.reshape(-1), base.reshape(-1)
+
+    def __call__(self, part: slice) -> Tensor:
+        return self._expert[part].to(torch.float32, copy=True).sub_(self._base[part].float())
+
+    def whole(self) -> Tensor:
+        return self(slice(None)).view(self.shape)
+
+
 class TaskVectorMethod(MergeMethod):
     """Methods of the form θ = θ_0 + f({τ_t}): f is `merge_deltas`, which LED reuses on masked τ_t."""
 
     def select(self, base, experts, ctx):
         if type(self).select_delta is TaskVectorMethod.select_delta:
             return {}
-        base = base.float()
         kept = {}
-        for t in sorted(experts):  # one whole-tensor task vector in memory at a time
-            keep = self.select_delta(t, experts[t].to(torch.float32, copy=True).sub_(base), ctx)
+        for t in sorted(experts):
+            keep = self.select_delta(t, DeltaChunks(experts[t], base), base.numel(), ctx)
             if keep is not None:
-                kept[t] = keep
+                kept[t] = keep.to(base.device).view(base.shape)
         return kept
 
-    def select_delta(self, task: str, delta: Tensor, ctx: TensorContext) -> Tensor | None:
-        """The entries of task vector `delta` (whole tensor, the caller's own copy: it may be overwritten)
-        that survive, or None: all of them. A rescale of the survivors goes into `ctx.scales[task]`."""
+    def select_delta(self, task: str, delta: DeltaChunks, n: int, ctx: TensorContext) -> Tensor | None:
+        """The entries of the n-entry task vector that survive (a flat bool mask), or None: all of them.
+
+        The task vector comes in flat slices, `delta(part)`: a fresh float32 copy each call (the callee may
+        overwrite it), so no whole-tensor float32 copy is ever needed (an 8B model's LM head is 525M entries).
+        `delta.whole()` is the whole task vector in its shape, for methods that need it at once (DELLA's per-row
+        ranks). A rescale of the survivors goes into `ctx.scales[task]`."""
         return None
 
     @staticmethod

@@ -47,11 +47,10 @@ class Breadcrumbs(TaskVectorMethod):
                                     f"follows the dropped outliers), got density {density} and gamma {self.gamma}: "
                                     "lower one of them")
 
-    def select_delta(self, task, delta, ctx):
+    def select_delta(self, task, delta, n, ctx):
         """The band: the ⌈density·n⌉ largest |τ| after the ⌈gamma·n⌉ largest. On a tensor too small for both
         rounded-up counts, fewer outliers are dropped so the band keeps its size."""
-        magnitudes = delta.abs_()
-        n = magnitudes.numel()
+        magnitudes = delta.whole().abs_()  # whole: two top-k counts and the L1 sums (not bounded like TIES')
         band = top_k_count(n, per_task(self.density, task))
         outliers = min(top_k_count(n, self.gamma) if self.gamma > 0 else 0, n - band)
         if band == n:

@@ -11,6 +11,7 @@ import logging
 import torch
 from torch import Tensor
 
+from .. import topk
 from .base import Param, TaskVectorMethod, per_task
 from .task_arithmetic import weighted_sum
 from .ties import elect_disjoint_mean, with_mean_weights
@@ -18,10 +19,15 @@ from .ties import elect_disjoint_mean, with_mean_weights
 log = logging.getLogger(__name__)
 
 
-def dare_keep(shape: torch.Size, drop: float, generator: torch.Generator, device: torch.device) -> Tensor:
-    """Keep each entry with probability 1 - drop. Drawn on the CPU generator whatever the device, so a CUDA merge
-    drops the same entries."""
-    return (torch.rand(shape, generator=generator) >= drop).to(device)
+def dare_keep(n: int, drop: float, generator: torch.Generator) -> Tensor:
+    """A flat bool mask keeping each of n entries with probability 1 - drop. Drawn on the CPU generator whatever the
+    device, so a CUDA merge drops the same entries; drawn slice by slice, which gives the same stream as one
+    whole-tensor draw (torch's CPU generator fills a tensor in order) without holding n float32 numbers at once."""
+    keep = torch.empty(n, dtype=torch.bool)
+    for start in range(0, n, topk.SELECT_CHUNK):
+        part = slice(start, min(start + topk.SELECT_CHUNK, n))
+        keep[part] = torch.rand(part.stop - start, generator=generator) >= drop
+    return keep
 
 
 def dare_rescaled(delta: Tensor, keep: Tensor, drop: float, rescale: bool = True) -> Tensor:
@@ -53,11 +59,9 @@ class _Dare(TaskVectorMethod):
             log.warning("%s with rescale: false is random pruning, not DARE: the merged task vectors "
                         "shrink by a factor 1 - drop", self.name)
 
-    def select(self, base, experts, ctx):
-        return {t: self.select_delta(t, base, ctx) for t in sorted(experts)}  # drops ignore values: no task vector
-
-    def select_delta(self, task, delta, ctx):
-        return dare_keep(delta.shape, per_task(self.drop, task), ctx.generator(task), delta.device)
+    def select_delta(self, task, delta, n, ctx):
+        """The drops ignore the values: `delta` is never computed."""
+        return dare_keep(n, per_task(self.drop, task), ctx.generator(task))
 
     def dropped(self, deltas: dict[str, Tensor], ctx) -> dict[str, Tensor]:
         return {t: dare_rescaled(d, ctx.kept[t], per_task(self.drop, t), self.rescale) for t, d in deltas.items()}

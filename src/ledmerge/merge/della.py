@@ -70,14 +70,14 @@ class _Della(TaskVectorMethod):
                                     f"inside (0, 1), got density {density} and epsilon {self.epsilon}: lower epsilon "
                                     f"below {min(density, 1 - density):g}")
 
-    def select_delta(self, task, delta, ctx):
+    def select_delta(self, task, delta, n, ctx):
         """Keep each entry with its ranked probability. The uniforms are drawn on the CPU generator whatever
         the device, so a CUDA merge drops the same entries."""
         density = per_task(self.density, task)
         if density >= 1:
             return None
-        magnitudes = delta.abs_()
-        uniform = torch.rand(delta.shape, generator=ctx.generator(task)).to(delta.device)
+        magnitudes = delta.whole().abs_()  # whole: the ranks are per row
+        uniform = torch.rand(delta.shape, generator=ctx.generator(task)).to(magnitudes.device)
         keep = uniform < keep_probabilities(magnitudes, density, self.epsilon)
         if self.rescale:
             l1_rescale(magnitudes, keep, ctx, task)

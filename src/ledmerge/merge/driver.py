@@ -150,14 +150,17 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 raise
             finally:
                 torch.set_num_threads(1)
-            # Post-steps need the whole float32 result before it is rounded to the stored dtype.
-            out = torch.empty_like(b, dtype=torch.float32 if method.post else b.dtype)
-            flat_out, flat_b = out.view(-1), b.reshape(-1)
+            # Without post-steps each chunk's result overwrites the base chunk it came from (copied to float32 just
+            # before): no second tensor of the output's size (1 GB for an 8B model's LM head). Post-steps need the
+            # whole float32 result before it is rounded to the stored dtype.
+            out = torch.empty_like(b, dtype=torch.float32) if method.post else b
+            flat_out, flat_b = out.view(-1), b.view(-1)
             flat_in = {t: e.reshape(-1) for t, e in inputs.items()}
 
             def merge_chunk(start: int) -> None:  # cache-sized pieces: each elementwise op stays in L2/L3
                 part = slice(start, start + CHUNK)
-                fb, fe = flat_b[part].float(), {t: e[part].float() for t, e in flat_in.items()}
+                fb = flat_b[part].to(torch.float32, copy=True)  # a copy even of float32: the result goes there
+                fe = {t: e[part].float() for t, e in flat_in.items()}
                 flat_out[part] = method.merge_elements(fb, fe, ctx.chunk(part))
                 check_finite(name, start, fb, fe, flat_out[part])  # all still in cache: one more read of each
 

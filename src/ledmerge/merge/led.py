@@ -85,8 +85,9 @@ class Led(TaskVectorMethod):
             return {}
         return super().select(base, experts, ctx)
 
-    def select_delta(self, task, delta, ctx):
-        return self.combiner.select_delta(task, delta.mul_(ctx.masks[task]), ctx)
+    def select_delta(self, task, delta, n, ctx):
+        mask = ctx.masks[task].reshape(-1)
+        return self.combiner.select_delta(task, lambda part: delta(part).mul_(mask[part]), n, ctx)
 
     def merge_deltas(self, deltas, ctx):
         masks = {t: ctx.masks.get(t) for t in deltas}

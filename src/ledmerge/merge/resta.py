@@ -30,6 +30,6 @@ class Resta(PostStep):
     def apply(self, merged, models, ctx):
         v = self.safety_vector(models)
         if self.drop > 0:
-            v = dare_rescaled(v, dare_keep(v.shape, self.drop, ctx.generator(self.name, self.seed), v.device),
-                              self.drop)
+            keep = dare_keep(v.numel(), self.drop, ctx.generator(self.name, self.seed))
+            v = dare_rescaled(v, keep.to(v.device).view(v.shape), self.drop)
         return merged.add(v, alpha=self.gamma)

@@ -1,7 +1,8 @@
 """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
 
 Its two steps are the shared building blocks: the exact-count magnitude trim (`Ties.select_delta`: LED's TopR,
-`ledmerge.topk.top_r_mask`, on |τ_t|; ties at the threshold go to the lowest flat indices) and
+`ledmerge.topk.top_r_mask`, on |τ_t|, computed slice by slice by `top_k_mask_chunks`; ties at the threshold go
+to the lowest flat indices) and
 `elect_disjoint_mean` (sign election + mean of the agreeing values), reused by DARE-TIES and LED.
 """
 
@@ -12,7 +13,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..topk import top_r_mask
+from ..topk import top_k_count, top_k_mask_chunks
 from .base import Param, TaskVectorMethod, per_task, task_weights
 
 
@@ -28,11 +29,10 @@ def elect_disjoint_mean(deltas: dict[str, Tensor], weights: dict[str, float] | N
         w = torch.tensor(task_weights(weights, tasks), dtype=torch.float32, device=stacked.device)
         w = w.view(-1, *([1] * (stacked.dim() - 1)))
         stacked = stacked * w
-    sign = stacked.sum(0).sign()
-    agree = (stacked.sign() == sign) & (sign != 0)  # a zero sum elects nothing; zeros never agree with ±1
+    agree = (stacked * stacked.sum(0).sign_()) > 0  # shares the sum's sign: a zero sum elects nothing, zeros never agree
     total = (stacked * agree).sum(0)
     if not weights:
-        return total / agree.sum(0).clamp_(min=1)
+        return total.div_(agree.sum(0, dtype=torch.float32).clamp_(min=1))  # counts are exact in float32
     divisor = (w * agree).sum(0)
     return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
@@ -60,9 +60,10 @@ class Ties(TaskVectorMethod):
     scale: float
     weights: dict[str, float] | None
 
-    def select_delta(self, task, delta, ctx):
+    def select_delta(self, task, delta, n, ctx):
         density = per_task(self.density, task)
-        return None if density >= 1 else top_r_mask(delta.abs_(), density)
+        k = top_k_count(n, density)
+        return None if k >= n else top_k_mask_chunks(lambda part: delta(part).abs_(), n, k)
 
     def merge_deltas(self, deltas, ctx):
         return elect_disjoint_mean(self.kept_deltas(deltas, ctx), self.weights) * self.scale
