@@ -40,10 +40,11 @@ lint: env
 	$(BIN)/snakemake --lint
 	$(BIN)/ruff check .
 
-# docs/configuration.md is generated from the schema (src/ledmerge/schemas/config.schema.yaml); tests/test_options.py
+# docs/configuration.md and the README's method table are generated from the schema and the methods' PARAMS (src/ledmerge/schemas/config.schema.yaml); tests/test_options.py
 # fails when it is stale.
 docs: env
 	$(BIN)/python -m ledmerge config-reference > docs/configuration.md
+	$(BIN)/python -m ledmerge config-reference --readme README.md
 
 dryrun: env
 	$(BIN)/snakemake -n --cores $(CORES)

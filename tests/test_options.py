@@ -27,6 +27,16 @@ def test_docs_configuration_is_generated_from_the_schema():
     assert (REPO / "docs" / "configuration.md").read_text() == configuration_reference()
 
 
+def test_readme_method_table_is_generated():
+    """README.md's method table == the one generated from the registry (regenerate with `make docs`)."""
+    from ledmerge.cli import readme_with_methods
+    from ledmerge.merge.registry import METHODS
+
+    readme = (REPO / "README.md").read_text()
+    assert readme == readme_with_methods(readme)
+    assert all(f"| `{name}` |" in readme for name in METHODS)
+
+
 def _leaves(node, path=""):
     if isinstance(node, dict):
         for k, v in node.items():

@@ -81,6 +81,22 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def summary_markdown() -> str:
+    """The README's method table: one row per method and post-step, its parameters with their defaults."""
+    def params(cls) -> str:
+        return ", ".join(f"`{p.name}` {_default(p)}" for p in cls.PARAMS) or "none"
+
+    rows = ["| method | what it does | parameters (default) |", "|---|---|---|"]
+    rows += [f"| `{n}` | {_cell(_first_sentence(METHODS[n]))} | {params(METHODS[n])} |" for n in sorted(METHODS)]
+    rows += [f"| post-step `{k}:` | {_cell(_first_sentence(cls))} | {params(cls)} |" for k, cls in POST_STEPS.items()]
+    return "\n".join(rows) + "\n"
+
+
+def _first_sentence(cls) -> str:
+    text = " ".join((cls.__doc__ or "").split())
+    return text.split(". ")[0].rstrip(".") + "."
+
+
 def _table(title: str, cls) -> list[str]:
     summary = " ".join((cls.__doc__ or "").split())
     lines = [title, "", *([summary, ""] if summary else [])]
