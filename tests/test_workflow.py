@@ -104,7 +104,7 @@ def test_merged_model_loads_and_generates(workflow_run, merge):
 @pytest.mark.slow
 def test_every_rule_has_logs(workflow_run):
     logs = workflow_run.results / "logs"
-    expected = ["zoo_data", "zoo_base", "tokenizer", "disjoint", "report"]
+    expected = ["zoo_data", "zoo_base", "tokenizer", "disjoint", "report", "paper", "worker"]
     expected += [f"zoo_expert_{t}" for t in TASKS] + [f"calibration_{t}" for t in TASKS]
     expected += [f"importance_{t}_{r}" for t in TASKS for r in ("base", "expert")] + [f"election_{t}" for t in TASKS]
     expected += [f"merge_{m}" for m in MERGES + DATA_AWARE] + [f"evaluation_{m}" for m in MODELS]
