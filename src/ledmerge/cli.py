@@ -143,7 +143,8 @@ def cmd_importance(a):
 
     _threads(a)
     summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, **_options(a, "importance"),
-                          trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle)
+                          trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle, random_seed=a.seed,
+                          random_key=a.key)
     print(json.dumps(summary))
 
 
@@ -330,13 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     opt_ins(sp, pickle=False)
 
-    sp = add("importance", cmd_importance, "SNIP importance scores |W| * sum|grad| of one model on one calibration set",
-             "importance")
+    sp = add("importance", cmd_importance, "importance scores (SNIP |W| * sum|grad|, or the `location` method) of "
+             "one model on one calibration set", "importance")
     sp.add_argument("--model", required=True)
     sp.add_argument("--calibration", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
                     "expert see the same token ids; absent: the model's own")
+    sp.add_argument("--seed", type=int, help="location random: the config seed")
+    sp.add_argument("--key", help="location random: what else seeds the draws (the workflow: the task, so a task's "
+                    "base and expert get the same scores)")
     opt_ins(sp)
 
     sp = add("election", cmd_election, "elected mask TopR(expert) and TopR(base) for one task", "election")
