@@ -53,8 +53,9 @@ def linear_names(model):
 
 
 def hand_scores(model, tok, rows, names, acc_dtype=torch.float64, times_weight=True):
-    """|W| * sum_x |dL(x)/dW| (without |W|: `times_weight` false), with L(x) written out independently of ledmerge.chat: the response is the
-    last len(words)+1 tokens (its words and <|end|>), each scored by -log softmax of the previous position."""
+    """|W| * sum_x |dL(x)/dW| (without |W|: `times_weight` false), with L(x) written out independently of
+    ledmerge.chat: the response is the last len(words)+1 tokens (its words and <|end|>), each scored by -log softmax
+    of the previous position."""
     params = dict(model.named_parameters())
     acc = {n: torch.zeros(params[n].shape, dtype=acc_dtype) for n in names}
     for row in rows:

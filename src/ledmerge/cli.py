@@ -248,6 +248,13 @@ def cmd_report(a):
     print(df.to_string(index=False))
 
 
+def cmd_sweeps_report(a):
+    from .report import sweeps_table
+
+    table = _json_arg(a.points, "--points")
+    print(sweeps_table(table["points"], table["columns"], a.out).to_string(index=False))
+
+
 TRUST_HELP = "let transformers run the model repository's own Python code (off by default)"
 PICKLE_HELP = "also read pickle (.bin) checkpoints; only for files you trust: unpickling can run code"
 
@@ -415,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mask-overlap")
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--history", nargs="*", metavar="NAME=CSV", help="CMA-ES search histories (data-aware merges)")
+
+    sp = add("sweeps-report", cmd_sweeps_report, "the long table of the sweeps: one row per point (sweeps.csv)")
+    sp.add_argument("--points", required=True, help='JSON (inline or @FILE): {"columns": [swept parameters], '
+                    '"points": [{"sweep", "model", "values": {column: value}, "metrics": metrics.json}]}')
+    sp.add_argument("--out", required=True, help="the CSV to write")
     return p
 
 

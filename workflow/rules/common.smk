@@ -85,6 +85,17 @@ def section_json(path):
     return as_json(node)
 
 
+def expert_seed(seed, task):
+    """Training seed of a toy expert, from the zoo's seed (the config's, or a swept zoo seed)."""
+    return seed + 1 + (TASKS.index(task) if task in TASKS else 0)
+
+
+def random_args(location, task):
+    """`ledmerge importance --seed --key` for location random: the config seed and the task (not the role, so a
+    task's base and expert get the same draws); nothing for the other methods, so the seed is no rerun trigger."""
+    return f"--seed {config['seed']} --key {task}" if location == "random" else ""
+
+
 def opt_in(key):
     """A top-level boolean opt-in (trust_remote_code, allow_pickle) as its CLI flag when set."""
     return f"--{key.replace('_', '-')}" if config[key] else ""

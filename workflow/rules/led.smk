@@ -33,6 +33,7 @@ rule importance:
         role="base|expert",
     params:
         options=section_json("importance"),
+        random=lambda w: random_args(config["importance"]["location"], w.task),
         opt_ins=f"{opt_in('trust_remote_code')} {opt_in('allow_pickle')}",
     threads: rule_threads("importance")
     resources:
@@ -43,7 +44,8 @@ rule importance:
         f"{LOG}/importance_{{task}}_{{role}}.log",
     shell:
         "$LEDMERGE --threads {threads} importance --model {input.model} --calibration {input.calibration} "
-        "--tokenizer {input.tokenizer} --out {output} --options {params.options:q} {params.opt_ins} > {log} 2>&1"
+        "--tokenizer {input.tokenizer} --out {output} --options {params.options:q} {params.random} {params.opt_ins} "
+        "> {log} 2>&1"
 
 
 rule election:
