@@ -3,55 +3,7 @@
 # results/sweeps/. Each stage's output is named by the values it depends on (ledmerge.sweeps: scores by zoo seed
 # and location, elections by pattern and the task's rate, masks by every rate, merges by the point), and a stage
 # equal to the main run's reads the main run's files, so a point reruns only what its own values change.
-from ledmerge.sweeps import expand as expand_sweeps, swept_columns
-
-SW = f"{R}/sweeps"
-SWEEP_POINTS = expand_sweeps(config)
-# Each distinct point once (sweeps may share points), by merge name; those equal to a configured merge are that merge.
-POINTS = {p.name: p for p in SWEEP_POINTS}
-BRANCHES = {name: p for name, p in POINTS.items() if name not in config["merges"]}
-# Branch ids (elections: with the task) -> the first point that needs each: what the branch is computed from.
-SCORES = {p.scores: p for p in BRANCHES.values() if p.scores}
-ELECTIONS = {(e, t): p for p in BRANCHES.values() for t, e in p.elections.items() if e}
-MASKS = {p.masks: p for p in BRANCHES.values() if p.masks}
-ZOO_SEEDS = sorted({p.zoo_seed for p in BRANCHES.values() if p.zoo_seed is not None})
-
-
-def branch_model(zoo_seed, name):
-    """Model `name` (base or a task) of a point: the main run's, or the zoo re-trained with `zoo_seed`."""
-    return model_path(name) if zoo_seed is None else f"{SW}/zoo_seed{zoo_seed}/models/{name}"
-
-
-def branch_scores(branch, task, role):
-    return scores_file(task, role) if branch is None else f"{SW}/importance/{branch}/{task}/{role}.safetensors"
-
-
-def branch_elected(branch, task):
-    return elected_mask(task) if branch is None else f"{SW}/masks/elected/{branch}/{task}.safetensors"
-
-
-def branch_mask(branch, task):
-    return final_mask(task) if branch is None else f"{SW}/masks/final/{branch}/{task}.safetensors"
-
-
-def point_metrics(name):
-    return eval_file(name, "metrics.json") if name in config["merges"] else f"{SW}/eval/{name}/metrics.json"
-
-
-def sweep_merge_inputs(wildcards):
-    p = BRANCHES[wildcards.point]
-    inputs = {"base": branch_model(p.zoo_seed, "base"), "experts": [branch_model(p.zoo_seed, t) for t in TASKS],
-              "tokenizer": TOKENIZER, "weights": [] if p.zoo_seed is not None else model_inputs("base", *TASKS)}
-    if p.uses_masks:
-        inputs["masks"] = [branch_mask(p.masks, t) for t in TASKS]
-    return inputs
-
-
-def sweeps_points_json():
-    """`ledmerge sweeps-report --points`: every point of every sweep with its metrics file."""
-    return as_json({"columns": swept_columns(config), "points": [
-        {"sweep": p.sweep, "model": p.name, "values": p.values, "metrics": point_metrics(p.name)}
-        for p in SWEEP_POINTS]})
+# The points, branch ids and path helpers are in common.smk.
 
 
 wildcard_constraints:
