@@ -50,7 +50,7 @@ def _fmt(value) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
-def _per_task_points(axis, tasks: list[str]) -> list[dict]:
+def _per_task_points(axis) -> list[dict]:
     """{task: [v, ...]} -> the grid over those tasks; [{task: v}, ...] -> as given."""
     if isinstance(axis, dict):
         names = sorted(axis)
@@ -58,9 +58,9 @@ def _per_task_points(axis, tasks: list[str]) -> list[dict]:
     return [dict(p) for p in axis]
 
 
-def _axis_points(sweep: dict, key: str, tasks: list[str]) -> list[dict]:
+def _axis_points(sweep: dict, key: str) -> list[dict]:
     if key in PER_TASK:
-        return [{f"{key}_{t}": v for t, v in p.items()} for p in _per_task_points(sweep[key], tasks)]
+        return [{f"{key}_{t}": v for t, v in p.items()} for p in _per_task_points(sweep[key])]
     return [{key: v} for v in sweep[key]]
 
 
@@ -104,13 +104,13 @@ def expand(config: dict) -> list[Point]:
                 unknown = sorted(set(given) - set(tasks))
                 if unknown:
                     raise LedmergeError(f"{where}.{key}': {unknown} are not tasks ({tasks}): fix the task names")
-                bad = [v for p in _per_task_points(sweep[key], tasks) for v in p.values() if not 0 < v <= 1]
+                bad = [v for p in _per_task_points(sweep[key]) for v in p.values() if not 0 < v <= 1]
                 if key == "rate" and bad:
                     raise LedmergeError(f"{where}.rate': {bad[0]} is not an election rate: give rates in (0, 1]")
             if key == "zoo_seed" and config["base_model"] != ZOO:
                 raise LedmergeError(f"{where}.zoo_seed': zoo seeds re-train the toy zoo, and base_model is not "
                                     "zoo: remove zoo_seed")
-        for combo in itertools.product(*(_axis_points(sweep, k, tasks) for k in axes)):
+        for combo in itertools.product(*(_axis_points(sweep, k) for k in axes)):
             chosen = {k: v for part in combo for k, v in part.items()}
             points.append(_point(config, sweep_name, merge, base_spec, chosen, tasks, uses_masks, where))
     return points
@@ -164,7 +164,7 @@ def swept_columns(config: dict) -> list[str]:
     for sweep in config["sweeps"].values():
         for key in AXES:
             if key in sweep and key in PER_TASK:
-                swept |= {f"{key}_{t}" for p in _per_task_points(sweep[key], tasks) for t in p}
+                swept |= {f"{key}_{t}" for p in _per_task_points(sweep[key]) for t in p}
             elif key in sweep:
                 swept.add(key)
     return [c for c in _columns(tasks) if c in swept]
