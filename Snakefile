@@ -35,5 +35,27 @@ include: "workflow/rules/sweeps.smk"
 rule all:
     input:
         rules.report.output,
+        rules.paper.output,
         rules.sweeps_report.output if SWEEP_POINTS else [],
     default_target: True
+
+
+# Local runs: jobs fork from one warm process that has imported torch, transformers and lm-eval once
+# (src/ledmerge/worker.py; same results, seconds less per job). Cluster jobs run in fresh processes.
+onstart:
+    if workflow.local_exec:
+        from ledmerge import worker
+
+        worker.start(f"{config['results']}/logs/worker.log")
+
+
+onsuccess:
+    from ledmerge import worker
+
+    worker.stop()
+
+
+onerror:
+    from ledmerge import worker
+
+    worker.stop()

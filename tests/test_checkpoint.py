@@ -260,10 +260,13 @@ def test_parse_size():
     {"method": "dare_ties", "drop": 0.6, "seed": 1}, {"method": "linear"},
     {"method": "led"}, {"method": "led", "combine": "ties", "density": 0.5},
     {"method": "led", "combine": "dare_ties", "drop": 0.5, "unscored": "task_arithmetic"},
+    {"method": "breadcrumbs", "density": 0.5, "gamma": 0.1, "rescale": True}, {"method": "breadcrumbs_ties"},
+    {"method": "della", "density": 0.4, "seed": 2}, {"method": "della_linear", "rescale": False},
 ])
 def test_streamed_chunks_equal_whole_tensor_merges(zoo, tmp_path, monkeypatch, spec):
-    """The driver merges in flat chunks (here 37 elements, so chunks straddle rows); TIES' trim and DARE's
-    drops are chosen on the whole tensor first, so the bits equal `merge_tensor` on whole tensors."""
+    """The driver merges in flat chunks (here 37 elements, so chunks straddle rows); TIES' trim, DARE's
+    drops and the L1 rescales are chosen on the whole tensor first, so the bits equal `merge_tensor` on whole
+    tensors."""
     import ledmerge.merge.driver as merge_driver
     from ledmerge.formats import save_masks
     from ledmerge.merge import get_method

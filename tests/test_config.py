@@ -144,6 +144,14 @@ def _led_lambdas_name_no_task(cfg, tmp_path, zoo, wide):
     cfg["merges"]["led"]["lambdas"] = {"maths": 0.5}
 
 
+def _slerp_with_three_experts(cfg, tmp_path, zoo, wide):
+    cfg["merges"]["slerp"] = {"method": "slerp", "t": 0.5}
+
+
+def _della_epsilon_too_wide(cfg, tmp_path, zoo, wide):
+    cfg["merges"]["della"] = {"method": "della", "density": 0.9, "epsilon": 0.15}
+
+
 def _real_models_without_evaluation(cfg, tmp_path, zoo, wide):
     with_models(cfg, zoo)
     cfg.pop("evaluation", None)
@@ -181,6 +189,8 @@ CASES = [
     ("harmful-eval-without-prompt", _eval_rows("harmful", {"text": "how do i make a bomb"}), "evaluation.harmful"),
     ("calibration-column-missing", _calibration_column_missing, "tasks.safety.calibration.path"),
     ("led-lambdas-name-no-task", _led_lambdas_name_no_task, "merges.led"),
+    ("slerp-with-three-experts", _slerp_with_three_experts, "merges.slerp"),
+    ("della-epsilon-too-wide", _della_epsilon_too_wide, "merges.della"),
     ("real-models-without-evaluation", _real_models_without_evaluation, "evaluation.harmful"),
     ("real-models-without-math-set", _real_models_without_math_set, "evaluation.math"),
     ("embeddings-with-vocab-policy-base", _scored_vocab_with_vocab_policy_base("include_embeddings"),

@@ -42,7 +42,8 @@ def toy():
 # --- baselines ---------------------------------------------------------------------------------
 
 def test_registry_has_all_methods():
-    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "led"}
+    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "led", "breadcrumbs",
+                            "breadcrumbs_ties", "della", "della_linear", "slerp"}
 
 
 def test_linear(toy):

@@ -105,12 +105,12 @@ def test_steps_are_named_as_rules_and_sections():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert {"calibration", "importance", "election", "disjoint", "merge", "evaluation", "synthetic", "evolve",
-            "cocktail", "tokenizer", "report", "config-reference"} <= set(sub.choices)
+            "cocktail", "tokenizer", "report", "paper", "config-reference"} <= set(sub.choices)
     assert not {"calibrate", "score", "elect", "evaluate", "synthesize"} & set(sub.choices)
     rules = set(re.findall(r"^rule (\w+):", "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk")),
                            re.M))
     assert {"calibration", "importance", "election", "disjoint", "merge", "evaluation", "synthetic", "evolve",
-            "cocktail", "tokenizer", "report"} <= rules
+            "cocktail", "tokenizer", "report", "paper"} <= rules
 
 
 def _string_literals(text: str) -> list[str]:

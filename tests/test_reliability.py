@@ -24,6 +24,7 @@ from ledmerge.errors import LedmergeError
 from ledmerge.fileio import atomic_path, remove_stale_temps, write_json
 from ledmerge.importance import compute_scores, encode_rows, score_model
 from ledmerge.merge import merge_models
+from ledmerge.merge.driver import SUMMARY_FILE
 from ledmerge.tokenizer import build_tokenizer_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,7 +373,7 @@ def test_model_card_hashes_configs_tokenizer_and_template(zoo, tmp_path):
         for f in ("config.json", "model.safetensors"):
             assert f"| {role} | `{d}` | `{f}` | `{sha(d / f)}` |" in card, (role, f)
     copied = [p for p in (tmp_path / "m").iterdir()
-              if p.name not in ("config.json", "README.md") and not p.name.endswith(".safetensors")]
+              if p.name not in ("config.json", "README.md", SUMMARY_FILE) and not p.name.endswith(".safetensors")]
     assert {p.name for p in copied} >= {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                                         "generation_config.json"}
     for p in copied:  # every file the merged model got from the tokenizer directory, as it was recorded there

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from ledmerge.errors import LedmergeError
-from ledmerge.report import build_report
+from ledmerge.report import build_report, wilson
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODELS = {
@@ -22,7 +22,8 @@ def _metrics(tmp_path):
     paths = {}
     for name, (_, metrics) in MODELS.items():
         paths[name] = tmp_path / f"{name}.json"
-        paths[name].write_text(json.dumps({"model_dir": name, "metrics": metrics, "n": {}}))
+        n = {"harmful": 50, "benign": 40, "math": 20, "code": 20} if name != "base" else {}
+        paths[name].write_text(json.dumps({"model_dir": name, "metrics": metrics, "n": n}))
     return paths, {name: kind for name, (kind, _) in MODELS.items()}
 
 
@@ -59,10 +60,14 @@ def test_report_tables_and_figures(tmp_path):
     assert led["mean_utility"] == pytest.approx(0.7) and led["kind"] == "merge"
     assert pd.isna(df.set_index("model").loc["base", "gsm8k/exact_match"])
 
-    md = (out / "summary.md").read_text().splitlines()
-    table = [line for line in md if line.startswith("|")]
+    text = (out / "summary.md").read_text()
+    main, intervals = text.split("## 95% Wilson intervals")
+    table = [line for line in main.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 4 and "harmful rate (↓)" in table[0]
     assert "| led | merge | 0.100 |" in "\n".join(table) and "–" in "\n".join(table)
+    lo, hi = wilson(5, 50)  # led: harmful rate 0.1 of 50 prompts
+    assert f"| led | merge | 0.100 [{lo:.3f}, {hi:.3f}] |" in intervals
+    assert "| base | base | 0.900 | 0.000 |" in intervals  # no set sizes: the rate alone
 
     for name in ("safety_utility", "benchmarks", "mask_overlap"):
         png = (out / f"{name}.png").read_bytes()

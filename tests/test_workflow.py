@@ -30,7 +30,7 @@ DATA_AWARE = ["evo_ties_align", "evo_ties_task", "evo_led_align", "evo_led_task"
 MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 METRICS = ["harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"]
 RULES = ["zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration", "importance", "election", "disjoint",
-         "merge", "evaluation", "report", "synthetic", "evolve", "cocktail"]
+         "merge", "evaluation", "report", "paper", "synthetic", "evolve", "cocktail"]
 # The sweeps' jobs in each shipped config. config.yaml: 3 rate tuples x {snip, random} (snip at the paper's rates is
 # the `led` merge): random scores once per task and role, 5 mask sets (15 elections), 5 merges. test.yaml: a rate
 # sweep of math, which reuses every score and the other tasks' elections.
@@ -176,10 +176,10 @@ def test_lambda_change_reruns_only_the_led_merge_and_downstream(workflow_run, tm
     proc = snakemake(workflow_run.workdir, write_config(tmp_path / "c.yaml", cfg), "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = job_stats(proc.stdout)
-    assert set(stats) <= {"merge", "evaluation", "report", "all", "sweep_merge", "sweep_evaluation",
+    assert set(stats) <= {"merge", "evaluation", "report", "paper", "all", "sweep_merge", "sweep_evaluation",
                           "sweeps_report"}, stats
     assert stats.get("merge") == 1, stats  # only `led` uses λ
-    assert stats.get("evaluation") == 1 and stats.get("report") == 1, stats
+    assert stats.get("evaluation") == 1 and stats.get("report") == 1 and stats.get("paper") == 1, stats
     # The sweep's points vary led's rate and keep its λ: merged again on the same masks.
     assert stats.get("sweep_merge") == stats.get("sweep_evaluation") == len(SWEEP_POINTS), stats
     assert f"{workflow_run.results}/merged/led" in proc.stdout
@@ -221,7 +221,7 @@ def test_sweeps_table_has_a_row_per_point(workflow_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change, expected", [
-    # one value of the rate sweep: that point's election, masks, merge and evaluation, and the table
+    # one value of the rate sweep: that point's election, masks, merge and evaluation, and the tables
     ({"rate": {"merge": "led", "rate": {"math": [0.2, 0.35]}}},
      {"sweep_election": 1, "sweep_disjoint": 1, "sweep_merge": 1, "sweep_evaluation": 1, "sweeps_report": 1}),
     # a λ sweep added: merged on the masks already there
@@ -232,7 +232,7 @@ def test_changing_one_sweep_value_reruns_only_that_branch(workflow_run, tmp_path
     cfg = test_config(workflow_run.results, sweeps=change)
     proc = snakemake(workflow_run.workdir, write_config(tmp_path / "c.yaml", cfg), "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert job_stats(proc.stdout) == {**expected, "all": 1}, proc.stdout[-3000:]
+    assert job_stats(proc.stdout) == {**expected, "paper": 1, "all": 1}, proc.stdout[-3000:]  # paper: its ablations
     assert f"sweeps/merged/{SWEEP_POINTS[0]}" not in proc.stdout  # the unchanged point is not merged again
 
 

@@ -142,9 +142,9 @@ def cmd_importance(a):
     from .importance import score_model
 
     _threads(a)
-    summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, **_options(a, "importance"),
-                          trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle, random_seed=a.seed,
-                          random_key=a.key)
+    summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, base_dir=a.base,
+                          **_options(a, "importance"), trust_remote_code=a.trust_remote_code,
+                          allow_pickle=a.allow_pickle, random_seed=a.seed, random_key=a.key)
     print(json.dumps(summary))
 
 
@@ -169,9 +169,10 @@ def cmd_merge(a):
     _threads(a)
     if a.spec.startswith("@") and not os.path.isfile(a.spec[1:]):  # the recipe a data-aware search writes
         raise LedmergeError(f"cannot read the merge spec file {a.spec[1:]}: run its search first")
-    merge_models(a.base, _pairs(a.expert, "--expert"), _json_arg(a.spec, "--spec"), a.out,
-                 masks=_pairs(a.mask, "--mask") or None, **_options(a, "merge"), allow_pickle=a.allow_pickle,
-                 tokenizer_dir=a.tokenizer)
+    summary = merge_models(a.base, _pairs(a.expert, "--expert"), _json_arg(a.spec, "--spec"), a.out,
+                           masks=_pairs(a.mask, "--mask") or None, **_options(a, "merge"), allow_pickle=a.allow_pickle,
+                           tokenizer_dir=a.tokenizer)
+    print(json.dumps(summary))
 
 
 def cmd_synthetic(a):
@@ -230,7 +231,7 @@ def cmd_evaluation(a):
             o["judge_kwargs"]["trust_remote_code"] = True
     result = evaluate_model(a.model, a.out, a.generations, harmful_path=a.harmful, benign_path=a.benign,
                             math_path=a.math, code_path=a.code, seed=a.seed, tokenizer=a.tokenizer,
-                            num_threads=_num_threads(a), **o)
+                            base_dir=a.base, num_threads=_num_threads(a), **o)
     print(json.dumps(result["metrics"]))
 
 
@@ -253,6 +254,14 @@ def cmd_sweeps_report(a):
 
     table = _json_arg(a.points, "--points")
     print(sweeps_table(table["points"], table["columns"], a.out).to_string(index=False))
+
+
+def cmd_paper(a):
+    from .paper import build_paper
+
+    written = build_paper(a.summary, _pairs(a.metrics, "--metrics"), a.mask_stats, a.mask_overlap, a.out_dir,
+                          sweeps_csv=a.sweeps)
+    print("\n".join(str(p) for p in written))
 
 
 TRUST_HELP = "let transformers run the model repository's own Python code (off by default)"
@@ -348,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, help="location random: the config seed")
     sp.add_argument("--key", help="location random: what else seeds the draws (the workflow: the task, so a task's "
                     "base and expert get the same scores)")
+    sp.add_argument("--base", help="the base model, when --model is a PEFT LoRA adapter on it")
     opt_ins(sp)
 
     sp = add("election", cmd_election, "elected mask TopR(expert) and TopR(base) for one task", "election")
@@ -414,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenizer", help="the run's tokenizer directory; absent: the model's own")
     sp.add_argument("--judge-model", nargs="?", metavar="DIR", help="local directory of a model judge given as {hub: org/name}")
     sp.add_argument("--seed", type=int, required=True, help="the config's top-level seed")
+    sp.add_argument("--base", help="the base model, when --model is a PEFT LoRA adapter on it")
     opt_ins(sp, pickle=False)
 
     sp = add("report", cmd_report, "summary table and figures")
@@ -427,6 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--points", required=True, help='JSON (inline or @FILE): {"columns": [swept parameters], '
                     '"points": [{"sweep", "model", "values": {column: value}, "metrics": metrics.json}]}')
     sp.add_argument("--out", required=True, help="the CSV to write")
+
+    sp = add("paper", cmd_paper, "paper tables (LaTeX booktabs and Markdown) and print-ready figures (PDF and PNG)")
+    sp.add_argument("--summary", required=True, help="the report's summary.csv")
+    sp.add_argument("--metrics", nargs="+", required=True, metavar="NAME=PATH",
+                    help="each summary model's metrics.json (evaluation set sizes, for the Wilson intervals)")
+    sp.add_argument("--mask-stats", required=True)
+    sp.add_argument("--mask-overlap", required=True)
+    sp.add_argument("--sweeps", help="the sweeps' long table (sweeps.csv); absent: the ablations are placeholders")
+    sp.add_argument("--out-dir", required=True)
     return p
 
 

@@ -211,8 +211,13 @@ def _check_data_aware(config: dict) -> None:
 def merge_spec(config: dict, name: str) -> dict:
     """The full spec of merge `name`, the one object both `check` validates and the merge job runs (the workflow
     passes it as the merge rule's `--spec`). LED's per-task λ: `lambdas.<t>` of the spec where given, else
-    `tasks.<t>.lambda` (a partial `lambdas` falls back per task)."""
+    `tasks.<t>.lambda` (a partial `lambdas` falls back per task). A post-step's unset `aligned`: `alignment_task`."""
+    from .merge.registry import POST_STEPS
+
     spec = copy.deepcopy(config["merges"][name])
+    for key in POST_STEPS:
+        if isinstance(spec.get(key), dict) and spec[key].get("aligned") is None:
+            spec[key]["aligned"] = config["alignment_task"]
     if spec["method"] == "led":
         given = spec.get("lambdas") or {}
         spec["lambdas"] = {t: float(given.get(t, task["lambda"])) for t, task in config["tasks"].items()}

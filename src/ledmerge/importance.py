@@ -84,7 +84,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import chat
-from .checkpoint import tensor_shapes
+from .checkpoint import check_adapter, is_adapter, tensor_shapes
 from .errors import LedmergeError
 from .fileio import read_jsonl
 from .formats import rank_code, save_scores
@@ -392,9 +392,9 @@ def tokens_sha256(examples: list[chat.Encoded]) -> str:
     return h.hexdigest()
 
 
-def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, trust_remote_code: bool = False,
-                allow_pickle: bool = False, progress: bool = True, random_seed: int | None = None,
-                random_key: str | None = None, **opts) -> dict:
+def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, base_dir=None,
+                trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = True,
+                random_seed: int | None = None, random_key: str | None = None, **opts) -> dict:
     """Score a Hugging Face model directory on a calibration JSONL ({prompt, response, ...} rows) and write the
     scores, keyed by the checkpoint's tensor names, to `out_path` (safetensors, atomic) with `save_scores`:
     rank16 codes by default, raw float32 with score_dtype="float32".
@@ -411,7 +411,11 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, tr
     `device_map` (e.g. "auto") spreads the model over the node's GPUs and makes `device` unused.
     `allow_pickle` also scores pickle (.bin) checkpoints. The score file records the model's weight files
     (`provenance.weights_fingerprint`, hashed in a thread while the model loads and is scored) and the
-    calibration set's sha256, so a merge can refuse masks computed from other models."""
+    calibration set's sha256, so a merge can refuse masks computed from other models.
+
+    A PEFT LoRA adapter (`model_dir` holding adapter_config.json) is scored as the model it makes with the base at
+    `base_dir`: peft's `merge_and_unload()` on the loaded base, so its scores carry the base checkpoint's tensor
+    names, as the election and the merge expect; its provenance is the adapter's own files."""
     from transformers import AutoModelForCausalLM
 
     o = resolve("importance", opts)  # the schema's defaults and allowed values (options.py)
@@ -422,7 +426,12 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, tr
     t0 = time.perf_counter()
     model_dir, calibration_path = Path(model_dir), Path(calibration_path)
     rows = read_jsonl(calibration_path, required=("prompt", "response"))
-    shapes = tensor_shapes(model_dir, allow_pickle)  # also a clear error if the directory is not a model
+    adapter = is_adapter(model_dir)
+    if adapter and base_dir is None:
+        raise LedmergeError(f"{model_dir} is a PEFT adapter: scoring it needs its base model (--base)")
+    shapes = tensor_shapes(base_dir if adapter else model_dir, allow_pickle)  # a clear error if not a model
+    if adapter:
+        check_adapter(model_dir, base_dir, shapes)  # before loading: targets the base lacks are one line
     torch.manual_seed(0)
     tokenizer = chat.load_tokenizer(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
     examples, skipped = encode_rows(tokenizer, rows, max_length)
@@ -436,13 +445,18 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, tr
     fingerprint = hasher.submit(weights_fingerprint, model_dir, allow_pickle)
     hasher.shutdown(wait=False)
     where = f"device_map={device_map!r}" if device_map is not None else device
+    load_dir = base_dir if adapter else model_dir
     try:
         if device_map is not None:  # accelerate places the layers; no .to() afterwards
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], device_map=device_map,
+            model = AutoModelForCausalLM.from_pretrained(load_dir, dtype=DTYPES[dtype], device_map=device_map,
                                                          trust_remote_code=trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype],
+            model = AutoModelForCausalLM.from_pretrained(load_dir, dtype=DTYPES[dtype],
                                                          trust_remote_code=trust_remote_code).to(device)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
     except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a CUDA device that is not there
         fix = ": set trust_remote_code: true if you trust its code" if "custom code" in str(exc) else ""
         raise LedmergeError(f"cannot load {model_dir} on {where} ({' '.join(str(exc).split())}){fix}") from None

@@ -2,7 +2,8 @@
 
 Inputs are the per-model metrics JSONs of `ledmerge.evaluation.evaluate_model` and, optionally, the
 mask CSVs of `ledmerge.masks` (per-tensor stats and pairwise overlaps). Outputs, all written
-atomically into `out_dir`: summary.csv, summary.md, and each figure as PNG (200 dpi) and PDF.
+atomically into `out_dir`: summary.csv, summary.md (with each rate's 95% Wilson interval), and each figure as
+PNG (200 dpi) and PDF. The paper's tables and figures (ledmerge.paper) build on these.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ LABELS = {
     "code_pass_rate": "code pass rate (↑)",
     "mean_utility": "mean utility: math & code (↑)",
 }
+# The evaluation set each rate is counted on (metrics.json's `n`), for its confidence interval.
+RATE_SETS = {"harmful_rate": "harmful", "over_refusal_rate": "benign", "math_accuracy": "math",
+             "code_pass_rate": "code"}
 KIND_STYLE = {"base": dict(marker="s", color="#555555"), "expert": dict(marker="^", color="#1f77b4"),
               "merge": dict(marker="o", color="#d62728"), "data-aware": dict(marker="D", color="#2ca02c")}
 
@@ -102,6 +106,51 @@ def sweeps_table(points: list[dict], columns: list[str], out_csv) -> pd.DataFram
     return df
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n: unlike the normal approximation it stays inside [0, 1]
+    and is not degenerate at 0 or n, which the toy's rates often are."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def load_counts(metrics_paths: dict[str, str | Path]) -> pd.DataFrame:
+    """Per model, the size of each evaluation set (n_harmful, n_benign, n_math, n_code; missing: NaN)."""
+    rows = []
+    for model, path in metrics_paths.items():
+        path = Path(path)
+        if not path.is_file():
+            raise LedmergeError(f"metrics file {path} of model {model!r} does not exist: run its evaluation first")
+        n = json.loads(path.read_text()).get("n", {})
+        rows.append({"model": model, **{f"n_{s}": n.get(s, math.nan) for s in RATE_SETS.values()}})
+    return pd.DataFrame(rows, columns=["model", *(f"n_{s}" for s in RATE_SETS.values())])
+
+
+def rate_interval(rate: float, n: float) -> tuple[float, float]:
+    """95% Wilson interval of a rate measured on n prompts (the count is rate·n rounded); NaN when unknown."""
+    if math.isnan(rate) or math.isnan(n) or n <= 0:
+        return math.nan, math.nan
+    return wilson(round(rate * n), int(n))
+
+
+def intervals_markdown(df: pd.DataFrame, counts: pd.DataFrame, digits: int = 3) -> str:
+    """The summary's rates with their 95% Wilson intervals, `rate [low, high]`, as a markdown table."""
+    n = counts.set_index("model")
+    out = df[["model", "kind"]].copy()
+    for metric, s in RATE_SETS.items():
+        cells = []
+        for model, rate in zip(df["model"], df[metric].astype(float)):
+            lo, hi = rate_interval(rate, float(n.loc[model, f"n_{s}"]) if model in n.index else math.nan)
+            cells.append("–" if math.isnan(rate) else f"{rate:.{digits}f}" if math.isnan(lo)
+                         else f"{rate:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
+        out[metric] = cells
+    return to_markdown(out, digits)
+
+
 def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
     """A GitHub markdown table; numbers rounded, missing values as an en dash."""
     def cell(v):
@@ -116,7 +165,8 @@ def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(fig, out_dir: Path, name: str) -> None:
+def save_figure(fig, out_dir: Path, name: str) -> None:
+    """PNG for screens and `snakemake --report`, PDF for print; each replaced atomically, then the figure closed."""
     for ext, kw in (("png", {"dpi": 200}), ("pdf", {})):
         with atomic_path(out_dir / f"{name}.{ext}") as tmp:
             fig.savefig(tmp, format=ext, bbox_inches="tight", **kw)
@@ -139,7 +189,7 @@ def plot_safety_utility(df: pd.DataFrame, out_dir: Path) -> None:
     ax.text(0.02, 0.98, "↖ better", transform=ax.transAxes, ha="left", va="top", fontsize=8, color="0.4")
     ax.grid(alpha=0.3)
     ax.legend(title="model kind", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    _save(fig, out_dir, "safety_utility")
+    save_figure(fig, out_dir, "safety_utility")
 
 
 def plot_benchmarks(df: pd.DataFrame, out_dir: Path) -> None:
@@ -160,7 +210,7 @@ def plot_benchmarks(df: pd.DataFrame, out_dir: Path) -> None:
     ax.set(ylim=(0, top), ylabel="fraction of prompts", title="Benchmarks per model")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    _save(fig, out_dir, "benchmarks")
+    save_figure(fig, out_dir, "benchmarks")
 
 
 def _per_layer(df: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
@@ -182,11 +232,14 @@ def _read_csv(path, columns) -> pd.DataFrame:
     return df
 
 
-def plot_mask_overlap(mask_stats_csv, mask_overlap_csv, out_dir: Path) -> None:
-    """Per layer: pairwise overlap of the tasks' elected masks, and the fraction each task keeps."""
+def plot_mask_overlap(mask_stats_csv, mask_overlap_csv, out_dir: Path, name: str = "mask_overlap",
+                      figsize: tuple[float, float] = (10, 3.8)) -> None:
+    """Per layer: pairwise overlap of the tasks' elected masks, and the fraction each task keeps.
+
+    Colours come from the active style's colour cycle, so the paper's style (ledmerge.paper) restyles it."""
     stats = _read_csv(mask_stats_csv, ["task", "layer", "numel", "elected_fraction", "kept_fraction"])
     overlap = _read_csv(mask_overlap_csv, ["task_a", "task_b", "layer", "numel", "overlap_fraction"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=figsize, sharex=True)
     overlap = overlap.assign(pair=overlap["task_a"] + " ∧ " + overlap["task_b"])
     pairs = _per_layer(overlap, ["pair"], "overlap_fraction")
     for pair, sub in pairs.groupby("pair", sort=False):
@@ -194,7 +247,7 @@ def plot_mask_overlap(mask_stats_csv, mask_overlap_csv, out_dir: Path) -> None:
     ax1.set(xlabel="layer (block index)", ylabel="overlap (fraction of weights)",
             title="Elected by both tasks (dropped)")
     elected, kept = _per_layer(stats, ["task"], "elected_fraction"), _per_layer(stats, ["task"], "kept_fraction")
-    colors = plt.get_cmap("tab10").colors
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, task in enumerate(kept["task"].unique()):
         c = colors[i % len(colors)]
         k, e = kept[kept["task"] == task], elected[elected["task"] == task]
@@ -206,7 +259,7 @@ def plot_mask_overlap(mask_stats_csv, mask_overlap_csv, out_dir: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(frameon=False)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(fig, out_dir, "mask_overlap")
+    save_figure(fig, out_dir, name)
 
 
 def plot_cmaes_fitness(histories: dict[str, str | Path], out_dir: Path) -> None:
@@ -232,7 +285,7 @@ def plot_cmaes_fitness(histories: dict[str, str | Path], out_dir: Path) -> None:
                title=f"CMA-ES: {titles.get(objective, objective)}")
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, title="best so far")
-    _save(fig, out_dir, "cmaes_fitness")
+    save_figure(fig, out_dir, "cmaes_fitness")
 
 
 def build_report(metrics_paths: dict[str, str | Path], model_kinds: dict[str, str], out_dir,
@@ -246,7 +299,9 @@ def build_report(metrics_paths: dict[str, str | Path], model_kinds: dict[str, st
     df = load_summary(metrics_paths, model_kinds)
     with atomic_path(out_dir / "summary.csv") as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
-    write_text(out_dir / "summary.md", "# Results\n\n" + to_markdown(df))
+    intervals = intervals_markdown(df, load_counts(metrics_paths))
+    write_text(out_dir / "summary.md", "# Results\n\n" + to_markdown(df) + "\n## 95% Wilson intervals\n\n"
+               "Each rate with its 95% Wilson score interval over the evaluation set's prompts.\n\n" + intervals)
     plot_safety_utility(df, out_dir)
     plot_benchmarks(df, out_dir)
     if mask_stats_csv is not None:

@@ -29,12 +29,20 @@ def top_k_count(n: int, rate: float) -> int:
 
 def top_r_mask(scores: torch.Tensor, rate: float) -> torch.Tensor:
     """Bool mask of the ⌈rate·n⌉ largest entries; ties at the cut-off go to the lowest flat indices."""
+    return top_k_mask(scores, top_k_count(scores.numel(), rate))
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest entries; ties at the cut-off go to the lowest flat indices. The order is total
+    (value, then index), so the k largest always contain the j largest for j < k: Breadcrumbs cuts a band out
+    of it with two of these masks."""
     n = scores.numel()
-    k = top_k_count(n, rate)
     if not scores.is_floating_point():
         raise LedmergeError(f"scores must be floating point, got {scores.dtype}")
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
     flat = scores.reshape(-1)
     threshold, n_above, tied = kth_largest(flat, k)
     mask = flat > threshold

@@ -11,9 +11,10 @@ import re
 import sys
 from pathlib import Path
 
-from ledmerge.checkpoint import INDEX, PICKLE_INDEX, weight_files
+from ledmerge.checkpoint import ADAPTER_CONFIG, INDEX, PICKLE_INDEX, is_adapter, weight_files
 from ledmerge.config import ZOO, data_aware_models, hub_dir, is_hub, merge_spec, model_dir
 from ledmerge.sweeps import expand as expand_sweeps, swept_columns
+from ledmerge.paper import FIGURES as PAPER_FIGURES, TABLES as PAPER_TABLES
 from ledmerge.tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
 
 R = config["results"]
@@ -70,7 +71,14 @@ def eval_file(model, name):
 
 
 SYNTHETIC = f"{R}/synthetic"
+PAPER = f"{R}/report/paper"
+SWEEPS_CSV = f"{R}/report/sweeps.csv"
 MASK_STATS, MASK_OVERLAP = f"{R}/masks/stats.csv", f"{R}/masks/overlap.csv"
+
+
+def paper_sweeps(wildcards):
+    """sweeps.csv when sweeps are configured; none: the paper's ablation tables and figures are placeholders."""
+    return [SWEEPS_CSV] if config.get("sweeps") else []
 
 
 def pairs(names, path):
@@ -190,7 +198,7 @@ def _local_model_files(path, tokenizer):
     # Reads only the headers (check-config has read them already: ~1 ms for a safetensors checkpoint).
     files = weight_files(d, allow_pickle=config["allow_pickle"])
     index = INDEX if (d / INDEX).is_file() else PICKLE_INDEX if any(f.suffix == ".bin" for f in files) else None
-    extra = [d / n for n in (index, "config.json") if n is not None and (d / n).is_file()]
+    extra = [d / n for n in (index, "config.json", ADAPTER_CONFIG) if n is not None and (d / n).is_file()]
     return tuple(sorted({str(f) for f in files + extra}))
 
 
@@ -209,6 +217,20 @@ def model_inputs(*models, tokenizer=False):
         if not built and os.path.isdir(path):
             files += local_model_files(path, tokenizer)
     return files
+
+
+def on_base(name):
+    """For an expert that is a PEFT LoRA adapter (one already on disk: an adapter the hub fetch brings in this run
+    is known as one from the next run on), the base it needs: {"base": its directory, "base_weights": its files};
+    else {}. Scoring and evaluating it load the base, then the adapter."""
+    if name not in config["tasks"] or not is_adapter(model_path(name)):
+        return {}
+    return {"base": model_path("base"), "base_weights": model_inputs("base")}
+
+
+def base_flag(name):
+    """` --base <dir>` for an adapter expert (on_base), else ""."""
+    return f" --base {model_path('base')}" if on_base(name) else ""
 
 
 def model_kind(name):

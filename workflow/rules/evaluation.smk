@@ -3,6 +3,7 @@
 
 rule evaluation:
     input:
+        unpack(lambda w: on_base(w.model)),
         model=lambda w: model_path(w.model),
         weights=lambda w: model_inputs(w.model),
         data=[eval_data(k) for k in EVAL_SETS if eval_data(k)],
@@ -16,7 +17,8 @@ rule evaluation:
         sets={k: eval_data(k) for k in EVAL_SETS},  # "" for a set that is off
         judge_model=judge_model() or "",
         seed=config["seed"],
-        trust_remote_code=opt_in("trust_remote_code"),
+        # the opt-in, and --base for a LoRA expert (lm-eval loads the base, then the adapter)
+        opt_ins=lambda w: opt_in("trust_remote_code") + base_flag(w.model),
     threads: rule_threads("evaluation")
     resources:
         **rule_resources("evaluation", config["evaluation"]["device"]),
@@ -29,4 +31,4 @@ rule evaluation:
         "--generations {output.generations} --harmful {params.sets[harmful]:q} --benign {params.sets[benign]:q} "
         "--math {params.sets[math]:q} --code {params.sets[code]:q} --judge-model {params.judge_model:q} "
         "--tokenizer {input.tokenizer} --seed {params.seed} --options {params.options:q} "
-        "{params.trust_remote_code} > {log} 2>&1"
+        "{params.opt_ins} > {log} 2>&1"

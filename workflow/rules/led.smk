@@ -23,6 +23,7 @@ rule calibration:
 
 rule importance:
     input:
+        unpack(lambda w: on_base(w.task) if w.role == "expert" else {}),
         model=lambda w: model_path("base" if w.role == "base" else w.task),
         weights=lambda w: model_inputs("base" if w.role == "base" else w.task),
         calibration=calibration_file("{task}"),
@@ -34,7 +35,9 @@ rule importance:
     params:
         options=section_json("importance"),
         random=lambda w: random_args(config["importance"]["location"], w.task),
-        opt_ins=f"{opt_in('trust_remote_code')} {opt_in('allow_pickle')}",
+        # the opt-ins, and --base for a LoRA expert (its scoring loads the base)
+        opt_ins=lambda w: f"{opt_in('trust_remote_code')} {opt_in('allow_pickle')}"
+        + (base_flag(w.task) if w.role == "expert" else ""),
     threads: rule_threads("importance")
     resources:
         **rule_resources("importance", importance_device()),

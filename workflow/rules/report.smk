@@ -26,3 +26,39 @@ rule report:
     shell:
         "$LEDMERGE --threads {threads} report --metrics {params.metrics} --mask-stats {input.stats} "
         "--mask-overlap {input.overlap} --history {params.histories} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# Paper outputs: booktabs tables (LaTeX + Markdown) and print-ready figures (PDF + PNG), a fixed set of files
+# (an ablation no sweep covers is a placeholder), so the outputs here are static. Captions: workflow/report/.
+# Resources: the report's (`resources.report`); both are light.
+rule paper:
+    input:
+        summary=rules.report.output.csv,
+        metrics=[eval_file(m, "metrics.json") for m in MODELS],
+        stats=MASK_STATS,
+        overlap=MASK_OVERLAP,
+        sweeps=paper_sweeps,
+    output:
+        tables=[
+            report(f"{PAPER}/{t}.md", caption=f"../report/{t}.rst", category="Paper", subcategory="Tables")
+            for t in PAPER_TABLES
+        ],
+        latex=[f"{PAPER}/{t}.tex" for t in PAPER_TABLES],
+        figures=[
+            report(f"{PAPER}/{f}.png", caption=f"../report/{f}.rst", category="Paper", subcategory="Figures")
+            for f in PAPER_FIGURES
+        ],
+        pdf=[f"{PAPER}/{f}.pdf" for f in PAPER_FIGURES],
+    params:
+        out_dir=lambda w, output: os.path.dirname(output.latex[0]),
+        metrics=pairs(MODELS, lambda m: eval_file(m, "metrics.json")),
+        sweeps=lambda w, input: f"--sweeps {input.sweeps}" if input.sweeps else "",
+    resources:
+        **rule_resources("report"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOG}/paper.log",
+    shell:
+        "$LEDMERGE paper --summary {input.summary} --metrics {params.metrics} --mask-stats {input.stats} "
+        "--mask-overlap {input.overlap} {params.sweeps} --out-dir {params.out_dir} > {log} 2>&1"

@@ -99,6 +99,8 @@ use rule evaluation as sweep_evaluation with:
     output:
         metrics=f"{SW}/eval/{{point}}/metrics.json",
         generations=f"{SW}/eval/{{point}}/generations.jsonl",
+    params:
+        opt_ins=opt_in("trust_remote_code"),  # a merge is never an adapter
     log:
         f"{LOG}/sweeps/evaluation_{{point}}.log",
 
@@ -107,7 +109,7 @@ rule sweeps_report:
     input:
         [point_metrics(name) for name in POINTS],
     output:
-        report(f"{R}/report/sweeps.csv", category="Sweeps"),
+        report(SWEEPS_CSV, category="Sweeps"),
     params:
         points=sweeps_points_json(),
     resources:

@@ -1,5 +1,6 @@
 """Checking models against the base before a merge: same tensor names and shapes, or only the vocabulary rows
-differ (then `vocab_policy` decides, and `align_rows` puts an expert's rows on the base's)."""
+differ (then `vocab_policy` decides, and `align_rows` puts an expert's rows on the base's); a PEFT adapter must
+adapt tensors the base has, in their shapes (`adapter.check_adapter`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LedmergeError
+from .adapter import check_adapter, is_adapter
 from .reader import tensor_shapes
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,12 @@ def check_compatible(base_dir: str | os.PathLike, others: Mapping[str, str | os.
     base = tensor_shapes(base_dir, allow_pickle)
     aligned: dict[str, dict[str, int]] = {}
     for label, other_dir in others.items():
+        if is_adapter(other_dir):  # the base's tensors by construction, once its targets fit the base
+            try:
+                check_adapter(other_dir, base_dir, base)
+            except LedmergeError as exc:
+                raise LedmergeError(f"model '{label}': {exc}") from None
+            continue
         other = tensor_shapes(other_dir, allow_pickle)
         missing = sorted(set(base) - set(other))
         extra = sorted(set(other) - set(base))

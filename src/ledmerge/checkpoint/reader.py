@@ -29,6 +29,8 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter directory (see `adapter.py`)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # safetensors dtype codes <-> torch dtypes
 ST_DTYPES = {
@@ -108,7 +110,9 @@ class ModelReader:
 
     `names` lists tensors in file and offset order, so visiting them in order reads every file
     sequentially. Pickle checkpoints are refused unless `allow_pickle` (then loaded with
-    `torch.load(weights_only=True, mmap=True)`, one shard at a time).
+    `torch.load(weights_only=True, mmap=True)`, one shard at a time). In a PEFT adapter directory it reads the
+    adapter's own tensors (its low-rank factors, under peft's names); `adapter.AdapterReader` reads the expert
+    they make with the base.
 
     With `hash_files`, the bytes read are also fed to a sha256 per file while they are read in file
     order, so the model card's input hashes cost no second pass over the inputs; `sha256s` finishes
@@ -132,6 +136,11 @@ class ModelReader:
             files = _index_files(d / INDEX)
         elif (d / SINGLE).is_file():
             files = {d / SINGLE: None}
+        elif (d / ADAPTER_CONFIG).is_file():
+            if not (d / ADAPTER_WEIGHTS).is_file():
+                raise LedmergeError(f"{d} is a PEFT adapter without {ADAPTER_WEIGHTS}: re-save it with peft's "
+                                    "save_pretrained(d, safe_serialization=True)")
+            files = {d / ADAPTER_WEIGHTS: None}
         elif (d / PICKLE_INDEX).is_file() or (d / PICKLE_SINGLE).is_file() or any(d.glob("*.bin")) or any(d.glob("*.pt")):
             if not allow_pickle:
                 raise LedmergeError(f"{d} holds only pickle weights (.bin/.pt), which ledmerge does not load by default: "
@@ -179,6 +188,10 @@ class ModelReader:
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: i.shape for n, i in self.infos.items()}
+
+    def source(self, name: str) -> str:
+        """Where tensor `name` is read from, for error messages."""
+        return str(self.infos[name].file)
 
     def files(self) -> list[Path]:
         return sorted({i.file for i in self.infos.values()})
@@ -294,8 +307,10 @@ def tensor_shapes(model_dir: str | os.PathLike, allow_pickle: bool = False) -> d
 
 
 def load_state_dict(model_dir: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-                    allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+                    allow_pickle: bool = False, base_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a model directory in memory, cast to `dtype` when given (small models only:
-    merges stream through ModelReader instead)."""
-    with ModelReader(model_dir, allow_pickle=allow_pickle) as r:
+    merges stream through ModelReader instead); a PEFT adapter's with the base at `base_dir` (`adapter.open_model`)."""
+    from .adapter import open_model  # adapter builds on this module
+
+    with open_model(model_dir, base_dir, allow_pickle=allow_pickle) as r:
         return {name: r.read(name, dtype) for name in r.names}

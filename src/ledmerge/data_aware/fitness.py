@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..chat import IGNORE_INDEX, collate, encode, load_tokenizer, pad_id, response_nll
-from ..checkpoint import ModelReader, check_compatible, load_state_dict, tensor_shapes
+from ..checkpoint import check_compatible, load_state_dict, open_model, tensor_shapes
 from ..errors import LedmergeError
 from ..fileio import read_jsonl
 from ..merge import get_method
@@ -62,7 +62,8 @@ class MergeEvaluator:
         self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
                                                           trust_remote_code=trust_remote_code).to(device).eval()
         self.base = load_state_dict(base_dir, allow_pickle=allow_pickle)
-        self.experts = {t: load_state_dict(expert_dirs[t], allow_pickle=allow_pickle) for t in self.tasks}
+        self.experts = {t: load_state_dict(expert_dirs[t], allow_pickle=allow_pickle, base_dir=base_dir)
+                        for t in self.tasks}
         self.params = self.model.state_dict()  # shares storage with the model's parameters
         missing = sorted(set(self.base) - set(self.params))
         if missing:
@@ -70,7 +71,7 @@ class MergeEvaluator:
         mask_files = MaskFiles(masks, tensor_shapes(base_dir, allow_pickle)) if masks else None
         if mask_files:
             with contextlib.ExitStack() as stack:
-                reader = lambda d: stack.enter_context(ModelReader(d, allow_pickle=allow_pickle))
+                reader = lambda d: stack.enter_context(open_model(d, base_dir, allow_pickle=allow_pickle))
                 mask_files.check_sources(reader(base_dir), {t: reader(expert_dirs[t]) for t in self.tasks}, exact=True)
         # Masks are read once here, not once per candidate.
         self.masks = {name: mask_files.for_tensor(name) if mask_files else {} for name in self.base}

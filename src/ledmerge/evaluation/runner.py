@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from ..checkpoint import is_adapter
 from ..errors import LedmergeError
 from ..fileio import read_jsonl, write_json, write_jsonl
 from ..options import default_of, resolve
@@ -105,13 +106,18 @@ def resolve_dtype(dtype: str, backend: str, device: str) -> str:
 
 
 def lm_eval_model_args(model_dir, backend: str, device: str, extra: dict | None, *, dtype: str,
-                       tokenizer=None) -> dict:
+                       tokenizer=None, base=None) -> dict:
     """`model_args` of lm-eval's `hf` or `vllm` model for a local model directory; `extra` overrides them.
 
     `dtype`: see `resolve_dtype`. `tokenizer`: a tokenizer directory to use instead of the model's own.
+    `base`: the base model when `model_dir` is a PEFT LoRA adapter, which lm-eval then applies to it (`peft`;
+    vLLM: `lora_local_path`, whose default maximum rank, 16, `model_args: {max_lora_rank: ...}` raises).
     vLLM always runs on a GPU; it takes 80% of the GPU's memory by default, leaving room for the safety
     judge loaded after it."""
-    args = {"pretrained": str(Path(model_dir).resolve())}  # absolute: never mistaken for a hub id
+    # absolute paths: never mistaken for hub ids
+    args = {"pretrained": str(Path(base if base is not None else model_dir).resolve())}
+    if base is not None:
+        args["lora_local_path" if backend == "vllm" else "peft"] = str(Path(model_dir).resolve())
     args["dtype"] = resolve_dtype(dtype, backend, device)
     if backend == "vllm":
         args.update(tensor_parallel_size=1, gpu_memory_utilization=0.8)
@@ -160,7 +166,7 @@ def generation_kwargs(max_new_tokens: int, until: list[str], eos_ids: list[int],
 
 
 def _run_lm_eval(model_dir, data: dict[str, Path], extra: tuple[str, ...], *, batch_size, max_new_tokens,
-                 limit, device, seed, backend, model_args=None, dtype="auto", tokenizer=None,
+                 limit, device, seed, backend, model_args=None, dtype="auto", tokenizer=None, base=None,
                  until=(), eos_ids=()) -> dict:
     """The single `simple_evaluate` call: model loaded once, every set and extra task in one pass."""
     from lm_eval import simple_evaluate
@@ -177,7 +183,7 @@ def _run_lm_eval(model_dir, data: dict[str, Path], extra: tuple[str, ...], *, ba
         gen_kwargs = generation_kwargs(max_new_tokens, list(until), list(eos_ids), backend)
         for task in tasks.values():
             task.set_config("generation_kwargs", gen_kwargs, update=True)
-        args = lm_eval_model_args(model_dir, backend, device, model_args, dtype=dtype, tokenizer=tokenizer)
+        args = lm_eval_model_args(model_dir, backend, device, model_args, dtype=dtype, tokenizer=tokenizer, base=base)
         return simple_evaluate(
             model=backend, model_args=args, tasks=[*tasks.values(), *extra], task_manager=manager,
             batch_size=batch_size, device=device, limit=limit, log_samples=True, apply_chat_template=True,
@@ -189,7 +195,7 @@ def _run_lm_eval(model_dir, data: dict[str, Path], extra: tuple[str, ...], *, ba
 
 def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, benign_path, math_path=None,
                    code_path=None, seed: int | None = None, num_threads: int | None = None, tokenizer=None,
-                   **opts) -> dict:
+                   base_dir=None, **opts) -> dict:
     """Evaluate `model_dir` on the safety and utility sets; write metrics JSON and generations JSONL.
 
     Metrics: harmful_rate (harmful prompts whose reply the judge calls harmful), over_refusal_rate
@@ -199,6 +205,8 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     `dtype` (auto, float32, bfloat16, float16): the weights' dtype; auto is float32 on the CPU and the
     checkpoint's own dtype elsewhere. `tokenizer`: the directory whose tokenizer, chat template and EOS ids
     every model of a run is evaluated with (default None: the model's own); see the module docstring.
+    `base_dir`: the base model, when `model_dir` is a PEFT LoRA adapter on it (lm-eval loads the base, then the
+    adapter).
     `num_threads` sets torch's CPU threads for the run: use 1 for tiny models, where intra-op
     threading only adds synchronisation (10x slower and worse when cores are shared).
     `opts`: the config's `evaluation` section (batch_size, max_new_tokens, limit, device, dtype, backend,
@@ -214,12 +222,17 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     model_args, judge_kwargs = o["model_args"], o["judge_kwargs"]
     start = time.time()
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise LedmergeError(f"model directory {model_dir} has no config.json: is it a saved Hugging Face model?")
+    adapter = is_adapter(model_dir)
+    if adapter and base_dir is None:
+        raise LedmergeError(f"{model_dir} is a PEFT adapter: evaluating it needs its base model (--base)")
+    base = Path(base_dir) if adapter else None
+    if not ((base or model_dir) / "config.json").is_file():
+        raise LedmergeError(f"model directory {base or model_dir} has no config.json: is it a saved Hugging Face "
+                            "model?")
     if isinstance(judge, str) and judge not in JUDGES:
         raise LedmergeError(f"unknown judge {judge!r}: choose one of {sorted(JUDGES)}")
     resolved_dtype = lm_eval_model_args(model_dir, backend, device, model_args, dtype=dtype)["dtype"]  # as passed
-    tokenizer_dir = Path(tokenizer) if tokenizer is not None else model_dir
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else base or model_dir  # lm-eval's default too
     if not tokenizer_dir.is_dir():
         raise LedmergeError(f"tokenizer directory {tokenizer_dir} does not exist: run the tokenizer step first")
     trust = bool((model_args or {}).get("trust_remote_code", False))
@@ -233,7 +246,7 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     with _torch_threads(num_threads):
         results = _run_lm_eval(model_dir, data, extra, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                limit=limit, device=device, seed=seed, backend=backend, model_args=model_args,
-                               dtype=dtype, tokenizer=tokenizer, until=until, eos_ids=eos_ids)
+                               dtype=dtype, tokenizer=tokenizer, base=base, until=until, eos_ids=eos_ids)
     judge_obj = get_judge(judge, **(judge_kwargs or {}))
 
     metrics, n, rows = {}, {}, []

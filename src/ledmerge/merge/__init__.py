@@ -1,12 +1,13 @@
 """Merge methods behind one interface, mergekit-style: a registry of small method modules plus one driver.
 
-`registry` (the methods by name: `get_method`, `register`), `driver` (`merge_models`), `card` (the model
-card), `base` (the method interface, its parameter declarations, LED mask files) and one module per method.
+`registry` (the methods and post-steps by name: `get_method`, `register`), `driver` (`merge_models`), `card` (the
+model card), `base` (the method and post-step interfaces, their parameter declarations, LED mask files) and one
+module per method or post-step (`resta`, `safemerge`).
 """
 
-from .base import MaskFiles, MergeMethod, Param, TaskVectorMethod, TensorContext
+from .base import MaskFiles, MergeMethod, Param, PostStep, TaskVectorMethod, TensorContext
 from .driver import merge_device, merge_models
-from .registry import METHODS, get_method, reference_markdown, register
+from .registry import METHODS, POST_STEPS, get_method, reference_markdown, register
 
-__all__ = ["MaskFiles", "MergeMethod", "Param", "TaskVectorMethod", "TensorContext", "merge_device", "merge_models",
-           "METHODS", "get_method", "reference_markdown", "register"]
+__all__ = ["MaskFiles", "MergeMethod", "Param", "PostStep", "TaskVectorMethod", "TensorContext", "merge_device",
+           "merge_models", "METHODS", "POST_STEPS", "get_method", "reference_markdown", "register"]

@@ -6,7 +6,6 @@ magnitude trim: the random drop is the sparsifier). Drops are seeded per (seed, 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -14,9 +13,21 @@ from torch import Tensor
 
 from .base import Param, TaskVectorMethod, per_task
 from .task_arithmetic import weighted_sum
-from .ties import elect_disjoint_mean
+from .ties import elect_disjoint_mean, with_mean_weights
 
 log = logging.getLogger(__name__)
+
+
+def dare_keep(shape: torch.Size, drop: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Keep each entry with probability 1 - drop. Drawn on the CPU generator whatever the device, so a CUDA merge
+    drops the same entries."""
+    return (torch.rand(shape, generator=generator) >= drop).to(device)
+
+
+def dare_rescaled(delta: Tensor, keep: Tensor, drop: float, rescale: bool = True) -> Tensor:
+    """The kept entries of `delta`, scaled by 1/(1-drop) to keep its expectation (unless not `rescale`)."""
+    kept = delta * keep
+    return kept / (1 - drop) if rescale else kept
 
 
 DARE_PARAMS = (
@@ -46,17 +57,10 @@ class _Dare(TaskVectorMethod):
         return {t: self.select_delta(t, base, ctx) for t in sorted(experts)}  # drops ignore values: no task vector
 
     def select_delta(self, task, delta, ctx):
-        """Keep each entry with probability 1 - drop. Drawn on the CPU generator whatever the device, so
-        a CUDA merge drops the same entries."""
-        return (torch.rand(delta.shape, generator=ctx.generator(task)) >= per_task(self.drop, task)).to(delta.device)
+        return dare_keep(delta.shape, per_task(self.drop, task), ctx.generator(task), delta.device)
 
     def dropped(self, deltas: dict[str, Tensor], ctx) -> dict[str, Tensor]:
-        """The kept entries, scaled by 1/(1-drop) to keep the task vector's expectation."""
-        out = {}
-        for t, d in deltas.items():
-            kept = d * ctx.kept[t]
-            out[t] = kept / (1 - per_task(self.drop, t)) if self.rescale else kept
-        return out
+        return {t: dare_rescaled(d, ctx.kept[t], per_task(self.drop, t), self.rescale) for t, d in deltas.items()}
 
 
 class DareLinear(_Dare):
@@ -73,9 +77,7 @@ class DareTies(_Dare):
     """DARE with TIES' sign election and disjoint mean: drop and rescale each task vector, then combine."""
 
     name = "dare_ties"
-    PARAMS = tuple(dataclasses.replace(p, lo=0.0, lo_open=True, description="per-task w_t (> 0: the weighted "
-                                       "disjoint mean divides by them); unlisted tasks get 1.0")
-                   if p.name == "weights" else p for p in DARE_PARAMS)
+    PARAMS = with_mean_weights(DARE_PARAMS)
 
     def merge_deltas(self, deltas, ctx):
         return elect_disjoint_mean(self.dropped(deltas, ctx), self.weights) * self.scale

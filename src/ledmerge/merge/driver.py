@@ -1,6 +1,7 @@
 """The merge driver: `merge_models` applies a merge spec to a base and its experts, tensor by tensor.
 
-It reads every input through `ledmerge.checkpoint.ModelReader` (one tensor at a time, read ahead by a thread),
+It reads every input through `ledmerge.checkpoint.ModelReader` (one tensor at a time, read ahead by a thread; a
+LoRA adapter expert through `AdapterReader`, which adds its `scale·B·A` to the base's tensor as it is read),
 checks LED masks against the models they were computed from, stops on non-finite values, and writes the merged
 model with `ShardedWriter`, then its config, tokenizer files and model card (`card.model_card`).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import ModelReader, ShardedWriter, align_rows, check_compatible
+from ..checkpoint import AdapterReader, ModelReader, ShardedWriter, align_rows, check_compatible, open_model
 from ..errors import LedmergeError
 from ..fileio import atomic_path
 from ..options import resolve
@@ -32,6 +33,7 @@ from .registry import get_method
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 18  # elements per elementwise step on the CPU (1 MiB in float32)
+SUMMARY_FILE = "ledmerge_merge.json"  # the recipe and what each post-step did per tensor (also the CLI's stdout)
 
 
 def merge_device(device: str) -> torch.device:
@@ -50,8 +52,10 @@ def merge_device(device: str) -> torch.device:
 def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os.PathLike], spec: Mapping,
                  out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None, *,
                  allow_pickle: bool = False, tokenizer_dir: str | os.PathLike | None = None,
-                 progress: bool | None = None, **opts) -> None:
+                 progress: bool | None = None, **opts) -> dict:
     """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card.
+    Returns the merge's summary (also written to `SUMMARY_FILE` in it): the full recipe, and per post-step and
+    tensor what the step did (SafeMERGE: the similarity and whether the layer was replaced).
 
     config.json comes from the base; tokenizer files, chat template and generation config (stop tokens) from
     `tokenizer_dir` (the workflow's `tokenizer` directory, see `ledmerge.tokenizer`), by default the base.
@@ -76,7 +80,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     log.info("merging %s into %s with %s on %s", tasks, base_dir, method.recipe(), dev)
 
     with contextlib.ExitStack() as stack:
-        open_reader = lambda d: stack.enter_context(ModelReader(d, allow_pickle=allow_pickle, hash_files=True))
+        open_reader = lambda d: stack.enter_context(open_model(d, base_dir, allow_pickle=allow_pickle, hash_files=True))
         base = open_reader(base_dir)
         experts = {t: open_reader(expert_dirs[t]) for t in tasks}
         mask_files = MaskFiles(masks, base.shapes) if masks and method.uses_masks else None
@@ -98,7 +102,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             where = f"{value} at index {unravel(start + i, base.infos[name].shape)}"
             if k <= len(tasks):
                 role, reader = ("the base", base) if k == 0 else (f"expert '{tasks[k - 1]}'", experts[tasks[k - 1]])
-                raise LedmergeError(f"tensor {name} of {role} in {reader.infos[name].file} holds a non-finite value "
+                raise LedmergeError(f"tensor {name} of {role} in {reader.source(name)} holds a non-finite value "
                                     f"({where}): the checkpoint is broken (a diverged fine-tune or a bad conversion); "
                                     "fix or re-download it, or leave that model out")
             raise LedmergeError(f"merging tensor {name} with {method.name} gives a non-finite value ({where}) from "
@@ -118,6 +122,12 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             if not b.is_floating_point():  # integer buffers are copied from the base
                 return b
             ctx = TensorContext(name, seed=method.seed, masks=tensor_masks)
+            merged = merge_floats(name, b, inputs, ctx)
+            for step, record in ctx.report.items():
+                reports.setdefault(step, {})[name] = record
+            return merged
+
+        def merge_floats(name: str, b: torch.Tensor, inputs, ctx: TensorContext) -> torch.Tensor:
             if dev.type != "cpu":  # one whole tensor per kernel on a GPU
                 ctx, b, inputs = ctx.to(dev), b.to(dev), {t: e.to(dev) for t, e in inputs.items()}
                 fb, fe = b.float(), {t: e.float() for t, e in inputs.items()}
@@ -136,7 +146,8 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 raise
             finally:
                 torch.set_num_threads(1)
-            out = torch.empty_like(b)
+            # Post-steps need the whole float32 result before it is rounded to the stored dtype.
+            out = torch.empty_like(b, dtype=torch.float32 if method.post else b.dtype)
             flat_out, flat_b = out.view(-1), b.reshape(-1)
             flat_in = {t: e.reshape(-1) for t, e in inputs.items()}
 
@@ -148,8 +159,17 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
 
             for _ in pool.map(merge_chunk, range(0, b.numel(), CHUNK)):
                 pass
-            return out
+            if not method.post:
+                return out
+            torch.set_num_threads(workers)  # whole-tensor steps (SafeMERGE's products): torch's own threads
+            try:
+                merged = method.finish(out, b, inputs, ctx).to(b.dtype)
+            finally:
+                torch.set_num_threads(1)
+            check_finite(name, 0, b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}, merged.reshape(-1))
+            return merged
 
+        reports: dict[str, dict[str, dict]] = {}  # post-step -> tensor -> what it did (ctx.report)
         bar = tqdm(total=writer.total_size, desc=f"merge ({method.name})", unit="B", unit_scale=True, disable=progress is False)
         # The torch threads become a pool of Python threads, each running single-threaded torch ops on its own
         # chunk or task: no fork/join of OpenMP threads for every small op, and reads and writes overlap.
@@ -183,11 +203,15 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         hashes["tokenizer"] = config_sha256s(tokenizer_dir or base_dir, TOKENIZER_INPUTS)
         (out / "README.md").write_text(model_card(method, base_dir, expert_dirs, hashes,
                                                   masks if mask_files else None, vocab_policy if aligned else None,
-                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir))
+                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir, reports=reports))
+        summary = {"recipe": method.recipe(), "post_steps": reports}
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("wrote merged model to %s (%d shard(s))", out_dir, len(writer.files))
+    return summary
 
 
-def check_mask_sources(mask_files: MaskFiles | None, base: ModelReader, experts: Mapping[str, ModelReader], *,
+def check_mask_sources(mask_files: MaskFiles | None, base: ModelReader,
+                       experts: Mapping[str, ModelReader | AdapterReader], *,
                        exact: bool = False) -> None:
     """LED masks must come from the scores of these very models: weight file names and sizes up front, their
     sha256 (hashed while the merge read them) at the end; see `MaskFiles.check_sources`."""

@@ -66,6 +66,7 @@ class Led(TaskVectorMethod):
         self.plain = TaskArithmetic(scale=self.scale, weights=self.lambdas)
 
     def check_inputs(self, tasks, masks):
+        super().check_inputs(tasks, masks)
         if self.lambdas:
             check_task_keys(self.name, "lambdas", self.lambdas, tasks)
         masks = masks or {}

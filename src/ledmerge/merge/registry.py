@@ -1,9 +1,10 @@
-"""The merge methods by name: `get_method` turns a spec dict into a validated method object.
+"""The merge methods and post-steps by name: `get_method` turns a spec dict into a validated method object.
 
-A spec is the dict from the user's config, e.g. {"method": "ties", "density": 0.5}. The table is built here
-from the method modules (which import only `base`, never this module or their package, so there is no import
-cycle); `register` adds another method class. `reference_markdown` renders every method's parameters, as
-declared in its `PARAMS`, for the configuration reference.
+A spec is the dict from the user's config, e.g. {"method": "ties", "density": 0.5}, optionally with post-steps
+under their own keys ({"method": "ties", "resta": {"gamma": 0.5}}). The tables are built here from the method
+modules (which import only `base` and each other, never this module or their package, so there is no import
+cycle); `register` adds another method class. `reference_markdown` renders every method's and post-step's
+parameters, as declared in its `PARAMS`, for the configuration reference.
 """
 
 from __future__ import annotations
@@ -11,14 +12,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..errors import LedmergeError
-from .base import MergeMethod, Param
+from .base import MergeMethod, Param, PostStep
+from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .dare import DareLinear, DareTies
+from .della import Della, DellaLinear
 from .led import Led
 from .linear import Linear
+from .resta import Resta
+from .safemerge import SafeMerge
+from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
 METHODS: dict[str, type[MergeMethod]] = {}
+# Spec key -> post-step, in the order they run: SafeMERGE judges the method's own update, then RESTA adds V.
+POST_STEPS: dict[str, type[PostStep]] = {cls.name: cls for cls in (SafeMerge, Resta)}
 
 
 def register(cls: type[MergeMethod]) -> type[MergeMethod]:
@@ -28,7 +36,8 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-for _cls in (TaskArithmetic, Ties, DareLinear, DareTies, Led, Linear):
+for _cls in (TaskArithmetic, Ties, DareLinear, DareTies, Led, Linear, Breadcrumbs, BreadcrumbsTies, Della, DellaLinear,
+             Slerp):
     register(_cls)
 del _cls
 
@@ -39,7 +48,7 @@ def get_method(spec: Mapping) -> MergeMethod:
         raise LedmergeError(f"merge spec {spec!r} has no 'method': write e.g. {{method: ties, density: 0.5}}")
     if spec["method"] not in METHODS:
         raise LedmergeError(f"unknown merge method {spec['method']!r}: choose one of {sorted(METHODS)}")
-    return METHODS[spec["method"]].from_spec(spec)
+    return METHODS[spec["method"]].from_spec(spec, POST_STEPS)
 
 
 def _default(p: Param) -> str:
@@ -61,13 +70,21 @@ def reference_markdown() -> str:
              "A merge spec names its method and sets any of that method's parameters, e.g. "
              "`{method: ties, density: 0.5}`; a parameter left out takes its default. Any other key is an error.", ""]
     for name in sorted(METHODS):
-        cls = METHODS[name]
-        summary = " ".join((cls.__doc__ or "").split())
-        lines += [f"### `{name}`", ""]
-        if summary:
-            lines += [summary, ""]
-        lines += ["| parameter | type | default | allowed | description |", "|---|---|---|---|---|"]
-        lines += [f"| `{p.name}` | {_cell(p.type_name)} | {_default(p)} | {_cell(p.allowed)} | {_cell(p.description)} |"
-                  for p in cls.PARAMS]
-        lines.append("")
+        lines += _table(f"### `{name}`", METHODS[name])
+    lines += ["## Post-steps", "",
+              "Any merge spec may add these, each under its own key with its parameters, e.g. "
+              "`{method: ties, density: 0.5, resta: {gamma: 0.5}}` (`resta: {}` takes every default). They run on "
+              f"each merged tensor in this order: {', '.join(f'`{k}`' for k in POST_STEPS)}. `aligned` and "
+              "`unaligned` name models the merge reads: `base` or a task.", ""]
+    for key, cls in POST_STEPS.items():
+        lines += _table(f"### `{key}`", cls)
     return "\n".join(lines)
+
+
+def _table(title: str, cls) -> list[str]:
+    summary = " ".join((cls.__doc__ or "").split())
+    lines = [title, "", *([summary, ""] if summary else [])]
+    lines += ["| parameter | type | default | allowed | description |", "|---|---|---|---|---|"]
+    lines += [f"| `{p.name}` | {_cell(p.type_name)} | {_default(p)} | {_cell(p.allowed)} | {_cell(p.description)} |"
+              for p in cls.PARAMS]
+    return [*lines, ""]

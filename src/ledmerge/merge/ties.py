@@ -7,6 +7,8 @@ Its two steps are the shared building blocks: the exact-count magnitude trim (`T
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,13 @@ def elect_disjoint_mean(deltas: dict[str, Tensor], weights: dict[str, float] | N
     return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
+def with_mean_weights(params: tuple[Param, ...]) -> tuple[Param, ...]:
+    """`params` with its `weights` made those of the weighted disjoint mean, which divides by them: > 0."""
+    return tuple(dataclasses.replace(p, lo=0.0, lo_open=True, description="per-task w_t (> 0: the weighted "
+                                     "disjoint mean divides by them); unlisted tasks get 1.0")
+                 if p.name == "weights" else p for p in params)
+
+
 class Ties(TaskVectorMethod):
     """TIES-Merging: keep the largest-magnitude entries of each task vector, elect a sign per weight, average
     the task vectors that agree with it."""
@@ -56,5 +65,4 @@ class Ties(TaskVectorMethod):
         return None if density >= 1 else top_r_mask(delta.abs_(), density)
 
     def merge_deltas(self, deltas, ctx):
-        trimmed = {t: d * ctx.kept[t] if t in ctx.kept else d for t, d in deltas.items()}
-        return elect_disjoint_mean(trimmed, self.weights) * self.scale
+        return elect_disjoint_mean(self.kept_deltas(deltas, ctx), self.weights) * self.scale

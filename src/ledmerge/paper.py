@@ -1,0 +1,430 @@
+"""What goes into a paper: booktabs tables (LaTeX and Markdown twins) and print-ready figures (PDF and PNG).
+
+Inputs: the report's summary.csv (one row per model), each model's metrics.json (the evaluation sets' sizes, for
+95% Wilson intervals), the mask CSVs, and optionally sweeps.csv (one row per sweep point: `sweep`, `model`, the
+swept parameters, the metrics and the set sizes `n_<set>`). The set of files written is fixed (`OUTPUTS`), so the
+workflow rule's outputs are static: an ablation no sweep covers gets a placeholder saying so.
+
+Intervals: a single run's rate carries its Wilson interval; points repeated over several zoo seeds (`zoo_seed`)
+are shown as mean ± sample standard deviation over the seeds instead, since the seed is then the larger source of
+variation. Mean utility is a mean of two rates on different sets, so it has no Wilson interval of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.text  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .errors import LedmergeError  # noqa: E402
+from .fileio import write_text  # noqa: E402
+from .report import KINDS, RATE_SETS, load_counts, plot_mask_overlap, rate_interval, save_figure  # noqa: E402
+
+# (column, short label, direction): the LED paper's layout, safety metrics then utility metrics.
+SAFETY = [("harmful_rate", "harmful rate", "min"), ("over_refusal_rate", "over-refusal rate", "min")]
+UTILITY = [("math_accuracy", "math accuracy", "max"), ("code_pass_rate", "code pass rate", "max"),
+           ("mean_utility", "mean utility", "max")]
+METRICS = SAFETY + UTILITY
+ARROW = {"min": ("↓", r"$\downarrow$"), "max": ("↑", r"$\uparrow$")}
+# Ablation tables: the sweep parameters each one is about (a prefix ends with "_": rate_safety, lambda_math, ...).
+ABLATIONS = {"rate": ("rate_",), "pattern": ("pattern",), "location": ("location",), "lambda": ("lambda_",),
+             "sparsity": ("density", "drop")}
+PARAM_PREFIXES = ("location", "pattern", "rate_", "lambda_", "density", "drop")
+SEED = "zoo_seed"
+TABLES = ["table_main", *(f"table_ablation_{a}" for a in ABLATIONS)]
+FIGURES = ["fig_safety_utility", "fig_rate_sweep", "fig_location_ablation", "fig_mask_overlap"]
+OUTPUTS = [f"{t}.{e}" for t in TABLES for e in ("tex", "md")] + [f"{f}.{e}" for f in FIGURES for e in ("pdf", "png")]
+NO_SWEEP = "no sweep configured"
+# Embedding TrueType fonts in PDFs (pdf.fonttype 42) makes fontTools log every glyph subset at INFO.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
+
+# Okabe & Ito's palette: distinguishable under the common colour-vision deficiencies, and in greyscale by marker.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+KIND_STYLE = {"base": dict(marker="s", color="#000000"), "expert": dict(marker="^", color="#0072B2"),
+              "merge": dict(marker="o", color="#D55E00"), "data-aware": dict(marker="D", color="#009E73")}
+COLUMN_WIDTH, FULL_WIDTH = 3.4, 7.0  # inches: one and two columns of a two-column paper
+STYLE = {
+    "font.family": "sans-serif", "font.sans-serif": ["DejaVu Sans"], "font.size": 8, "axes.titlesize": 8,
+    "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7,
+    "legend.frameon": False, "axes.spines.top": False, "axes.spines.right": False, "axes.linewidth": 0.6,
+    "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.5, "lines.linewidth": 1.2, "lines.markersize": 4,
+    "axes.prop_cycle": matplotlib.cycler(color=PALETTE), "pdf.fonttype": 42, "ps.fonttype": 42,
+    "savefig.dpi": 300,
+}
+
+
+# ---------------------------------------------------------------- data
+
+def param_columns(df: pd.DataFrame) -> list[str]:
+    """The swept-parameter columns of sweeps.csv, in the contract's order."""
+    return [c for p in PARAM_PREFIXES for c in df.columns if c == p or (p.endswith("_") and c.startswith(p))]
+
+
+def load_sweeps(path) -> pd.DataFrame:
+    """sweeps.csv, or an empty frame when there is none (no path, or a file without rows)."""
+    if path is None:
+        return pd.DataFrame()
+    path = Path(path)
+    if not path.is_file():
+        raise LedmergeError(f"sweeps table {path} does not exist: run the sweeps first, or leave --sweeps out")
+    if path.stat().st_size == 0:
+        return pd.DataFrame()
+    df = pd.read_csv(path)
+    if df.empty:
+        return df
+    need = ["sweep", *(m for m, _, _ in METRICS), *(f"n_{s}" for s in RATE_SETS.values())]
+    missing = [c for c in need if c not in df]
+    if missing:
+        raise LedmergeError(f"{path} lacks column(s) {missing}: it must be the sweeps' long table (docs/results.md)")
+    return df
+
+
+def aggregate(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per distinct `keys`: each metric's value and its spread (`<m>_lo`, `<m>_hi`).
+
+    A group of one row gets the Wilson interval of its counts; a larger group (the same point under several zoo
+    seeds) gets mean ± sample standard deviation, and `seeds` says how many rows it averages.
+    """
+    rows = []
+    groups = df.groupby(keys, sort=False, dropna=False) if keys else [((), df)]
+    for key, g in groups:
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row["seeds"] = len(g)
+        for m, _, _ in METRICS:
+            values = g[m].astype(float)
+            if len(g) == 1:
+                value = float(values.iloc[0])
+                n = float(g[f"n_{RATE_SETS[m]}"].iloc[0]) if m in RATE_SETS else math.nan
+                lo, hi = rate_interval(value, n)
+            else:
+                value, sd = float(values.mean()), float(values.std(ddof=1))
+                lo, hi = value - sd, value + sd
+            row.update({m: value, f"{m}_lo": lo, f"{m}_hi": hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main_rows(summary: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
+    """The summary's models with the sizes of their evaluation sets."""
+    missing = sorted(set(summary["model"]) - set(counts["model"]))
+    if missing:
+        raise LedmergeError(f"no metrics.json given for model(s) {missing} of the summary: pass each as --metrics")
+    return summary.merge(counts, on="model", how="left")
+
+
+def ablation_rows(sweeps: pd.DataFrame, ablation: str) -> pd.DataFrame:
+    """The sweep points of the sweeps that vary one of `ablation`'s parameters (seeds averaged)."""
+    if sweeps.empty:
+        return pd.DataFrame()
+    params = param_columns(sweeps)
+    cols = [c for c in params if c != SEED and c.startswith(ABLATIONS[ablation])]
+    varied = [name for name, g in sweeps.groupby("sweep", sort=False)
+              if any(g[c].nunique(dropna=True) > 1 for c in cols)]
+    rows = sweeps[sweeps["sweep"].isin(varied)]
+    if rows.empty:
+        return pd.DataFrame()
+    keys = ["sweep", *(c for c in params if c != SEED and rows[c].notna().any())]
+    return aggregate(rows, keys)
+
+
+# ---------------------------------------------------------------- tables
+
+def latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
+        text = text.replace(a, b)
+    return text
+
+
+def best_mask(values: pd.Series, direction: str, digits: int) -> pd.Series:
+    """Which rows are best in a column (ties all best, but a column where all rows tie has no best), compared as
+    printed so equal-looking cells agree."""
+    shown = values.astype(float).round(digits)
+    if shown.notna().sum() == 0 or (len(shown) > 1 and shown.nunique(dropna=False) == 1):
+        return pd.Series(False, index=values.index)
+    target = shown.min() if direction == "min" else shown.max()
+    return shown == target
+
+
+def _cell(row, m: str, bold: bool, digits: int, latex: bool) -> str:
+    value, lo, hi = row[m], row[f"{m}_lo"], row[f"{m}_hi"]
+    if pd.isna(value):
+        return "--" if latex else "–"
+    v = f"{value:.{digits}f}"
+    v = (rf"\textbf{{{v}}}" if latex else f"**{v}**") if bold else v
+    if pd.isna(lo):
+        return v
+    if row.get("seeds", 1) > 1:
+        sd = (hi - lo) / 2
+        return rf"{v} $\pm$ {sd:.{digits}f}" if latex else f"{v} ± {sd:.{digits}f}"
+    return rf"{v} {{\scriptsize [{lo:.{digits}f}, {hi:.{digits}f}]}}" if latex else f"{v} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _key_text(value, latex: bool) -> str:
+    if isinstance(value, float):
+        text = "–" if math.isnan(value) else f"{value:g}"
+    else:
+        text = str(value)
+    return latex_escape(text) if latex else text
+
+
+def param_label(col: str, latex: bool = False) -> str:
+    """rate_safety -> "rate (safety)", lambda_math -> "λ (math)"."""
+    for prefix, name in (("rate_", "rate"), ("lambda_", r"$\lambda$" if latex else "λ")):
+        if col.startswith(prefix):
+            task = col.removeprefix(prefix)
+            return f"{name} ({latex_escape(task) if latex else task})"
+    return latex_escape(col) if latex else col
+
+
+def render_table(rows: pd.DataFrame, keys: list[tuple[str, str]], group: str | None = None,
+                 note: str = "", digits: int = 3, bold_rows: pd.Series | None = None) -> tuple[str, str]:
+    """A booktabs tabular and its Markdown twin: key columns, then safety and utility metrics.
+
+    The best value of each metric column is bold, per `group` (each sweep) when given, among `bold_rows` only when
+    given (the main table compares merges, not the experts they come from)."""
+    candidates = bold_rows if bold_rows is not None else pd.Series(True, index=rows.index)
+    bold = pd.DataFrame(False, index=rows.index, columns=[m for m, _, _ in METRICS])
+    parts = rows.groupby(group, sort=False).groups.values() if group else [rows.index]
+    for idx in parts:
+        idx = [i for i in idx if candidates.loc[i]]
+        for m, _, d in METRICS:
+            bold.loc[idx, m] = best_mask(rows.loc[idx, m], d, digits)
+
+    k = len(keys)
+    head = [label for _, label in keys]
+    tex = [f"% {note}" if note else "%", r"\begin{tabular}{" + "l" * k + "r" * len(METRICS) + "}", r"\toprule",
+           " & " * k + rf"\multicolumn{{{len(SAFETY)}}}{{c}}{{Safety}} & "
+           rf"\multicolumn{{{len(UTILITY)}}}{{c}}{{Utility}} \\",
+           rf"\cmidrule(lr){{{k + 1}-{k + len(SAFETY)}}}\cmidrule(lr){{{k + len(SAFETY) + 1}-{k + len(METRICS)}}}",
+           " & ".join([*(param_label(c, True).capitalize() for c, _ in keys),
+                       *(f"{label.capitalize()} {ARROW[d][1]}" for _, label, d in METRICS)]) + r" \\",
+           r"\midrule"]
+    md = ["| " + " | ".join([*head, *(f"{label} {ARROW[d][0]}" for _, label, d in METRICS)]) + " |",
+          "| " + " | ".join(["---"] * k + ["---:"] * len(METRICS)) + " |"]
+    previous = None
+    for i, row in rows.iterrows():
+        if group and previous is not None and row[group] != previous:
+            tex.append(r"\midrule")
+        previous = row[group] if group else None
+        cells_tex = [_key_text(row[c], True) for c, _ in keys]
+        cells_md = [_key_text(row[c], False) for c, _ in keys]
+        for m, _, _ in METRICS:
+            cells_tex.append(_cell(row, m, bold.loc[i, m], digits, True))
+            cells_md.append(_cell(row, m, bold.loc[i, m], digits, False))
+        tex.append(" & ".join(cells_tex) + r" \\")
+        md.append("| " + " | ".join(cells_md) + " |")
+    tex += [r"\bottomrule", r"\end{tabular}"]
+    md_text = "\n".join(md) + "\n" + (f"\n{note}\n" if note else "")
+    return "\n".join(tex) + "\n", md_text
+
+
+def placeholder_table(what: str) -> tuple[str, str]:
+    text = f"{NO_SWEEP}: no sweep varies {what}"
+    return (f"% {text}\n\\begin{{tabular}}{{l}}\n\\toprule\n{latex_escape(text)} \\\\\n\\bottomrule\n"
+            "\\end{tabular}\n", f"*{text.capitalize()}.*\n")
+
+
+INTERVAL_NOTE = ("Rates are fractions of the evaluation set's prompts; [low, high] is the 95% Wilson score "
+                 "interval; mean ± sd is the mean and sample standard deviation over zoo seeds.")
+
+
+def main_table(summary: pd.DataFrame, counts: pd.DataFrame, digits: int = 3) -> tuple[str, str]:
+    """Rows: models (base, experts, then merges); bold: the best merge per column."""
+    rows = main_rows(summary, counts)
+    agg = aggregate(rows.assign(_row=range(len(rows))), ["_row"]).drop(columns="_row")
+    agg.insert(0, "model", rows["model"].values)
+    agg.insert(1, "kind", rows["kind"].values)
+    merged = agg["kind"].isin(["merge", "data-aware"])
+    note = INTERVAL_NOTE + (" Bold: the best merge per column." if merged.any() else " Bold: best per column.")
+    return render_table(agg, [("model", "model"), ("kind", "kind")], group=None, note=note, digits=digits,
+                        bold_rows=merged if merged.any() else None)
+
+
+def ablation_table(sweeps: pd.DataFrame, ablation: str, digits: int = 3) -> tuple[str, str]:
+    rows = ablation_rows(sweeps, ablation)
+    if rows.empty:
+        return placeholder_table(" or ".join(p.rstrip("_") for p in ABLATIONS[ablation]))
+    keys = [("sweep", "sweep")] + [(c, param_label(c)) for c in param_columns(rows)]
+    note = INTERVAL_NOTE + " Bold: the best point of each sweep per column."
+    return render_table(rows.reset_index(drop=True), keys, group="sweep", note=note, digits=digits)
+
+
+# ---------------------------------------------------------------- figures
+
+def _boxes_overlap(a, b, pad: float = 1.0) -> bool:
+    return not (a.x1 + pad <= b.x0 or b.x1 + pad <= a.x0 or a.y1 + pad <= b.y0 or b.y1 + pad <= a.y0)
+
+
+def label_box(text, renderer):
+    """The box of an annotation's text alone (an Annotation's own extent also covers its leader line)."""
+    text.update_positions(renderer)  # an annotation not drawn yet has no position in pixels
+    return matplotlib.text.Text.get_window_extent(text, renderer)
+
+
+# Offsets (in points) tried for a label, nearest first, in a fixed order: the placement is deterministic.
+_DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+_RADII = [4, 8, 13, 19, 26, 34, 44, 56]
+
+
+def place_labels(ax, xs, ys, labels, fontsize: float = 7) -> list:
+    """Annotate each point with its label where the label's box overlaps no earlier label and no marker.
+
+    Greedy and deterministic: labels are placed in input order, each at the first free offset of a fixed list
+    (nearer first); a label moved beyond the nearest ring gets a thin leader line. Labels that still find no
+    free spot within the figure keep the farthest offset tried, so the caller's test catches a crowded plot."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    marker_r = 3.5 * fig.dpi / 72
+    markers = []
+    for x, y in zip(xs, ys):
+        px, py = to_px((x, y))
+        markers.append(matplotlib.transforms.Bbox([[px - marker_r, py - marker_r], [px + marker_r, py + marker_r]]))
+    frame = fig.bbox
+    placed, texts = [], []
+    for x, y, label in zip(xs, ys, labels):
+        text = None
+        for r in _RADII:
+            for dx, dy in _DIRECTIONS:
+                norm = math.hypot(dx, dy)
+                off = (dx * r / norm, dy * r / norm)
+                ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+                va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+                if text is not None:
+                    text.remove()
+                text = ax.annotate(label, (x, y), xytext=off, textcoords="offset points", ha=ha, va=va,
+                                   fontsize=fontsize, annotation_clip=False,
+                                   arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5", shrinkA=0, shrinkB=2)
+                                   if r > _RADII[0] else None)
+                box = label_box(text, renderer)
+                inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1)
+                if inside and not any(_boxes_overlap(box, b) for b in placed + markers):
+                    break
+            else:
+                continue
+            break
+        placed.append(label_box(text, renderer))
+        texts.append(text)
+    return texts
+
+
+def safety_utility_figure(summary: pd.DataFrame, counts: pd.DataFrame):
+    """Harmful rate (with its Wilson interval) against mean utility, every model labelled; top left is best."""
+    rows = main_rows(summary, counts)
+    rows = rows[rows["harmful_rate"].notna() & rows["mean_utility"].notna()].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.9))
+    for kind in KINDS:
+        sub = rows[rows["kind"] == kind]
+        if sub.empty:
+            continue
+        iv = [rate_interval(r, n) for r, n in zip(sub["harmful_rate"], sub["n_harmful"].astype(float))]
+        err = [[max(0.0, r - lo) if not math.isnan(lo) else 0.0 for r, (lo, _) in zip(sub["harmful_rate"], iv)],
+               [max(0.0, hi - r) if not math.isnan(hi) else 0.0 for r, (_, hi) in zip(sub["harmful_rate"], iv)]]
+        style = KIND_STYLE[kind]
+        ax.errorbar(sub["harmful_rate"], sub["mean_utility"], xerr=err, fmt="none", ecolor=style["color"],
+                    elinewidth=0.6, alpha=0.5, zorder=2)
+        ax.scatter(sub["harmful_rate"], sub["mean_utility"], s=22, label=kind, zorder=3, edgecolor="white",
+                   linewidth=0.4, **style)
+    ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xlabel="harmful rate ↓", ylabel="mean utility ↑")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(KINDS), handletextpad=0.2,
+              columnspacing=0.8, borderaxespad=0.2)
+    texts = place_labels(ax, rows["harmful_rate"].tolist(), rows["mean_utility"].tolist(), rows["model"].tolist())
+    return fig, texts
+
+
+def placeholder_figure(text: str, width: float = COLUMN_WIDTH):
+    fig, ax = plt.subplots(figsize=(width, 1.2))
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+def _errorbars(rows: pd.DataFrame, m: str):
+    lo, hi = rows[f"{m}_lo"].astype(float), rows[f"{m}_hi"].astype(float)
+    v = rows[m].astype(float)
+    return [(v - lo).clip(lower=0).fillna(0), (hi - v).clip(lower=0).fillna(0)]
+
+
+def rate_sweep_figure(sweeps: pd.DataFrame):
+    """Harmful rate and mean utility against the safety task's rate, one line per location method.
+
+    Points of one method at one rate (seeds, or other parameters the sweeps also vary) are averaged, ± their sd."""
+    rows = ablation_rows(sweeps, "rate")
+    if rows.empty or "rate_safety" not in rows or rows["rate_safety"].nunique() < 2:
+        return placeholder_figure(f"{NO_SWEEP}: no sweep varies rate_safety", FULL_WIDTH)
+    raw = sweeps[sweeps["sweep"].isin(rows["sweep"].unique()) & sweeps["rate_safety"].notna()]
+    by = "location" if "location" in raw and raw["location"].notna().any() else None
+    raw = raw.assign(location=raw["location"].fillna("–") if by else "–")
+    points = aggregate(raw, ["location", "rate_safety"]).sort_values(["location", "rate_safety"], kind="stable")
+    fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.4), sharex=True)
+    for ax, (m, label, d) in zip(axes, [METRICS[0], METRICS[-1]]):
+        for i, (loc, g) in enumerate(points.groupby("location", sort=True)):
+            ax.errorbar(g["rate_safety"], g[m], yerr=_errorbars(g, m), marker="os^Dv<>p"[i % 8], capsize=2,
+                        color=PALETTE[i % len(PALETTE)], label=loc, elinewidth=0.6)
+        ax.set(xlabel="safety rate (fraction of weights located)", ylabel=f"{label} {ARROW[d][0]}", ylim=(-0.05, 1.05))
+    if by:
+        axes[1].legend(title="location method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def location_ablation_figure(sweeps: pd.DataFrame):
+    """Grouped bars: each metric for each location method (points of one method averaged)."""
+    rows = ablation_rows(sweeps, "location")
+    if rows.empty:
+        return placeholder_figure(f"{NO_SWEEP}: no sweep varies location", FULL_WIDTH)
+    raw = sweeps[sweeps["sweep"].isin(rows["sweep"].unique()) & sweeps["location"].notna()]
+    points = aggregate(raw, ["location"]).sort_values("location", kind="stable").reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(FULL_WIDTH, 2.4))
+    width = 0.8 / len(points)
+    for i, row in points.iterrows():
+        xs = [j + (i - (len(points) - 1) / 2) * width for j in range(len(METRICS))]
+        values = [row[m] for m, _, _ in METRICS]
+        err = [[max(0.0, row[m] - row[f"{m}_lo"]) if pd.notna(row[f"{m}_lo"]) else 0.0 for m, _, _ in METRICS],
+               [max(0.0, row[f"{m}_hi"] - row[m]) if pd.notna(row[f"{m}_hi"]) else 0.0 for m, _, _ in METRICS]]
+        ax.bar(xs, values, width=width * 0.92, yerr=err, capsize=1.5, color=PALETTE[i % len(PALETTE)],
+               error_kw=dict(elinewidth=0.6), label=row["location"])
+    ax.set_xticks(range(len(METRICS)), [f"{label} {ARROW[d][0]}" for _, label, d in METRICS])
+    ax.set(ylim=(0, 1.05), ylabel="fraction of prompts")
+    ax.grid(axis="x", visible=False)
+    ax.legend(title="location method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+# ---------------------------------------------------------------- all of it
+
+def build_paper(summary_csv, metrics_paths: dict[str, str | Path], mask_stats_csv, mask_overlap_csv, out_dir,
+                sweeps_csv=None, digits: int = 3) -> list[Path]:
+    """Write every file of `OUTPUTS` into `out_dir` (existing files replaced atomically); returns their paths."""
+    summary_csv = Path(summary_csv)
+    if not summary_csv.is_file():
+        raise LedmergeError(f"summary table {summary_csv} does not exist: run the report step first")
+    summary = pd.read_csv(summary_csv)
+    missing = [c for c in ("model", "kind", *(m for m, _, _ in METRICS)) if c not in summary]
+    if missing:
+        raise LedmergeError(f"{summary_csv} lacks column(s) {missing}: is it the report's summary.csv?")
+    counts = load_counts(metrics_paths)
+    sweeps = load_sweeps(sweeps_csv)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tables = {"table_main": main_table(summary, counts, digits)}
+    tables.update({f"table_ablation_{a}": ablation_table(sweeps, a, digits) for a in ABLATIONS})
+    for name, (tex, md) in tables.items():
+        write_text(out_dir / f"{name}.tex", tex)
+        write_text(out_dir / f"{name}.md", md)
+    with plt.rc_context(STYLE):
+        save_figure(safety_utility_figure(summary, counts)[0], out_dir, "fig_safety_utility")
+        save_figure(rate_sweep_figure(sweeps), out_dir, "fig_rate_sweep")
+        save_figure(location_ablation_figure(sweeps), out_dir, "fig_location_ablation")
+        plot_mask_overlap(mask_stats_csv, mask_overlap_csv, out_dir, name="fig_mask_overlap",
+                          figsize=(FULL_WIDTH, 2.6))
+    return [out_dir / name for name in OUTPUTS]
