@@ -169,6 +169,11 @@ def _scored_vocab_with_vocab_policy_base(key):
     return change
 
 
+def _mergekit_unknown_method(cfg, tmp_path, zoo, wide):
+    (tmp_path / "mk.yml").write_text("merge_method: model_stock\nbase_model: results/zoo/models/base\n")
+    cfg["merges"]["from_mergekit"] = {"mergekit": str(tmp_path / "mk.yml")}
+
+
 CASES = [
     ("rate-zero", _rate(0), "tasks.math.rate"),
     ("rate-above-one", _rate(1.5), "tasks.math.rate"),
@@ -197,12 +202,13 @@ CASES = [
      "importance.include_embeddings"),
     ("lm-head-with-vocab-policy-base", _scored_vocab_with_vocab_policy_base("include_lm_head"),
      "importance.include_lm_head"),
+    ("mergekit-unknown-method", _mergekit_unknown_method, "merges.from_mergekit': "),
 ]
 # The cases the Snakefile gate is also run on (each is a Snakemake start-up, ~3 s).
 SNAKEFILE_CASES = ["rate-zero", "unknown-method", "ties-density-2", "missing-expert-dir", "expert-shape-mismatch",
                    "empty-calibration", "unknown-top-level-key", "merge-named-like-task", "math-eval-without-answer",
                    "led-lambdas-name-no-task", "real-models-without-evaluation", "embeddings-with-vocab-policy-base",
-                   "sweep-bad-key", "sweep-lambda-on-ties"]
+                   "mergekit-unknown-method", "sweep-bad-key", "sweep-lambda-on-ties"]
 
 
 def bad_config(case_id, tmp_path, zoo, wide) -> tuple[dict, str]:
@@ -267,7 +273,7 @@ def test_defaults_do_not_override_given_values():
     cfg = {"tasks": {"math": {"model": "zoo", "calibration": {"source": "zoo"}, "rate": 0.4, "lambda": 0.5}},
            "merges": {"led": {"method": "led", "lambdas": {"math": 2.0}}}, "importance": {"granularity": "batch"}}
     validate(cfg)
-    assert cfg["importance"]["granularity"] == "batch" and cfg["importance"]["batch_size"] == 8
+    assert cfg["importance"]["granularity"] == "batch" and cfg["importance"]["batch_size"] == 1
     assert cfg["tasks"]["math"]["lambda"] == 0.5
     assert merge_spec(cfg, "led")["lambdas"] == {"math": 2.0}
 

@@ -82,8 +82,8 @@ def assert_close(got, want, rtol):
 
 def test_scores_equal_hand_computation(tiny_zoo, calib, tmp_path):
     out = tmp_path / "scores.safetensors"
-    summary = score_model(tiny_zoo["base"], calib, out, progress=False, score_dtype=F32)
-    assert summary["n_examples"] == 5 and summary["n_forward_backward"] == 5
+    summary = score_model(tiny_zoo["base"], calib, out, progress=False, score_dtype=F32, batch_size=8)
+    assert summary["n_examples"] == 5 and summary["n_forward_backward"] == 1  # batch_size 8, exact per example
     assert summary["n_response_tokens"] == sum(len(r["response"].split()) + 1 for r in ROWS)
     got = load_scores(out)
     model, tok = load(tiny_zoo["base"])
@@ -168,8 +168,10 @@ def test_bf16_model_accumulates_in_float32(tiny_zoo, tmp_path):
     rows = ROWS * 8
     calib = tmp_path / "many.jsonl"
     calib.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # batch_size 1: the reference below differentiates one example at a time, and bf16 activations round
+    # differently in a padded batch (same sums within bf16 rounding, not to 1e-6)
     score_model(tiny_zoo["base"], calib, tmp_path / "bf16.safetensors", dtype="bfloat16", progress=False,
-                score_dtype=F32)
+                score_dtype=F32, batch_size=1)
     got = load_scores(tmp_path / "bf16.safetensors")
     assert all(v.dtype == torch.float32 for v in got.values())
     model, tok = load(tiny_zoo["base"], dtype=torch.bfloat16)
@@ -242,8 +244,9 @@ def test_truncated_examples_are_skipped(tiny_zoo, calib, tmp_path):
     """max_length=8: rows 0 and 3 have prompts of 8 and 9 tokens (words + <|user|> <|assistant|>), so no
     response token is left; rows 1, 2, 4 keep at least one."""
     with pytest.warns(UserWarning, match="2 of 5"):
-        summary = score_model(tiny_zoo["base"], calib, tmp_path / "s.safetensors", max_length=8, progress=False)
-    assert summary["n_examples"] == 3 and summary["n_skipped"] == 2 and summary["n_forward_backward"] == 3
+        summary = score_model(tiny_zoo["base"], calib, tmp_path / "s.safetensors", max_length=8, progress=False,
+                              batch_size=8)
+    assert summary["n_examples"] == 3 and summary["n_skipped"] == 2 and summary["n_forward_backward"] == 1
     assert tensors_metadata(tmp_path / "s.safetensors")["n_skipped"] == "2"
 
 
@@ -278,7 +281,7 @@ def test_compute_scores_restores_model_state(tiny_zoo):
     assert all(torch.equal(a[n], b[n]) for n in a)  # deterministic: eval mode, dropout off
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
-    assert info["n_forward_backward"] == 5
+    assert info["n_forward_backward"] == 5  # the default batch_size 1: one example per pass
 
 
 # ---- scaling options: rank16 score files, device_map, autocast, gradient checkpointing, remote code ----
@@ -315,12 +318,12 @@ def test_gradient_checkpointing_same_scores_and_recomputes(tiny_zoo, calib):
     calls = []
     # a pre-hook: checkpoint's recomputation stops early, once the last saved tensor is rebuilt
     handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-    plain, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32)
+    plain, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32, batch_size=8)
     n_plain, calls[:] = len(calls), []
-    ckpt, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32,
+    ckpt, _ = compute_scores(model, examples, tok.pad_token_id, progress=False, score_dtype=F32, batch_size=8,
                              gradient_checkpointing=True)
     handle.remove()
-    assert n_plain == 5 and len(calls) == 10
+    assert n_plain == 1 and len(calls) == 2  # one pass (batch_size 8), its MLP recomputed once
     assert all("forward" not in vars(m) for m in model.modules())  # wrappers removed afterwards
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=0)
@@ -536,3 +539,77 @@ def test_random_scores_elect_exactly_the_rate(tiny_zoo, calib, tmp_path):
 def test_location_refusals_before_loading(tiny_zoo, calib, tmp_path, opts, match):
     with pytest.raises(LedmergeError, match=match):
         score_model(tmp_path / "no-such-model", calib, tmp_path / "s.safetensors", progress=False, **opts)
+
+
+# ---- exact per-example scores in micro-batches (ledmerge.per_example) ----
+
+def tiny_llama(tied: bool):
+    """Random init, 2 layers; pad_token_id 0 makes the embedding's padding_idx 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def random_examples():
+    """Five examples of lengths 4..12 (micro-batches of 3 are padded), each half prompt; the pad id 0 is also a
+    real token of every example."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in (7, 12, 4, 9, 11):
+        ids = torch.randint(1, 48, (n,), generator=g).tolist()
+        ids[1] = 0
+        out.append(chat.Encoded(ids, [chat.IGNORE_INDEX] * (n // 2) + ids[n // 2:]))
+    return out
+
+
+ALL = {"include_norms": True, "include_embeddings": True, "include_lm_head": True}
+
+
+@pytest.mark.parametrize("tied, flags", [
+    (False, {}),
+    (False, {**ALL, "loss_reduction": "mean"}),
+    (False, {"include_norms": True, "gradient_checkpointing": True}),
+    (True, {"include_embeddings": True}),  # the tied tensor gets the embedding's and the LM head's gradients
+    (True, {"include_lm_head": True}),
+    (True, {**ALL, "loss_reduction": "mean"}),
+    (True, {**ALL, "gradient_checkpointing": True}),
+], ids=["linears", "all_mean", "norms_checkpointing", "tied_embeddings", "tied_lm_head", "tied_all_mean",
+        "tied_checkpointing"])
+def test_batched_per_example_scores_equal_batch_one(tied, flags):
+    """granularity example with batch_size 3: the same Σ_x |∂L(x)/∂W| as one example per pass, in 2 passes
+    instead of 5, and the same masks at the paper's rates; |Σ_batch ∂L/∂W| (granularity batch) is not it."""
+    from ledmerge.topk import top_r_mask
+
+    model, examples = tiny_llama(tied), random_examples()
+    one, info_one = compute_scores(model, examples, 0, progress=False, score_dtype=F32, batch_size=1, **flags)
+    many, info_many = compute_scores(model, examples, 0, progress=False, score_dtype=F32, batch_size=3, **flags)
+    summed, _ = compute_scores(model, examples, 0, progress=False, score_dtype=F32, batch_size=3,
+                               granularity="batch", **flags)
+    assert info_one["n_forward_backward"] == 5 and info_many["n_forward_backward"] == 2
+    assert set(many) == set(one) and all((v > 0).any() for v in one.values())
+    for n in one:
+        torch.testing.assert_close(many[n], one[n], rtol=1e-5, atol=1e-6 * float(one[n].max()))
+        for r in (0.1, 0.4, 0.5):
+            assert torch.equal(top_r_mask(many[n], r), top_r_mask(one[n], r)), (n, r)
+    assert any((summed[n] < one[n] * (1 - 1e-3)).any() for n in one)
+
+
+@pytest.mark.parametrize("share", ["module", "weight"])
+def test_batched_falls_back_to_one_example_per_pass(share):
+    """A module called twice per forward, or a weight held by two linears, cannot be split per example inside
+    a batch: a warning, then one example per pass (the exact scores)."""
+    model = tiny_llama(False)
+    layers = model.model.layers
+    if share == "module":
+        layers[1].mlp = layers[0].mlp
+    else:
+        layers[1].self_attn.o_proj.weight = layers[0].self_attn.o_proj.weight
+    examples = random_examples()
+    one, _ = compute_scores(model, examples, 0, progress=False, score_dtype=F32, batch_size=1)
+    with pytest.warns(UserWarning, match="called twice" if share == "module" else "shared by 2 modules"):
+        many, info = compute_scores(model, examples, 0, progress=False, score_dtype=F32, batch_size=3)
+    assert info["n_forward_backward"] == 5
+    assert all(torch.equal(many[n], one[n]) for n in one)

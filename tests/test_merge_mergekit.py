@@ -133,3 +133,26 @@ def test_della_keep_probabilities_match_mergekit(monkeypatch, shape):
     delta = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     della_magprune(delta, density=0.4, epsilon=0.25)
     assert torch.equal(seen[0].reshape(shape), keep_probabilities(delta.abs(), 0.4, 0.25))
+
+
+@pytest.mark.parametrize("spec, tasks", [
+    ({"method": "task_arithmetic", "scale": 0.8, "weights": WEIGHTS}, TASKS),
+    ({"method": "ties", "density": 0.5, "scale": 0.7, "weights": WEIGHTS}, TASKS),
+    ({"method": "slerp", "t": 0.3}, ("math",)),
+], ids=["task_arithmetic", "ties", "slerp"])
+def test_mergekit_runs_the_exported_config_to_our_merge(tiny_zoo, tmp_path, spec, tasks):
+    """The mergekit_config.yml a merge writes, run by mergekit as it is, gives our merged weights."""
+    import yaml
+
+    from ledmerge.merge.mergekit_io import FILE_NAME
+
+    merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in tasks}, spec, tmp_path / "ours")
+    exported = yaml.safe_load((tmp_path / "ours" / FILE_NAME).read_text())
+    assert "mergekit_config.yml" in (tmp_path / "ours" / "README.md").read_text()
+    want = run_mergekit(exported, tmp_path / "mergekit")
+    got = load_state_dict(tmp_path / "ours")
+    assert got.keys() == want.keys()
+    base = load_state_dict(tiny_zoo["base"])
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+        assert not torch.equal(got[name], base[name]), name

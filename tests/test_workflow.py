@@ -303,6 +303,23 @@ def test_dry_run_plans_every_rule(tmp_path, name):
 
 
 @pytest.mark.slow
+def test_dry_run_plans_a_merge_given_as_a_mergekit_file(tmp_path):
+    """A merges entry {mergekit: file} is translated at parse time: the merge job gets the ledmerge spec."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["results"] = str(tmp_path / "results")
+    models = tmp_path / "results" / "zoo" / "models"
+    (tmp_path / "ties.yml").write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(models / "base"), "parameters": {"lambda": 0.5},
+        "models": [{"model": str(models / t), "parameters": {"density": 0.3, "weight": 1.0}} for t in TASKS]}))
+    cfg["merges"] = {"ties_mk": {"mergekit": str(tmp_path / "ties.yml")}}
+    (tmp_path / "work").mkdir()
+    proc = snakemake(tmp_path / "work", write_config(tmp_path / "c.yaml", cfg), "-n", "-p", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert job_stats(proc.stdout)["merge"] == 1
+    assert """'{"density": 0.3, "method": "ties", "scale": 0.5}'""" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("merge, mergekit_config", [
     ("task_arithmetic", {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0, "normalize": False}}),

@@ -9,21 +9,28 @@ How it is computed, and why:
 - One forward/backward per (micro-)batch for the whole model, never per layer: every parameter's
   gradient comes out of the same backward pass, so re-running the data once per layer (as the released
   LED code does) only multiplies the cost.
-- `granularity="example"` (default, the paper's definition): each example is its own micro-batch of
-  size 1 (no padding), so |grad| is the absolute per-example gradient. `batch_size` is not used then.
-  Per-sample gradients via torch.func.vmap were rejected: they hold batch_size copies of every gradient.
+- `granularity="example"` (default, the paper's definition): |grad| is the absolute per-example gradient.
+  With batch_size 1 each example is its own pass. With batch_size > 1 a micro-batch shares one forward and
+  backward, and `ledmerge.per_example` rebuilds each example's gradient module by module inside the backward
+  (a linear's is Σ_positions gᵀx over the example's real positions; embeddings, tied embedding/LM head and
+  norms likewise), never computing the summed weight gradients. Same sums up to float32 rounding: padding
+  changes the order of some sums in the attention backward, so near-ties at a mask's cut-off can swap.
+  Models it cannot split that way (see `per_example.NotBatchable`) fall back to one example per pass, with
+  a warning. Per-sample gradients via torch.func.vmap were rejected: they hold batch_size copies of every
+  gradient.
 - `granularity="batch"`: micro-batches of `batch_size` examples; |Σ_{x∈batch} ∂L(x)/∂W| is accumulated.
   Faster, but opposite-signed contributions inside a batch cancel, so scores are (slightly) lower.
-- A post-accumulate-grad hook on every scored parameter adds |grad| into a float32 accumulator as soon as
-  autograd has produced it and then drops the gradient, so no second copy of the gradients is held and
-  bf16 models do not lose small contributions across examples. Unscored parameters are frozen.
+- One example per pass, and granularity "batch": a post-accumulate-grad hook on every scored parameter adds
+  |grad| into a float32 accumulator as soon as autograd has produced it and then drops the gradient, so no
+  second copy of the gradients is held and bf16 models do not lose small contributions across examples.
+  Unscored parameters are frozen. The batched per-example path sums into the same float32 accumulators.
 - |W| is the model's own (possibly bf16) weight cast to float32.
 
-Pass count. N calibration examples cost N forward+backward passes in all (granularity "example"; "batch":
-⌈N/batch_size⌉), each pass scoring every tensor of every layer at once. The released LED code scores layer
-by layer, re-running all calibration samples once per layer: N×L passes for L layers, 32x the passes for
-an 8B model (Llama-3-8B has L = 32 decoder layers; 128 examples: 128 passes here against 4,096).
-`score_model` reports both (`n_forward_backward`, `reference_passes` = N×L).
+Pass count. N calibration examples cost ⌈N/batch_size⌉ forward+backward passes in all, each pass scoring
+every tensor of every layer at once. The released LED code scores layer by layer, re-running all calibration
+samples once per layer: N×L passes for L layers, 32x the passes for an 8B model (Llama-3-8B has L = 32
+decoder layers; 128 examples at batch size 1: 128 passes against 4,096). `score_model` reports both
+(`n_forward_backward`, `reference_passes` = N×L).
 
 Real checkpoints:
 - `device_map` ("auto", "balanced", {module: device}, ...) is handed to `from_pretrained` (accelerate) to
@@ -89,6 +96,7 @@ from .errors import LedmergeError
 from .fileio import read_jsonl
 from .formats import rank_code, save_scores
 from .options import resolve
+from .per_example import NotBatchable, PerExampleTaps
 from .provenance import MODEL_FILES, file_sha256, weights_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -140,11 +148,12 @@ def location_score(location: str, weight: torch.Tensor, *, grad_sum: torch.Tenso
 
 
 @contextlib.contextmanager
-def _input_sq_sums(model: nn.Module, params: dict[str, nn.Parameter], attention: dict):
+def _input_sq_sums(model: nn.Module, params: dict[str, nn.Parameter], sums: dict, attention: dict):
     """Σ x_j² over the non-padding tokens (attention["mask"], set per pass) of every input feature of each scored
-    linear layer, in float32 on the layer's device: forward pre-hooks, removed on exit."""
+    linear layer, into `sums` (name -> float32 on the layer's device): forward pre-hooks, removed on exit."""
     names = {id(p): name for name, p in params.items()}
-    sums, handles = {}, []
+    sums.clear()
+    handles = []
     for module in model.modules():
         if isinstance(module, nn.Linear) and id(module.weight) in names and names[id(module.weight)] not in sums:
             buf = sums[names[id(module.weight)]] = torch.zeros(module.in_features, dtype=torch.float32,
@@ -156,7 +165,7 @@ def _input_sq_sums(model: nn.Module, params: dict[str, nn.Parameter], attention:
                 _buf.add_(x.square().mul_(keep).reshape(-1, x.shape[-1]).sum(0))
             handles.append(module.register_forward_pre_hook(hook))
     try:
-        yield sums
+        yield
     finally:
         for h in handles:
             h.remove()
@@ -310,48 +319,79 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
     acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()} \
         if needs == "grad" else {}
 
+    def autocast_ctx():  # a fresh context per use
+        return _autocast(device_types, autocast)
+
     def make_hook(buf):
         def hook(p):
             buf.add_(p.grad.abs_())  # abs in place (exact in any dtype), then promoted into the fp32 sum
             p.grad = None
         return hook
 
-    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
-    scored_ids = {id(p) for p in params.values()} if needs == "grad" else set()
-    handles = []
-    attention = {}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in scored_ids)
-            p.grad = None
-        for name in acc:
-            handles.append(params[name].register_post_accumulate_grad_hook(make_hook(acc[name])))
-        model.eval()  # no dropout: deterministic scores
-        step = 1 if granularity == "example" else batch_size
+    def run(taps: PerExampleTaps | None) -> tuple[int, int]:
+        """All passes; returns (response tokens, passes). `taps`: per-example sums inside micro-batches."""
+        step = 1 if granularity == "example" and taps is None else batch_size
         batches = [examples[i:i + step] for i in range(0, len(examples), step)] if needs else []
         n_tokens = 0
-        with _checkpointed(layers), _input_sq_sums(model, params if needs == "act" else {}, attention) as act:
+        with contextlib.ExitStack() as stack:
+            for p in model.parameters():  # taps need no parameter gradient at all
+                p.requires_grad_(taps is None and id(p) in scored_ids)
+                p.grad = None
+            if taps is None:
+                for name in acc:
+                    stack.callback(params[name].register_post_accumulate_grad_hook(make_hook(acc[name])).remove)
+            else:
+                stack.enter_context(taps)
+            if needs == "act":
+                stack.enter_context(_input_sq_sums(model, params, act, attention))
+            stack.enter_context(_checkpointed(layers))
             for i, batch in enumerate(tqdm(batches, desc="importance", unit="pass", disable=not progress)):
                 inputs = {k: v.to(device) for k, v in chat.collate(batch, pad_id).items()}
                 labels = inputs.pop("labels")
                 attention["mask"] = inputs["attention_mask"]
-                with _autocast(device_types, autocast):
+                lengths = taps.batch([len(e.input_ids) for e in batch]) if taps else contextlib.nullcontext()
+                with autocast_ctx(), lengths:
                     logits = model(**inputs, use_cache=False).logits
-                loss = chat.response_nll(logits, labels.to(logits.device), reduction=loss_reduction)  # float32
-                if not torch.isfinite(loss):  # before backward: one NaN would spread into every score
-                    which = f"example {i * step}" if step == 1 else \
+                labels = labels.to(logits.device)
+                if taps is None:  # the pass's loss
+                    losses = chat.response_nll(logits, labels, reduction=loss_reduction).view(1)  # float32
+                else:  # one loss per example, each reduced on its own
+                    losses = chat.response_nll(logits, labels, reduction="none")
+                    if loss_reduction == "mean":
+                        losses = losses / (labels[:, 1:] != chat.IGNORE_INDEX).sum(dim=1).clamp(min=1)
+                bad = (~torch.isfinite(losses.detach())).nonzero()
+                if len(bad):  # before backward: one NaN would spread into every score
+                    which = f"example {i * step + int(bad[0, 0])}" if len(losses) == len(batch) else \
                         f"examples {i * step}..{i * step + len(batch) - 1} (one batch)"
                     raise LedmergeError(
                         f"the loss on calibration {which} (0-based, of the {len(examples)} kept) is "
-                        f"{float(loss.detach())}: the model's weights hold NaN/inf or its dtype overflows; check the "
-                        "checkpoint, or score in dtype float32 without autocast")
+                        f"{float(losses.detach()[int(bad[0, 0])])}: the model's weights hold NaN/inf or its dtype "
+                        "overflows; check the checkpoint, or score in dtype float32 without autocast")
                 if needs == "grad":
-                    loss.backward()  # hooks consume and free every scored gradient
+                    losses.sum().backward()  # hooks (or taps) consume and free every scored gradient
                 n_tokens += int((labels[:, 1:] != chat.IGNORE_INDEX).sum())
-                del logits, loss
+                del logits, losses
+        return n_tokens, len(batches)
+
+    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
+    scored_ids = {id(p) for p in params.values()} if needs == "grad" else set()
+    act, attention = {}, {}  # wanda's sums of squared inputs; the pass's attention mask
+    model.eval()  # no dropout: deterministic scores
+    try:
+        taps = None
+        if needs == "grad" and granularity == "example" and batch_size > 1 and len(examples) > 1:
+            try:
+                taps = PerExampleTaps(model, params, acc, autocast=autocast_ctx)
+            except NotBatchable as exc:
+                warnings.warn(f"importance: one example per pass ({exc})", stacklevel=2)
+        try:
+            n_tokens, n_passes = run(taps)
+        except NotBatchable as exc:  # seen in a forward, before that pass's backward: restart exactly
+            warnings.warn(f"importance: one example per pass ({exc})", stacklevel=2)
+            for a in acc.values():
+                a.zero_()
+            n_tokens, n_passes = run(None)
     finally:
-        for h in handles:
-            h.remove()
         for p in model.parameters():
             p.requires_grad_(saved_flags[id(p)])
             p.grad = None
@@ -363,7 +403,7 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
                 if len(bad):
                     raise LedmergeError(
                         f"the gradient of {name} is not finite ({float(bad[0])} in {len(bad)} entries, summed over "
-                        f"{len(batches)} pass(es)), so its scores would be meaningless: a float16/bfloat16 backward "
+                        f"{n_passes} pass(es)), so its scores would be meaningless: a float16/bfloat16 backward "
                         "overflowed or the checkpoint is broken; score in dtype float32 without autocast")
         for name in params:  # one tensor at a time, freeing its accumulator
             s = location_score(location, params[name], grad_sum=acc.pop(name, None), act_sq_sum=act.pop(name, None),
@@ -374,7 +414,7 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
                                     "is broken; fix or re-download it")
             scores[name] = rank_code(s) if encoding == "rank16" else s.cpu()
             del s
-    return scores, {"n_examples": len(examples), "n_response_tokens": n_tokens, "n_forward_backward": len(batches)}
+    return scores, {"n_examples": len(examples), "n_response_tokens": n_tokens, "n_forward_backward": n_passes}
 
 
 def _num_layers(model: nn.Module) -> int:

@@ -242,7 +242,7 @@ def model_kind(name):
 def merge_method(name):
     """The merge method of a configured or data-aware merge (evo_<method>_<objective>; cocktail: linear)."""
     if name in config["merges"]:
-        return config["merges"][name]["method"]
+        return merge_spec(config, name)["method"]  # an entry may be a mergekit file
     return name[len("evo_"):].rsplit("_", 1)[0] if name.startswith("evo_") else "linear"
 
 

@@ -402,6 +402,11 @@ def per_task(value: float | Mapping[str, float], task: str) -> float:
     return value[task] if isinstance(value, Mapping) else value
 
 
+def each_value(value: float | Mapping[str, float]) -> list[float]:
+    """Every value of a number-or-per-task parameter (for checks that combine it with another parameter)."""
+    return list(value.values()) if isinstance(value, Mapping) else [value]
+
+
 def check_int(method: str, key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _invalid(method, key, "an integer", value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import LedmergeError
 from ..topk import top_k_count, top_k_mask
-from .base import Param, TaskVectorMethod, l1_rescale, per_task
+from .base import Param, TaskVectorMethod, each_value, l1_rescale, per_task
 from .task_arithmetic import weighted_sum
 from .ties import elect_disjoint_mean, with_mean_weights
 
@@ -41,8 +41,7 @@ class Breadcrumbs(TaskVectorMethod):
 
     def __post_init__(self):
         self.check_params()
-        densities = self.density.values() if isinstance(self.density, dict) else [self.density]
-        for density in densities:
+        for density in each_value(self.density):
             if density + self.gamma > 1:
                 raise LedmergeError(f"merge method '{self.name}': density + gamma must be at most 1 (the kept band "
                                     f"follows the dropped outliers), got density {density} and gamma {self.gamma}: "

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LedmergeError
-from .base import Param, TaskVectorMethod, l1_rescale, per_task
+from .base import Param, TaskVectorMethod, each_value, l1_rescale, per_task
 from .task_arithmetic import weighted_sum
 from .ties import elect_disjoint_mean, with_mean_weights
 
@@ -64,8 +64,7 @@ class _Della(TaskVectorMethod):
 
     def __post_init__(self):
         self.check_params()
-        densities = self.density.values() if isinstance(self.density, dict) else [self.density]
-        for density in densities:
+        for density in each_value(self.density):
             if density < 1 and not (0 < density - self.epsilon and density + self.epsilon < 1):
                 raise LedmergeError(f"merge method '{self.name}': the keep probabilities density ± epsilon must lie "
                                     f"inside (0, 1), got density {density} and epsilon {self.epsilon}: lower epsilon "

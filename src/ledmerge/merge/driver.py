@@ -3,7 +3,8 @@
 It reads every input through `ledmerge.checkpoint.ModelReader` (one tensor at a time, read ahead by a thread; a
 LoRA adapter expert through `AdapterReader`, which adds its `scale·B·A` to the base's tensor as it is read),
 checks LED masks against the models they were computed from, stops on non-finite values, and writes the merged
-model with `ShardedWriter`, then its config, tokenizer files and model card (`card.model_card`).
+model with `ShardedWriter`, then its config, tokenizer files, model card (`card.model_card`) and, for the methods
+mergekit shares, the equivalent mergekit configuration (`mergekit_io.to_mergekit`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from ..options import resolve
 from ..tokenizer import copy_tokenizer_files
 from .base import MaskFiles, TensorContext
 from .card import CONFIG_FILES, TOKENIZER_INPUTS, config_sha256s, model_card
+from .mergekit_io import FILE_NAME as MERGEKIT_FILE
+from .mergekit_io import floating_dtype, to_mergekit
 from .registry import get_method
 
 log = logging.getLogger(__name__)
@@ -53,9 +56,10 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                  out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None, *,
                  allow_pickle: bool = False, tokenizer_dir: str | os.PathLike | None = None,
                  progress: bool | None = None, **opts) -> dict:
-    """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card.
-    Returns the merge's summary (also written to `SUMMARY_FILE` in it): the full recipe, and per post-step and
-    tensor what the step did (SafeMERGE: the similarity and whether the layer was replaced).
+    """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card
+    and, where mergekit has the method, `mergekit_config.yml`. Returns the merge's summary (also written to
+    `SUMMARY_FILE` in it): the full recipe, and per post-step and tensor what the step did (SafeMERGE: the
+    similarity and whether the layer was replaced).
 
     config.json comes from the base; tokenizer files, chat template and generation config (stop tokens) from
     `tokenizer_dir` (the workflow's `tokenizer` directory, see `ledmerge.tokenizer`), by default the base.
@@ -201,9 +205,15 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         for role, d in (("base", base_dir), *((f"expert `{t}`", expert_dirs[t]) for t in tasks)):
             hashes[role].update(config_sha256s(d, CONFIG_FILES))
         hashes["tokenizer"] = config_sha256s(tokenizer_dir or base_dir, TOKENIZER_INPUTS)
+        # Rows aligned by index (vocab_policy base) have no mergekit setting: no equivalent then.
+        exported = None if aligned else to_mergekit(method, base_dir, {t: expert_dirs[t] for t in tasks},
+                                                     floating_dtype(base.infos))
+        if exported is not None:
+            (out / MERGEKIT_FILE).write_text(exported)
         (out / "README.md").write_text(model_card(method, base_dir, expert_dirs, hashes,
                                                   masks if mask_files else None, vocab_policy if aligned else None,
-                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir, reports=reports))
+                                                  tokenizer, tokenizer_dir=tokenizer_dir or base_dir, reports=reports,
+                                                  mergekit=exported is not None))
         summary = {"recipe": method.recipe(), "post_steps": reports}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("wrote merged model to %s (%d shard(s))", out_dir, len(writer.files))
