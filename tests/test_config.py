@@ -311,6 +311,7 @@ def test_user_configfile_replaces_the_default_rather_than_merging(tmp_path):
     cfg["results"] = str(tmp_path / "results")
     cfg["tasks"] = {t: cfg["tasks"][t] for t in ("safety", "math")}
     cfg["merges"] = {"task_arithmetic": cfg["merges"]["task_arithmetic"]}
+    cfg["sweeps"] = {}  # its sweep varies led
     cfg["data_aware"]["enabled"] = False  # only the configured merge
     path = tmp_path / "two_tasks.yaml"
     path.write_text(yaml.safe_dump(cfg))
