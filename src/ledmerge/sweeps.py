@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from .errors import LedmergeError
 
-# Axes in the order of the point names and of the sweeps.csv columns.
-AXES = ("zoo_seed", "location", "pattern", "rate", "lambda", "density", "drop")
+# Axes in the order of the point names and of the sweeps.csv columns (docs/results.md's order).
+AXES = ("location", "pattern", "rate", "lambda", "density", "drop", "zoo_seed")
 PER_TASK = ("rate", "lambda")
 MASK_AXES = ("location", "pattern", "rate")  # what the LED masks depend on (besides the zoo)
 
@@ -37,7 +37,7 @@ class Point:
     sweep: str
     merge: str  # the configured merge the sweep varies
     name: str  # the point's merge name: `merge` itself when every value is the configured one
-    values: dict  # column (zoo_seed, location, pattern, rate_<t>, lambda_<t>, density, drop) -> effective value
+    values: dict  # column (location, pattern, rate_<t>, lambda_<t>, density, drop, zoo_seed) -> effective value
     spec: dict = field(repr=False)  # the merge spec the point runs
     zoo_seed: int | None  # None: the main zoo (or models that are not the zoo)
     uses_masks: bool
