@@ -29,12 +29,14 @@ include: "workflow/rules/merge.smk"
 include: "workflow/rules/data_aware.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/sweeps.smk"
 
 
 rule all:
     input:
         rules.report.output,
         rules.paper.output,
+        rules.sweeps_report.output if SWEEP_POINTS else [],
     default_target: True
 
 

@@ -106,6 +106,14 @@ def _unknown_top_level(cfg, tmp_path, zoo, wide):
     cfg["reslts"] = "typo"
 
 
+def _sweep_bad_key(cfg, tmp_path, zoo, wide):
+    cfg["sweeps"]["rate_location"]["rates"] = [{"math": 0.2}]  # `rate` misspelt
+
+
+def _sweep_lambda_on_ties(cfg, tmp_path, zoo, wide):
+    cfg["sweeps"]["rate_location"] = {"merge": "ties", "lambda": {"math": [0.5]}}
+
+
 def _merge_named_like_task(cfg, tmp_path, zoo, wide):
     cfg["merges"]["math"] = {"method": "linear"}
 
@@ -177,6 +185,8 @@ CASES = [
     ("empty-calibration", _empty_calibration, "tasks.safety.calibration"),
     ("unknown-top-level-key", _unknown_top_level, "reslts"),
     ("merge-named-like-task", _merge_named_like_task, "merges.math"),
+    ("sweep-bad-key", _sweep_bad_key, "sweeps.rate_location"),
+    ("sweep-lambda-on-ties", _sweep_lambda_on_ties, "sweeps.rate_location.lambda"),
     ("merge-named-base", _merge_named_base, "merges.base"),
     ("missing-eval-file", _missing_eval_file, "evaluation.harmful"),
     ("math-eval-without-answer", _eval_rows("math", {"prompt": "what is 3 + 4"}), "evaluation.math"),
@@ -198,7 +208,7 @@ CASES = [
 SNAKEFILE_CASES = ["rate-zero", "unknown-method", "ties-density-2", "missing-expert-dir", "expert-shape-mismatch",
                    "empty-calibration", "unknown-top-level-key", "merge-named-like-task", "math-eval-without-answer",
                    "led-lambdas-name-no-task", "real-models-without-evaluation", "embeddings-with-vocab-policy-base",
-                   "mergekit-unknown-method"]
+                   "mergekit-unknown-method", "sweep-bad-key", "sweep-lambda-on-ties"]
 
 
 def bad_config(case_id, tmp_path, zoo, wide) -> tuple[dict, str]:
@@ -301,6 +311,7 @@ def test_user_configfile_replaces_the_default_rather_than_merging(tmp_path):
     cfg["results"] = str(tmp_path / "results")
     cfg["tasks"] = {t: cfg["tasks"][t] for t in ("safety", "math")}
     cfg["merges"] = {"task_arithmetic": cfg["merges"]["task_arithmetic"]}
+    cfg["sweeps"] = {}  # its sweep varies led
     cfg["data_aware"]["enabled"] = False  # only the configured merge
     path = tmp_path / "two_tasks.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -52,9 +52,10 @@ def linear_names(model):
                   if isinstance(m, nn.Linear) and name != "lm_head")
 
 
-def hand_scores(model, tok, rows, names, acc_dtype=torch.float64):
-    """|W| * sum_x |dL(x)/dW|, with L(x) written out independently of ledmerge.chat: the response is the
-    last len(words)+1 tokens (its words and <|end|>), each scored by -log softmax of the previous position."""
+def hand_scores(model, tok, rows, names, acc_dtype=torch.float64, times_weight=True):
+    """|W| * sum_x |dL(x)/dW| (without |W|: `times_weight` false), with L(x) written out independently of
+    ledmerge.chat: the response is the last len(words)+1 tokens (its words and <|end|>), each scored by -log softmax
+    of the previous position."""
     params = dict(model.named_parameters())
     acc = {n: torch.zeros(params[n].shape, dtype=acc_dtype) for n in names}
     for row in rows:
@@ -68,7 +69,7 @@ def hand_scores(model, tok, rows, names, acc_dtype=torch.float64):
         loss = -sum(logp[j - 1, ids[0, j]] for j in range(L - n_resp, L))
         for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names])):
             acc[n] += g.abs().to(acc_dtype)
-    return {n: acc[n] * params[n].detach().abs().to(acc_dtype) for n in names}
+    return {n: acc[n] * (params[n].detach().abs().to(acc_dtype) if times_weight else 1) for n in names}
 
 
 def assert_close(got, want, rtol):
@@ -448,6 +449,96 @@ def test_save_load_scores_round_trip_and_errors(tmp_path):
     save_tensors(tmp_path / "old.safetensors", {"a": rank_code(scores["a"])}, metadata={"score_encoding": "rank16"})
     with pytest.raises(LedmergeError, match="older ledmerge"):  # rank codes before zero scores were marked
         load_scores(tmp_path / "old.safetensors")
+
+
+# ---- location methods (importance.location) ----
+
+def _encoded(model_dir):
+    model, tok = load(model_dir)
+    examples, _ = encode_rows(tok, ROWS, 64)
+    return model, tok, examples
+
+
+def test_location_gradient_and_magnitude(tiny_zoo):
+    model, tok, examples = _encoded(tiny_zoo["base"])
+    names = linear_names(model)
+    grad, summary = compute_scores(model, examples, chat.pad_id(tok), progress=False, score_dtype=F32,
+                                   location="gradient")
+    assert summary["n_forward_backward"] == len(ROWS)
+    assert_close(grad, hand_scores(model, tok, ROWS, names, times_weight=False), rtol=1e-6)
+    magnitude, summary = compute_scores(model, examples, chat.pad_id(tok), progress=False, score_dtype=F32,
+                                        location="magnitude")
+    assert summary["n_forward_backward"] == 0  # no calibration pass
+    params = dict(model.named_parameters())
+    assert all(torch.equal(magnitude[n], params[n].detach().abs()) for n in names)
+
+
+@pytest.mark.parametrize("granularity", ["example", "batch"])
+def test_location_wanda_is_weight_times_input_norm(tiny_zoo, granularity):
+    """|W_ij| · ‖X_j‖₂ over every token of every example; padding (batch granularity) adds nothing."""
+    model, tok, examples = _encoded(tiny_zoo["base"])
+    sq = {}
+    modules = {f"{name}.weight": m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name != "lm_head"}
+    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: sq.__setitem__(
+        n, sq.get(n, 0) + args[0].detach().double().square().sum((0, 1)))) for n, m in modules.items()]
+    with torch.no_grad():
+        for e in examples:
+            model(input_ids=torch.tensor([e.input_ids]))
+    for h in hooks:
+        h.remove()
+    want = {n: m.weight.detach().double().abs() * sq[n].sqrt() for n, m in modules.items()}
+    got, summary = compute_scores(model, examples, chat.pad_id(tok), progress=False, score_dtype=F32,
+                                  location="wanda", granularity=granularity, batch_size=2)
+    assert summary["n_forward_backward"] == (len(ROWS) if granularity == "example" else 3)
+    assert_close(got, want, rtol=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # forward passes only
+
+
+def test_location_random_is_seeded_by_seed_key_and_name(tiny_zoo):
+    def scores(model_dir, seed, key):
+        model, tok, examples = _encoded(model_dir)
+        return compute_scores(model, examples, chat.pad_id(tok), progress=False, score_dtype=F32,
+                              location="random", random_seed=seed, random_key=key)
+
+    first, summary = scores(tiny_zoo["base"], 0, "math")
+    assert summary["n_forward_backward"] == 0
+    again, _ = scores(tiny_zoo["base"], 0, "math")
+    expert, _ = scores(tiny_zoo["math"], 0, "math")  # the task's expert: the same draws as its base
+    other_seed, _ = scores(tiny_zoo["base"], 1, "math")
+    other_key, _ = scores(tiny_zoo["base"], 0, "code")
+    for n in first:
+        assert torch.equal(first[n], again[n]) and torch.equal(first[n], expert[n])
+        assert not torch.equal(first[n], other_seed[n]) and not torch.equal(first[n], other_key[n])
+        assert float(first[n].min()) > 0 and float(first[n].max()) <= 1
+    names = sorted(first)
+    assert not torch.equal(first[names[0]].flatten()[:8], first[names[1]].flatten()[:8])  # per tensor
+
+
+def test_random_scores_elect_exactly_the_rate(tiny_zoo, calib, tmp_path):
+    """Base and expert share the draws, so pattern 11 elects ceil(r·n) weights per tensor: a random mask at the
+    paper's count."""
+    from ledmerge.masks import elect_files
+    from ledmerge.topk import top_k_count
+
+    for role in ("base", "math"):
+        score_model(tiny_zoo[role], calib, tmp_path / f"{role}.safetensors", progress=False, location="random",
+                    random_seed=3, random_key="math")
+    counts = elect_files(tmp_path / "math.safetensors", tmp_path / "base.safetensors", 0.3, "11",
+                         tmp_path / "mask.safetensors")
+    shapes = {n: t.numel() for n, t in load_scores(tmp_path / "base.safetensors").items()}
+    assert counts["elected"] == sum(top_k_count(n, 0.3) for n in shapes.values())
+    meta = json.loads(tensors_metadata(tmp_path / "base.safetensors")["options"])
+    assert meta["location"] == "random" and meta["random_seed"] == 3 and meta["random_key"] == "math"
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"location": "random"}, "needs a seed and a key"),
+    ({"location": "wanda", "include_norms": True}, "importance.include_norms"),
+])
+def test_location_refusals_before_loading(tiny_zoo, calib, tmp_path, opts, match):
+    with pytest.raises(LedmergeError, match=match):
+        score_model(tmp_path / "no-such-model", calib, tmp_path / "s.safetensors", progress=False, **opts)
 
 
 # ---- exact per-example scores in micro-batches (ledmerge.per_example) ----

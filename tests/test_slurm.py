@@ -88,11 +88,11 @@ def outputs(results: Path, models: list[str]) -> dict:
 
 def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
     # Same result-changing settings as the local run (config/test.yaml); only where the jobs run, what they ask
-    # for and which merges are made differ. The data-aware jobs add nothing SLURM-specific: off.
+    # for and which merges are made differ. The data-aware and sweep jobs add nothing SLURM-specific: off.
     slurm_dir = tmp_path / "slurm"
     slurm_dir.mkdir()
     merges = test_config(slurm_dir / "results")["merges"]
-    slurm_cfg = test_config(slurm_dir / "results", data_aware__enabled=False,
+    slurm_cfg = test_config(slurm_dir / "results", data_aware__enabled=False, sweeps={},
                             merges={m: merges[m] for m in SLURM_MERGES}, resources={
         "importance": {"gpu": 1, "mem_mb": 8000, "runtime": "20m"},
         "evaluation": {"gpu": 1, "mem_mb": 8000, "runtime": "1h"}})

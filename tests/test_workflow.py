@@ -31,6 +31,16 @@ MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 METRICS = ["harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"]
 RULES = ["zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration", "importance", "election", "disjoint",
          "merge", "evaluation", "report", "paper", "synthetic", "evolve", "cocktail"]
+# The sweeps' jobs in each shipped config. config.yaml: 3 rate tuples x {snip, random} (snip at the paper's rates is
+# the `led` merge): random scores once per task and role, 5 mask sets (15 elections), 5 merges. test.yaml: a rate
+# sweep of math, which reuses every score and the other tasks' elections.
+SWEEP_JOBS = {
+    "config.yaml": {"sweep_importance": 6, "sweep_election": 15, "sweep_disjoint": 5, "sweep_merge": 5,
+                    "sweep_evaluation": 5, "sweeps_report": 1},
+    "test.yaml": {"sweep_election": 2, "sweep_disjoint": 2, "sweep_merge": 2, "sweep_evaluation": 2,
+                  "sweeps_report": 1},
+}
+SWEEP_POINTS = ["led.rate_math-0.2", "led.rate_math-0.3"]  # config/test.yaml's
 
 
 @pytest.mark.slow
@@ -109,10 +119,14 @@ def test_every_rule_has_logs(workflow_run):
     expected += [f"importance_{t}_{r}" for t in TASKS for r in ("base", "expert")] + [f"election_{t}" for t in TASKS]
     expected += [f"merge_{m}" for m in MERGES + DATA_AWARE] + [f"evaluation_{m}" for m in MODELS]
     expected += ["synthetic"] + [f"evolve_{m.removeprefix('evo_')}" for m in DATA_AWARE if m.startswith("evo_")]
-    expected += [m for m in DATA_AWARE if m.startswith("cocktail_")]
+    expected += [m for m in DATA_AWARE if m.startswith("cocktail_")] + ["sweeps_report"]
     missing = [name for name in expected if not (logs / f"{name}.log").is_file()]
     assert not missing, missing
     assert sorted(p.stem for p in logs.glob("*.log")) == sorted(expected)
+    sweeps = ["election_snip_11_r0.2_math", "election_snip_11_r0.3_math"]
+    sweeps += [f"disjoint_snip_11_code0.5_math{r}_safety0.1" for r in ("0.2", "0.3")]
+    sweeps += [f"{rule}_{p}" for rule in ("merge", "evaluation") for p in SWEEP_POINTS]
+    assert sorted(p.name.removesuffix(".log") for p in (logs / "sweeps").glob("*.log")) == sorted(sweeps)
 
 
 @pytest.mark.slow
@@ -162,9 +176,12 @@ def test_lambda_change_reruns_only_the_led_merge_and_downstream(workflow_run, tm
     proc = snakemake(workflow_run.workdir, write_config(tmp_path / "c.yaml", cfg), "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = job_stats(proc.stdout)
-    assert set(stats) <= {"merge", "evaluation", "report", "paper", "all"}, stats
+    assert set(stats) <= {"merge", "evaluation", "report", "paper", "all", "sweep_merge", "sweep_evaluation",
+                          "sweeps_report"}, stats
     assert stats.get("merge") == 1, stats  # only `led` uses λ
     assert stats.get("evaluation") == 1 and stats.get("report") == 1 and stats.get("paper") == 1, stats
+    # The sweep's points vary led's rate and keep its λ: merged again on the same masks.
+    assert stats.get("sweep_merge") == stats.get("sweep_evaluation") == len(SWEEP_POINTS), stats
     assert f"{workflow_run.results}/merged/led" in proc.stdout
     assert "Params have changed since last execution" in proc.stdout  # the params rerun trigger (default)
 
@@ -181,6 +198,61 @@ def test_rate_change_reruns_election_not_importance(workflow_run, tmp_path):
     evo_led = [m for m in DATA_AWARE if m.startswith("evo_led_")]
     assert stats.get("disjoint") == 1 and stats.get("merge") == 1 + len(evo_led), stats
     assert stats.get("evolve") == len(evo_led) and "synthetic" not in stats and "cocktail" not in stats, stats
+
+
+@pytest.mark.slow
+def test_sweeps_table_has_a_row_per_point(workflow_run):
+    from ledmerge.formats import tensors_metadata
+
+    with open(workflow_run.results / "report" / "sweeps.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["sweep", "model", "rate_math", "harmful_rate", "over_refusal_rate", "math_accuracy",
+                             "code_pass_rate", "mean_utility", "n_harmful", "n_benign", "n_math", "n_code"]
+    assert [(r["sweep"], r["model"], float(r["rate_math"])) for r in rows] == [
+        ("rate", SWEEP_POINTS[0], 0.2), ("rate", SWEEP_POINTS[1], 0.3)]
+    for row in rows:
+        assert all(0.0 <= float(row[m]) <= 1.0 for m in METRICS)
+        assert [int(row[f"n_{k}"]) for k in ("harmful", "benign", "math", "code")] == [10, 10, 10, 10]
+    for point in SWEEP_POINTS:  # each its own merge, with the rates it was elected at
+        mask = workflow_run.results / "sweeps" / "masks" / "elected" / f"snip_11_r{point[-3:]}" / "math.safetensors"
+        assert float(tensors_metadata(mask)["rate"]) == float(point[-3:])
+        assert (workflow_run.results / "sweeps" / "merged" / point / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, expected", [
+    # one value of the rate sweep: that point's election, masks, merge and evaluation, and the tables
+    ({"rate": {"merge": "led", "rate": {"math": [0.2, 0.35]}}},
+     {"sweep_election": 1, "sweep_disjoint": 1, "sweep_merge": 1, "sweep_evaluation": 1, "sweeps_report": 1}),
+    # a λ sweep added: merged on the masks already there
+    ({"rate": {"merge": "led", "rate": {"math": [0.2, 0.3]}}, "lam": {"merge": "led", "lambda": {"math": [0.5]}}},
+     {"sweep_merge": 1, "sweep_evaluation": 1, "sweeps_report": 1}),
+])
+def test_changing_one_sweep_value_reruns_only_that_branch(workflow_run, tmp_path, change, expected):
+    cfg = test_config(workflow_run.results, sweeps=change)
+    proc = snakemake(workflow_run.workdir, write_config(tmp_path / "c.yaml", cfg), "-n", "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert job_stats(proc.stdout) == {**expected, "paper": 1, "all": 1}, proc.stdout[-3000:]  # paper: its ablations
+    assert f"sweeps/merged/{SWEEP_POINTS[0]}" not in proc.stdout  # the unchanged point is not merged again
+
+
+@pytest.mark.slow
+def test_ablations_overlay_plans_re_trained_zoos(tmp_path):
+    """config/ablations.yaml on top of config/config.yaml: its sweeps join the default one; zoo seeds 1 and 2
+    re-train a base and three experts each, scored for snip and random; no sweep scores the main zoo with snip."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["results"] = str(tmp_path / "results")
+    (tmp_path / "work").mkdir()
+    proc = subprocess.run([str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path / "work"),
+                           "--configfile", str(write_config(tmp_path / "c.yaml", cfg)),
+                           str(REPO / "config" / "ablations.yaml"), "-n", "--cores", "2"],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = job_stats(proc.stdout)
+    assert stats["sweep_zoo_base"] == 2 and stats["sweep_zoo_expert"] == 2 * len(TASKS), stats
+    # magnitude, gradient, wanda, random on the main zoo; snip and random on each re-trained one
+    assert stats["sweep_importance"] == (4 + 2 * 2) * 2 * len(TASKS), stats
+    assert stats["importance"] == 2 * len(TASKS) and stats["sweeps_report"] == 1, stats
 
 
 @pytest.mark.slow
@@ -223,7 +295,8 @@ def test_dry_run_plans_every_rule(tmp_path, name):
     # The default config ships with the data-aware merges switched off (data_aware.enabled); the test one on.
     assert bool(data_aware) == (name == "test.yaml") and (name != "test.yaml" or data_aware == DATA_AWARE)
     expected_rules = set(RULES) if data_aware else set(RULES) - {"synthetic", "evolve", "cocktail"}
-    assert set(stats) == expected_rules | {"all"}, stats
+    assert set(stats) == expected_rules | set(SWEEP_JOBS[name]) | {"all"}, stats
+    assert {rule: stats[rule] for rule in SWEEP_JOBS[name]} == SWEEP_JOBS[name]
     assert stats["merge"] == len(MERGES) + len(data_aware) and stats["importance"] == 2 * len(TASKS)
     assert stats["evaluation"] == 1 + len(TASKS) + len(MERGES) + len(data_aware)
     assert not (tmp_path / "results").exists()
@@ -239,6 +312,7 @@ def test_dry_run_plans_a_merge_given_as_a_mergekit_file(tmp_path):
         "merge_method": "ties", "base_model": str(models / "base"), "parameters": {"lambda": 0.5},
         "models": [{"model": str(models / t), "parameters": {"density": 0.3, "weight": 1.0}} for t in TASKS]}))
     cfg["merges"] = {"ties_mk": {"mergekit": str(tmp_path / "ties.yml")}}
+    cfg["sweeps"] = {}  # the default sweep varies led
     (tmp_path / "work").mkdir()
     proc = snakemake(tmp_path / "work", write_config(tmp_path / "c.yaml", cfg), "-n", "-p", "--cores", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -162,8 +162,8 @@ def cmd_importance(a):
 
     _threads(a)
     summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, base_dir=a.base,
-                          **_options(a, "importance"),
-                          trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle)
+                          **_options(a, "importance"), trust_remote_code=a.trust_remote_code,
+                          allow_pickle=a.allow_pickle, random_seed=a.seed, random_key=a.key)
     print(json.dumps(summary))
 
 
@@ -268,6 +268,13 @@ def cmd_report(a):
     print(df.to_string(index=False))
 
 
+def cmd_sweeps_report(a):
+    from .report import sweeps_table
+
+    table = _json_arg(a.points, "--points")
+    print(sweeps_table(table["points"], table["columns"], a.out).to_string(index=False))
+
+
 def cmd_paper(a):
     from .paper import build_paper
 
@@ -360,13 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     opt_ins(sp, pickle=False)
 
-    sp = add("importance", cmd_importance, "SNIP importance scores |W| * sum|grad| of one model on one calibration set",
-             "importance")
+    sp = add("importance", cmd_importance, "importance scores (SNIP |W| * sum|grad|, or the `location` method) of "
+             "one model on one calibration set", "importance")
     sp.add_argument("--model", required=True)
     sp.add_argument("--calibration", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
                     "expert see the same token ids; absent: the model's own")
+    sp.add_argument("--seed", type=int, help="location random: the config seed")
+    sp.add_argument("--key", help="location random: what else seeds the draws (the workflow: the task, so a task's "
+                    "base and expert get the same scores)")
     sp.add_argument("--base", help="the base model, when --model is a PEFT LoRA adapter on it")
     opt_ins(sp)
 
@@ -443,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mask-overlap")
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--history", nargs="*", metavar="NAME=CSV", help="CMA-ES search histories (data-aware merges)")
+
+    sp = add("sweeps-report", cmd_sweeps_report, "the long table of the sweeps: one row per point (sweeps.csv)")
+    sp.add_argument("--points", required=True, help='JSON (inline or @FILE): {"columns": [swept parameters], '
+                    '"points": [{"sweep", "model", "values": {column: value}, "metrics": metrics.json}]}')
+    sp.add_argument("--out", required=True, help="the CSV to write")
 
     sp = add("paper", cmd_paper, "paper tables (LaTeX booktabs and Markdown) and print-ready figures (PDF and PNG)")
     sp.add_argument("--summary", required=True, help="the report's summary.csv")

@@ -117,6 +117,12 @@ def check(config: dict) -> None:
         if source not in (None, ZOO) and not isinstance(source, dict):
             _at(f"evaluation.{key}", read_jsonl, source, required=SETS[key][1])
     _check_vocab_scoring(config)
+    from .importance import check_location
+    from .sweeps import check as check_sweeps
+
+    imp = config["importance"]
+    _at("importance.location", check_location, imp["location"], include_norms=imp["include_norms"],
+        include_embeddings=imp["include_embeddings"], random_seed=config["seed"], random_key="")
     for name in merges:
         try:  # exactly the spec the merge job runs (merge.smk's merge_spec_arg)
             method = get_method(merge_spec(config, name))
@@ -124,6 +130,7 @@ def check(config: dict) -> None:
         except LedmergeError as exc:
             raise LedmergeError(f"config error at 'merges.{name}': {exc}") from None
     _check_data_aware(config)
+    check_sweeps(config)
 
 
 def _check_vocab_scoring(config: dict) -> None:

@@ -1,4 +1,5 @@
-"""Location: SNIP importance scores I(θ; X) = |W| ⊙ Σ_x |∂L(x)/∂W| (see docs/methods.md).
+"""Location: SNIP importance scores I(θ; X) = |W| ⊙ Σ_x |∂L(x)/∂W| (see docs/methods.md), and the ablations'
+other location methods (`location`, `location_score`).
 
 L(x) = −log p(response | prompt) over the response tokens only, summed (or averaged: `loss_reduction`),
 the prompt rendered with the run's chat template (`ledmerge.tokenizer`: the same token ids for the base and
@@ -59,6 +60,18 @@ one tied value, and the ties at the cut-off are then broken by index instead of 
 grows with how crowded the scores are around the cut-off, with no bound in entries. Codes are stored as
 uint16 (metadata `score_encoding: rank16`) and read back as float32 (exact), higher = more important.
 `score_dtype="float32"` writes the raw scores instead (debugging; 4 bytes per weight).
+Location methods (`importance.location`), all ranked and stored alike, so the election and everything after it
+are the same code whatever located the weights:
+- `snip` (default, the paper's): |W| ⊙ Σ_x |∂L(x)/∂W|.
+- `gradient`: Σ_x |∂L(x)/∂W| alone (what SNIP multiplies by |W|).
+- `magnitude`: |W| alone; no calibration pass (the data is still encoded, for the token fingerprint).
+- `wanda`: |W_ij| · ‖X_j‖₂, the norm of input feature j over every non-padding calibration token, from forward
+  pre-hooks on the scored linear layers; forward passes only (no backward). Norms and embeddings are not inputs
+  of a linear layer, so they cannot be scored this way (refused before any pass).
+- `random`: uniform scores in (0, 1] drawn on the CPU per tensor from sha256(seed, key, tensor name): the
+  random-mask control that the released LED code calls (`_random_prune_core`). The workflow's key is the task
+  (not the role), so a task's base and expert get the same scores, TopR of both coincide and pattern `11` elects
+  exactly ⌈r·n⌉ random weights per tensor, the paper's counts; no calibration pass.
 The metadata records where the scores came from: the model's weight files (`model_files`: name -> bytes and
 sha256, see `ledmerge.provenance`) and the calibration set (`calibration_sha256`); masks carry them on.
 """
@@ -87,6 +100,75 @@ from .per_example import NotBatchable, PerExampleTaps
 from .provenance import MODEL_FILES, file_sha256, weights_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# What each location method reads besides the weights: the summed |grad| ("grad"), the summed squared inputs of
+# each linear layer ("act"), or nothing (no calibration pass).
+LOCATION_NEEDS = {"snip": "grad", "gradient": "grad", "magnitude": None, "wanda": "act", "random": None}
+
+
+# ---- location methods ----
+
+def check_location(location: str, *, include_norms: bool = False, include_embeddings: bool = False,
+                   random_seed: int | None = None, random_key: str | None = None) -> None:
+    """Refuse, before any model is loaded, what a location method cannot score."""
+    if location not in LOCATION_NEEDS:
+        raise LedmergeError(f"unknown location method {location!r}: use one of {list(LOCATION_NEEDS)}")
+    if location == "wanda" and (include_norms or include_embeddings):
+        key = "include_norms" if include_norms else "include_embeddings"
+        raise LedmergeError(f"location wanda scores only linear layers (|W| times the norm of their inputs): set "
+                            f"importance.{key} to false, or use another location method")
+    if location == "random" and (random_seed is None or random_key is None):
+        raise LedmergeError("location random needs a seed and a key (the workflow passes the config seed and the "
+                            "task): give --seed and --key")
+
+
+def random_generator(seed: int, key: str, name: str) -> torch.Generator:
+    """A CPU generator per (seed, key, tensor): the same draws whatever the device, order or other tensors."""
+    digest = hashlib.sha256(json.dumps([seed, key, name]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def location_score(location: str, weight: torch.Tensor, *, grad_sum: torch.Tensor | None = None,
+                   act_sq_sum: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The float32 score of one weight tensor, on its device, from what the calibration passes accumulated:
+    `grad_sum` = Σ_x |∂L(x)/∂W| (snip, gradient; updated in place so no second copy is held), `act_sq_sum` =
+    Σ x_j² per input feature j of the layer (wanda), `generator` (random). Higher = more important; 0 is never
+    elected."""
+    w = weight.detach().float().abs()
+    if location == "snip":
+        return grad_sum.mul_(w)
+    if location == "gradient":
+        return grad_sum
+    if location == "magnitude":
+        return w
+    if location == "wanda":  # |W_ij| · ‖X_j‖₂: one norm per input column, broadcast over the output rows
+        return w.mul_(act_sq_sum.to(w.device).sqrt())
+    if location == "random":  # (0, 1]: no draw is 0, so every weight can be elected
+        return torch.rand(weight.shape, generator=generator).neg_().add_(1).to(weight.device)
+    raise LedmergeError(f"unknown location method {location!r}: use one of {list(LOCATION_NEEDS)}")
+
+
+@contextlib.contextmanager
+def _input_sq_sums(model: nn.Module, params: dict[str, nn.Parameter], sums: dict, attention: dict):
+    """Σ x_j² over the non-padding tokens (attention["mask"], set per pass) of every input feature of each scored
+    linear layer, into `sums` (name -> float32 on the layer's device): forward pre-hooks, removed on exit."""
+    names = {id(p): name for name, p in params.items()}
+    sums.clear()
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) in names and names[id(module.weight)] not in sums:
+            buf = sums[names[id(module.weight)]] = torch.zeros(module.in_features, dtype=torch.float32,
+                                                               device=module.weight.device)
+
+            def hook(_module, args, _buf=buf):
+                x = args[0].detach().float()
+                keep = attention["mask"].to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], 1)
+                _buf.add_(x.square().mul_(keep).reshape(-1, x.shape[-1]).sum(0))
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ---- scoring ----
@@ -202,19 +284,23 @@ def _autocast(device_types: set[str], mode: str):
 
 
 def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, *,
-                   checkpoint_shapes: dict | None = None, progress: bool = True,
-                   **opts) -> tuple[dict[str, torch.Tensor], dict]:
+                   checkpoint_shapes: dict | None = None, progress: bool = True, random_seed: int | None = None,
+                   random_key: str | None = None, **opts) -> tuple[dict[str, torch.Tensor], dict]:
     """Scores for an in-memory model (on one device or spread by a device_map): name -> tensor on the CPU
     (uint16 rank16 codes, computed on each tensor's device, or float32 scores with score_dtype="float32"),
-    plus counts. `opts`: the config's `importance` section (batch_size, granularity, include_*, autocast,
-    gradient_checkpointing, score_dtype, loss_reduction; schema defaults for the rest; the loading keys dtype,
-    device, device_map and max_length are score_model's). The model is put in eval mode and its unscored
-    parameters frozen (requires_grad is restored afterwards)."""
+    plus counts. `opts`: the config's `importance` section (location, batch_size, granularity, include_*,
+    autocast, gradient_checkpointing, score_dtype, loss_reduction; schema defaults for the rest; the loading keys
+    dtype, device, device_map and max_length are score_model's); `random_seed` and `random_key` seed location
+    random. The model is put in eval mode and its unscored parameters frozen (requires_grad is restored
+    afterwards)."""
     o = resolve("importance", opts)
-    batch_size, granularity, autocast, encoding, loss_reduction = (
-        o[k] for k in ("batch_size", "granularity", "autocast", "score_dtype", "loss_reduction"))
+    location, batch_size, granularity, autocast, encoding, loss_reduction = (
+        o[k] for k in ("location", "batch_size", "granularity", "autocast", "score_dtype", "loss_reduction"))
     include_norms, include_embeddings, include_lm_head, gradient_checkpointing = (
         o[k] for k in ("include_norms", "include_embeddings", "include_lm_head", "gradient_checkpointing"))
+    check_location(location, include_norms=include_norms, include_embeddings=include_embeddings,
+                   random_seed=random_seed, random_key=random_key)
+    needs = LOCATION_NEEDS[location]
     if not examples:
         raise LedmergeError("no calibration example has a response token left: raise max_length or check the data")
     offloaded = sorted({n for n, p in model.named_parameters() if p.device.type == "meta"})
@@ -230,7 +316,8 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
     layers = _checkpoint_layers(model) if gradient_checkpointing else []
 
     # float32 sums on each parameter's own device (several GPUs with a device_map)
-    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()} \
+        if needs == "grad" else {}
 
     def autocast_ctx():  # a fresh context per use
         return _autocast(device_types, autocast)
@@ -244,21 +331,24 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
     def run(taps: PerExampleTaps | None) -> tuple[int, int]:
         """All passes; returns (response tokens, passes). `taps`: per-example sums inside micro-batches."""
         step = 1 if granularity == "example" and taps is None else batch_size
-        batches = [examples[i:i + step] for i in range(0, len(examples), step)]
+        batches = [examples[i:i + step] for i in range(0, len(examples), step)] if needs else []
         n_tokens = 0
         with contextlib.ExitStack() as stack:
             for p in model.parameters():  # taps need no parameter gradient at all
                 p.requires_grad_(taps is None and id(p) in scored_ids)
                 p.grad = None
             if taps is None:
-                for name, p in params.items():
-                    stack.callback(p.register_post_accumulate_grad_hook(make_hook(acc[name])).remove)
+                for name in acc:
+                    stack.callback(params[name].register_post_accumulate_grad_hook(make_hook(acc[name])).remove)
             else:
                 stack.enter_context(taps)
+            if needs == "act":
+                stack.enter_context(_input_sq_sums(model, params, act, attention))
             stack.enter_context(_checkpointed(layers))
             for i, batch in enumerate(tqdm(batches, desc="importance", unit="pass", disable=not progress)):
                 inputs = {k: v.to(device) for k, v in chat.collate(batch, pad_id).items()}
                 labels = inputs.pop("labels")
+                attention["mask"] = inputs["attention_mask"]
                 lengths = taps.batch([len(e.input_ids) for e in batch]) if taps else contextlib.nullcontext()
                 with autocast_ctx(), lengths:
                     logits = model(**inputs, use_cache=False).logits
@@ -277,17 +367,19 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
                         f"the loss on calibration {which} (0-based, of the {len(examples)} kept) is "
                         f"{float(losses.detach()[int(bad[0, 0])])}: the model's weights hold NaN/inf or its dtype "
                         "overflows; check the checkpoint, or score in dtype float32 without autocast")
-                losses.sum().backward()  # hooks (or taps) consume and free every scored gradient
+                if needs == "grad":
+                    losses.sum().backward()  # hooks (or taps) consume and free every scored gradient
                 n_tokens += int((labels[:, 1:] != chat.IGNORE_INDEX).sum())
                 del logits, losses
         return n_tokens, len(batches)
 
     saved_flags = {id(p): p.requires_grad for p in model.parameters()}
-    scored_ids = {id(p) for p in params.values()}
+    scored_ids = {id(p) for p in params.values()} if needs == "grad" else set()
+    act, attention = {}, {}  # wanda's sums of squared inputs; the pass's attention mask
     model.eval()  # no dropout: deterministic scores
     try:
         taps = None
-        if granularity == "example" and batch_size > 1 and len(examples) > 1:
+        if needs == "grad" and granularity == "example" and batch_size > 1 and len(examples) > 1:
             try:
                 taps = PerExampleTaps(model, params, acc, autocast=autocast_ctx)
             except NotBatchable as exc:
@@ -314,7 +406,9 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
                         f"{n_passes} pass(es)), so its scores would be meaningless: a float16/bfloat16 backward "
                         "overflowed or the checkpoint is broken; score in dtype float32 without autocast")
         for name in params:  # one tensor at a time, freeing its accumulator
-            s = acc.pop(name).mul_(params[name].detach().float().abs())
+            s = location_score(location, params[name], grad_sum=acc.pop(name, None), act_sq_sum=act.pop(name, None),
+                               generator=random_generator(random_seed, random_key, name) if location == "random"
+                               else None)
             if not torch.isfinite(s.sum()) and not torch.isfinite(s).all():
                 raise LedmergeError(f"the weights of {name} hold NaN/inf, so its scores are not finite: the checkpoint "
                                     "is broken; fix or re-download it")
@@ -339,7 +433,8 @@ def tokens_sha256(examples: list[chat.Encoded]) -> str:
 
 
 def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, base_dir=None,
-                trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = True, **opts) -> dict:
+                trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = True,
+                random_seed: int | None = None, random_key: str | None = None, **opts) -> dict:
     """Score a Hugging Face model directory on a calibration JSONL ({prompt, response, ...} rows) and write the
     scores, keyed by the checkpoint's tensor names, to `out_path` (safetensors, atomic) with `save_scores`:
     rank16 codes by default, raw float32 with score_dtype="float32".
@@ -349,6 +444,9 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     score file records their fingerprint (`tokens_sha256`) and the election checks that both files agree.
     `loss_reduction`: "sum" over response tokens (default), or "mean" per response token of each pass, the
     Hugging Face loss the released LED code differentiates.
+
+    `location` (the importance section's) picks the location method; location random draws from `random_seed`
+    and `random_key` (the workflow: the config seed and the task).
 
     `device_map` (e.g. "auto") spreads the model over the node's GPUs and makes `device` unused.
     `allow_pickle` also scores pickle (.bin) checkpoints. The score file records the model's weight files
@@ -363,6 +461,8 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     o = resolve("importance", opts)  # the schema's defaults and allowed values (options.py)
     max_length, dtype, device, device_map, score_dtype = (
         o[k] for k in ("max_length", "dtype", "device", "device_map", "score_dtype"))
+    check_location(o["location"], include_norms=o["include_norms"], include_embeddings=o["include_embeddings"],
+                   random_seed=random_seed, random_key=random_key)
     t0 = time.perf_counter()
     model_dir, calibration_path = Path(model_dir), Path(calibration_path)
     rows = read_jsonl(calibration_path, required=("prompt", "response"))
@@ -401,11 +501,13 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
         fix = ": set trust_remote_code: true if you trust its code" if "custom code" in str(exc) else ""
         raise LedmergeError(f"cannot load {model_dir} on {where} ({' '.join(str(exc).split())}){fix}") from None
     scores, summary = compute_scores(model, examples, chat.pad_id(tokenizer), checkpoint_shapes=shapes,
-                                     progress=progress, **o)
+                                     progress=progress, random_seed=random_seed, random_key=random_key, **o)
     n_layers = _num_layers(model)
     del model
     # What was computed, from the resolved options; where it ran (device, device_map) does not change the scores.
     options = {k: v for k, v in o.items() if k not in ("device", "device_map")}
+    if o["location"] == "random":
+        options.update(random_seed=random_seed, random_key=random_key)
     save_scores(out_path, scores, encoding=score_dtype, metadata={
         "kind": "importance", "model_dir": str(model_dir), "calibration": str(calibration_path),
         "calibration_sha256": file_sha256(calibration_path),

@@ -55,16 +55,55 @@ def load_summary(metrics_paths: dict[str, str | Path], model_kinds: dict[str, st
         rows.append({"model": model, "kind": kind, **metrics})
     if not rows:
         raise LedmergeError("no models to report: metrics_paths is empty")
-    df = pd.DataFrame(rows)
+    df = _with_mean_utility(pd.DataFrame(rows))
+    others = sorted(c for c in df.columns if c not in ("model", "kind", *MAIN_METRICS, "mean_utility"))
+    df["_order"] = df["kind"].map(KINDS.index)
+    df = df.sort_values("_order", kind="stable").drop(columns="_order")
+    return df[["model", "kind", *MAIN_METRICS, "mean_utility", *others]].reset_index(drop=True)
+
+
+def _with_mean_utility(df: pd.DataFrame) -> pd.DataFrame:
+    """The main metrics (NaN where absent) and mean_utility: the mean of the utility metrics that some row has,
+    so a set switched off in the whole run does not count as 0."""
     for col in MAIN_METRICS:
         if col not in df:
             df[col] = math.nan
     present = [c for c in UTILITY_METRICS if df[c].notna().any()]
     df["mean_utility"] = df[present].mean(axis=1) if present else math.nan
-    others = sorted(c for c in df.columns if c not in ("model", "kind", *MAIN_METRICS, "mean_utility"))
-    df["_order"] = df["kind"].map(KINDS.index)
-    df = df.sort_values("_order", kind="stable").drop(columns="_order")
-    return df[["model", "kind", *MAIN_METRICS, "mean_utility", *others]].reset_index(drop=True)
+    return df
+
+
+# The evaluation sets behind each metric: metrics.json's `n` as sweeps.csv columns.
+COUNTS = {"harmful": "n_harmful", "benign": "n_benign", "math": "n_math", "code": "n_code"}
+
+
+def sweeps_table(points: list[dict], columns: list[str], out_csv) -> pd.DataFrame:
+    """results/report/sweeps.csv: one row per sweep point, long format (a point in two sweeps is two rows).
+
+    `points`: {"sweep", "model" (the point's merge name), "values" (column -> value), "metrics" (its
+    metrics.json)}; `columns`: the swept parameters, in order. Columns: sweep, model, `columns`, the main metrics
+    and mean_utility as in summary.csv, then n_harmful, n_benign, n_math, n_code (the prompts each rate is over,
+    empty for a set that is off) so intervals can be computed from the table alone."""
+    rows = []
+    for p in points:
+        path = Path(p["metrics"])
+        if not path.is_file():
+            raise LedmergeError(f"metrics file {path} of sweep point {p['model']!r} does not exist: run its "
+                                "evaluation first")
+        report = json.loads(path.read_text())
+        rows.append({"sweep": p["sweep"], "model": p["model"], **{c: p["values"].get(c) for c in columns},
+                     **{m: report["metrics"].get(m, math.nan) for m in MAIN_METRICS},
+                     **{col: report.get("n", {}).get(key) for key, col in COUNTS.items()}})
+    if not rows:
+        raise LedmergeError("no sweep points to tabulate: the config's sweeps section is empty")
+    df = _with_mean_utility(pd.DataFrame(rows))
+    df = df[["sweep", "model", *columns, *MAIN_METRICS, "mean_utility", *COUNTS.values()]]
+    df = df.astype({col: "Int64" for col in COUNTS.values()})
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    return df
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ledmerge.checkpoint import ADAPTER_CONFIG, INDEX, PICKLE_INDEX, is_adapter, weight_files
 from ledmerge.config import ZOO, data_aware_models, hub_dir, is_hub, merge_spec, model_dir
+from ledmerge.sweeps import expand as expand_sweeps, swept_columns
 from ledmerge.paper import FIGURES as PAPER_FIGURES, TABLES as PAPER_TABLES
 from ledmerge.tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
 
@@ -91,6 +92,17 @@ def section_json(path):
     for part in path.split("."):
         node = node[part]
     return as_json(node)
+
+
+def expert_seed(seed, task):
+    """Training seed of a toy expert, from the zoo's seed (the config's, or a swept zoo seed)."""
+    return seed + 1 + (TASKS.index(task) if task in TASKS else 0)
+
+
+def random_args(location, task):
+    """`ledmerge importance --seed --key` for location random: the config seed and the task (not the role, so a
+    task's base and expert get the same draws); nothing for the other methods, so the seed is no rerun trigger."""
+    return f"--seed {config['seed']} --key {task}" if location == "random" else ""
 
 
 def opt_in(key):
@@ -297,3 +309,52 @@ def search_inputs(wildcards):
 def led_masks(method):
     """`--mask` values of a job that merges with `method`: the final LED masks for led, else none."""
     return pairs(TASKS, final_mask) if method == "led" else ""
+
+
+# ---- sweeps (sweeps.smk): points, branch ids (ledmerge.sweeps) and their paths ----
+SW = f"{R}/sweeps"
+SWEEP_POINTS = expand_sweeps(config)
+# Each distinct point once (sweeps may share points), by merge name; those equal to a configured merge are that merge.
+POINTS = {p.name: p for p in SWEEP_POINTS}
+BRANCHES = {name: p for name, p in POINTS.items() if name not in config["merges"]}
+# Branch ids (elections: with the task) -> the first point that needs each: what the branch is computed from.
+SCORES = {p.scores: p for p in BRANCHES.values() if p.scores}
+ELECTIONS = {(e, t): p for p in BRANCHES.values() for t, e in p.elections.items() if e}
+MASKS = {p.masks: p for p in BRANCHES.values() if p.masks}
+
+
+def branch_model(zoo_seed, name):
+    """Model `name` (base or a task) of a point: the main run's, or the zoo re-trained with `zoo_seed`."""
+    return model_path(name) if zoo_seed is None else f"{SW}/zoo_seed{zoo_seed}/models/{name}"
+
+
+def branch_scores(branch, task, role):
+    return scores_file(task, role) if branch is None else f"{SW}/importance/{branch}/{task}/{role}.safetensors"
+
+
+def branch_elected(branch, task):
+    return elected_mask(task) if branch is None else f"{SW}/masks/elected/{branch}/{task}.safetensors"
+
+
+def branch_mask(branch, task):
+    return final_mask(task) if branch is None else f"{SW}/masks/final/{branch}/{task}.safetensors"
+
+
+def point_metrics(name):
+    return eval_file(name, "metrics.json") if name in config["merges"] else f"{SW}/eval/{name}/metrics.json"
+
+
+def sweep_merge_inputs(wildcards):
+    p = BRANCHES[wildcards.point]
+    inputs = {"base": branch_model(p.zoo_seed, "base"), "experts": [branch_model(p.zoo_seed, t) for t in TASKS],
+              "tokenizer": TOKENIZER, "weights": [] if p.zoo_seed is not None else model_inputs("base", *TASKS)}
+    if p.uses_masks:
+        inputs["masks"] = [branch_mask(p.masks, t) for t in TASKS]
+    return inputs
+
+
+def sweeps_points_json():
+    """`ledmerge sweeps-report --points`: every point of every sweep with its metrics file."""
+    return as_json({"columns": swept_columns(config), "points": [
+        {"sweep": p.sweep, "model": p.name, "values": p.values, "metrics": point_metrics(p.name)}
+        for p in SWEEP_POINTS]})

@@ -34,6 +34,7 @@ rule importance:
         role="base|expert",
     params:
         options=section_json("importance"),
+        random=lambda w: random_args(config["importance"]["location"], w.task),
         # the opt-ins, and --base for a LoRA expert (its scoring loads the base)
         opt_ins=lambda w: f"{opt_in('trust_remote_code')} {opt_in('allow_pickle')}"
         + (base_flag(w.task) if w.role == "expert" else ""),
@@ -46,7 +47,8 @@ rule importance:
         f"{LOG}/importance_{{task}}_{{role}}.log",
     shell:
         "$LEDMERGE --threads {threads} importance --model {input.model} --calibration {input.calibration} "
-        "--tokenizer {input.tokenizer} --out {output} --options {params.options:q} {params.opt_ins} > {log} 2>&1"
+        "--tokenizer {input.tokenizer} --out {output} --options {params.options:q} {params.random} {params.opt_ins} "
+        "> {log} 2>&1"
 
 
 rule election:

@@ -55,7 +55,7 @@ rule zoo_expert:
         task="safety|math|code",
     params:
         options=section_json("zoo"),
-        seed=lambda w: config["seed"] + 1 + TASKS.index(w.task) if w.task in TASKS else config["seed"] + 1,
+        seed=lambda w: expert_seed(config["seed"], w.task),
     threads: rule_threads("zoo_expert")
     resources:
         **rule_resources("zoo_expert"),

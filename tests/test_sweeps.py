@@ -1,0 +1,156 @@
+"""Sweeps: expansion of the config's `sweeps` into points and their cached branches (ledmerge.sweeps), its config
+errors, and the long table results/report/sweeps.csv (report.sweeps_table). The workflow side (the jobs a sweep
+plans, and what a changed sweep value reruns) is in tests/test_workflow.py."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ledmerge.config import check, validate
+from ledmerge.errors import LedmergeError
+from ledmerge.report import sweeps_table
+from ledmerge.sweeps import expand, swept_columns
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+MAIN = {"safety": 0.1, "math": 0.4, "code": 0.5}
+
+
+def config(**sweeps) -> dict:
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["sweeps"] = sweeps
+    return validate(cfg)
+
+
+def test_rate_sweep_reuses_the_scores_and_the_unchanged_elections():
+    points = expand(config(r={"merge": "led", "rate": {"math": [0.2, 0.4]}}))
+    assert [p.name for p in points] == ["led.rate_math-0.2", "led"]  # 0.4 is the configured led
+    p = points[0]
+    assert p.scores is None  # the main run's scores
+    assert p.elections == {"code": None, "math": "snip_11_r0.2", "safety": None}
+    assert p.masks == "snip_11_code0.5_math0.2_safety0.1"
+    assert (points[1].elections, points[1].masks) == ({t: None for t in MAIN}, None)
+    assert p.values["rate_math"] == 0.2 and p.values["rate_safety"] == 0.1
+
+
+def test_rate_tuples_times_locations():
+    rates = [{"safety": 0.05, "math": 0.2, "code": 0.25}, MAIN]
+    points = expand(config(rl={"merge": "led", "location": ["snip", "random"], "rate": rates}))
+    assert [p.name for p in points] == [
+        "led.rate_code-0.25.rate_math-0.2.rate_safety-0.05", "led",  # tasks in sorted order
+        "led.location-random.rate_code-0.25.rate_math-0.2.rate_safety-0.05", "led.location-random"]
+    assert [p.scores for p in points] == [None, None, "random", "random"]  # one new score set, for random
+    assert points[3].elections == {t: f"random_11_r{r}" for t, r in MAIN.items()}
+
+
+def test_rate_grid_is_the_product_over_the_tasks():
+    points = expand(config(g={"merge": "led", "rate": {"math": [0.2, 0.3], "code": [0.25, 0.5]}}))
+    assert [(p.values["rate_code"], p.values["rate_math"]) for p in points] == [
+        (0.25, 0.2), (0.25, 0.3), (0.5, 0.2), (0.5, 0.3)]
+
+
+def test_lambda_sweep_reuses_the_masks_and_changes_only_the_spec():
+    points = expand(config(lam={"merge": "led", "lambda": [{"math": 0.5}, {"math": 0.5, "code": 2}]}))
+    assert [p.name for p in points] == ["led.lambda_math-0.5", "led.lambda_code-2.0.lambda_math-0.5"]
+    assert all(p.masks is None and p.scores is None for p in points)
+    assert points[1].spec["lambdas"] == {"safety": 1.0, "math": 0.5, "code": 2.0}
+
+
+def test_pattern_sweep_reuses_the_scores():
+    points = expand(config(p={"merge": "led", "pattern": ["11", "x1"]}))
+    assert points[1].name == "led.pattern-x1" and points[1].scores is None
+    assert points[1].masks == "snip_x1_code0.5_math0.4_safety0.1"
+
+
+def test_baseline_sweeps_vary_the_spec_without_masks():
+    points = expand(config(d={"merge": "ties", "density": [0.2, 0.5]}, p={"merge": "dare_ties", "drop": [0.3]}))
+    assert [p.name for p in points] == ["ties.density-0.2", "ties", "dare_ties.drop-0.3"]
+    assert points[0].spec == {"method": "ties", "density": 0.2, "scale": 1.0}
+    assert not points[0].uses_masks and points[0].masks is None
+    assert "location" not in points[0].values and points[0].values["density"] == 0.2
+
+
+def test_zoo_seeds_branch_everything_but_the_configured_seed():
+    points = expand(config(z={"merge": "led", "zoo_seed": [0, 1]}))
+    assert [p.name for p in points] == ["led", "led.zoo_seed-1"]
+    seeded = points[1]
+    assert seeded.zoo_seed == 1 and seeded.scores == "snip_seed1"
+    assert seeded.elections == {t: f"snip_seed1_11_r{r}" for t, r in MAIN.items()}
+
+
+def test_shared_points_and_columns():
+    cfg = config(a={"merge": "led", "rate": {"math": [0.2]}}, b={"merge": "led", "location": ["random"],
+                                                                 "rate": [{"math": 0.2}]})
+    a, b = expand(cfg)
+    assert a.name == "led.rate_math-0.2" and b.name == "led.location-random.rate_math-0.2"
+    assert swept_columns(cfg) == ["location", "rate_math"]
+
+
+def test_ablations_overlay_expands():
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["sweeps"].update(yaml.safe_load((REPO / "config" / "ablations.yaml").read_text())["sweeps"])
+    check(validate(cfg))
+    points = expand(cfg)
+    assert {p.sweep for p in points} >= {"rate_location", "location", "zoo_seed_led", "ties_density"}
+    assert len({p.name for p in points}) < len(points)  # shared points are merged once
+
+
+@pytest.mark.parametrize("sweep, key", [
+    ({"merge": "led", "rates": [0.1]}, "sweeps.bad': Additional properties are not allowed ('rates'"),  # schema
+    ({"merge": "led", "location": ["snap"]}, "sweeps.bad.location"),
+    ({"merge": "fancy", "rate": {"math": [0.2]}}, "sweeps.bad.merge"),
+    ({"merge": "led"}, "sweeps.bad"),
+    ({"merge": "ties", "rate": {"math": [0.2]}}, "sweeps.bad.rate"),
+    ({"merge": "led", "rate": {"maths": [0.2]}}, "sweeps.bad.rate"),
+    ({"merge": "led", "rate": {"math": [1.5]}}, "sweeps.bad.rate"),
+    ({"merge": "ties", "density": [2.0]}, "sweeps.bad"),
+    ({"merge": "led", "drop": [0.3]}, "sweeps.bad"),  # drop needs combine dare_ties
+])
+def test_bad_sweeps_are_one_line_errors(sweep, key):
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["sweeps"] = {"bad": sweep}
+    with pytest.raises(LedmergeError) as info:
+        validate(cfg)
+        check(cfg)
+    assert key in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_swept_wanda_cannot_score_norms():
+    cfg = config(w={"merge": "led", "location": ["wanda"]})
+    cfg["importance"]["include_norms"] = True
+    with pytest.raises(LedmergeError, match="sweeps.w.location.*include_norms"):
+        check(cfg)
+
+
+def _metrics(path: Path, harmful: float, n: dict) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"metrics": {"harmful_rate": harmful, "over_refusal_rate": 0.0,
+                                            "math_accuracy": 0.5, "code_pass_rate": 0.25}, "n": n}))
+    return str(path)
+
+
+def test_sweeps_table_columns_and_counts(tmp_path):
+    n = {"harmful": 52, "benign": 58, "math": 60, "code": 60}
+    points = [
+        {"sweep": "r", "model": "led.rate_math-0.2", "values": {"rate_math": 0.2, "location": "snip", "x": 1},
+         "metrics": _metrics(tmp_path / "a" / "metrics.json", 0.75, n)},
+        {"sweep": "r", "model": "led", "values": {"rate_math": 0.4, "location": "snip"},
+         "metrics": _metrics(tmp_path / "b" / "metrics.json", 1.0, {**n, "code": 0})},
+    ]
+    out = tmp_path / "report" / "sweeps.csv"
+    sweeps_table(points, ["location", "rate_math"], out)
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["sweep", "model", "location", "rate_math", "harmful_rate", "over_refusal_rate",
+                             "math_accuracy", "code_pass_rate", "mean_utility", "n_harmful", "n_benign", "n_math",
+                             "n_code"]
+    assert rows[0]["model"] == "led.rate_math-0.2" and float(rows[0]["harmful_rate"]) == 0.75
+    assert float(rows[0]["mean_utility"]) == 0.375 and rows[0]["n_harmful"] == "52" and rows[1]["n_code"] == "0"
+    with pytest.raises(LedmergeError, match="run its evaluation first"):
+        sweeps_table([{**points[0], "metrics": str(tmp_path / "none.json")}], [], out)
