@@ -30,7 +30,7 @@ run: env
 # PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
 test: env
-	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=20
 
 # The unit tier (< 2 min on 2 cores): no Snakemake runs, no real checkpoint, no SLURM.
 check: env

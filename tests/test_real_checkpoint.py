@@ -196,6 +196,7 @@ def test_real_checkpoint_workflow(smol_zoo, tmp_path):
     cfg["calibration"]["size"] = 8
     cfg.setdefault("importance", {}).update(include_norms=True, include_lm_head=True, max_length=96, batch_size=8)
     cfg["data_aware"]["enabled"] = False
+    cfg["sweeps"] = {}  # sweeps are tested on the toy zoo (tests/test_sweeps.py, test_workflow.py)
     cfg["evaluation"].update({k: str(p) for k, p in data["evaluation"].items()})
     cfg["evaluation"].update(max_new_tokens=8, batch_size=8)
     assert sorted(cfg["merges"]) == MERGES

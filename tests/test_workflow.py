@@ -22,6 +22,7 @@ import yaml
 from conftest import REPO, SNAKEMAKE, Run, env, job_stats, ledmerge, sha256, snakemake, test_config, write_config  # noqa: F401 (re-exported)
 
 from ledmerge.config import data_aware_models, validate
+from ledmerge.paper import OUTPUTS as PAPER_OUTPUTS
 
 TASKS = ["code", "math", "safety"]
 MERGES = ["dare_linear", "dare_ties", "led", "linear", "task_arithmetic", "ties"]
@@ -371,7 +372,7 @@ def real_model_run(tmp_path: Path, tiny_zoo: dict, data_aware: bool = False) -> 
     run = Run(tmp_path)
     run.workdir.mkdir()
     cfg = test_config(run.results, base_model=str(models / "base"), data_aware__enabled=data_aware,
-                      data_aware__synthetic__generator=str(models / "generator"))
+                      data_aware__synthetic__generator=str(models / "generator"), sweeps={})  # sweeps: their own tests
     for task in TASKS:
         cfg["tasks"][task]["model"] = str(models / task)
     write_config(run.configfile, cfg)
@@ -419,9 +420,10 @@ def test_replaced_expert_checkpoint_reruns_exactly_its_readers(tmp_path, tiny_zo
     expected |= {f"{r}/eval/{m}/{f}" for m in [expert] + MERGES for f in ("metrics.json", "generations.jsonl")}
     expected |= {f"{r}/report/{f}" for f in ("summary.csv", "summary.md", "safety_utility.png", "benchmarks.png",
                                              "mask_overlap.png")}
+    expected |= {f"{r}/report/paper/{f}" for f in PAPER_OUTPUTS}
     assert planned_outputs(proc.stdout) == expected, proc.stdout[-3000:]
     assert job_stats(proc.stdout) == {"importance": 1, "election": 1, "disjoint": 1, "merge": len(MERGES),
-                                      "evaluation": 1 + len(MERGES), "report": 1, "all": 1}
+                                      "evaluation": 1 + len(MERGES), "report": 1, "paper": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -434,4 +436,5 @@ def test_replaced_generator_checkpoint_reruns_the_data_aware_merges(tmp_path, ti
     assert proc.returncode == 0, proc.stderr[-3000:]
     evolved = [m for m in DATA_AWARE if m.startswith("evo_")]
     assert job_stats(proc.stdout) == {"synthetic": 1, "evolve": len(evolved), "cocktail": len(DATA_AWARE) - len(evolved),
-                                      "merge": len(DATA_AWARE), "evaluation": len(DATA_AWARE), "report": 1, "all": 1}
+                                      "merge": len(DATA_AWARE), "evaluation": len(DATA_AWARE), "report": 1, "paper": 1,
+                                      "all": 1}
