@@ -195,3 +195,12 @@ def workflow_run(tmp_path_factory) -> Run:
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((run.results / "logs").glob("*.log")))
         pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-6000:]}\n{logs[-6000:]}")
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: OpenMP threads only add contention (a pass is ~100x slower with 2 busy threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,13 +24,7 @@ ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: OpenMP threads only add contention (a pass is ~100x slower with 2 busy threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
