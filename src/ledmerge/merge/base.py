@@ -172,6 +172,12 @@ class Declared:
         return f"{type(self).__name__}({', '.join(f'{p.name}={getattr(self, p.name)!r}' for p in self.PARAMS)})"
 
 
+# Parameters several methods declare alike (each method lists them in its PARAMS).
+SCALE = Param("scale", "number", 1.0, "λ, multiplies the merged task vector")
+WEIGHTS = Param("weights", "task_numbers", None, "per-task w_t; unlisted tasks get 1.0")
+DROP_SEED = Param("seed", "int", 0, "seed of the random drops (drawn per seed, tensor and task)")
+
+
 class MergeMethod(Declared):
     """Base class of the merge methods (parameters: `Declared`).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import LedmergeError
 from ..topk import top_k_count, top_k_mask
-from .base import Param, TaskVectorMethod, each_value, l1_rescale, per_task
+from .base import SCALE, WEIGHTS, Param, TaskVectorMethod, each_value, l1_rescale, per_task
 from .task_arithmetic import weighted_sum
 from .ties import elect_disjoint_mean, with_mean_weights
 
@@ -20,8 +20,8 @@ BREADCRUMBS_PARAMS = (
           "that follow the dropped outliers by magnitude; or one per task", lo=0, hi=1, lo_open=True),
     Param("gamma", "number", 0.01, "fraction of the largest-magnitude entries of τ_t dropped first, ⌈gamma·n⌉ "
           "(0: none, which is TIES' trim); density + gamma must be at most 1", lo=0, hi=1, hi_open=True),
-    Param("scale", "number", 1.0, "λ, multiplies the merged task vector"),
-    Param("weights", "task_numbers", None, "per-task w_t; unlisted tasks get 1.0"),
+    SCALE,
+    WEIGHTS,
     Param("rescale", "bool", False, "scale each kept band to the L1 norm of its whole task vector (mergekit's "
           "rescale)"),
 )

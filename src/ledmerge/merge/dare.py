@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import topk
-from .base import Param, TaskVectorMethod, per_task
+from .base import DROP_SEED, SCALE, WEIGHTS, Param, TaskVectorMethod, per_task
 from .task_arithmetic import weighted_sum
 from .ties import elect_disjoint_mean, with_mean_weights
 
@@ -39,9 +39,9 @@ def dare_rescaled(delta: Tensor, keep: Tensor, drop: float, rescale: bool = True
 DARE_PARAMS = (
     Param("drop", "number_or_per_task", 0.9, "p, the probability of dropping each task-vector entry (DARE paper: 0.9 "
           "is harmless for SFT deltas), or one per task", lo=0, hi=1, hi_open=True),
-    Param("seed", "int", 0, "seed of the random drops (drawn per seed, tensor and task)"),
-    Param("scale", "number", 1.0, "λ, multiplies the merged task vector"),
-    Param("weights", "task_numbers", None, "per-task w_t; unlisted tasks get 1.0"),
+    DROP_SEED,
+    SCALE,
+    WEIGHTS,
     Param("rescale", "bool", True, "scale the kept entries by 1/(1 − p); false is plain random pruning, not DARE"),
 )
 

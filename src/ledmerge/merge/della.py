@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LedmergeError
-from .base import Param, TaskVectorMethod, each_value, l1_rescale, per_task
+from .base import DROP_SEED, SCALE, WEIGHTS, Param, TaskVectorMethod, each_value, l1_rescale, per_task
 from .task_arithmetic import weighted_sum
 from .ties import elect_disjoint_mean, with_mean_weights
 
@@ -46,9 +46,9 @@ DELLA_PARAMS = (
           "or one per task", lo=0, hi=1, lo_open=True),
     Param("epsilon", "number", 0.15, "ε, half the spread of the keep probabilities over a row, from density − ε "
           "(smallest |τ|) to density + ε (largest); both ends must lie inside (0, 1)", lo=0, hi=1, hi_open=True),
-    Param("seed", "int", 0, "seed of the random drops (drawn per seed, tensor and task)"),
-    Param("scale", "number", 1.0, "λ, multiplies the merged task vector"),
-    Param("weights", "task_numbers", None, "per-task w_t; unlisted tasks get 1.0"),
+    DROP_SEED,
+    SCALE,
+    WEIGHTS,
     Param("rescale", "bool", True, "scale the survivors of each task vector to its L1 norm (mergekit's rescale); "
           "false leaves them shrunk by about the density"),
 )

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..topk import top_k_count, top_k_mask_chunks
-from .base import Param, TaskVectorMethod, per_task, task_weights
+from .base import SCALE, Param, TaskVectorMethod, per_task, task_weights
 
 
 def elect_disjoint_mean(deltas: dict[str, Tensor], weights: dict[str, float] | None = None) -> Tensor:
@@ -52,7 +52,7 @@ class Ties(TaskVectorMethod):
     PARAMS = (
         Param("density", "number_or_per_task", 0.2, "fraction of each task vector τ_t kept, by magnitude (TIES "
               "paper: top 20%), or one per task", lo=0, hi=1, lo_open=True),
-        Param("scale", "number", 1.0, "λ, multiplies the merged task vector"),
+        SCALE,
         Param("weights", "task_numbers", None, "per-task w_t in the weighted disjoint mean; unlisted tasks get 1.0",
               lo=0, lo_open=True),
     )
