@@ -13,9 +13,12 @@ if not config:
     configfile: "config/config.yaml"
 
 
+# validate fills in the defaults, so every process runs it; the checks of files and checkpoints run once, in the
+# main process (a cluster job's Snakemake parses this file again, twice: their result would not change).
 try:
     validate(config)
-    check(config)
+    if workflow.is_main_process:
+        check(config)
 except LedmergeError as exc:
     sys.exit(f"ledmerge: {exc}")
 

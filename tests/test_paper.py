@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from ledmerge.errors import LedmergeError
-from ledmerge.paper import OUTPUTS, STYLE, ablation_table, build_paper, label_box, main_table, safety_utility_figure
+from ledmerge.paper import OUTPUTS
+from ledmerge.paper.build import STYLE, ablation_table, build_paper, label_box, main_table, safety_utility_figure
 from ledmerge.report import load_counts, wilson
 
 N = {"harmful": 52, "benign": 58, "math": 60, "code": 60}

@@ -169,7 +169,10 @@ def test_small_data_files(tmp_path):
 
 # --- the workflow end to end on the real checkpoint --------------------------------------------------------
 
-MERGES = ["dare_linear", "dare_ties", "led", "linear", "task_arithmetic", "ties"]
+# Merges the workflow test makes (of config/test.yaml's six): LED, whose masks come from the real model's gradients,
+# and DARE-TIES (random drop, sign election). Every method writes through the same writer, which is what this test
+# checks (tokenizer, template, stop tokens, tied embeddings); the methods themselves are tested on tiny tensors.
+MERGES = ["dare_ties", "led"]
 # Decoder layers the workflow test keeps (of 30): the real embeddings, tokenizer and first layers. On 2 cores the
 # workflow takes about 3 min with 2 layers, 3.7 min with 4 and 10.5 min with all 30 (on a busy machine).
 WORKFLOW_LAYERS = 2
@@ -199,7 +202,7 @@ def test_real_checkpoint_workflow(smol_zoo, tmp_path):
     cfg["sweeps"] = {}  # sweeps are tested on the toy zoo (tests/test_sweeps.py, test_workflow.py)
     cfg["evaluation"].update({k: str(p) for k, p in data["evaluation"].items()})
     cfg["evaluation"].update(max_new_tokens=8, batch_size=8)
-    assert sorted(cfg["merges"]) == MERGES
+    cfg["merges"] = {name: cfg["merges"][name] for name in MERGES}
     workdir = tmp_path / "work"
     workdir.mkdir()
     configfile = write_config(tmp_path / "config.yaml", cfg)

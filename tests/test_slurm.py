@@ -8,11 +8,11 @@ two (pretend) GPUs (two, so that two such jobs run at once on its two CPUs). Eve
 SLURM job that completed, and the outputs must equal those of a local run of the same configuration.
 
 The local run is the session's `workflow_run` (tests/conftest.py; tests/test_workflow.py checks it), so the
-test workflow runs once, not twice: the SLURM run starts from a copy of its trained toy zoo (`results/zoo`,
-times kept, so Snakemake finds it up to date and plans every later rule) and runs two of its merges, LED and
-TIES; their summary rows, merged weights and those of the base and experts must equal the local run's.
-Every other rule kind (tokenizer, calibration, importance, election, disjoint, merge, evaluation, report)
-runs on the cluster.
+test workflow runs once, not twice: the SLURM run starts from a copy of its outputs up to the elections of all tasks
+but one (`CLUSTER_TASK`) and its calibration data, file times kept, so Snakemake finds them up to date. On the
+cluster run that task's base and expert scoring, its election, the disjoint masks, two merges (LED and TIES) and
+their evaluations: every rule kind from scoring to evaluation, in 8 jobs; the report and paper are local rules
+and run beside Snakemake. The summary rows and merged weights must equal the local run's.
 """
 
 from __future__ import annotations
@@ -66,16 +66,29 @@ def run_snakemake(workdir: Path, configfile: Path, *args: str, extra_env: dict |
 
 # The merges run on SLURM (a subset of config/test.yaml's: one LED merge, one of the configured baselines).
 SLURM_MERGES = ["led", "ties"]
-# The jobs that the SLURM run plans once the zoo is in place: every rule after the zoo's.
-SLURM_JOBS = {"tokenizer": 1, "calibration": len(TASKS), "importance": 2 * len(TASKS), "election": len(TASKS),
-              "disjoint": 1, "merge": len(SLURM_MERGES), "evaluation": 1 + len(TASKS) + len(SLURM_MERGES),
-              "report": 1, "paper": 1, "all": 1}
+# The task whose scoring and election run on the cluster; the others' come from the local run.
+CLUSTER_TASK = "code"
+CLUSTER_JOBS = {"importance": 2, "election": 1, "disjoint": 1, "merge": len(SLURM_MERGES),
+                "evaluation": len(SLURM_MERGES)}
+LOCAL_JOBS = {"report": 1, "paper": 1, "all": 1}  # the workflow's local rules
 
 
-def seed_zoo(reference: Path, results: Path) -> None:
-    """Copy the reference run's toy zoo (data, tokenizer, models) into `results`, file times kept (copy2), so its
-    outputs are as old, relative to each other, as Snakemake wrote them."""
-    shutil.copytree(reference / "zoo", results / "zoo", copy_function=shutil.copy2)
+def seed_results(reference: Path, results: Path) -> None:
+    """Copy what the SLURM run does not redo from the reference run into `results`, file times kept (copy2, and
+    copytree keeps the directories'), so the outputs are as old, relative to each other, as Snakemake wrote them:
+    the zoo, the tokenizer, the calibration data, the evaluations of the base and experts, and every task's scores
+    and elected mask but CLUSTER_TASK's."""
+    kept = [reference / p for p in ("zoo", "tokenizer", "calibration", "eval/base", *(f"eval/{t}" for t in TASKS))]
+    for task in TASKS:
+        if task != CLUSTER_TASK:
+            kept += [reference / "importance" / task, reference / "masks" / "elected" / f"{task}.safetensors"]
+    for source in kept:
+        target = results / source.relative_to(reference)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, copy_function=shutil.copy2)
+        else:
+            shutil.copy2(source, target)
 
 
 def outputs(results: Path, models: list[str]) -> dict:
@@ -97,7 +110,7 @@ def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
         "importance": {"gpu": 1, "mem_mb": 8000, "runtime": "20m"},
         "evaluation": {"gpu": 1, "mem_mb": 8000, "runtime": "1h"}})
     slurm_cfg = write_config(tmp_path / "slurm.yaml", slurm_cfg)
-    seed_zoo(workflow_run.results, slurm_dir / "results")
+    seed_results(workflow_run.results, slurm_dir / "results")
 
     cluster = SlurmCluster(tmp_path / "cluster", cpus=2, gpus=2)
     with cluster:
@@ -116,8 +129,8 @@ def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
                 for _, slurm_id, _ in submitted}
 
     stats = job_stats(log)
-    assert stats == SLURM_JOBS, stats  # the copied zoo is up to date: nothing of it reruns
-    expected = sum(n for rule, n in stats.items() if rule != "all")  # `all` only collects the report
+    assert stats == {**CLUSTER_JOBS, **LOCAL_JOBS}, stats  # the copied outputs are up to date: none of them reruns
+    expected = sum(CLUSTER_JOBS.values())
     assert len(submitted) == expected, (stats, len(submitted))
     assert len({slurm_id for _, slurm_id, _ in submitted}) == expected
     for _, slurm_id, logfile in submitted:

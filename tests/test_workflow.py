@@ -385,10 +385,10 @@ def real_model_run(tmp_path: Path, tiny_zoo: dict, data_aware: bool = False) -> 
             path.touch()
         else:
             path.mkdir(parents=True, exist_ok=True)
-    for args in (("--touch",), ("-n",)):
-        proc = snakemake(run.workdir, run.configfile, *args, "--cores", "1")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert job_stats(proc.stdout) == {}, proc.stdout[-3000:]
+    # Up to date now: the tests' own dry run after a rewrite plans exactly the rewritten model's readers, which it
+    # could not if anything else were still out of date.
+    proc = snakemake(run.workdir, run.configfile, "--touch", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run.models = models
     return run
 

@@ -276,7 +276,7 @@ def cmd_sweeps_report(a):
 
 
 def cmd_paper(a):
-    from .paper import build_paper
+    from .paper.build import build_paper
 
     written = build_paper(a.summary, _pairs(a.metrics, "--metrics"), a.mask_stats, a.mask_overlap, a.out_dir,
                           sweeps_csv=a.sweeps)

@@ -199,8 +199,8 @@ def _check_data_aware(config: dict) -> None:
         raise LedmergeError("config error at 'data_aware.synthetic.generator': the toy generator only works with "
                             "the toy zoo: name a causal LM directory")
     if da["synthetic"]["generator"] != ZOO and Path(da["synthetic"]["generator"]).is_dir():  # else fetched later
-        from .checkpoint import weight_files  # the synthetic job depends on its weight files (common.smk)
-        _at("data_aware.synthetic.generator", weight_files, da["synthetic"]["generator"],
+        from .checkpoint import tensor_shapes  # the synthetic job reads it: a broken checkpoint fails here, not there
+        _at("data_aware.synthetic.generator", tensor_shapes, da["synthetic"]["generator"],
             allow_pickle=config["allow_pickle"])
     clash = set(data_aware_models(config)) & ({"base"} | set(tasks) | set(config["merges"]))
     if clash:

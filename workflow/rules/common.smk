@@ -195,7 +195,7 @@ def _local_model_files(path, tokenizer):
     if tokenizer:
         names = TOKENIZER_FILES + (TEMPLATE_FILE, "chat_template.json", GENERATION_CONFIG, "config.json")
         return tuple(str(d / n) for n in names if (d / n).is_file())
-    # Reads only the headers (check-config has read them already: ~1 ms for a safetensors checkpoint).
+    # File names only (the index's, for a sharded checkpoint): no weights or headers are read.
     files = weight_files(d, allow_pickle=config["allow_pickle"])
     index = INDEX if (d / INDEX).is_file() else PICKLE_INDEX if any(f.suffix == ".bin" for f in files) else None
     extra = [d / n for n in (index, "config.json", ADAPTER_CONFIG) if n is not None and (d / n).is_file()]

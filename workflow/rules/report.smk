@@ -1,4 +1,11 @@
 # Summary table (CSV + Markdown) and figures for every model.
+# Both rules here are seconds of work on small files: on a cluster they run on the submitting host (local rules)
+# instead of waiting in the queue for a node, as does `sweeps_report` (sweeps.smk).
+
+localrules:
+    report,
+    paper,
+
 
 REPORT_FIGURES = ["safety_utility", "benchmarks", "mask_overlap"] + (["cmaes_fitness"] if EVOLVED else [])
 

@@ -105,6 +105,10 @@ use rule evaluation as sweep_evaluation with:
         f"{LOG}/sweeps/evaluation_{{point}}.log",
 
 
+localrules:
+    sweeps_report,
+
+
 rule sweeps_report:
     input:
         [point_metrics(name) for name in POINTS],

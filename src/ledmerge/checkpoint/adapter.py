@@ -27,17 +27,11 @@ from pathlib import Path
 import torch
 
 from ..errors import LedmergeError
-from .reader import ADAPTER_CONFIG, INDEX, SINGLE, ModelReader, TensorInfo, tensor_shapes
+from .files import ADAPTER_CONFIG, is_adapter
+from .reader import ModelReader, TensorInfo, tensor_shapes
 
 PREFIX = "base_model.model."  # what peft's state dict puts before the base model's module names
 _FACTOR = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
-
-
-def is_adapter(model_dir: str | os.PathLike) -> bool:
-    """Whether `model_dir` is a PEFT adapter (its adapter_config.json) rather than a full checkpoint (a directory
-    holding both is read as the full checkpoint, as `ModelReader` does)."""
-    d = Path(model_dir)
-    return (d / ADAPTER_CONFIG).is_file() and not (d / SINGLE).is_file() and not (d / INDEX).is_file()
 
 
 @dataclass(frozen=True)

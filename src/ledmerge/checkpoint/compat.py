@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LedmergeError
-from .adapter import check_adapter, is_adapter
+from .adapter import check_adapter
+from .files import is_adapter
 from .reader import tensor_shapes
 
 log = logging.getLogger(__name__)

@@ -22,15 +22,9 @@ from pathlib import Path
 import torch
 
 from ..errors import LedmergeError, corrupt_file
+from .files import weight_layout
 
 log = logging.getLogger(__name__)
-
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-PICKLE_SINGLE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter directory (see `adapter.py`)
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # safetensors dtype codes <-> torch dtypes
 ST_DTYPES = {
@@ -40,8 +34,6 @@ ST_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-PICKLE_HELP = ("convert them to safetensors with `AutoModelForCausalLM.from_pretrained(d).save_pretrained(d)`, "
-               "or set allow_pickle: true (--allow-pickle) if you trust the files: unpickling can run code")
 
 
 @dataclass(frozen=True)
@@ -129,29 +121,11 @@ class ModelReader:
         self.names = sorted(self.infos, key=lambda n: (str(self.infos[n].file), self.infos[n].begin, n))
 
     def _layout(self, allow_pickle: bool) -> dict[str, TensorInfo]:
-        d = self.model_dir
-        if not d.is_dir():
-            raise LedmergeError(f"model directory {d} does not exist: check the path in your config or build it first")
-        if (d / INDEX).is_file():
-            files = _index_files(d / INDEX)
-        elif (d / SINGLE).is_file():
-            files = {d / SINGLE: None}
-        elif (d / ADAPTER_CONFIG).is_file():
-            if not (d / ADAPTER_WEIGHTS).is_file():
-                raise LedmergeError(f"{d} is a PEFT adapter without {ADAPTER_WEIGHTS}: re-save it with peft's "
-                                    "save_pretrained(d, safe_serialization=True)")
-            files = {d / ADAPTER_WEIGHTS: None}
-        elif (d / PICKLE_INDEX).is_file() or (d / PICKLE_SINGLE).is_file() or any(d.glob("*.bin")) or any(d.glob("*.pt")):
-            if not allow_pickle:
-                raise LedmergeError(f"{d} holds only pickle weights (.bin/.pt), which ledmerge does not load by default: "
-                                    + PICKLE_HELP)
-            return self._pickle_layout()
-        else:
-            raise LedmergeError(f"{d} has no {SINGLE} or {INDEX}: is it a Hugging Face model directory?")
+        files, pickled = weight_layout(self.model_dir, allow_pickle)
+        if pickled:
+            return self._pickle_layout(list(files))
         infos: dict[str, TensorInfo] = {}
         for path, expected in files.items():
-            if not path.is_file():
-                raise LedmergeError(f"shard {path} named by {d / INDEX} is missing: re-download or re-save the model")
             found, _ = read_safetensors_header(path)
             if expected is not None and not expected <= set(found):
                 missing = sorted(expected - set(found))[:3]
@@ -159,12 +133,8 @@ class ModelReader:
             infos.update(found)
         return infos
 
-    def _pickle_layout(self) -> dict[str, TensorInfo]:
+    def _pickle_layout(self, files: list[Path]) -> dict[str, TensorInfo]:
         d = self.model_dir
-        if (d / PICKLE_INDEX).is_file():
-            files = sorted(_index_files(d / PICKLE_INDEX))
-        else:
-            files = sorted(d.glob("*.bin")) or sorted(d.glob("*.pt"))
         log.warning("loading pickle weights from %s (allow_pickle is on)", d)
         infos = {}
         tied = _ties_embeddings(d)
@@ -280,24 +250,6 @@ def _is_tied_alias(name: str, tensor: torch.Tensor, state: Mapping[str, torch.Te
                 t.data_ptr() == tensor.data_ptr() or torch.equal(t, tensor)):
             return True
     return False
-
-
-def _index_files(index: Path) -> dict[Path, set[str]]:
-    """Shard file -> tensor names, from a (safetensors or pickle) index."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        by_file: dict[Path, set[str]] = {}
-        for name, fname in weight_map.items():
-            by_file.setdefault(index.parent / fname, set()).add(name)
-        return by_file
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise LedmergeError(f"{index} is not a valid weight index ({exc}): re-download or re-save the model") from None
-
-
-def weight_files(model_dir: str | os.PathLike, allow_pickle: bool = False) -> list[Path]:
-    """The files holding a model's weights (one, or every shard), sorted."""
-    with ModelReader(model_dir, allow_pickle=allow_pickle) as r:
-        return r.files()
 
 
 def tensor_shapes(model_dir: str | os.PathLike, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:

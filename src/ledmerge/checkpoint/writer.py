@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LedmergeError
-from .reader import INDEX, SINGLE, TORCH_TO_ST
+from .files import INDEX, SINGLE
+from .reader import TORCH_TO_ST
 
 
 def parse_size(value: int | str) -> int:

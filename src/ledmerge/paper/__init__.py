@@ -1,0 +1,30 @@
+"""What goes into a paper: booktabs tables (LaTeX and Markdown twins) and print-ready figures (PDF and PNG).
+
+Inputs: the report's summary.csv (one row per model), each model's metrics.json (the evaluation sets' sizes, for
+95% Wilson intervals), the mask CSVs, and optionally sweeps.csv (one row per sweep point: `sweep`, `model`, the
+swept parameters, the metrics and the set sizes `n_<set>`). The set of files written is fixed (`OUTPUTS`), so the
+workflow rule's outputs are static: an ablation no sweep covers gets a placeholder saying so.
+
+Intervals: a single run's rate carries its Wilson interval; points repeated over several zoo seeds (`zoo_seed`)
+are shown as mean ± sample standard deviation over the seeds instead, since the seed is then the larger source of
+variation. Mean utility is a mean of two rates on different sets, so it has no Wilson interval of its own.
+
+The package holds what a paper contains (the tables, figures and metrics named below: light, so the workflow can
+name the paper step's outputs without importing matplotlib); `build` makes them.
+"""
+
+# (column, short label, direction): the LED paper's layout, safety metrics then utility metrics.
+SAFETY = [("harmful_rate", "harmful rate", "min"), ("over_refusal_rate", "over-refusal rate", "min")]
+UTILITY = [("math_accuracy", "math accuracy", "max"), ("code_pass_rate", "code pass rate", "max"),
+           ("mean_utility", "mean utility", "max")]
+METRICS = SAFETY + UTILITY
+ARROW = {"min": ("↓", r"$\downarrow$"), "max": ("↑", r"$\uparrow$")}
+# Ablation tables: the sweep parameters each one is about (a prefix ends with "_": rate_safety, lambda_math, ...).
+ABLATIONS = {"rate": ("rate_",), "pattern": ("pattern",), "location": ("location",), "lambda": ("lambda_",),
+             "sparsity": ("density", "drop")}
+PARAM_PREFIXES = ("location", "pattern", "rate_", "lambda_", "density", "drop")
+SEED = "zoo_seed"
+TABLES = ["table_main", *(f"table_ablation_{a}" for a in ABLATIONS)]
+FIGURES = ["fig_safety_utility", "fig_rate_sweep", "fig_location_ablation", "fig_mask_overlap"]
+OUTPUTS = [f"{t}.{e}" for t in TABLES for e in ("tex", "md")] + [f"{f}.{e}" for f in FIGURES for e in ("pdf", "png")]
+NO_SWEEP = "no sweep configured"
