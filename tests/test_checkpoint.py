@@ -263,10 +263,12 @@ def test_parse_size():
     {"method": "breadcrumbs", "density": 0.5, "gamma": 0.1, "rescale": True}, {"method": "breadcrumbs_ties"},
     {"method": "della", "density": 0.4, "seed": 2}, {"method": "della_linear", "rescale": False},
 ])
-def test_streamed_chunks_equal_whole_tensor_merges(zoo, tmp_path, monkeypatch, spec):
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole-reads", "sliced-reads"])
+def test_streamed_chunks_equal_whole_tensor_merges(zoo, tmp_path, monkeypatch, spec, sliced):
     """The driver merges in flat chunks (here 37 elements, so chunks straddle rows); TIES' trim, DARE's
     drops and the L1 rescales are chosen on the whole tensor first, so the bits equal `merge_tensor` on whole
-    tensors."""
+    tensors. `sliced`: every tensor is read in slabs of 100 entries (`TensorSlices`: how an LM head of a large
+    vocabulary is read), with the same bits, and the model card's input hashes still those of the files."""
     import ledmerge.merge.driver as merge_driver
     from ledmerge.formats import save_masks
     from ledmerge.merge import get_method
@@ -282,7 +284,14 @@ def test_streamed_chunks_equal_whole_tensor_merges(zoo, tmp_path, monkeypatch, s
         paths[t] = tmp_path / f"{t}.mask.safetensors"
         save_masks(paths[t], m)
     monkeypatch.setattr(merge_driver, "CHUNK", 37)
+    if sliced:
+        monkeypatch.setattr(merge_driver, "SLICED", 1)
+        monkeypatch.setattr(merge_driver, "SLAB", 100)
     merge_models(zoo["base"], exps, spec, tmp_path / "m", masks=paths if spec["method"] == "led" else None)
+    if sliced:
+        card = (tmp_path / "m" / "README.md").read_text()
+        assert all(f"`{f.name}` | `{file_sha256(f)}`" in card for d in [zoo["base"], *exps.values()]
+                   for f in weight_files(d))
     got = load_state_dict(tmp_path / "m")
     method = get_method(spec)
     for name, b in base.items():

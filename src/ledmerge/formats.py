@@ -118,7 +118,14 @@ def rank_code(scores: torch.Tensor) -> torch.Tensor:
         raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
     n, dev = flat.numel(), flat.device
     m = int((flat > 0).sum())  # positive scores: codes 1..L-1; the rest: 0
-    order = torch.argsort(flat, descending=True, stable=True)  # position p -> flat index; ties: lowest index first
+    # position p -> flat index, the positive scores first, highest first; ties: lowest index first. Non-negative
+    # float32 values order like their bit patterns, and a stable ascending sort of int32 keys (a radix sort) is
+    # ~3x faster than a descending float sort: the keys are the negated bits of the positive scores, 0 for the rest,
+    # whose order does not matter (code 0).
+    if flat.dtype == torch.float32:
+        order = torch.argsort(torch.where(flat > 0, flat.view(torch.int32), 0).neg_(), stable=True)
+    else:
+        order = torch.argsort(flat, descending=True, stable=True)
     levels = RANK_LEVELS - 1
     code = torch.zeros(n, dtype=torch.int32, device=dev)
     if m <= levels:

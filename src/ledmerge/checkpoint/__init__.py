@@ -14,8 +14,8 @@ import importlib
 _MODULES = {
     "files": ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "INDEX", "PICKLE_HELP", "PICKLE_INDEX", "PICKLE_SINGLE", "SINGLE",
               "is_adapter", "weight_files", "weight_layout"],
-    "reader": ["ST_DTYPES", "TORCH_TO_ST", "ModelReader", "TensorInfo", "load_state_dict", "read_safetensors_header",
-               "tensor_shapes"],
+    "reader": ["ST_DTYPES", "TORCH_TO_ST", "ModelReader", "TensorInfo", "TensorSlices", "load_state_dict",
+               "read_safetensors_header", "tensor_shapes"],
     "writer": ["ShardedWriter", "parse_size"],
     "compat": ["VOCAB_POLICIES", "align_rows", "check_compatible"],
     "adapter": ["AdapterReader", "check_adapter", "open_model"],

@@ -83,18 +83,51 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return infos, metadata
 
 
-def _read_exact(fd: int, info: TensorInfo, name: str) -> torch.Tensor:
-    """The tensor's raw bytes, read straight into a fresh uint8 tensor (the GIL is released, so a reader
-    thread overlaps the merge's compute)."""
-    out = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(out.numpy()) if info.nbytes else memoryview(b"")
+def _read_exact(fd: int, info: TensorInfo, name: str, begin: int = 0, end: int | None = None) -> torch.Tensor:
+    """Bytes [begin, end) of the tensor's data (default: all), read straight into a fresh uint8 tensor (the GIL is
+    released, so a reader thread overlaps the merge's compute)."""
+    end = info.nbytes if end is None else end
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    view = memoryview(out.numpy()) if end > begin else memoryview(b"")
     done = 0
-    while done < info.nbytes:  # one read returns at most ~2 GiB on Linux
-        got = os.preadv(fd, [view[done:done + (1 << 30)]], info.begin + done)
+    while done < end - begin:  # one read returns at most ~2 GiB on Linux
+        got = os.preadv(fd, [view[done:done + (1 << 30)]], info.begin + begin + done)
         if got <= 0:
             raise corrupt_file(info.file, f"tensor {name} ends early")
         done += got
     return out
+
+
+class TensorSlices:
+    """One stored tensor read on demand, a flat slice at a time: `slices[a:b]` is a fresh tensor of entries a..b-1
+    (stored dtype) read from the file, so a merge of an 8B model's LM head (525M entries, 1 GB per input) need not
+    hold every input's copy at once. It offers what a merge method's selection asks of a tensor (`shape`, `dtype`,
+    `device`, `numel`, `reshape(-1)`)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, reader: ModelReader, name: str):
+        self.reader, self.name = reader, name
+        self.info = reader.infos[name]
+        self.shape, self.dtype = torch.Size(self.info.shape), self.info.dtype
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def reshape(self, *shape) -> TensorSlices:
+        if tuple(shape) not in ((-1,), ((-1,),)):
+            raise ValueError("TensorSlices is read flat: reshape(-1) only")
+        return self
+
+    def __getitem__(self, part: slice) -> torch.Tensor:
+        start, stop, step = part.indices(self.numel())
+        if step != 1:
+            raise ValueError("TensorSlices reads contiguous slices only")
+        size = self.dtype.itemsize
+        return self.reader.read_bytes(self.name, start * size, max(stop, start) * size).view(self.dtype)
 
 
 class ModelReader:
@@ -174,14 +207,25 @@ class ModelReader:
         if info.begin < 0:  # pickle
             t = self._pickle_state(info.file)[name].clone()
         else:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-            raw = _read_exact(fd, info, name)
-            if self._hashes is not None:
-                self._hash_in_order(info, raw)
-            t = raw.view(info.dtype).reshape(info.shape)
+            t = self.read_bytes(name, 0, info.nbytes).view(info.dtype).reshape(info.shape)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def slices(self, name: str) -> TensorSlices:
+        """Tensor `name`, read a flat slice at a time (safetensors only)."""
+        if self.infos[name].begin < 0:
+            raise ValueError(f"{name}: pickle tensors are read whole")
+        return TensorSlices(self, name)
+
+    def read_bytes(self, name: str, begin: int, end: int) -> torch.Tensor:
+        """Bytes [begin, end) of tensor `name`'s data; hashed when they continue the file's bytes hashed so far."""
+        info = self.infos[name]
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        raw = _read_exact(fd, info, name, begin, end)
+        if self._hashes is not None:
+            self._hash_in_order(info.file, info.begin + begin, raw)
+        return raw
 
     def _hash_state(self, path: Path) -> list:
         state = self._hashes.get(path)
@@ -191,11 +235,12 @@ class ModelReader:
                 state = self._hashes[path] = [hashlib.sha256(fh.read(start)), start]
         return state
 
-    def _hash_in_order(self, info: TensorInfo, raw: torch.Tensor) -> None:
-        state = self._hash_state(info.file)
-        if state[1] == info.begin:
-            state[0].update(memoryview(raw.numpy()) if info.nbytes else b"")
-            state[1] = info.end
+    def _hash_in_order(self, path: Path, begin: int, raw: torch.Tensor) -> None:
+        """Feed bytes read from `begin` of `path` to its sha256 when they are the next ones in file order."""
+        state = self._hash_state(path)
+        if state[1] == begin:
+            state[0].update(memoryview(raw.numpy()) if raw.numel() else b"")
+            state[1] = begin + raw.numel()
 
     def sha256s(self) -> dict[Path, str]:
         """sha256 of every weight file; with `hash_files`, only the bytes not yet hashed are read."""

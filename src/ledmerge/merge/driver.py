@@ -10,6 +10,7 @@ mergekit shares, the equivalent mergekit configuration (`mergekit_io.to_mergekit
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import AdapterReader, ModelReader, ShardedWriter, align_rows, check_compatible, open_model
+from ..checkpoint import AdapterReader, ModelReader, ShardedWriter, TensorSlices, align_rows, check_compatible, open_model
 from ..errors import LedmergeError
 from ..fileio import atomic_path
 from ..options import resolve
@@ -36,6 +37,10 @@ from .registry import get_method
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 18  # elements per elementwise step on the CPU (1 MiB in float32)
+# Tensors from this many entries on (embeddings and LM heads of large vocabularies: Mistral's 131M, Llama-3's 525M)
+# are read a slab at a time (`TensorSlices`) rather than whole, so a merge does not hold every input's copy at once.
+SLICED = 1 << 26
+SLAB = 1 << 22  # entries of every input read at a time from a sliced tensor (8 MiB per bf16 input)
 SUMMARY_FILE = "ledmerge_merge.json"  # the recipe and what each post-step did per tensor (also the CLI's stdout)
 
 
@@ -67,7 +72,9 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     Streams: one tensor of every input is in memory at a time (plus the next one, read ahead by a
     thread while the current one is merged), cast to float32 for the arithmetic and written back in
     the base's stored dtype, so peak memory is a small multiple of the largest tensor, whatever the
-    model's size.
+    model's size. Tensors of `SLICED` entries or more (the embeddings and LM heads of large vocabularies) are read
+    a slab at a time instead, several times for the methods whose selection makes passes over the task vectors:
+    their memory is the merged tensor and the selection's masks, not a copy per input.
 
     `opts`: the config's `merge` section (device, shard_size, vocab_policy), resolved through the schema
     (`options.resolve`): what is not given takes the schema's default.
@@ -113,14 +120,28 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                                 f"finite inputs (it overflows {base.infos[name].dtype}): lower the weights/lambda of "
                                 f"the merge spec; nothing was written to {out_dir}")
 
+        readers = [base, *experts.values()]
+
+        def sliced(name: str) -> bool:
+            """Whether tensor `name` is read a slab at a time: a large float tensor of safetensors inputs merged on
+            the CPU without post-steps (which need whole tensors) or rows aligned to the base."""
+            info = base.infos[name]
+            return (dev.type == "cpu" and not method.post and info.dtype.is_floating_point
+                    and math.prod(info.shape) >= SLICED and not any(name in rows for rows in aligned.values())
+                    and all(type(r) is ModelReader and r.infos[name].begin >= 0 for r in readers))
+
         def load(name: str):
-            """One tensor of every input, in its stored dtype, and its LED masks (run in the read-ahead thread)."""
+            """One tensor of every input, in its stored dtype (or, `sliced`, its `TensorSlices`), and its LED masks
+            (run in the read-ahead thread)."""
+            masks_of = mask_files.for_tensor(name) if mask_files else {}
+            if sliced(name):
+                return base.slices(name), {t: experts[t].slices(name) for t in tasks}, masks_of
             b = base.read(name)
             inputs = {t: experts[t].read(name) for t in tasks}
             for t in tasks:
                 if name in aligned.get(t, ()):
                     inputs[t] = align_rows(inputs[t], b)
-            return b, inputs, (mask_files.for_tensor(name) if mask_files else {})
+            return b, inputs, masks_of
 
         def merge_one(name: str, b: torch.Tensor, inputs, tensor_masks) -> torch.Tensor:
             if not b.is_floating_point():  # integer buffers are copied from the base
@@ -146,10 +167,13 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             try:
                 ctx.kept = method.select(b, inputs, ctx)
             except Exception:  # e.g. TIES' ranking refuses NaN: name the input that holds it
-                check_finite(name, 0, b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}, None)
+                for start, slab_b, slab_in in slabs(b, inputs):
+                    check_finite(name, start, slab_b, slab_in, None)
                 raise
             finally:
                 torch.set_num_threads(1)
+            if isinstance(b, TensorSlices):
+                return merge_slabs(name, b, inputs, ctx)
             # Without post-steps each chunk's result overwrites the base chunk it came from (copied to float32 just
             # before): no second tensor of the output's size (1 GB for an 8B model's LM head). Post-steps need the
             # whole float32 result before it is rounded to the stored dtype.
@@ -175,6 +199,34 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 torch.set_num_threads(1)
             check_finite(name, 0, b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}, merged.reshape(-1))
             return merged
+
+        def slabs(b, inputs):
+            """(start, base, {task: expert}) flat slabs of one tensor in order: views of whole tensors, or slabs
+            read from `TensorSlices` (in file order, so the inputs' sha256 is fed as they are read)."""
+            if not isinstance(b, TensorSlices):
+                yield 0, b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}
+                return
+            for start in range(0, b.numel(), SLAB):
+                part = slice(start, start + SLAB)
+                yield start, b[part], {t: e[part] for t, e in inputs.items()}
+
+        def merge_slabs(name: str, b: TensorSlices, inputs, ctx: TensorContext) -> torch.Tensor:
+            """The elementwise merge of a sliced tensor: a slab of every input at a time, into a new output."""
+            out = torch.empty(b.shape, dtype=b.dtype)
+            flat_out = out.view(-1)
+
+            def merge_chunk(start: int, slab_b: torch.Tensor, slab_in, offset: int) -> None:
+                part = slice(offset, offset + CHUNK)
+                fb = slab_b[part].float()
+                fe = {t: e[part].float() for t, e in slab_in.items()}
+                where = slice(start + offset, start + offset + fb.numel())
+                flat_out[where] = method.merge_elements(fb, fe, ctx.chunk(where))
+                check_finite(name, start + offset, fb, fe, flat_out[where])
+
+            for start, slab_b, slab_in in slabs(b, inputs):
+                for _ in pool.map(functools.partial(merge_chunk, start, slab_b, slab_in), range(0, slab_b.numel(), CHUNK)):
+                    pass
+            return out
 
         reports: dict[str, dict[str, dict]] = {}  # post-step -> tensor -> what it did (ctx.report)
         bar = tqdm(total=writer.total_size, desc=f"merge ({method.name})", unit="B", unit_scale=True, disable=progress is False)
