@@ -25,10 +25,11 @@ $(STAMP): envs/requirements.txt pyproject.toml
 run: env
 	OMP_NUM_THREADS=1 $(BIN)/snakemake --cores $(CORES)
 
-# The full suite (what .ci/run runs), on 2 pytest-xdist workers: tests that share a session fixture (the toy
-# workflow run and the SLURM run that reuses it; the real checkpoint) stay on one worker (tests/conftest.py).
-# PYTEST_WORKERS=0 runs it in one process.
-PYTEST_WORKERS ?= 2
+# The full suite (what .ci/run runs), on 3 pytest-xdist workers: tests that share a session fixture (the toy
+# workflow run and the SLURM run that reuses it; the real checkpoint) stay on one worker (tests/conftest.py). Three on
+# two cores, because the SLURM test and the Snakemake runs spend much of their time waiting on subprocesses and on
+# the cluster's status checks. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 3
 test: env
 	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=20
 

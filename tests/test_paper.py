@@ -114,6 +114,21 @@ def test_ablation_tables_seed_spread_and_placeholder():
     assert "no sweep configured" in tex and r"\toprule" in tex and "No sweep configured" in md
 
 
+def test_seed_table_holds_every_sweep_repeated_over_seeds():
+    """LED and a baseline repeated over zoo seeds: one row per point, mean ± sd; a sweep on one seed is left out."""
+    baseline = pd.DataFrame([{"sweep": "seeds_ta", "model": f"ta_{seed}", "zoo_seed": seed, "harmful_rate": h,
+                              "over_refusal_rate": 0.0, "math_accuracy": 0.5, "code_pass_rate": 0.4,
+                              "mean_utility": 0.45} for seed, h in ((0, 0.7), (1, 0.9), (2, 0.8))])
+    sweeps = pd.concat([_sweeps(), baseline.assign(n_harmful=52, n_benign=58, n_math=60, n_code=60)],
+                       ignore_index=True)
+    tex, md = ablation_table(sweeps, "seed")
+    rows = [line for line in _body(tex) if " & " in line]  # (a rule separates the sweeps)
+    assert len(rows) == 6 + 1 and all(r"$\pm$" in line for line in rows)  # rates: 2 locations × 3 rates; seeds_ta
+    assert not any("lambdas" in line for line in md.splitlines())  # one seed only
+    ta = next(line for line in md.splitlines() if line.startswith("| seeds_ta"))
+    assert "0.800** ± 0.100" in ta, ta  # mean and sample sd of 0.7, 0.9, 0.8
+
+
 def test_safety_utility_labels_never_overlap(tmp_path):
     import matplotlib.pyplot as plt
 

@@ -10,9 +10,9 @@ SLURM job that completed, and the outputs must equal those of a local run of the
 The local run is the session's `workflow_run` (tests/conftest.py; tests/test_workflow.py checks it), so the
 test workflow runs once, not twice: the SLURM run starts from a copy of its outputs up to the elections of all tasks
 but one (`CLUSTER_TASK`) and its calibration data, file times kept, so Snakemake finds them up to date. On the
-cluster run that task's base and expert scoring, its election, the disjoint masks, two merges (LED and TIES) and
-their evaluations: every rule kind from scoring to evaluation, in 8 jobs; the report and paper are local rules
-and run beside Snakemake. The summary rows and merged weights must equal the local run's.
+cluster run that task's base and expert scoring, its election, the disjoint masks, the LED merge and its
+evaluation: every rule kind from scoring to evaluation, in 6 jobs; the report and paper are local rules and run
+beside Snakemake. The summary rows and merged weights must equal the local run's.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def run_snakemake(workdir: Path, configfile: Path, *args: str, extra_env: dict |
                           timeout=timeout)
 
 
-# The merges run on SLURM (a subset of config/test.yaml's: one LED merge, one of the configured baselines).
-SLURM_MERGES = ["led", "ties"]
+# The merge run on SLURM (of config/test.yaml's): LED, the one that reads every rule's outputs.
+SLURM_MERGES = ["led"]
 # The task whose scoring and election run on the cluster; the others' come from the local run.
 CLUSTER_TASK = "code"
 CLUSTER_JOBS = {"importance": 2, "election": 1, "disjoint": 1, "merge": len(SLURM_MERGES),

@@ -19,11 +19,12 @@ UTILITY = [("math_accuracy", "math accuracy", "max"), ("code_pass_rate", "code p
            ("mean_utility", "mean utility", "max")]
 METRICS = SAFETY + UTILITY
 ARROW = {"min": ("↓", r"$\downarrow$"), "max": ("↑", r"$\uparrow$")}
-# Ablation tables: the sweep parameters each one is about (a prefix ends with "_": rate_safety, lambda_math, ...).
-ABLATIONS = {"rate": ("rate_",), "pattern": ("pattern",), "location": ("location",), "lambda": ("lambda_",),
-             "sparsity": ("density", "drop")}
-PARAM_PREFIXES = ("location", "pattern", "rate_", "lambda_", "density", "drop")
 SEED = "zoo_seed"
+# Ablation tables: the sweep parameters each one is about (a prefix ends with "_": rate_safety, lambda_math, ...).
+# `seed`: the sweeps repeated over zoo seeds (LED and the baselines alike), each point as mean ± sd over the seeds.
+ABLATIONS = {"rate": ("rate_",), "pattern": ("pattern",), "location": ("location",), "lambda": ("lambda_",),
+             "sparsity": ("density", "drop"), "seed": (SEED,)}
+PARAM_PREFIXES = ("location", "pattern", "rate_", "lambda_", "density", "drop")
 TABLES = ["table_main", *(f"table_ablation_{a}" for a in ABLATIONS)]
 FIGURES = ["fig_safety_utility", "fig_rate_sweep", "fig_location_ablation", "fig_mask_overlap"]
 OUTPUTS = [f"{t}.{e}" for t in TABLES for e in ("tex", "md")] + [f"{f}.{e}" for f in FIGURES for e in ("pdf", "png")]

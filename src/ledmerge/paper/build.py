@@ -96,11 +96,12 @@ def main_rows(summary: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
 
 
 def ablation_rows(sweeps: pd.DataFrame, ablation: str) -> pd.DataFrame:
-    """The sweep points of the sweeps that vary one of `ablation`'s parameters (seeds averaged)."""
+    """The sweep points of the sweeps that vary one of `ablation`'s parameters (the zoo seed too: `seed`), seeds
+    averaged."""
     if sweeps.empty:
         return pd.DataFrame()
     params = param_columns(sweeps)
-    cols = [c for c in params if c != SEED and c.startswith(ABLATIONS[ablation])]
+    cols = [c for c in [*params, SEED] if c in sweeps.columns and c.startswith(ABLATIONS[ablation])]
     varied = [name for name, g in sweeps.groupby("sweep", sort=False)
               if any(g[c].nunique(dropna=True) > 1 for c in cols)]
     rows = sweeps[sweeps["sweep"].isin(varied)]
