@@ -97,7 +97,7 @@ def pytest_collection_modifyitems(config, items):
             group = SHARED_FIXTURE_GROUPS[fixture]
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.xdist_group(group))
-            rank[id(item)] = order.index(group)
+            rank[id(item)] = (order.index(group), item.path.name == "test_slurm.py")  # SLURM last: it waits
         groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                          for m in item.iter_markers("xdist_group")})
         if groups and getattr(config.option, "loadgroup", False) and hasattr(item, "_id") and "@" not in item.nodeid:
@@ -105,7 +105,7 @@ def pytest_collection_modifyitems(config, items):
             # loadgroup tells the scheduler the group) is lost and the group's tests spread over the workers, each
             # building the fixture. Set the same suffix where pytest reads it.
             item._id = type(item._id).parse(f"{item.nodeid}@{'_'.join(groups)}")
-    items.sort(key=lambda item: rank.get(id(item), len(order)))  # stable: the rest keep their order
+    items.sort(key=lambda item: rank.get(id(item), (len(order), False)))  # stable: the rest keep their order
 
 
 def job_stats(stdout: str) -> dict[str, int]:
@@ -182,11 +182,14 @@ class Run:
         self.workdir = root / "work"
         self.results = root / "results"
         self.configfile = root / "config.yaml"
+        self.slurm = None  # the SLURM run started from this one's outputs (tests/test_slurm.py), if any
 
 
 @pytest.fixture(scope="session")
-def workflow_run(tmp_path_factory) -> Run:
-    """The whole workflow on config/test.yaml, once per session."""
+def workflow_run(tmp_path_factory, request) -> Run:
+    """The whole workflow on config/test.yaml, once per session. When the SLURM test is selected, its run starts
+    from these outputs in the background right away, and the workflow tests run while the cluster works (the SLURM
+    test comes last in the group: `pytest_collection_modifyitems`)."""
     run = Run(tmp_path_factory.mktemp("workflow"))
     run.workdir.mkdir()
     write_config(run.configfile, test_config(run.results))
@@ -194,6 +197,12 @@ def workflow_run(tmp_path_factory) -> Run:
     if proc.returncode != 0:
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((run.results / "logs").glob("*.log")))
         pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-6000:]}\n{logs[-6000:]}")
+    if any(item.path.name == "test_slurm.py" for item in request.session.items):
+        from test_slurm import start_slurm_run
+
+        run.slurm = start_slurm_run(run.results, tmp_path_factory.mktemp("slurm"))
+        if run.slurm is not None:
+            request.addfinalizer(run.slurm.close)
     return run
 
 

@@ -47,7 +47,9 @@ def test_profile(path: Path, cluster: SlurmCluster) -> Path:
     profile["default-resources"]["slurm_partition"] = cluster.partition
     for resources in profile["set-resources"].values():
         resources["slurm_partition"] = cluster.partition
-    profile.update({"slurm-keep-successful-logs": True, "slurm-init-seconds-before-status-checks": 1,
+    # The plugin checks 5 s after a submission, then backs off by 10 s more each time nothing finished (5, 20, 45 s):
+    # most of these jobs take 8-25 s, so 5 wastes less waiting than 1 (1, 12, 33 s).
+    profile.update({"slurm-keep-successful-logs": True, "slurm-init-seconds-before-status-checks": 5,
                     "seconds-between-status-checks": 2, "latency-wait": 10, "retries": 0, "keep-going": False})
     path.mkdir()
     write_config(path / "config.yaml", profile)
@@ -57,11 +59,14 @@ def test_profile(path: Path, cluster: SlurmCluster) -> Path:
 test_profile.__test__ = False  # a helper, not a test
 
 
+def snakemake_command(workdir: Path, configfile: Path, *args: str) -> list[str]:
+    return [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(configfile), *args]
+
+
 def run_snakemake(workdir: Path, configfile: Path, *args: str, extra_env: dict | None = None, timeout: int = 1200):
-    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(configfile), *args]
-    return subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(snakemake_command(workdir, configfile, *args), cwd=REPO, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 # The merge run on SLURM (of config/test.yaml's): LED, the one that reads every rule's outputs.
@@ -99,34 +104,64 @@ def outputs(results: Path, models: list[str]) -> dict:
             **{m: sha256(results / "merged" / m / "model.safetensors") for m in models if m in SLURM_MERGES}}
 
 
-def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
-    # Same result-changing settings as the local run (config/test.yaml); only where the jobs run, what they ask
-    # for and which merges are made differ. The data-aware and sweep jobs add nothing SLURM-specific: off.
-    slurm_dir = tmp_path / "slurm"
-    slurm_dir.mkdir()
-    merges = test_config(slurm_dir / "results")["merges"]
-    slurm_cfg = test_config(slurm_dir / "results", data_aware__enabled=False, sweeps={},
-                            merges={m: merges[m] for m in SLURM_MERGES}, resources={
-        "importance": {"gpu": 1, "mem_mb": 8000, "runtime": "20m"},
-        "evaluation": {"gpu": 1, "mem_mb": 8000, "runtime": "1h"}})
-    slurm_cfg = write_config(tmp_path / "slurm.yaml", slurm_cfg)
-    seed_results(workflow_run.results, slurm_dir / "results")
+class SlurmRun:
+    """The SLURM run of the test configuration, started in the background from the reference run's outputs, so that
+    the other tests of its xdist worker run while the cluster works: `workflow_run` (tests/conftest.py) starts it as
+    soon as the local run exists, when this test is selected; the test waits for it (`finish`)."""
 
-    cluster = SlurmCluster(tmp_path / "cluster", cpus=2, gpus=2)
-    with cluster:
-        profile = test_profile(tmp_path / "profile", cluster)
-        proc = run_snakemake(slurm_dir, slurm_cfg, "--profile", str(profile), extra_env=cluster.env)
-        assert proc.returncode == 0, f"{proc.stderr[-6000:]}\n{cluster.logs()}"
+    def __init__(self, reference: Path, root: Path):
+        # Same result-changing settings as the local run (config/test.yaml); only where the jobs run, what they ask
+        # for and which merges are made differ. The data-aware and sweep jobs add nothing SLURM-specific: off.
+        self.reference, self.workdir = reference, root / "slurm"
+        self.workdir.mkdir(parents=True)
+        merges = test_config(self.workdir / "results")["merges"]
+        cfg = test_config(self.workdir / "results", data_aware__enabled=False, sweeps={},
+                          merges={m: merges[m] for m in SLURM_MERGES}, resources={
+            "importance": {"gpu": 1, "mem_mb": 8000, "runtime": "20m"},
+            "evaluation": {"gpu": 1, "mem_mb": 8000, "runtime": "1h"}})
+        self.configfile = write_config(root / "slurm.yaml", cfg)
+        seed_results(reference, self.workdir / "results")
+        self.cluster = SlurmCluster(root / "cluster", cpus=2, gpus=2).__enter__()
+        self.profile = test_profile(root / "profile", self.cluster)
+        self.out, self.err = root / "snakemake.out", root / "snakemake.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(snakemake_command(self.workdir, self.configfile, "--profile", str(self.profile)),
+                                         cwd=REPO, env={**env(), **self.cluster.env}, stdout=out, stderr=err, text=True)
+
+    def finish(self, timeout: int = 1200) -> tuple[int, str, str]:
+        """Wait for the run: (exit code, stdout, stderr). The cluster stays up until `close`."""
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, self.out.read_text(), self.err.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.cluster.stop()
+
+
+def start_slurm_run(reference: Path, root: Path) -> SlurmRun | None:
+    """The background SLURM run, or None where the cluster cannot start (the test is skipped there)."""
+    return None if MISSING or os.geteuid() != 0 else SlurmRun(reference, root)
+
+
+def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
+    run = workflow_run.slurm or SlurmRun(workflow_run.results, tmp_path)  # started already, unless run alone
+    try:
+        code, stdout, stderr = run.finish()
+        assert code == 0, f"{stderr[-6000:]}\n{run.cluster.logs()}"
         # Resuming: the same command again finds nothing to do.
-        again = run_snakemake(slurm_dir, slurm_cfg, "--profile", str(profile), "-n", extra_env=cluster.env,
-                              timeout=300)
+        again = run_snakemake(run.workdir, run.configfile, "--profile", str(run.profile), "-n",
+                              extra_env=run.cluster.env, timeout=300)
         assert again.returncode == 0 and not job_stats(again.stdout), again.stdout[-3000:]
-        ctld_log = (cluster.root / "log" / "slurmctld.log").read_text()
-        log = proc.stdout + proc.stderr
+        ctld_log = (run.cluster.root / "log" / "slurmctld.log").read_text()
+        log = stdout + stderr
         submitted = SUBMITTED.findall(log)
-        jobs = {slurm_id: subprocess.run(["scontrol", "-o", "show", "job", slurm_id], env=cluster.env,
+        jobs = {slurm_id: subprocess.run(["scontrol", "-o", "show", "job", slurm_id], env=run.cluster.env,
                                          capture_output=True, text=True, timeout=30).stdout
                 for _, slurm_id, _ in submitted}
+    finally:
+        run.close()
 
     stats = job_stats(log)
     assert stats == {**CLUSTER_JOBS, **LOCAL_JOBS}, stats  # the copied outputs are up to date: none of them reruns
@@ -140,6 +175,6 @@ def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
         assert bool(re.search(r"TresPerJob=gres:gpu:1\b", jobs[slurm_id])) == wants_gpu, (logfile, jobs[slurm_id])
 
     models = ["base", *TASKS, *SLURM_MERGES]
-    slurm, local = outputs(slurm_dir / "results", models), outputs(workflow_run.results, models)
+    slurm, local = outputs(run.workdir / "results", models), outputs(workflow_run.results, models)
     assert sorted(slurm["summary"]) == sorted(models), slurm["summary"]
     assert slurm == local
