@@ -139,11 +139,16 @@ def env() -> dict:
                 HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 
-def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the repository's Snakefile on `configfile`, from the repository root, with its state in `workdir`."""
-    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(configfile), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+def snakemake_command(workdir: Path, configfile: Path, *args: str) -> list[str]:
+    """The repository's Snakefile on `configfile`, with its state in `workdir` (run from the repository root)."""
+    return [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(configfile), *args]
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900,
+              extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_command(workdir, configfile, *args), cwd=REPO, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def ledmerge(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

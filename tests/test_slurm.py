@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SNAKEMAKE, env, job_stats, sha256, test_config, write_config
+from conftest import REPO, env, job_stats, sha256, snakemake, snakemake_command, test_config, write_config
 from slurm_cluster import SlurmCluster, missing_tools
 from test_workflow import TASKS
 
@@ -57,16 +57,6 @@ def test_profile(path: Path, cluster: SlurmCluster) -> Path:
 
 
 test_profile.__test__ = False  # a helper, not a test
-
-
-def snakemake_command(workdir: Path, configfile: Path, *args: str) -> list[str]:
-    return [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(configfile), *args]
-
-
-def run_snakemake(workdir: Path, configfile: Path, *args: str, extra_env: dict | None = None, timeout: int = 1200):
-    return subprocess.run(snakemake_command(workdir, configfile, *args), cwd=REPO, env={**env(), **(extra_env or {})},
-                          capture_output=True, text=True, timeout=timeout)
 
 
 # The merge run on SLURM (of config/test.yaml's): LED, the one that reads every rule's outputs.
@@ -151,7 +141,7 @@ def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
         code, stdout, stderr = run.finish()
         assert code == 0, f"{stderr[-6000:]}\n{run.cluster.logs()}"
         # Resuming: the same command again finds nothing to do.
-        again = run_snakemake(run.workdir, run.configfile, "--profile", str(run.profile), "-n",
+        again = snakemake(run.workdir, run.configfile, "--profile", str(run.profile), "-n",
                               extra_env=run.cluster.env, timeout=300)
         assert again.returncode == 0 and not job_stats(again.stdout), again.stdout[-3000:]
         ctld_log = (run.cluster.root / "log" / "slurmctld.log").read_text()

@@ -172,24 +172,28 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 raise
             finally:
                 torch.set_num_threads(1)
-            if isinstance(b, TensorSlices):
-                return merge_slabs(name, b, inputs, ctx)
             # Without post-steps each chunk's result overwrites the base chunk it came from (copied to float32 just
             # before): no second tensor of the output's size (1 GB for an 8B model's LM head). Post-steps need the
-            # whole float32 result before it is rounded to the stored dtype.
-            out = torch.empty_like(b, dtype=torch.float32) if method.post else b
-            flat_out, flat_b = out.view(-1), b.view(-1)
-            flat_in = {t: e.reshape(-1) for t, e in inputs.items()}
+            # whole float32 result before it is rounded to the stored dtype. A sliced tensor has no base copy in
+            # memory to overwrite: its output is new (and post-steps never slice).
+            if isinstance(b, TensorSlices):
+                out = torch.empty(b.shape, dtype=b.dtype)
+            else:
+                out = torch.empty_like(b, dtype=torch.float32) if method.post else b
+            flat_out = out.view(-1)
 
-            def merge_chunk(start: int) -> None:  # cache-sized pieces: each elementwise op stays in L2/L3
-                part = slice(start, start + CHUNK)
-                fb = flat_b[part].to(torch.float32, copy=True)  # a copy even of float32: the result goes there
-                fe = {t: e[part].float() for t, e in flat_in.items()}
-                flat_out[part] = method.merge_elements(fb, fe, ctx.chunk(part))
-                check_finite(name, start, fb, fe, flat_out[part])  # all still in cache: one more read of each
+            def merge_chunk(start: int, slab_b: torch.Tensor, slab_in, offset: int) -> None:
+                """Entries offset.. of the slab from `start`, in cache-sized pieces: each op stays in L2/L3."""
+                part = slice(offset, offset + CHUNK)
+                fb = slab_b[part].to(torch.float32, copy=True)  # a copy even of float32: the result may go there
+                where = slice(start + offset, start + offset + fb.numel())  # a slab's last chunk may be shorter
+                fe = {t: e[part].float() for t, e in slab_in.items()}
+                flat_out[where] = method.merge_elements(fb, fe, ctx.chunk(where))
+                check_finite(name, start + offset, fb, fe, flat_out[where])  # all still in cache: one more read
 
-            for _ in pool.map(merge_chunk, range(0, b.numel(), CHUNK)):
-                pass
+            for start, slab_b, slab_in in slabs(b, inputs):
+                for _ in pool.map(functools.partial(merge_chunk, start, slab_b, slab_in), range(0, slab_b.numel(), CHUNK)):
+                    pass
             if not method.post:
                 return out
             torch.set_num_threads(workers)  # whole-tensor steps (SafeMERGE's products): torch's own threads
@@ -209,24 +213,6 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             for start in range(0, b.numel(), SLAB):
                 part = slice(start, start + SLAB)
                 yield start, b[part], {t: e[part] for t, e in inputs.items()}
-
-        def merge_slabs(name: str, b: TensorSlices, inputs, ctx: TensorContext) -> torch.Tensor:
-            """The elementwise merge of a sliced tensor: a slab of every input at a time, into a new output."""
-            out = torch.empty(b.shape, dtype=b.dtype)
-            flat_out = out.view(-1)
-
-            def merge_chunk(start: int, slab_b: torch.Tensor, slab_in, offset: int) -> None:
-                part = slice(offset, offset + CHUNK)
-                fb = slab_b[part].float()
-                fe = {t: e[part].float() for t, e in slab_in.items()}
-                where = slice(start + offset, start + offset + fb.numel())
-                flat_out[where] = method.merge_elements(fb, fe, ctx.chunk(where))
-                check_finite(name, start + offset, fb, fe, flat_out[where])
-
-            for start, slab_b, slab_in in slabs(b, inputs):
-                for _ in pool.map(functools.partial(merge_chunk, start, slab_b, slab_in), range(0, slab_b.numel(), CHUNK)):
-                    pass
-            return out
 
         reports: dict[str, dict[str, dict]] = {}  # post-step -> tensor -> what it did (ctx.report)
         bar = tqdm(total=writer.total_size, desc=f"merge ({method.name})", unit="B", unit_scale=True, disable=progress is False)
