@@ -122,6 +122,91 @@ def test_merge_missing_model_dir(tmp_path, tiny_zoo):
     assert_nothing_written(out)
 
 
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under `path` and its bytes: what a refused merge must leave as it was."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_merge_refuses_a_folder_it_did_not_write(tmp_path, tiny_zoo):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("three years of work")
+    proc = ledmerge(*merge_args(tiny_zoo, notes))
+    assert_one_error(proc, str(notes), "--force")
+    assert tree(notes) == {"thesis.tex": b"three years of work"}
+    assert [p.name for p in tmp_path.iterdir()] == ["notes"]  # no temporary left beside it
+
+
+def test_merge_refuses_a_file_as_output(tmp_path, tiny_zoo):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    assert_one_error(ledmerge(*merge_args(tiny_zoo, notes)), "is a file")
+    assert notes.read_text() == "keep me"
+
+
+def test_merge_force_replaces_the_folder(tmp_path, tiny_zoo):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    proc = ledmerge(*merge_args(tiny_zoo, out), "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / "stale.txt").exists() and (out / "ledmerge_merge.json").is_file()
+
+
+def test_merge_replaces_its_own_earlier_output_and_an_empty_folder(tmp_path, tiny_zoo):
+    out = tmp_path / "merged"
+    out.mkdir()  # empty: nothing to lose
+    assert ledmerge(*merge_args(tiny_zoo, out)).returncode == 0
+    first = tree(out)
+    proc = ledmerge(*merge_args(tiny_zoo, out, spec={"method": "ties", "density": 0.5}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "ledmerge_merge.json").read_text())["recipe"]["method"] == "ties"
+    assert tree(out).keys() == first.keys()
+
+
+@pytest.mark.parametrize("where", ["base", "inside_base", "parent_of_expert"])
+def test_merge_output_on_an_input_is_refused_even_with_force(tmp_path, tiny_zoo, where):
+    import shutil
+
+    root = tmp_path / "models"
+    zoo = {t: shutil.copytree(d, root / t) for t, d in tiny_zoo.items()}
+    out = {"base": zoo["base"], "inside_base": zoo["base"] / "merged", "parent_of_expert": root}[where]
+    before = tree(root)
+    proc = ledmerge(*merge_args(zoo, out), "--force")
+    assert_one_error(proc, "input")
+    assert tree(root) == before
+
+
+def test_merge_output_current_directory_is_refused(tmp_path, tiny_zoo, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.md").write_text("mine")
+    monkeypatch.chdir(work)
+    for args in ((), ("--force",)):
+        assert_one_error(ledmerge(*merge_args(tiny_zoo, Path(".")), *args), "current directory")
+    assert tree(work) == {"notes.md": b"mine"}
+
+
+def test_merge_output_symlink_is_refused(tmp_path, tiny_zoo):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "mine.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(real)
+    for args in ((), ("--force",)):
+        assert_one_error(ledmerge(*merge_args(tiny_zoo, tmp_path / "link"), *args), "symbolic link")
+    assert tree(real) == {"mine.txt": b"mine"}
+
+
+def test_tokenizer_refuses_a_folder_it_did_not_write(tmp_path, tiny_zoo):
+    notes = tmp_path / "tok"
+    notes.mkdir()
+    (notes / "a.txt").write_text("mine")
+    proc = ledmerge("tokenizer", "--source", "base", "--base", tiny_zoo["base"], "--alignment-task", "safety",
+                    "--out", notes)
+    assert_one_error(proc, "--force")
+    assert tree(notes) == {"a.txt": b"mine"}
+
+
 def test_merge_missing_base_dir(tmp_path, tiny_zoo):
     out = tmp_path / "merged"
     proc = ledmerge(*merge_args(tiny_zoo, out, base=tmp_path / "no_such_base"))

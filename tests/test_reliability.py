@@ -257,7 +257,7 @@ def test_only_this_targets_temporaries_of_dead_processes_are_removed(tmp_path):
 
 def test_a_live_temporary_of_this_process_is_kept(tmp_path):
     target = tmp_path / "out"
-    with atomic_path(target, directory=True) as tmp:
+    with atomic_path(target, directory=True, marker="f") as tmp:
         assert tmp.name.startswith(f".out.tmp-{os.getpid()}-")
         assert remove_stale_temps(target) == [] and tmp.is_dir()
         (tmp / "f").write_text("x")

@@ -111,7 +111,7 @@ def cmd_config_reference(a):
 def cmd_fetch_model(a):
     from .hub import fetch_model
 
-    print(f"downloaded {a.repo}@{a.revision} to {fetch_model(a.repo, a.out, a.revision)}")
+    print(f"downloaded {a.repo}@{a.revision} to {fetch_model(a.repo, a.out, a.revision, force=a.force)}")
 
 
 def cmd_fetch_dataset(a):
@@ -153,7 +153,8 @@ def cmd_tokenizer(a):
     from .tokenizer import build_tokenizer_dir
 
     record = build_tokenizer_dir(a.source, a.base, _pairs(a.expert, "--expert"), a.alignment_task, a.out,
-                                 chat_template=a.chat_template or None, trust_remote_code=a.trust_remote_code)
+                                 chat_template=a.chat_template or None, trust_remote_code=a.trust_remote_code,
+                                 force=a.force)
     print(json.dumps({k: v for k, v in record.items() if k != "sha256"}))
 
 
@@ -190,7 +191,7 @@ def cmd_merge(a):
         raise LedmergeError(f"cannot read the merge spec file {a.spec[1:]}: run its search first")
     summary = merge_models(a.base, _pairs(a.expert, "--expert"), _json_arg(a.spec, "--spec"), a.out,
                            masks=_pairs(a.mask, "--mask") or None, **_options(a, "merge"), allow_pickle=a.allow_pickle,
-                           tokenizer_dir=a.tokenizer)
+                           tokenizer_dir=a.tokenizer, force=a.force)
     print(json.dumps(summary))
 
 
@@ -310,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "or @FILE holding one; missing keys take the defaults listed below")
         return sp
 
+    def force_flag(sp):
+        sp.add_argument("--force", action="store_true", help="replace an existing output directory that ledmerge did "
+                        "not write (by default refused; an earlier output of this step is always replaced)")
+
     def opt_ins(sp, trust=True, pickle=True):
         if trust:
             sp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -324,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--readme", metavar="FILE", help="instead, regenerate the merge method table inside FILE (README.md)")
 
     sp = add("fetch-model", cmd_fetch_model, "download a hub model's safetensors, configs and tokenizer")
-    sp.add_argument("--repo", required=True)
-    sp.add_argument("--revision", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--repo", required=True, help="hub model name, org/name")
+    sp.add_argument("--revision", required=True, help="branch, tag or commit to download")
+    sp.add_argument("--out", required=True, help="the model directory to write")
+    force_flag(sp)
 
     sp = add("fetch-dataset", cmd_fetch_dataset, "export a split of a Hugging Face dataset to JSONL")
     sp.add_argument("--spec", required=True, help="JSON {name, config_name, split}")
@@ -364,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--expert", nargs="*", metavar="TASK=DIR")
     sp.add_argument("--alignment-task", required=True, help="the aligned (instruct) expert's task")
     sp.add_argument("--chat-template", nargs="?", help="a .jinja file replacing the source's chat template")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the tokenizer directory to write")
+    force_flag(sp)
     opt_ins(sp, pickle=False)
 
     sp = add("importance", cmd_importance, "importance scores (SNIP |W| * sum|grad|, or the `location` method) of "
@@ -393,11 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overlap", required=True)
 
     sp = add("merge", cmd_merge, "merge experts into the base with one method", "merge")
-    sp.add_argument("--base", required=True)
-    sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR")
-    sp.add_argument("--mask", nargs="*", metavar="TASK=PATH")
+    sp.add_argument("--base", required=True, help="the base model directory (every task vector is expert - base)")
+    sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR",
+                    help="each expert: a model directory or a PEFT LoRA adapter on the base, named by its task")
+    sp.add_argument("--mask", nargs="*", metavar="TASK=PATH",
+                    help="LED only: each task's disjoint mask file (`ledmerge disjoint`)")
     sp.add_argument("--spec", required=True, help="JSON merge spec, or @FILE holding one")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the merged model directory to write; an existing one is replaced "
+                    "only if it is an earlier ledmerge merge or empty (else --force), never if it is or holds an input")
+    force_flag(sp)
     sp.add_argument("--tokenizer", help="tokenizer directory (`ledmerge tokenizer`) whose tokenizer, chat template "
                     "and generation config the merged model gets; absent: the base's")
     opt_ins(sp, trust=False)

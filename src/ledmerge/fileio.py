@@ -86,9 +86,46 @@ def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_replaceable(target: str | os.PathLike, marker: str, *, force: bool = False) -> None:
+    """Refuse to replace `target` unless it is absent, an empty directory, or an earlier output of the same step
+    (a directory holding `marker`, the file that step writes into every output); `force` lifts the last
+    condition, not the link and working-directory ones. Replacing a directory deletes what it holds, so a folder
+    of the user's is never replaced by mistake."""
+    target = Path(target)
+    if target.is_symlink():
+        raise LedmergeError(f"output {target} is a symbolic link: give the real path, or remove the link")
+    if not target.exists():
+        return
+    here = Path.cwd().resolve()
+    if target.resolve() == here or target.resolve() in here.parents:
+        raise LedmergeError(f"output {target} is the current directory or holds it: name a new directory to write to")
+    if force or (target.is_dir() and (not any(target.iterdir()) or (target / marker).is_file())):
+        return
+    what = "a directory that was not written by this ledmerge step" if target.is_dir() else "a file"
+    raise LedmergeError(f"output {target} already exists and is {what} (no {marker} in it); replacing it would delete "
+                        "what it holds: choose another output directory, or pass --force to replace it")
+
+
+def check_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output path that is an input, lies inside one, or holds one: writing it would replace the input."""
+    out = Path(output).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise LedmergeError(f"output {output} is, lies inside or holds the input {given}; writing it would replace "
+                                "that input: choose an output directory apart from every input")
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, *, directory: bool = False, marker: str | None = None,
+                force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `target`; rename it onto `target` only if the block succeeds.
+
+    A directory output names its `marker`, a file the block writes into it: an existing `target` is replaced only
+    when `check_replaceable` allows it (checked again at the rename), so a directory of the user's is never
+    deleted; `force` replaces any (the CLI's --force).
 
     The temporary is named `.{name}.tmp-{pid}-XXXX`, so a rerun removes what a killed run (kill -9, an
     out-of-memory kill, a node lost) left beside the same target (`remove_stale_temps`; the pid is looked up on
@@ -96,6 +133,10 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
     out of disk space (ENOSPC, EDQUOT, EFBIG) anywhere in the block is a one-line LedmergeError naming `target`;
     the temporary is removed either way."""
     target = Path(target)
+    if directory:
+        if marker is None:
+            raise ValueError("a directory output names the marker file that proves a later run it is ours")
+        check_replaceable(target, marker, force=force)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     prefix = f".{target.name}.tmp-{os.getpid()}-"
@@ -113,8 +154,14 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
         os.umask(umask)
         tmp.chmod((0o777 if directory else 0o666) & ~umask)
         yield tmp
-        if directory and target.exists():
-            shutil.rmtree(target)
+        if directory:
+            if not (tmp / marker).is_file():
+                raise AssertionError(f"the step writing {target} did not write its marker {marker}")
+            check_replaceable(target, marker, force=force)  # the target may have appeared since the start
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
         os.replace(tmp, target)
     except BaseException as exc:
         if tmp is not None:

@@ -7,22 +7,28 @@ HF_HUB_OFFLINE=1. Both write atomically: a directory or file that exists is comp
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 from .errors import LedmergeError
-from .fileio import write_jsonl
+from .fileio import check_replaceable, write_jsonl
 
 # What a model directory needs: weights (safetensors only), configs, tokenizer and chat template.
 MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "*.tiktoken", "*.txt",
                "*.jinja"]
 
 
-def fetch_model(repo: str, out_dir, revision: str) -> Path:
-    """Download the safetensors checkpoint, configs and tokenizer of hub model `repo` into `out_dir`."""
+MARKER = "ledmerge_fetch.json"  # {repo, revision}: what was downloaded, and proof to a rerun that ledmerge wrote it
+
+
+def fetch_model(repo: str, out_dir, revision: str, force: bool = False) -> Path:
+    """Download the safetensors checkpoint, configs and tokenizer of hub model `repo` into `out_dir`. An existing
+    `out_dir` is replaced only when it is an earlier download (`MARKER`) or empty, or with `force`."""
     from huggingface_hub import snapshot_download
 
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, MARKER, force=force)
     tmp = out_dir.with_name(out_dir.name + ".partial")  # kept on failure: a rerun resumes the download
     try:
         snapshot_download(repo, revision=revision, allow_patterns=MODEL_FILES, local_dir=tmp)
@@ -32,8 +38,12 @@ def fetch_model(repo: str, out_dir, revision: str) -> Path:
     if not list(tmp.glob("*.safetensors")):
         raise LedmergeError(f"{repo}@{revision} has no safetensors weights: convert it or use a local directory")
     shutil.rmtree(tmp / ".cache", ignore_errors=True)  # the download bookkeeping, not part of the model
-    if out_dir.exists():
+    (tmp / MARKER).write_text(json.dumps({"repo": repo, "revision": revision}) + "\n")
+    check_replaceable(out_dir, MARKER, force=force)
+    if out_dir.is_dir():
         shutil.rmtree(out_dir)
+    elif out_dir.exists():
+        out_dir.unlink()
     tmp.rename(out_dir)
     return out_dir
 

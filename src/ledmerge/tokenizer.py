@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import LedmergeError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_not_input
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json")
@@ -110,7 +110,8 @@ def eos_ids(model_dir: str | Path) -> list[int]:
 
 
 def build_tokenizer_dir(source: str, base_dir, expert_dirs: Mapping[str, str | Path], alignment_task: str,
-                        out_dir, chat_template: str | Path | None = None, trust_remote_code: bool = False) -> dict:
+                        out_dir, chat_template: str | Path | None = None, trust_remote_code: bool = False,
+                        force: bool = False) -> dict:
     """Write the run's tokenizer directory (atomic): the source's tokenizer files verbatim, the chat template as
     chat_template.jinja (which transformers prefers to a template inside tokenizer_config.json), the generation
     config, and tokenizer_source.json. Returns that record. With `trust_remote_code`, the source's Python files
@@ -126,7 +127,8 @@ def build_tokenizer_dir(source: str, base_dir, expert_dirs: Mapping[str, str | P
         raise LedmergeError(f"{source_dir} has no tokenizer_config.json: tokenizer_source must be a model "
                             "directory with its tokenizer")
     generation = _generation_config(source_dir)
-    with atomic_path(out_dir, directory=True) as out:
+    check_not_input(out_dir, [base_dir, *expert_dirs.values(), chat_template])
+    with atomic_path(out_dir, directory=True, marker=SOURCE_FILE, force=force) as out:
         for f in files:
             shutil.copy2(source_dir / f, out / f)
         if chat_template is None and (source_dir / TEMPLATE_FILE).is_file():

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..checkpoint import AdapterReader, ModelReader, ShardedWriter, TensorSlices, align_rows, check_compatible, open_model
 from ..errors import LedmergeError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_not_input, check_replaceable
 from ..options import resolve
 from ..tokenizer import copy_tokenizer_files
 from .base import MaskFiles, TensorContext
@@ -60,7 +60,7 @@ def merge_device(device: str) -> torch.device:
 def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os.PathLike], spec: Mapping,
                  out_dir: str | os.PathLike, masks: Mapping[str, str | os.PathLike] | None = None, *,
                  allow_pickle: bool = False, tokenizer_dir: str | os.PathLike | None = None,
-                 progress: bool | None = None, **opts) -> dict:
+                 progress: bool | None = None, force: bool = False, **opts) -> dict:
     """Merge the experts into the base with `spec`; write a sharded HF model directory (atomic) with a model card
     and, where mergekit has the method, `mergekit_config.yml`. Returns the merge's summary (also written to
     `SUMMARY_FILE` in it): the full recipe, and per post-step and tensor what the step did (SafeMERGE: the
@@ -76,6 +76,9 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     a slab at a time instead, several times for the methods whose selection makes passes over the task vectors:
     their memory is the merged tensor and the selection's masks, not a copy per input.
 
+    An existing `out_dir` is replaced only when it is an earlier merge (it holds `SUMMARY_FILE`) or empty, or with
+    `force`; one that is, holds or lies inside an input is always refused (`fileio.check_not_input`).
+
     `opts`: the config's `merge` section (device, shard_size, vocab_policy), resolved through the schema
     (`options.resolve`): what is not given takes the schema's default.
     """
@@ -86,6 +89,8 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         raise LedmergeError("no expert models to merge: list at least one expert in the config")
     tasks = sorted(expert_dirs)
     method.check_inputs(tasks, masks)
+    check_replaceable(out_dir, SUMMARY_FILE, force=force)
+    check_not_input(out_dir, [base_dir, *expert_dirs.values(), *(masks or {}).values(), tokenizer_dir])
     dev = merge_device(device)
     aligned = check_compatible(base_dir, expert_dirs, vocab_policy=vocab_policy, allow_pickle=allow_pickle)
     log.info("merging %s into %s with %s on %s", tasks, base_dir, method.recipe(), dev)
@@ -96,7 +101,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         experts = {t: open_reader(expert_dirs[t]) for t in tasks}
         mask_files = MaskFiles(masks, base.shapes) if masks and method.uses_masks else None
         check_mask_sources(mask_files, base, experts)
-        out = stack.enter_context(atomic_path(out_dir, directory=True))
+        out = stack.enter_context(atomic_path(out_dir, directory=True, marker=SUMMARY_FILE, force=force))
         writer = ShardedWriter(out, [(n, base.infos[n].dtype, base.infos[n].shape) for n in base.names], shard_size)
         stack.callback(writer.abort)  # a failed merge closes its shard before the directory is removed
         check_free_space(out_dir, out, writer.total_size)

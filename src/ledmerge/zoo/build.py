@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..fileio import atomic_path, read_jsonl, write_jsonl
+from ..fileio import read_jsonl, write_jsonl
 from ..options import resolve
 from .data import build_datasets, corpus_texts
 from .tokenizer import build_tokenizer
@@ -23,8 +23,9 @@ def build_data(out_dir, tokenizer_dir, seed: int, **opts) -> None:
     out_dir = Path(out_dir)
     for name, rows in datasets.items():
         write_jsonl(out_dir / f"{name}.jsonl", [{"text": r} for r in rows] if name == "pretrain" else rows)
-    with atomic_path(tokenizer_dir, directory=True) as tmp:
-        build_tokenizer(corpus_texts(datasets)).save_pretrained(tmp)
+    from .train import save_zoo_dir
+
+    save_zoo_dir(tokenizer_dir, "tokenizer", build_tokenizer(corpus_texts(datasets)))
 
 
 def build_base(data_dir, tokenizer_dir, out_dir, seed: int, **opts) -> dict:

@@ -6,6 +6,7 @@ domain fine-tunes, so their task vectors stay small enough for merging to be mea
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -56,10 +57,15 @@ def _train(model, batches, steps: int, lr: float, desc: str, loss_fn) -> list[fl
     return losses
 
 
-def _save(model, tokenizer, out_dir: str | Path) -> None:
-    with atomic_path(out_dir, directory=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+MARKER = "ledmerge_zoo.json"  # in every toy-zoo directory: what it is, and proof to a rerun that ledmerge wrote it
+
+
+def save_zoo_dir(out_dir: str | Path, what: str, *objects) -> None:
+    """Write `objects` (a model, a tokenizer: anything with save_pretrained) into one toy-zoo directory, atomically."""
+    with atomic_path(out_dir, directory=True, marker=MARKER) as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"toy_zoo": what}) + "\n")
 
 
 def pretrain_base(tokenizer_dir: str | Path, lines: list[str], out_dir: str | Path, *, hidden_size: int,
@@ -87,7 +93,7 @@ def pretrain_base(tokenizer_dir: str | Path, lines: list[str], out_dir: str | Pa
     losses = _train(model, batches, steps, lr, "pretrain base", lambda lg, lb: response_nll(lg, lb, "mean"))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    _save(model, tok, out_dir)
+    save_zoo_dir(out_dir, "base model", model, tok)
     return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.time() - start,
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -114,5 +120,5 @@ def finetune_expert(base_dir: str | Path, rows: list[dict], out_dir: str | Path,
 
     start = time.time()
     losses = _train(model, batches, steps, lr, desc, lambda lg, lb: response_nll(lg, lb, "mean"))
-    _save(model, tok, out_dir)
+    save_zoo_dir(out_dir, desc, model, tok)
     return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.time() - start}
