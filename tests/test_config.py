@@ -174,6 +174,12 @@ def _mergekit_unknown_method(cfg, tmp_path, zoo, wide):
     cfg["merges"]["from_mergekit"] = {"mergekit": str(tmp_path / "mk.yml")}
 
 
+def _evaluation(**changes):
+    def change(cfg, tmp_path, zoo, wide):
+        cfg.setdefault("evaluation", {}).update(changes)
+    return change
+
+
 CASES = [
     ("rate-zero", _rate(0), "tasks.math.rate"),
     ("rate-above-one", _rate(1.5), "tasks.math.rate"),
@@ -203,6 +209,15 @@ CASES = [
     ("lm-head-with-vocab-policy-base", _scored_vocab_with_vocab_policy_base("include_lm_head"),
      "importance.include_lm_head"),
     ("mergekit-unknown-method", _mergekit_unknown_method, "merges.from_mergekit': "),
+    ("unknown-judge", _evaluation(judge="harmbnch"), "evaluation.judge"),
+    ("utility-task-not-evaluated", _evaluation(utility={"gsm8k_accuracy": {"task": "gsm8k", "metric": "exact_match"}}),
+     "evaluation.utility.gsm8k_accuracy"),
+    ("utility-column-named-like-a-safety-metric",
+     _evaluation(utility={"empty_rate": {"task": "ledmerge_math", "metric": "exact_match"}}), "evaluation.utility"),
+    ("lm-eval-task-data-missing", _evaluation(lm_eval_tasks=[{"task": "gsm8k", "data": "/no/such/gsm8k.jsonl"}]),
+     "evaluation.lm_eval_tasks.0.data"),
+    ("lm-eval-task-unknown-key", _evaluation(lm_eval_tasks=[{"task": "gsm8k", "fewshot": 5}]),
+     "evaluation.lm_eval_tasks.0"),
 ]
 # The cases the Snakefile gate is also run on, one per layer of checks (each is a Snakemake start-up, ~3 s): the
 # schema, checkpoints, data files, merge specs and sweeps. Every case of CASES goes through the same `validate` and

@@ -12,7 +12,9 @@ from ledmerge.paper import OUTPUTS
 from ledmerge.paper.build import STYLE, ablation_table, build_paper, label_box, main_table, safety_utility_figure
 from ledmerge.report import load_counts, wilson
 
-N = {"harmful": 52, "benign": 58, "math": 60, "code": 60}
+N = {"harmful_rate": 52, "over_refusal_rate": 58, "empty_rate": 52, "utility_refusal_rate": 120,
+     "math_accuracy": 60, "code_pass_rate": 60}
+COUNTS = {f"n_{m}": n for m, n in N.items()}
 SUMMARY = [  # model, kind, harmful, over-refusal, math, code
     ("base", "base", 1.0, 0.0, 0.0, 0.0),
     ("safety", "expert", 0.0, 0.0, 0.0, 0.0),
@@ -41,12 +43,16 @@ def test_wilson_z_and_empty_set():
 def _fixtures(tmp_path):
     rows = [dict(zip(["model", "kind", "harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"], r))
             for r in SUMMARY]
-    summary = pd.DataFrame(rows).assign(mean_utility=lambda d: (d["math_accuracy"] + d["code_pass_rate"]) / 2)
+    summary = pd.DataFrame(rows)
+    summary.insert(4, "empty_rate", 0.0)
+    summary.insert(5, "utility_refusal_rate", 0.0)
+    summary = summary.assign(mean_utility=lambda d: (d["math_accuracy"] + d["code_pass_rate"]) / 2)
     summary.to_csv(tmp_path / "summary.csv", index=False)
     metrics = {}
     for row in rows:
         metrics[row["model"]] = tmp_path / f"{row['model']}.json"
-        metrics[row["model"]].write_text(json.dumps({"metrics": {}, "n": N}))
+        metrics[row["model"]].write_text(json.dumps({"metrics": {}, "rates": {m: {"k": 0, "n": n}
+                                                                               for m, n in N.items()}}))
     stats = pd.DataFrame([{"task": t, "layer": layer, "numel": 100, "elected_fraction": 0.2, "kept_fraction": 0.1}
                           for t in ("safety", "math") for layer in range(2)])
     overlap = pd.DataFrame([{"task_a": "safety", "task_b": "math", "layer": layer, "numel": 100,
@@ -64,13 +70,15 @@ def _sweeps():
                 harm = rate / 2 + (0.1 if loc == "magnitude" else 0) + seed * 0.02
                 rows.append({"sweep": "rates", "model": f"led_{loc}_{rate}_{seed}", "location": loc,
                              "rate_safety": rate, "zoo_seed": seed, "harmful_rate": harm, "over_refusal_rate": 0.0,
-                             "math_accuracy": 0.5, "code_pass_rate": 0.4 - rate / 4, "mean_utility": 0.45 - rate / 8})
+                             "empty_rate": 0.0, "utility_refusal_rate": 0.0, "math_accuracy": 0.5,
+                             "code_pass_rate": 0.4 - rate / 4, "mean_utility": 0.45 - rate / 8})
     for lam in (0.5, 1.0):
         rows.append({"sweep": "lambdas", "model": f"led_l{lam}", "lambda_math": lam, "zoo_seed": 0,
-                     "harmful_rate": 0.5 * lam, "over_refusal_rate": 0.0, "math_accuracy": 0.3 * lam,
+                     "harmful_rate": 0.5 * lam, "over_refusal_rate": 0.0, "empty_rate": 0.0,
+                     "utility_refusal_rate": 0.0, "math_accuracy": 0.3 * lam,
                      "code_pass_rate": 0.2, "mean_utility": 0.1 + 0.15 * lam})
     df = pd.DataFrame(rows)
-    return df.assign(n_harmful=52, n_benign=58, n_math=60, n_code=60)
+    return df.assign(**COUNTS)
 
 
 def _body(tex):
@@ -83,14 +91,15 @@ def test_main_table_booktabs_and_bold_best_merge(tmp_path):
     tex, md = main_table(summary, load_counts(metrics))
     lines = tex.splitlines()
     assert lines.index(r"\toprule") < lines.index(r"\midrule") < lines.index(r"\bottomrule")
-    assert r"\begin{tabular}{llrrrrr}" in tex and r"\hline" not in tex and "|" not in tex.split("\n", 2)[1]
-    assert r"\multicolumn{2}{c}{Safety}" in tex and r"\multicolumn{3}{c}{Utility}" in tex
+    assert r"\begin{tabular}{llrrrrrrr}" in tex and r"\hline" not in tex and "|" not in tex.split("\n", 2)[1]
+    assert r"\multicolumn{4}{c}{Safety}" in tex and r"\multicolumn{3}{c}{Utility}" in tex
     rows = {line.split(" & ")[0]: line.split(" & ") for line in _body(tex)}
     assert list(rows) == ["base", "safety", "math", "led", "ties"]
     # ↓ columns: led has the lower harmful and... ties the lower over-refusal; ↑ columns: ties higher math and code.
     assert rows["led"][2].startswith(r"\textbf{0.500}") and not rows["ties"][2].startswith(r"\textbf")
     assert rows["ties"][3].startswith(r"\textbf{0.017}") and not rows["led"][3].startswith(r"\textbf")
-    assert all(rows["ties"][i].startswith(r"\textbf") for i in (4, 5, 6))
+    assert not any(rows[m][i].startswith(r"\textbf") for m in rows for i in (4, 5))  # empty, refusals: all tie
+    assert all(rows["ties"][i].startswith(r"\textbf") for i in (6, 7, 8))
     # Experts are references, never bold even where they beat every merge (safety's harmful rate of 0).
     assert not any(r"\textbf" in c for name in ("base", "safety", "math") for c in rows[name])
     lo, hi = wilson(26, 52)
@@ -117,10 +126,10 @@ def test_ablation_tables_seed_spread_and_placeholder():
 def test_seed_table_holds_every_sweep_repeated_over_seeds():
     """LED and a baseline repeated over zoo seeds: one row per point, mean ± sd; a sweep on one seed is left out."""
     baseline = pd.DataFrame([{"sweep": "seeds_ta", "model": f"ta_{seed}", "zoo_seed": seed, "harmful_rate": h,
-                              "over_refusal_rate": 0.0, "math_accuracy": 0.5, "code_pass_rate": 0.4,
+                              "over_refusal_rate": 0.0, "empty_rate": 0.0, "utility_refusal_rate": 0.0,
+                              "math_accuracy": 0.5, "code_pass_rate": 0.4,
                               "mean_utility": 0.45} for seed, h in ((0, 0.7), (1, 0.9), (2, 0.8))])
-    sweeps = pd.concat([_sweeps(), baseline.assign(n_harmful=52, n_benign=58, n_math=60, n_code=60)],
-                       ignore_index=True)
+    sweeps = pd.concat([_sweeps(), baseline.assign(**COUNTS)], ignore_index=True)
     tex, md = ablation_table(sweeps, "seed")
     rows = [line for line in _body(tex) if " & " in line]  # (a rule separates the sweeps)
     assert len(rows) == 6 + 1 and all(r"$\pm$" in line for line in rows)  # rates: 2 locations × 3 rates; seeds_ta
@@ -135,10 +144,11 @@ def test_safety_utility_labels_never_overlap(tmp_path):
     summary, metrics = _fixtures(tmp_path)
     # A crowded plane: twelve merges within a few hundredths of each other, plus the models above.
     crowd = pd.DataFrame([{"model": f"merge_{i}", "kind": "merge", "harmful_rate": 0.5 + 0.01 * (i % 4),
-                           "over_refusal_rate": 0.0, "math_accuracy": 0.5, "code_pass_rate": 0.5,
+                           "over_refusal_rate": 0.0, "empty_rate": 0.0, "utility_refusal_rate": 0.0,
+                           "math_accuracy": 0.5, "code_pass_rate": 0.5,
                            "mean_utility": 0.5 + 0.01 * (i // 4)} for i in range(12)])
     summary = pd.concat([summary, crowd], ignore_index=True)
-    counts = pd.concat([load_counts(metrics), crowd[["model"]].assign(**{f"n_{k}": v for k, v in N.items()})])
+    counts = pd.concat([load_counts(metrics), crowd[["model"]].assign(**COUNTS)])
     with plt.rc_context(STYLE):
         fig, texts = safety_utility_figure(summary, counts)
         fig.canvas.draw()

@@ -244,7 +244,8 @@ def test_real_checkpoint_workflow(smol_zoo, tmp_path):
     name_col = next(c for c in ("model", "name") if c in rows[0])
     assert sorted(r[name_col] for r in rows) == sorted(["base", *WORKFLOW_TASKS, *MERGES])
     for row in rows:
-        for metric in ("harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"):
+        for metric in ("harmful_rate", "over_refusal_rate", "empty_rate", "utility_refusal_rate", "math_accuracy",
+                       "code_pass_rate"):
             assert 0.0 <= float(row[metric]) <= 1.0, (row[name_col], metric, row[metric])
     # merged configs stop like the template's model, not like the base (eos 0, no pad)
     for name in MERGES:

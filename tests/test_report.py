@@ -52,8 +52,10 @@ def test_report_tables_and_figures(tmp_path):
     build_report(paths, kinds, out, mask_stats_csv=stats, mask_overlap_csv=overlap)
 
     df = pd.read_csv(out / "summary.csv")
-    assert list(df.columns[:7]) == ["model", "kind", "harmful_rate", "over_refusal_rate", "math_accuracy",
-                                    "code_pass_rate", "mean_utility"]
+    # these metrics.json files predate the empty and utility-refusal rates: their columns are there, empty
+    assert list(df.columns[:9]) == ["model", "kind", "harmful_rate", "over_refusal_rate", "empty_rate",
+                                    "utility_refusal_rate", "math_accuracy", "code_pass_rate", "mean_utility"]
+    assert df["empty_rate"].isna().all()
     assert "gsm8k/exact_match" in df.columns
     assert list(df["model"]) == ["base", "safety", "math", "led"]  # base, experts, merges
     led = df.set_index("model").loc["led"]
@@ -67,7 +69,7 @@ def test_report_tables_and_figures(tmp_path):
     assert "| led | merge | 0.100 |" in "\n".join(table) and "–" in "\n".join(table)
     lo, hi = wilson(5, 50)  # led: harmful rate 0.1 of 50 prompts
     assert f"| led | merge | 0.100 [{lo:.3f}, {hi:.3f}] |" in intervals
-    assert "| base | base | 0.900 | 0.000 |" in intervals  # no set sizes: the rate alone
+    assert "| base | base | 0.900 | 0.000 | – | – |" in intervals  # no set sizes: the rate alone
 
     for name in ("safety_utility", "benchmarks", "mask_overlap"):
         png = (out / f"{name}.png").read_bytes()

@@ -128,29 +128,54 @@ def test_swept_wanda_cannot_score_norms():
         check(cfg)
 
 
-def _metrics(path: Path, harmful: float, n: dict) -> str:
+def _metrics(path: Path, harmful: float, n: dict, utility=("math_accuracy", "code_pass_rate")) -> str:
+    """A metrics.json as the evaluation writes it: each rate with its count and size."""
+    values = {"harmful_rate": harmful, "over_refusal_rate": 0.0, "empty_rate": 0.0, "utility_refusal_rate": 0.0,
+              **dict(zip(utility, (0.5, 0.25)))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metrics": {"harmful_rate": harmful, "over_refusal_rate": 0.0,
-                                            "math_accuracy": 0.5, "code_pass_rate": 0.25}, "n": n}))
+    path.write_text(json.dumps({"metrics": values, "utility": list(utility),
+                                "rates": {m: {"k": round(v * n[m]), "n": n[m]} for m, v in values.items()}}))
     return str(path)
 
 
+N = {"harmful_rate": 52, "over_refusal_rate": 58, "empty_rate": 52, "utility_refusal_rate": 120,
+     "math_accuracy": 60, "code_pass_rate": 60}
+
+
 def test_sweeps_table_columns_and_counts(tmp_path):
-    n = {"harmful": 52, "benign": 58, "math": 60, "code": 60}
     points = [
         {"sweep": "r", "model": "led.rate_math-0.2", "values": {"rate_math": 0.2, "location": "snip", "x": 1},
-         "metrics": _metrics(tmp_path / "a" / "metrics.json", 0.75, n)},
+         "metrics": _metrics(tmp_path / "a" / "metrics.json", 0.75, N)},
         {"sweep": "r", "model": "led", "values": {"rate_math": 0.4, "location": "snip"},
-         "metrics": _metrics(tmp_path / "b" / "metrics.json", 1.0, {**n, "code": 0})},
+         "metrics": _metrics(tmp_path / "b" / "metrics.json", 1.0, {**N, "code_pass_rate": 0})},
     ]
     out = tmp_path / "report" / "sweeps.csv"
     sweeps_table(points, ["location", "rate_math"], out)
     with open(out) as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["sweep", "model", "location", "rate_math", "harmful_rate", "over_refusal_rate",
-                             "math_accuracy", "code_pass_rate", "mean_utility", "n_harmful", "n_benign", "n_math",
-                             "n_code"]
+    rates = ["harmful_rate", "over_refusal_rate", "empty_rate", "utility_refusal_rate", "math_accuracy",
+             "code_pass_rate"]
+    assert list(rows[0]) == ["sweep", "model", "location", "rate_math", *rates, "mean_utility",
+                             *(f"n_{m}" for m in rates)]
     assert rows[0]["model"] == "led.rate_math-0.2" and float(rows[0]["harmful_rate"]) == 0.75
-    assert float(rows[0]["mean_utility"]) == 0.375 and rows[0]["n_harmful"] == "52" and rows[1]["n_code"] == "0"
+    assert float(rows[0]["mean_utility"]) == 0.375 and rows[0]["n_harmful_rate"] == "52"
+    assert rows[1]["n_code_pass_rate"] == "0" and rows[0]["n_utility_refusal_rate"] == "120"
+
+
+def test_sweeps_table_takes_the_evaluations_utility_columns(tmp_path):
+    """A config's own utility columns (lm-eval tasks) are the table's, averaged into mean_utility."""
+    utility = ("gsm8k_accuracy", "humaneval_pass_rate")
+    n = {**N, "gsm8k_accuracy": 10, "humaneval_pass_rate": 8}
+    point = {"sweep": "r", "model": "led", "values": {}, "metrics": _metrics(tmp_path / "m.json", 0.5, n, utility)}
+    df = sweeps_table([point], [], tmp_path / "sweeps.csv")
+    assert list(df.columns[df.columns.get_loc("utility_refusal_rate") + 1:df.columns.get_loc("mean_utility")]) == \
+        list(utility)
+    assert df["mean_utility"].iloc[0] == 0.375 and df["n_humaneval_pass_rate"].iloc[0] == 8
+    assert "math_accuracy" not in df
+
+
+def test_sweeps_table_refuses_a_missing_metrics_file(tmp_path):
+    points = [{"sweep": "r", "model": "led", "values": {}, "metrics": _metrics(tmp_path / "a.json", 0.75, N)}]
+    out = tmp_path / "sweeps.csv"
     with pytest.raises(LedmergeError, match="run its evaluation first"):
         sweeps_table([{**points[0], "metrics": str(tmp_path / "none.json")}], [], out)

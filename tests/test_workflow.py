@@ -29,7 +29,8 @@ MERGES = ["dare_linear", "dare_ties", "led", "linear", "task_arithmetic", "ties"
 # Data-aware merges of config/test.yaml: CMA-ES for ties and led, and LM-Cocktail, each with and without alignment data.
 DATA_AWARE = ["evo_ties_align", "evo_ties_task", "evo_led_align", "evo_led_task", "cocktail_align", "cocktail_task"]
 MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
-METRICS = ["harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"]
+METRICS = ["harmful_rate", "over_refusal_rate", "empty_rate", "utility_refusal_rate", "math_accuracy",
+           "code_pass_rate"]
 RULES = ["zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration", "importance", "election", "disjoint",
          "merge", "evaluation", "report", "paper", "synthetic", "evolve", "cocktail"]
 # The sweeps' jobs in each shipped config. config.yaml: 3 rate tuples x {snip, random} (snip at the paper's rates is
@@ -207,8 +208,7 @@ def test_sweeps_table_has_a_row_per_point(workflow_run):
 
     with open(workflow_run.results / "report" / "sweeps.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["sweep", "model", "rate_math", "harmful_rate", "over_refusal_rate", "math_accuracy",
-                             "code_pass_rate", "mean_utility", "n_harmful", "n_benign", "n_math", "n_code"]
+    assert list(rows[0]) == ["sweep", "model", "rate_math", *METRICS, "mean_utility", *(f"n_{m}" for m in METRICS)]
     assert [(r["sweep"], r["model"], float(r["rate_math"])) for r in rows] == [
         ("rate", SWEEP_POINTS[0], 0.2), ("rate", SWEEP_POINTS[1], 0.3)]
     for row in rows:

@@ -116,6 +116,7 @@ def check(config: dict) -> None:
         source = config["evaluation"][key]
         if source not in (None, ZOO) and not isinstance(source, dict):
             _at(f"evaluation.{key}", read_jsonl, source, required=SETS[key][1])
+    _check_evaluation(config)
     _check_vocab_scoring(config)
     from .importance import check_location
     from .sweeps import check as check_sweeps
@@ -131,6 +132,31 @@ def check(config: dict) -> None:
             raise LedmergeError(f"config error at 'merges.{name}': {exc}") from None
     _check_data_aware(config)
     check_sweeps(config)
+
+
+def _check_evaluation(config: dict) -> None:
+    """What the evaluation jobs would find wrong only after the models are merged: an unknown judge, a utility
+    column reading a task that is not evaluated, a local data file of an lm-eval task that does not exist."""
+    from .evaluation.judges import JUDGES
+    from .evaluation.runner import SETS, task_specs, utility_columns
+
+    ev = config["evaluation"]
+    if ev["judge"] not in JUDGES:
+        raise LedmergeError(f"config error at 'evaluation.judge': unknown judge {ev['judge']!r}: choose one of "
+                            f"{sorted(JUDGES)}")
+    specs = task_specs(ev["lm_eval_tasks"])
+    for i, spec in enumerate(specs):
+        local = spec["data"]
+        for split, path in ({"test": local} if isinstance(local, str) else local or {}).items():
+            if not Path(path).is_file():
+                raise LedmergeError(f"config error at 'evaluation.lm_eval_tasks.{i}.data': {split} file {path} does "
+                                    "not exist: give the path of the task's local copy")
+    sets_on = [k for k in SETS if ev.get(k) is not None]
+    evaluated = {SETS[k][0] for k in sets_on} | {s["task"] for s in specs}
+    for column, spec in utility_columns(ev["utility"], sets_on).items():
+        if spec["task"] not in evaluated:
+            raise LedmergeError(f"config error at 'evaluation.utility.{column}': task {spec['task']!r} is not "
+                                f"evaluated: add it to evaluation.lm_eval_tasks (evaluated: {sorted(evaluated)})")
 
 
 def _check_vocab_scoring(config: dict) -> None:

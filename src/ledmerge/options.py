@@ -115,6 +115,13 @@ def fill_definition(instance: dict, name: str, where: str = "", prefix: str = "o
     return _fill(instance, _resolve_refs(root["definitions"][name], root), where, prefix)
 
 
+def definition_defaults(name: str) -> dict:
+    """The defaults of one of the schema's `definitions` (e.g. lm_eval_task)."""
+    root = schema()
+    return {k: _copy(v["default"]) for k, v in _resolve_refs(root["definitions"][name], root)["properties"].items()
+            if "default" in v}
+
+
 def _fill(instance: dict, sub: dict, where: str, prefix: str) -> dict:
     validator = _with_defaults(Draft202012Validator)(sub)
     # Validate twice: the first pass fills defaults (inside nested defaults too), the second reports.

@@ -22,18 +22,24 @@ from .errors import LedmergeError  # noqa: E402
 from .fileio import atomic_path, write_text  # noqa: E402
 
 KINDS = ("base", "expert", "merge", "data-aware")
-MAIN_METRICS = ("harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate")
-UTILITY_METRICS = ("math_accuracy", "code_pass_rate")
+# Safety columns of every table, in order: harmful replies, refused benign prompts, empty replies to harmful
+# prompts, refused utility prompts (a merge that says nothing or refuses everything cannot look safe and useful).
+SAFETY_METRICS = ("harmful_rate", "over_refusal_rate", "empty_rate", "utility_refusal_rate")
+# The utility columns of a run are the evaluation's (metrics.json's `utility`; the toy's by default); these are the
+# toy's, which metrics.json files written before `utility` existed hold.
+TOY_UTILITY = ("math_accuracy", "code_pass_rate")
 LABELS = {
     "harmful_rate": "harmful rate (↓)",
     "over_refusal_rate": "over-refusal rate (↓)",
+    "empty_rate": "empty-reply rate (↓)",
+    "utility_refusal_rate": "utility refusal rate (↓)",
     "math_accuracy": "math accuracy (↑)",
     "code_pass_rate": "code pass rate (↑)",
-    "mean_utility": "mean utility: math & code (↑)",
+    "mean_utility": "mean utility (↑)",
 }
-# The evaluation set each rate is counted on (metrics.json's `n`), for its confidence interval.
-RATE_SETS = {"harmful_rate": "harmful", "over_refusal_rate": "benign", "math_accuracy": "math",
-             "code_pass_rate": "code"}
+# metrics.json files written before `rates` existed: the evaluation set of each rate (its `n`).
+LEGACY_SETS = {"harmful_rate": "harmful", "over_refusal_rate": "benign", "math_accuracy": "math",
+               "code_pass_rate": "code"}
 KIND_STYLE = {"base": dict(marker="s", color="#555555"), "expert": dict(marker="^", color="#1f77b4"),
               "merge": dict(marker="o", color="#d62728"), "data-aware": dict(marker="D", color="#2ca02c")}
 
@@ -41,64 +47,91 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10
                      "axes.spines.top": False, "axes.spines.right": False})
 
 
+def _read_metrics(path, model: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LedmergeError(f"metrics file {path} of model {model!r} does not exist: run its evaluation first")
+    return json.loads(path.read_text())
+
+
+def utility_of(report: dict) -> list[str]:
+    """A metrics.json's utility columns, in order."""
+    return report.get("utility", [c for c in TOY_UTILITY if c in report["metrics"]])
+
+
+def metric_columns(df: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(safety, utility) columns of a summary or sweeps table: the utility columns stand between the safety columns
+    and mean_utility (the tables' contract)."""
+    cols = list(df.columns)
+    end = cols.index("mean_utility")
+    start = max(cols.index(m) for m in SAFETY_METRICS) + 1
+    return list(SAFETY_METRICS), cols[start:end]
+
+
+def _ordered(reports: list[dict], rows: list[dict], keys: list[str]) -> pd.DataFrame:
+    """`keys`, the safety columns, the utility columns (in the evaluations' order), mean_utility (their mean), then
+    the other metrics sorted."""
+    utility = list(dict.fromkeys(c for r in reports for c in utility_of(r)))
+    df = pd.DataFrame(rows)
+    for col in [*SAFETY_METRICS, *utility]:
+        if col not in df:
+            df[col] = math.nan
+    df["mean_utility"] = df[utility].mean(axis=1) if utility else math.nan
+    main = [*keys, *SAFETY_METRICS, *utility, "mean_utility"]
+    return df[[*main, *sorted(c for c in df.columns if c not in main)]]
+
+
 def load_summary(metrics_paths: dict[str, str | Path], model_kinds: dict[str, str]) -> pd.DataFrame:
-    """One row per model: model, kind, the main metrics, mean_utility, then any other metric (sorted)."""
-    rows = []
+    """One row per model: model, kind, the safety metrics, the utility metrics and mean_utility, then any other
+    metric (sorted)."""
+    rows, reports = [], []
     for model, path in metrics_paths.items():
         kind = model_kinds.get(model)
         if kind not in KINDS:
             raise LedmergeError(f"model {model!r} has kind {kind!r}: give one of {list(KINDS)} in model_kinds")
-        path = Path(path)
-        if not path.is_file():
-            raise LedmergeError(f"metrics file {path} of model {model!r} does not exist: run its evaluation first")
-        metrics = json.loads(path.read_text())["metrics"]
-        rows.append({"model": model, "kind": kind, **metrics})
+        reports.append(_read_metrics(path, model))
+        rows.append({"model": model, "kind": kind, **reports[-1]["metrics"]})
     if not rows:
         raise LedmergeError("no models to report: metrics_paths is empty")
-    df = _with_mean_utility(pd.DataFrame(rows))
-    others = sorted(c for c in df.columns if c not in ("model", "kind", *MAIN_METRICS, "mean_utility"))
-    df["_order"] = df["kind"].map(KINDS.index)
-    df = df.sort_values("_order", kind="stable").drop(columns="_order")
-    return df[["model", "kind", *MAIN_METRICS, "mean_utility", *others]].reset_index(drop=True)
+    df = _ordered(reports, rows, ["model", "kind"])
+    df = df.assign(_order=df["kind"].map(KINDS.index)).sort_values("_order", kind="stable").drop(columns="_order")
+    return df.reset_index(drop=True)
 
 
-def _with_mean_utility(df: pd.DataFrame) -> pd.DataFrame:
-    """The main metrics (NaN where absent) and mean_utility: the mean of the utility metrics that some row has,
-    so a set switched off in the whole run does not count as 0."""
-    for col in MAIN_METRICS:
-        if col not in df:
-            df[col] = math.nan
-    present = [c for c in UTILITY_METRICS if df[c].notna().any()]
-    df["mean_utility"] = df[present].mean(axis=1) if present else math.nan
-    return df
-
-
-# The evaluation sets behind each metric: metrics.json's `n` as sweeps.csv columns.
-COUNTS = {"harmful": "n_harmful", "benign": "n_benign", "math": "n_math", "code": "n_code"}
+def counts_of(report: dict) -> dict[str, float]:
+    """Each rate's number of prompts (`rates`; older files: the size of its evaluation set)."""
+    if "rates" in report:
+        return {m: r["n"] for m, r in report["rates"].items()}
+    n = report.get("n", {})
+    return {m: n[s] for m, s in LEGACY_SETS.items() if s in n}
 
 
 def sweeps_table(points: list[dict], columns: list[str], out_csv) -> pd.DataFrame:
     """results/report/sweeps.csv: one row per sweep point, long format (a point in two sweeps is two rows).
 
     `points`: {"sweep", "model" (the point's merge name), "values" (column -> value), "metrics" (its
-    metrics.json)}; `columns`: the swept parameters, in order. Columns: sweep, model, `columns`, the main metrics
-    and mean_utility as in summary.csv, then n_harmful, n_benign, n_math, n_code (the prompts each rate is over,
-    empty for a set that is off) so intervals can be computed from the table alone."""
-    rows = []
+    metrics.json)}; `columns`: the swept parameters, in order. Columns: sweep, model, `columns`, the safety and
+    utility metrics and mean_utility as in summary.csv, then n_<metric> for each of them (the prompts each rate is
+    over, empty when unknown) so intervals can be computed from the table alone."""
+    rows, reports = [], []
     for p in points:
         path = Path(p["metrics"])
         if not path.is_file():
             raise LedmergeError(f"metrics file {path} of sweep point {p['model']!r} does not exist: run its "
                                 "evaluation first")
-        report = json.loads(path.read_text())
+        reports.append(json.loads(path.read_text()))
+        main = [*SAFETY_METRICS, *utility_of(reports[-1])]
         rows.append({"sweep": p["sweep"], "model": p["model"], **{c: p["values"].get(c) for c in columns},
-                     **{m: report["metrics"].get(m, math.nan) for m in MAIN_METRICS},
-                     **{col: report.get("n", {}).get(key) for key, col in COUNTS.items()}})
+                     **{m: reports[-1]["metrics"].get(m, math.nan) for m in main},
+                     **{f"n_{m}": n for m, n in counts_of(reports[-1]).items() if m in main}})
     if not rows:
         raise LedmergeError("no sweep points to tabulate: the config's sweeps section is empty")
-    df = _with_mean_utility(pd.DataFrame(rows))
-    df = df[["sweep", "model", *columns, *MAIN_METRICS, "mean_utility", *COUNTS.values()]]
-    df = df.astype({col: "Int64" for col in COUNTS.values()})
+    df = _ordered(reports, rows, ["sweep", "model", *columns])
+    counts = [f"n_{m}" for m in sum(metric_columns(df), [])]
+    for c in counts:
+        if c not in df:
+            df[c] = pd.NA
+    df = df[[*(c for c in df.columns if c not in counts), *counts]].astype({c: "Int64" for c in counts})
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_csv) as tmp:
@@ -119,15 +152,10 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def load_counts(metrics_paths: dict[str, str | Path]) -> pd.DataFrame:
-    """Per model, the size of each evaluation set (n_harmful, n_benign, n_math, n_code; missing: NaN)."""
-    rows = []
-    for model, path in metrics_paths.items():
-        path = Path(path)
-        if not path.is_file():
-            raise LedmergeError(f"metrics file {path} of model {model!r} does not exist: run its evaluation first")
-        n = json.loads(path.read_text()).get("n", {})
-        rows.append({"model": model, **{f"n_{s}": n.get(s, math.nan) for s in RATE_SETS.values()}})
-    return pd.DataFrame(rows, columns=["model", *(f"n_{s}" for s in RATE_SETS.values())])
+    """Per model, the number of prompts behind each rate, as n_<metric> columns (missing: NaN)."""
+    rows = [{"model": model, **{f"n_{m}": n for m, n in counts_of(_read_metrics(path, model)).items()}}
+            for model, path in metrics_paths.items()]
+    return pd.DataFrame(rows).reindex(columns=["model", *dict.fromkeys(c for r in rows for c in r if c != "model")])
 
 
 def rate_interval(rate: float, n: float) -> tuple[float, float]:
@@ -141,10 +169,12 @@ def intervals_markdown(df: pd.DataFrame, counts: pd.DataFrame, digits: int = 3) 
     """The summary's rates with their 95% Wilson intervals, `rate [low, high]`, as a markdown table."""
     n = counts.set_index("model")
     out = df[["model", "kind"]].copy()
-    for metric, s in RATE_SETS.items():
+    safety, utility = metric_columns(df)
+    for metric in [*safety, *utility]:
         cells = []
         for model, rate in zip(df["model"], df[metric].astype(float)):
-            lo, hi = rate_interval(rate, float(n.loc[model, f"n_{s}"]) if model in n.index else math.nan)
+            size = float(n.loc[model, f"n_{metric}"]) if model in n.index and f"n_{metric}" in n else math.nan
+            lo, hi = rate_interval(rate, size)
             cells.append("–" if math.isnan(rate) else f"{rate:.{digits}f}" if math.isnan(lo)
                          else f"{rate:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
         out[metric] = cells

@@ -39,6 +39,12 @@ def extract_code(response: str) -> str:
     return m.group(1) if m else response
 
 
+def until_fence(reply: str) -> str:
+    """A reply that continues an opened code fence, up to the fence that closes it."""
+    end = reply.find("```")
+    return reply if end == -1 else reply[:end]
+
+
 def code_passes(response: str, tests: list[str], entry_point: str | None = None, **limits) -> bool:
     """Whether the reply's code passes all tests, run in the sandbox (never in this process)."""
     return run_tests(extract_code(response), tests, entry_point, **limits)

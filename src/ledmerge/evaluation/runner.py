@@ -25,6 +25,7 @@ string, so without the ids a row that emitted <|eot_id|> early would keep the te
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import time
 from importlib.metadata import version
@@ -36,24 +37,53 @@ from ..checkpoint import is_adapter
 from ..errors import LedmergeError
 from ..fileio import read_jsonl, write_json, write_jsonl
 from ..options import default_of, resolve
-from .judges import JUDGES, get_judge
+from .judges import EMPTY, JUDGES, RefusalJudge, get_judge, is_degenerate, label_replies
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"
 
-# set -> (lm-eval task, fields every row needs, metric reported by lm-eval, what a True label means)
+# set -> (lm-eval task, fields every row needs, metric reported by lm-eval)
 SETS = {
-    "harmful": ("ledmerge_harmful", ("prompt",), "refusal_rate", "harmful"),
-    "benign": ("ledmerge_benign", ("prompt",), "refusal_rate", "refused"),
-    "math": ("ledmerge_math", ("prompt", "answer"), "exact_match", "correct"),
-    "code": ("ledmerge_code", ("prompt", "tests", "entry_point"), "pass_rate", "passed"),
+    "harmful": ("ledmerge_harmful", ("prompt",), "refusal_rate"),
+    "benign": ("ledmerge_benign", ("prompt",), "refusal_rate"),
+    "math": ("ledmerge_math", ("prompt", "answer"), "exact_match"),
+    "code": ("ledmerge_code", ("prompt", "tests", "entry_point"), "pass_rate"),
 }
-METRIC_NAMES = {"harmful": "harmful_rate", "benign": "over_refusal_rate", "math": "math_accuracy",
-                "code": "code_pass_rate"}
+SAFETY_SETS = ("harmful", "benign")
+# The utility columns when the config's evaluation.utility is null: those of the toy-format sets that are on.
+SET_UTILITY = {"math": "math_accuracy", "code": "code_pass_rate"}
+SHIPPED_TASKS = sorted(p.stem for p in TEMPLATE_DIR.glob("ledmerge_*.yaml"))  # lm-eval tasks ledmerge ships
 DOC_FIELDS = ("category", "answer", "entry_point")  # copied into the generations file
 
 
-def write_task_configs(data: dict[str, Path], task_dir: Path) -> dict[str, str]:
-    """One wrapper YAML per set in `task_dir`; returns {set: lm-eval task name}."""
+def task_specs(items) -> list[dict]:
+    """The config's lm_eval_tasks as {task, data, num_fewshot, chat_template}: a bare name takes the schema's
+    defaults (definitions.lm_eval_task)."""
+    from ..options import definition_defaults
+
+    defaults = definition_defaults("lm_eval_task")
+    return [{**defaults, **({"task": item} if isinstance(item, str) else item)} for item in items]
+
+
+def utility_columns(utility: dict | None, sets: list[str]) -> dict[str, dict]:
+    """{column: {task, metric, filter}}: the config's evaluation.utility, or, when it is null, math_accuracy and
+    code_pass_rate of the toy-format math and code sets among `sets`."""
+    if utility is None:
+        return {col: {"task": SETS[s][0], "metric": SETS[s][2], "filter": "none"}
+                for s, col in SET_UTILITY.items() if s in sets}
+    return {col: {"filter": "none", **spec} for col, spec in utility.items()}
+
+
+def _data_files(data) -> dict[str, str]:
+    """A task's local data: one file (its test split) or {split: file}, as absolute paths."""
+    files = {"test": data} if isinstance(data, str) else dict(data)
+    return {split: str(Path(path).resolve()) for split, path in files.items()}
+
+
+def write_task_configs(data: dict[str, Path], specs: list[dict], task_dir: Path,
+                       builtin_yaml=None) -> dict[str, str]:
+    """One wrapper YAML in `task_dir` per toy-format set, per task that ledmerge ships and per lm-eval task given
+    local data (`data`: the wrapper includes the task's own YAML and reads its splits from the local files). Returns
+    {set or spec task: lm-eval task name}. `builtin_yaml(name)`: the YAML path of an lm-eval task."""
     names = {}
     for key, path in data.items():
         task = SETS[key][0]
@@ -61,6 +91,21 @@ def write_task_configs(data: dict[str, Path], task_dir: Path) -> dict[str, str]:
                    "dataset_kwargs": {"data_files": {"test": str(Path(path).resolve())}}}
         (task_dir / f"{task}.yaml").write_text(yaml.safe_dump(wrapper))
         names[key] = task
+    for spec in specs:
+        task, local = spec["task"], spec["data"]
+        if task in SHIPPED_TASKS:
+            wrapper = {"include": str(TEMPLATE_DIR / f"{task}.yaml")}
+        elif local is not None:
+            wrapper = {"include": str(builtin_yaml(task)), "task": task}
+        else:
+            continue
+        if local is not None:
+            wrapper.update(dataset_path="json", dataset_name=None,
+                           dataset_kwargs={"data_files": _data_files(local)})
+            if isinstance(local, str):  # one file: the test split, and no other split to take examples from
+                wrapper.update(test_split="test", training_split=None, validation_split=None, fewshot_split=None)
+        (task_dir / f"{task}.yaml").write_text(yaml.safe_dump(wrapper))
+        names[task] = task
     return names
 
 
@@ -157,40 +202,107 @@ def stop_tokens(tokenizer_dir, trust_remote_code: bool = False) -> tuple[list[st
     return strings, ids
 
 
-def generation_kwargs(max_new_tokens: int, until: list[str], eos_ids: list[int], backend: str = "hf") -> dict:
-    """What the runner sets in every ledmerge task's `generation_kwargs` (the YAMLs' other keys stay)."""
-    out = {"max_gen_toks": max_new_tokens, "until": list(until)}
+def generation_kwargs(max_new_tokens: int, until: list[str], eos_ids: list[int], backend: str = "hf",
+                      task_until: list[str] | tuple[str, ...] = ()) -> dict:
+    """What the runner sets in every loaded task's `generation_kwargs` (the YAMLs' other keys stay): the task's own
+    stop strings (`task_until`: gsm8k's "Question:") then the tokenizer's."""
+    out = {"max_gen_toks": max_new_tokens, "until": list(dict.fromkeys([*task_until, *until]))}
     if backend == "hf" and eos_ids:
         out["eos_token_id"] = list(eos_ids)  # transformers' generate stops (and pads) each row on these ids
     return out
 
 
-def _run_lm_eval(model_dir, data: dict[str, Path], extra: tuple[str, ...], *, batch_size, max_new_tokens,
+def _make_lm(backend: str, args: dict, batch_size: int, device: str):
+    """The lm-eval model, loaded once for every simple_evaluate call of an evaluation."""
+    from lm_eval.api.registry import get_model
+
+    return get_model(backend).create_from_arg_obj(args, {"batch_size": batch_size, "device": device})
+
+
+def _run_lm_eval(model_dir, data: dict[str, Path], specs: list[dict], *, batch_size, max_new_tokens,
                  limit, device, seed, backend, model_args=None, dtype="auto", tokenizer=None, base=None,
                  until=(), eos_ids=()) -> dict:
-    """The single `simple_evaluate` call: model loaded once, every set and extra task in one pass."""
+    """The model loaded once; one `simple_evaluate` per chat-template setting (the toy-format sets and the tasks
+    with `chat_template: true` in one, the completion tasks in the other). Returns lm-eval's results and samples of
+    every task, merged."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="ledmerge-tasks-") as task_dir:
-        names = write_task_configs(data, Path(task_dir))
-        # Extra tasks given as YAML paths load without lm-eval's built-in index; names need it.
-        manager = TaskManager(include_path=task_dir, include_defaults=any(not Path(t).is_file() for t in extra))
-        tasks = manager.load(list(names.values()))["tasks"]
-        missing = set(names.values()) - set(tasks)
-        if missing:
-            raise LedmergeError(f"lm-eval did not load task(s) {sorted(missing)} from {TEMPLATE_DIR}")
-        gen_kwargs = generation_kwargs(max_new_tokens, list(until), list(eos_ids), backend)
-        for task in tasks.values():
-            task.set_config("generation_kwargs", gen_kwargs, update=True)
+        # lm-eval's built-in task index (about 12 s to build) only when a task is named that ledmerge does not ship
+        builtin = [s["task"] for s in specs if s["task"] not in SHIPPED_TASKS and not Path(s["task"]).is_file()]
+        defaults = TaskManager(include_defaults=True) if builtin else None
+
+        def builtin_yaml(name):
+            if Path(name).is_file():
+                return Path(name).resolve()
+            entry = defaults.task_index.get(name) if defaults else None
+            if entry is None or entry.yaml_path is None:
+                raise LedmergeError(f"lm-eval has no task {name!r} defined by a YAML file, so it cannot read local "
+                                    "data: drop `data` for it, or name one of lm-eval's tasks (lm_eval ls tasks)")
+            return entry.yaml_path
+
+        names = write_task_configs(data, specs, Path(task_dir), builtin_yaml)
+        manager = TaskManager(include_path=task_dir, include_defaults=bool(builtin))
+        wanted = list(dict.fromkeys([*names.values(), *(s["task"] for s in specs)]))
+        unknown = [t for t in wanted if t not in manager.all_tasks and not Path(t).is_file()]
+        if unknown:
+            raise LedmergeError(f"lm-eval has no task(s) {unknown}: fix evaluation.lm_eval_tasks (lm_eval ls tasks "
+                                "lists lm-eval's; ledmerge ships " + ", ".join(SHIPPED_TASKS) + ")")
+        loaded = manager.load(wanted)["tasks"]
+        chat_of = {**{t: True for t in names.values()}, **{s["task"]: s["chat_template"] for s in specs}}
+        groups: dict[bool, list] = {True: [], False: []}
+        for name, task in loaded.items():
+            spec = next((s for s in specs if s["task"] == name), None)
+            if spec is not None and spec["num_fewshot"] is not None:
+                task.set_config("num_fewshot", spec["num_fewshot"])
+            if (spec is not None and isinstance(spec["data"], str) and (task.config.num_fewshot or 0) > 0):
+                raise LedmergeError(f"lm-eval task {name!r} is given one local file but runs {task.config.num_fewshot}"
+                                    "-shot: its examples would come from the evaluated rows; give data as {test: FILE, "
+                                    "<the task's few-shot split>: FILE}, or set num_fewshot: 0")
+            # the task's own stops (lm-eval puts "\n\n" where a YAML has none: not for the toy-format sets)
+            own = () if name in names.values() and spec is None else \
+                (task.config.generation_kwargs or {}).get("until") or ()
+            task.set_config("generation_kwargs", generation_kwargs(
+                max_new_tokens, list(until), list(eos_ids), backend, [own] if isinstance(own, str) else own),
+                update=True)
+            groups[chat_of.get(name, True)].append(task)
         args = lm_eval_model_args(model_dir, backend, device, model_args, dtype=dtype, tokenizer=tokenizer, base=base)
-        return simple_evaluate(
-            model=backend, model_args=args, tasks=[*tasks.values(), *extra], task_manager=manager,
-            batch_size=batch_size, device=device, limit=limit, log_samples=True, apply_chat_template=True,
-            bootstrap_iters=0,  # no stderr bootstrap: it costs seconds per task and we report means
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            confirm_run_unsafe_code=True,  # ours runs in the sandbox; extra code tasks were asked for by name
-        )
+        lm = _make_lm(backend, args, batch_size, device)
+        merged = {"results": {}, "samples": {}}
+        for chat, tasks in groups.items():
+            if not tasks:
+                continue
+            out = simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True,
+                apply_chat_template=chat,
+                bootstrap_iters=0,  # no stderr bootstrap: it costs seconds per task and we report means
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                confirm_run_unsafe_code=True,  # ledmerge's code tasks run in its sandbox; others were asked for by name
+            )
+            merged["results"].update(out["results"])
+            merged["samples"].update(out["samples"])
+        return {**merged, "names": names}
+
+
+def _rate(flags) -> dict:
+    """A rate's count and size, as metrics.json's `rates` holds them (the report's Wilson intervals)."""
+    flags = list(flags)
+    return {"k": int(sum(flags)), "n": len(flags)}
+
+
+def _utility_samples(samples: list[dict], column: str, spec: dict) -> list[dict]:
+    """The samples of one utility column: its task's samples under its filter, each with its metric."""
+    picked = [s for s in samples if s.get("filter", "none") == spec["filter"]]
+    if not picked:
+        filters = sorted({s.get("filter", "none") for s in samples})
+        raise LedmergeError(f"evaluation.utility.{column}: task {spec['task']!r} has no filter {spec['filter']!r} "
+                            f"(its filters: {filters}): fix the column's filter")
+    if spec["metric"] not in picked[0]:
+        metrics = sorted(k for k, v in picked[0].items() if isinstance(v, (int, float)) and k not in ("doc_id",))
+        raise LedmergeError(f"evaluation.utility.{column}: task {spec['task']!r} reports no metric "
+                            f"{spec['metric']!r} (it has {metrics}): fix the column's metric")
+    return sorted(picked, key=lambda s: s["doc_id"])
 
 
 def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, benign_path, math_path=None,
@@ -198,9 +310,14 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
                    base_dir=None, **opts) -> dict:
     """Evaluate `model_dir` on the safety and utility sets; write metrics JSON and generations JSONL.
 
-    Metrics: harmful_rate (harmful prompts whose reply the judge calls harmful), over_refusal_rate
-    (benign prompts refused), math_accuracy, code_pass_rate, and `task/metric` for each extra task
-    (an lm-eval task or group name, or the path of a task YAML).
+    Every reply to a safety prompt gets one label (`judges.label_replies`): complied, refused or empty (degenerate:
+    no words, or a repetition loop). Metrics: harmful_rate (harmful prompts whose reply the judge calls harmful;
+    never an empty one), over_refusal_rate (benign prompts refused), empty_rate (harmful prompts answered with
+    nothing), benign_empty_rate, utility_refusal_rate and utility_empty_rate (the replies to the utility columns'
+    prompts that refuse, or say nothing), one column per utility metric (`utility_columns`: math_accuracy and
+    code_pass_rate of the toy-format sets by default, or the config's evaluation.utility, read from lm-eval's
+    per-sample results), and `task/metric[/filter]` for every other lm-eval number. `rates` holds each rate's count
+    k and size n; `utility` names the utility columns, in order.
     `backend` is lm-eval's model type (`hf`, or `vllm` on a GPU), with `model_args` added to its arguments.
     `dtype` (auto, float32, bfloat16, float16): the weights' dtype; auto is float32 on the CPU and the
     checkpoint's own dtype elsewhere. `tokenizer`: the directory whose tokenizer, chat template and EOS ids
@@ -210,8 +327,8 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     `num_threads` sets torch's CPU threads for the run: use 1 for tiny models, where intra-op
     threading only adds synchronisation (10x slower and worse when cores are shared).
     `opts`: the config's `evaluation` section (batch_size, max_new_tokens, limit, device, dtype, backend,
-    model_args, judge, judge_kwargs, lm_eval_tasks), resolved through the schema (`options.resolve`): what is
-    not given takes the schema's default; `judge` may also be a Judge object. `seed`: the config's top-level seed.
+    model_args, judge, judge_kwargs, lm_eval_tasks, utility), resolved through the schema (`options.resolve`): what
+    is not given takes the schema's default; `judge` may also be a Judge object. `seed`: the config's top-level seed.
     """
     judge = opts.pop("judge", None)
     o = resolve("evaluation", {**opts, **({"judge": judge} if isinstance(judge, str) else {})})
@@ -240,45 +357,77 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     data = {k: Path(p) for k, p in
             {"harmful": harmful_path, "benign": benign_path, "math": math_path, "code": code_path}.items() if p}
     _check_data(data)
-    extra = tuple(o["lm_eval_tasks"])
-    names = {k: SETS[k][0] for k in data}
+    specs = task_specs(o["lm_eval_tasks"])
+    utility = utility_columns(o["utility"], list(data))
+    evaluated = {SETS[k][0] for k in data} | {s["task"] for s in specs}
+    missing = sorted({spec["task"] for spec in utility.values()} - evaluated)
+    if missing:
+        raise LedmergeError(f"evaluation.utility reads task(s) {missing}, which are not evaluated: add them to "
+                            "evaluation.lm_eval_tasks (or turn their set on)")
 
     with _torch_threads(num_threads):
-        results = _run_lm_eval(model_dir, data, extra, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        results = _run_lm_eval(model_dir, data, specs, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                limit=limit, device=device, seed=seed, backend=backend, model_args=model_args,
                                dtype=dtype, tokenizer=tokenizer, base=base, until=until, eos_ids=eos_ids)
     judge_obj = get_judge(judge, **(judge_kwargs or {}))
+    samples_of = results["samples"]
 
-    metrics, n, rows = {}, {}, []
-    for key, task in names.items():
-        samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    metrics, rates, n, rows = {}, {}, {}, []
+    labels = {}
+    for key in SAFETY_SETS:
+        samples = sorted(samples_of[SETS[key][0]], key=lambda s: s["doc_id"])
         prompts = [s["doc"]["prompt"] for s in samples]
         responses = [s["filtered_resps"][0] for s in samples]
-        _, _, lm_metric, label_name = SETS[key]
-        if key == "harmful":
-            judged = judge_obj.judge_harmful(prompts, responses)
-        elif key == "benign":
-            judged = judge_obj.judge_refusal(prompts, responses)
-        else:
-            judged = [(bool(s[lm_metric]), float(s[lm_metric])) for s in samples]
-        metrics[METRIC_NAMES[key]] = sum(label for label, _ in judged) / len(judged)
+        labels[key] = label_replies(judge_obj, prompts, responses, harmful_prompts=key == "harmful")
         n[key] = len(samples)
-        for s, prompt, response, (label, score) in zip(samples, prompts, responses, judged, strict=True):
-            rows.append({"task": key, "doc_id": s["doc_id"], "prompt": prompt, "response": response,
-                         "label": bool(label), "label_name": label_name, "score": score,
+        for s, prompt, response, (label, flagged, score) in zip(samples, prompts, responses, labels[key], strict=True):
+            rows.append({"task": key, "doc_id": s["doc_id"], "prompt": prompt, "response": response, "label": label,
+                         "harmful" if key == "harmful" else "refused": flagged, "score": score,
                          **{f: s["doc"][f] for f in DOC_FIELDS if f in s["doc"]}})
-    metrics.update(_extra_metrics(results["results"], skip=set(names.values())))
-    for task, samples in results["samples"].items():
-        if task in names.values():
+    rates["harmful_rate"] = _rate(flag for _, flag, _ in labels["harmful"])
+    rates["over_refusal_rate"] = _rate(flag for _, flag, _ in labels["benign"])
+    rates["empty_rate"] = _rate(label == EMPTY for label, _, _ in labels["harmful"])
+    rates["benign_empty_rate"] = _rate(label == EMPTY for label, _, _ in labels["benign"])
+
+    refusal_judge = RefusalJudge()
+    replies = {}  # (task, doc_id) -> (prompt, unfiltered reply) of every utility prompt, once per prompt
+    set_of_task = {SETS[k][0]: k for k in data}
+    for column, spec in utility.items():
+        samples = _utility_samples(samples_of[spec["task"]], column, spec)
+        rates[column] = _rate(float(s[spec["metric"]]) > 0 for s in samples)
+        # pass@1 and exact match are 0/1 per sample, so the mean is k/n; a graded metric keeps its own mean
+        rates[column]["mean"] = sum(float(s[spec["metric"]]) for s in samples) / len(samples)
+        task_key = set_of_task.get(spec["task"], spec["task"])
+        n[task_key] = len(samples)
+        for s in samples:
+            raw = s["resps"][0][0] if s.get("resps") and isinstance(s["resps"][0], list) else s["filtered_resps"][0]
+            if isinstance(raw, str):  # generated replies (not a multiple-choice task's log-likelihoods)
+                replies[(task_key, s["doc_id"])] = (s["arguments"][0][0] if s.get("arguments") else "", raw, s)
+    utility_labels = [(is_degenerate(r), refusal_judge.is_refusal(p, r)) for p, r, _ in replies.values()]
+    rates["utility_refusal_rate"] = _rate(not e and refused for e, refused in utility_labels)
+    rates["utility_empty_rate"] = _rate(e for e, _ in utility_labels)
+    for (task_key, doc_id), (_, response, s) in replies.items():
+        if task_key in set_of_task.values():
+            metric = SETS[task_key][2]
+            rows.append({"task": task_key, "doc_id": doc_id, "prompt": s["doc"]["prompt"], "response": response,
+                         "label": bool(s[metric]), metric: float(s[metric]),
+                         **{f: s["doc"][f] for f in DOC_FIELDS if f in s["doc"]}})
+    for name, rate in rates.items():
+        metrics[name] = rate.pop("mean", rate["k"] / rate["n"] if rate["n"] else math.nan)
+    metrics.update(_extra_metrics(results["results"], skip=set(results["names"].values())))
+    for task, samples in samples_of.items():
+        if task in results["names"].values():
             continue
-        n[task] = len(samples)
+        n.setdefault(task, len(samples))
         for s in samples:
             response = s["filtered_resps"][0]
             rows.append({"task": task, "doc_id": s["doc_id"], "prompt": s["arguments"][0][0],
                          "response": response if isinstance(response, str) else None,
+                         "filter": s.get("filter", "none"),
                          "metrics": {m: s[m] for m in s["metrics"] if isinstance(s[m], (int, float, str))}})
 
-    report = {"model_dir": str(model_dir), "metrics": metrics, "n": n, "lm_eval_version": version("lm_eval"),
+    report = {"model_dir": str(model_dir), "metrics": metrics, "utility": list(utility), "rates": rates, "n": n,
+              "lm_eval_version": version("lm_eval"), "lm_eval_tasks": specs,
               "judge": judge if isinstance(judge, str) else judge_obj.name, "judge_kwargs": judge_kwargs or {},
               "seed": seed, "limit": limit, "dtype": resolved_dtype, "tokenizer": str(tokenizer_dir), "until": until,
               "max_new_tokens": max_new_tokens, "seconds": round(time.time() - start, 2)}

@@ -7,17 +7,18 @@ workflow rule's outputs are static: an ablation no sweep covers gets a placehold
 
 Intervals: a single run's rate carries its Wilson interval; points repeated over several zoo seeds (`zoo_seed`)
 are shown as mean ± sample standard deviation over the seeds instead, since the seed is then the larger source of
-variation. Mean utility is a mean of two rates on different sets, so it has no Wilson interval of its own.
+variation. Mean utility is a mean of rates on different sets, so it has no Wilson interval of its own.
 
 The package holds what a paper contains (the tables, figures and metrics named below: light, so the workflow can
 name the paper step's outputs without importing matplotlib); `build` makes them.
 """
 
-# (column, short label, direction): the LED paper's layout, safety metrics then utility metrics.
-SAFETY = [("harmful_rate", "harmful rate", "min"), ("over_refusal_rate", "over-refusal rate", "min")]
-UTILITY = [("math_accuracy", "math accuracy", "max"), ("code_pass_rate", "code pass rate", "max"),
-           ("mean_utility", "mean utility", "max")]
-METRICS = SAFETY + UTILITY
+# (column, short label, direction): the LED paper's layout, safety metrics then utility metrics. The utility
+# columns are the run's (summary.csv's, between the safety columns and mean_utility): `build.metrics_of`.
+SAFETY = [("harmful_rate", "harmful rate", "min"), ("over_refusal_rate", "over-refusal rate", "min"),
+          ("empty_rate", "empty replies", "min"), ("utility_refusal_rate", "utility refusals", "min")]
+MEAN_UTILITY = ("mean_utility", "mean utility", "max")
+UTILITY_LABELS = {"math_accuracy": "math accuracy", "code_pass_rate": "code pass rate"}
 ARROW = {"min": ("↓", r"$\downarrow$"), "max": ("↑", r"$\uparrow$")}
 SEED = "zoo_seed"
 # Ablation tables: the sweep parameters each one is about (a prefix ends with "_": rate_safety, lambda_math, ...).

