@@ -213,7 +213,7 @@ def test_sweeps_table_has_a_row_per_point(workflow_run):
         ("rate", SWEEP_POINTS[0], 0.2), ("rate", SWEEP_POINTS[1], 0.3)]
     for row in rows:
         assert all(0.0 <= float(row[m]) <= 1.0 for m in METRICS)
-        assert [int(row[f"n_{k}"]) for k in ("harmful", "benign", "math", "code")] == [10, 10, 10, 10]
+        assert [int(row[f"n_{m}"]) for m in METRICS] == [10, 10, 10, 20, 10, 10]  # utility refusals: math + code
     for point in SWEEP_POINTS:  # each its own merge, with the rates it was elected at
         mask = workflow_run.results / "sweeps" / "masks" / "elected" / f"snip_11_r{point[-3:]}" / "math.safetensors"
         assert float(tensors_metadata(mask)["rate"]) == float(point[-3:])
