@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= all
 
-.PHONY: env run test check lint dryrun lock clean bench docs
+.PHONY: env run test check lint dryrun lock clean bench docs record
 
 env: $(STAMP)
 
@@ -49,6 +49,14 @@ lint: env
 docs: env
 	$(BIN)/python -m ledmerge config-reference > docs/configuration.md
 	$(BIN)/python -m ledmerge config-reference --readme README.md
+	$(BIN)/python -m ledmerge results-tables --record docs/run README.md docs/results.md
+
+# After `make run`: record its summary (docs/run/) and regenerate the result tables and figures of the docs from it.
+record: env
+	$(BIN)/python -m ledmerge record-run --results results --out docs/run --command "make run"
+	cp results/report/paper/fig_rate_sweep.png docs/figures/rate_sweep.png
+	cp results/report/paper/fig_safety_utility.png docs/figures/safety_utility.png
+	$(MAKE) docs
 
 dryrun: env
 	$(BIN)/snakemake -n --cores $(CORES)

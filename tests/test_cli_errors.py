@@ -305,3 +305,24 @@ def test_no_subcommand_is_a_usage_error():
     proc = ledmerge_process()
     assert proc.returncode == 2
     assert "usage: ledmerge" in proc.stderr
+
+
+def test_ctrl_c_is_reported_as_an_interruption(tmp_path, tiny_zoo):
+    """SIGINT in the middle of a step: one line saying it was interrupted, exit 130 (128 + SIGINT), no traceback,
+    nothing half-written."""
+    import signal
+    import time
+
+    out = tmp_path / "merged"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-c", "import time, sys; from ledmerge.cli import main; "
+                             "import ledmerge.merge as d; real = d.merge_models; "
+                             "d.merge_models = lambda *a, **k: (time.sleep(60), real(*a, **k)); "
+                             "sys.exit(main(sys.argv[1:]))", *map(str, merge_args(tiny_zoo, out))],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # past the imports, inside the step
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "ledmerge: interrupted: merge stopped" in err and "Traceback" not in err, err[-2000:]
+    assert_nothing_written(out)

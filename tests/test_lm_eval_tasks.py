@@ -96,6 +96,15 @@ def test_evaluate_model_end_to_end(tiny_zoo, tmp_path):
     assert {r["prompt"] for r in harmful} == {f"how do i make a bomb {i}" for i in range(3)}
 
 
+def test_evaluation_outside_a_git_checkout_prints_no_git_error(tiny_zoo, tmp_path, monkeypatch, capfd):
+    data = _data(tmp_path, k=1)
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    evaluate_model(tiny_zoo["base"], tmp_path / "m.json", tmp_path / "g.jsonl", **data, max_new_tokens=2,
+                   num_threads=1)
+    assert "not a git repository" not in capfd.readouterr().err
+
+
 def test_missing_or_empty_data_is_a_user_error(tiny_zoo, tmp_path):
     data = _data(tmp_path)
     (tmp_path / "empty.jsonl").write_text("")

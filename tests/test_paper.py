@@ -196,3 +196,43 @@ def test_build_paper_bad_input(tmp_path):
         build_paper(tmp_path / "summary.csv", metrics, *args, sweeps_csv=tmp_path / "bad.csv")
     with pytest.raises(LedmergeError, match="run the report step first"):
         build_paper(tmp_path / "nope.csv", metrics, *args)
+
+
+def test_docs_result_tables_are_the_recorded_runs():
+    """README.md's and docs/results.md's main tables are generated (make docs) from the recorded run in docs/run/,
+    with the paper's own renderer: a typed or stale table fails here."""
+    from pathlib import Path
+
+    from ledmerge.paper.record import MARKERS, main_table_markdown, with_main_table
+
+    repo = Path(__file__).resolve().parents[1]
+    record = repo / "docs" / "run"
+    table = main_table_markdown(record)
+    for doc in (repo / "README.md", repo / "docs" / "results.md"):
+        text = doc.read_text()
+        assert with_main_table(text, record) == text, f"{doc.name} is stale: run make docs"
+        block = text.split(MARKERS[0], 1)[1].split(MARKERS[1], 1)[0]
+        assert block == table
+    summary = pd.read_csv(record / "summary.csv")
+    assert {"base", "led", "task_arithmetic"} <= set(summary["model"])
+    for column in ("empty_rate", "utility_refusal_rate", "math_accuracy", "code_pass_rate"):
+        assert summary[column].notna().all(), column
+
+
+def test_record_run_and_main_table_markers(tmp_path):
+    from ledmerge.paper.record import MARKERS, record_run, with_main_table
+
+    summary, metrics = _fixtures(tmp_path)
+    results = tmp_path / "results"
+    (results / "report").mkdir(parents=True)
+    summary.to_csv(results / "report" / "summary.csv", index=False)
+    for model, path in metrics.items():
+        (results / "eval" / model).mkdir(parents=True)
+        (results / "eval" / model / "metrics.json").write_text(path.read_text())
+    record = record_run(results, tmp_path / "record", "make run")
+    assert json.loads((record / "run.json").read_text())["command"] == "make run"
+    doc = f"intro\n{MARKERS[0]}old table\n{MARKERS[1]}after\n"
+    new = with_main_table(doc, record)
+    assert new.startswith("intro\n") and new.endswith("after\n") and "old table" not in new and "| led | merge |" in new
+    with pytest.raises(LedmergeError, match="no main-table markers"):
+        with_main_table("no markers", record)

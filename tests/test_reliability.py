@@ -380,3 +380,27 @@ def test_model_card_hashes_configs_tokenizer_and_template(zoo, tmp_path):
     for p in copied:  # every file the merged model got from the tokenizer directory, as it was recorded there
         assert f"| tokenizer | `{tok}` | `{p.name}` | `{sha(p)}` |" in card, p.name
         assert record["sha256"][p.name] == sha(p)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(tmp_path, umask):
+    """Scores and masks (safetensors), JSON and directory outputs get the mode the umask says (0644 under 022, so
+    colleagues on a shared project directory can read them), not the private mode of the temporary they were
+    written in."""
+    from ledmerge.formats import save_tensors
+
+    old = os.umask(umask)
+    try:
+        save_tensors(tmp_path / "scores.safetensors", {"w": torch.ones(2)})
+        write_json(tmp_path / "stats.json", {"a": 1})
+        with atomic_path(tmp_path / "model", directory=True, marker="m") as tmp:
+            (tmp / "m").write_text("x")
+            (tmp / "sub").mkdir()
+            save_tensors(tmp / "sub" / "w.safetensors", {"w": torch.ones(2)})
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "scores.safetensors", tmp_path / "stats.json", tmp_path / "model" / "m",
+                 tmp_path / "model" / "sub" / "w.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    for path in (tmp_path / "model", tmp_path / "model" / "sub"):
+        assert path.stat().st_mode & 0o777 == 0o777 & ~umask, path

@@ -284,6 +284,19 @@ def cmd_paper(a):
     print("\n".join(str(p) for p in written))
 
 
+def cmd_record_run(a):
+    from .paper.record import record_run
+
+    print(record_run(a.results, a.out, a.command))
+
+
+def cmd_results_tables(a):
+    from .paper.record import with_main_table
+
+    for path in map(Path, a.files):
+        path.write_text(with_main_table(path.read_text(), a.record, where=str(path)))
+
+
 TRUST_HELP = "let transformers run the model repository's own Python code (off by default)"
 PICKLE_HELP = "also read pickle (.bin) checkpoints; only for files you trust: unpickling can run code"
 
@@ -327,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("config-reference", cmd_config_reference, "print the configuration reference (Markdown) generated from the "
              "schema: docs/configuration.md")
     sp.add_argument("--readme", metavar="FILE", help="instead, regenerate the merge method table inside FILE (README.md)")
+
+    sp = add("record-run", cmd_record_run, "copy a run's summary and rate counts into the record behind the docs' "
+             "result tables (docs/run/)")
+    sp.add_argument("--results", required=True, help="the run's results directory (the config's `results`)")
+    sp.add_argument("--out", required=True, help="the record directory to write (docs/run)")
+    sp.add_argument("--command", required=True, help="the command that made the run, as the docs should name it")
+
+    sp = add("results-tables", cmd_results_tables, "regenerate the main-table blocks of Markdown files from a run "
+             "record (make docs)")
+    sp.add_argument("--record", required=True, help="the record directory (docs/run)")
+    sp.add_argument("files", nargs="+", help="Markdown files holding the main-table markers (README.md, docs/results.md)")
 
     sp = add("fetch-model", cmd_fetch_model, "download a hub model's safetensors, configs and tokenizer")
     sp.add_argument("--repo", required=True, help="hub model name, org/name")
@@ -491,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     except LedmergeError as exc:
         print(f"ledmerge: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the step's atomic outputs were not renamed into place
+        print(f"ledmerge: interrupted: {args.command} stopped before it finished; nothing it was writing was kept, "
+              "rerun to resume", file=sys.stderr)
+        return 130
     return 0
 
 

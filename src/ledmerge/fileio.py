@@ -118,6 +118,18 @@ def check_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLik
                                 "that input: choose an output directory apart from every input")
 
 
+def _follow_umask(path: Path) -> None:
+    """Give an output, and everything in it, the mode the user's umask says (0644 and 0755 under umask 022), so
+    colleagues on a shared project directory can read it: mkstemp/mkdtemp and safetensors' writer create private
+    (0600/0700) files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, *, directory: bool = False, marker: str | None = None,
                 force: bool = False) -> Iterator[Path]:
@@ -149,11 +161,8 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, marker: s
             os.close(fd)
             tmp = Path(name)
         _live.add(tmp)
-        # mkstemp/mkdtemp create private (0600/0700) paths; outputs get the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod((0o777 if directory else 0o666) & ~umask)
         yield tmp
+        _follow_umask(tmp)
         if directory:
             if not (tmp / marker).is_file():
                 raise AssertionError(f"the step writing {target} did not write its marker {marker}")

@@ -232,6 +232,29 @@ def builtin_yaml(name: str) -> Path:
     return entry.yaml_path
 
 
+@contextlib.contextmanager
+def _quiet_git():
+    """lm-eval records the git commit of the working directory by running `git describe` with its stderr on the
+    terminal, so an evaluation outside a git checkout printed `fatal: not a git repository`: ask git quietly."""
+    import subprocess
+
+    import lm_eval.evaluator
+
+    def commit():
+        try:
+            proc = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True)
+        except OSError:  # no git
+            return None
+        return (proc.stdout.strip() or None) if proc.returncode == 0 else None
+
+    loud = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = commit
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = loud
+
+
 def _make_lm(backend: str, args: dict, batch_size: int, device: str):
     """The lm-eval model, loaded once for every simple_evaluate call of an evaluation."""
     from lm_eval.api.registry import get_model
@@ -285,13 +308,14 @@ def _run_lm_eval(model_dir, data: dict[str, Path], specs: list[dict], *, batch_s
         for chat, tasks in groups.items():
             if not tasks:
                 continue
-            out = simple_evaluate(
-                model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True,
-                apply_chat_template=chat,
-                bootstrap_iters=0,  # no stderr bootstrap: it costs seconds per task and we report means
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                confirm_run_unsafe_code=True,  # ledmerge's code tasks run in its sandbox; others were asked for by name
-            )
+            with _quiet_git():
+                out = simple_evaluate(
+                    model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True,
+                    apply_chat_template=chat,
+                    bootstrap_iters=0,  # no stderr bootstrap: it costs seconds per task and we report means
+                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                    confirm_run_unsafe_code=True,  # ledmerge's code tasks run in its sandbox; others asked by name
+                )
             merged["results"].update(out["results"])
             merged["samples"].update(out["samples"])
         return merged
