@@ -50,6 +50,14 @@ onstart:
         from ledmerge import worker
 
         worker.start(f"{config['results']}/logs/worker.log")
+    else:  # a real cluster run (onstart is skipped by -n): no job goes out with the profile's placeholders
+        from ledmerge.config import check_profile
+
+        settings = workflow.resource_settings
+        try:
+            check_profile(settings.default_resources, settings.overwrite_resources)
+        except LedmergeError as exc:
+            sys.exit(f"ledmerge: {exc}")
 
 
 onsuccess:

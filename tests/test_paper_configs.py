@@ -147,3 +147,18 @@ def test_paper_config_checks_with_real_checkpoints_standing_in(setup, smol_zoo, 
     assert Path(source).resolve() == smol_zoo["safety"].resolve() and "no chat template" in why
     with pytest.raises(LedmergeError, match="tokenizer_source.*no chat template"):
         check({**cfg, "tokenizer_source": "base"})
+
+
+@pytest.mark.integration
+def test_real_submission_with_the_profiles_placeholders_is_refused(tmp_path):
+    """`snakemake --profile slurm` (not -n) with the shipped CHANGE_ME_* account and partitions: one line naming
+    them, exit 1, before any job is submitted or any output written."""
+    from test_workflow import SNAKEMAKE
+
+    proc = subprocess.run([str(SNAKEMAKE), "--profile", "slurm", "--snakefile", str(REPO / "Snakefile"),
+                           "--configfile", str(REPO / "config" / "config.yaml"), "--directory", str(tmp_path), "-j1"],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "ledmerge: the profile still holds placeholder(s)" in out and "slurm_account: CHANGE_ME_account" in out
+    assert "Job submission" not in out and not (tmp_path / "results").exists()

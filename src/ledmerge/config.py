@@ -293,3 +293,20 @@ def load(path: str | Path) -> dict:
     validate(config)
     check(config)
     return config
+
+
+PLACEHOLDER = "CHANGE_ME"  # what the shipped SLURM profile (slurm/config.yaml) writes where a cluster's names go
+
+
+def check_profile(default_resources, rule_resources) -> None:
+    """A cluster run whose profile still holds a CHANGE_ME_* placeholder (account, partition) is refused before any
+    job is submitted; sbatch would only reject every job later. A dry run (-n) does not get here."""
+    found = sorted({f"{where}{key}: {value}" for where, mapping in
+                    [("", default_resources or {}), *((f"{rule}.", m) for rule, m in (rule_resources or {}).items())]
+                    for key, value in ((k, getattr(v, "raw", v)) for k, v in dict(mapping).items())
+                    if PLACEHOLDER in str(value)})
+    if found:
+        raise LedmergeError(f"the profile still holds placeholder(s) {found}: put your cluster's account and "
+                            "partitions in slurm/config.yaml (or delete slurm_account where the cluster has none), "
+                            "then rerun")
+
