@@ -36,8 +36,9 @@ def _cpu() -> str:
 def _commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        # the code and configs that make a run (the docs being regenerated do not count)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "workflow",
+                                "config", "Snakefile", "envs"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
