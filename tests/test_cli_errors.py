@@ -326,3 +326,20 @@ def test_ctrl_c_is_reported_as_an_interruption(tmp_path, tiny_zoo):
     assert proc.returncode == 130, err[-2000:]
     assert "ledmerge: interrupted: merge stopped" in err and "Traceback" not in err, err[-2000:]
     assert_nothing_written(out)
+
+
+def test_merge_refuses_an_expert_with_integer_weights(tmp_path, tiny_zoo):
+    """A quantized (integer) tensor where the base has floats was merged as if it held weights: now one line,
+    before anything is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    quantized = shutil.copytree(tiny_zoo["code"], tmp_path / "int8_code")
+    state = load_file(str(quantized / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    state[name] = (state[name] * 100).round().to(torch.int8)
+    save_file(state, str(quantized / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    assert_one_error(ledmerge(*merge_args(tiny_zoo, out, code=quantized)), name, "integers", "dequantize")
+    assert_nothing_written(out)

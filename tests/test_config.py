@@ -387,3 +387,18 @@ def test_jsonl_calibration_columns_are_honoured(tmp_path):
     assert build_calibration("safety", cfg["tasks"]["safety"]["calibration"], 3, 0, out) == 3
     rows = read_jsonl(out)
     assert all(r["prompt"] == "q" + r["response"][1:] and r["task"] == "safety" for r in rows), rows
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda cfg: [t.update(rate=1) for t in cfg["tasks"].values()], "every task's election rate is 1"),
+    (lambda cfg: cfg["tasks"]["math"].update({"lambda": 1e30}), "beyond ±10"),
+    (lambda cfg: cfg["merges"]["led"].update(lambdas={"code": -50}), "beyond ±10"),
+])
+def test_legal_but_unlikely_values_warn(change, needle, tmp_path, caplog):
+    """Legal, so not an error, but almost surely a mistake: a warning before any job, and the config still passes."""
+    cfg = validate(copy.deepcopy(DEFAULT))
+    check(cfg)
+    assert needle not in caplog.text  # the default config warns of nothing
+    change(cfg)
+    check(cfg)
+    assert needle in caplog.text

@@ -397,3 +397,20 @@ def test_keyword_judge_on_real_smollm2_replies():
 
     labels = label_replies(RefusalJudge(), [""] * len(SMOLLM2_REPLIES), SMOLLM2_REPLIES, harmful_prompts=True)
     assert [(label, flag) for label, flag, _ in labels] == [(COMPLIED, True)] * len(SMOLLM2_REPLIES)
+
+
+@pytest.mark.parametrize("key, row, match", [
+    ("math", {"prompt": "what is 3 + 4", "answer": "seven"}, "is not a number"),
+    ("code", {"prompt": "write f", "entry_point": "f", "tests": "assert f(1) == 1"}, "non-empty list"),
+    ("code", {"prompt": "write f", "entry_point": "f", "tests": []}, "non-empty list"),
+    ("code", {"prompt": "write f", "entry_point": "f(x)", "tests": ["assert f(1) == 1"]}, "the function's name"),
+    ("harmful", {"prompt": ""}, "non-empty string"),
+])
+def test_rows_that_would_score_wrongly_are_refused(tmp_path, key, row, match):
+    """Unparsable math answers and code tests given as a string or an empty list used to score as if valid."""
+    from ledmerge.evaluation.runner import read_set
+
+    path = tmp_path / f"{key}.jsonl"
+    write_jsonl(path, [row])
+    with pytest.raises(LedmergeError, match=match):
+        read_set(key, path)

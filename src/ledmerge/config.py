@@ -7,12 +7,15 @@ the fix, and nothing is computed from a config that would fail later.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import yaml
 
 from . import options
 from .errors import LedmergeError
+
+log = logging.getLogger(__name__)
 
 ZOO = "zoo"
 ZOO_TASKS = ("safety", "math", "code")
@@ -64,7 +67,7 @@ def _at(key: str, func, *args, **kwargs):
 def check(config: dict) -> None:
     """Checks the schema cannot express: names, files, checkpoints, merge specs."""
     from .checkpoint import check_compatible, parse_size, tensor_shapes
-    from .evaluation.runner import SETS
+    from .evaluation.runner import read_set
     from .fileio import read_jsonl
     from .merge import get_method
 
@@ -115,7 +118,7 @@ def check(config: dict) -> None:
                                 f"default only for the toy models: name {fix}, or zoo to use the toy's prompts anyway")
         source = config["evaluation"][key]
         if source not in (None, ZOO) and not isinstance(source, dict):
-            _at(f"evaluation.{key}", read_jsonl, source, required=SETS[key][1])
+            _at(f"evaluation.{key}", read_set, key, source)
     _check_evaluation(config)
     _check_vocab_scoring(config)
     from .importance import check_location
@@ -124,6 +127,7 @@ def check(config: dict) -> None:
     imp = config["importance"]
     _at("importance.location", check_location, imp["location"], include_norms=imp["include_norms"],
         include_embeddings=imp["include_embeddings"], random_seed=config["seed"], random_key="")
+    _warn_unlikely(config)
     for name in merges:
         try:  # exactly the spec the merge job runs (merge.smk's merge_spec_arg)
             method = get_method(merge_spec(config, name))
@@ -132,6 +136,24 @@ def check(config: dict) -> None:
             raise LedmergeError(f"config error at 'merges.{name}': {exc}") from None
     _check_data_aware(config)
     check_sweeps(config)
+
+
+LAMBDA_WARN = 10.0  # |λ| beyond this is legal but almost surely a typo (weights grow by that factor)
+
+
+def _warn_unlikely(config: dict) -> None:
+    """Values that are legal but almost surely a mistake: a warning each (docs/bad-input.md), not an error."""
+    tasks = config["tasks"]
+    if len(tasks) > 1 and all(task["rate"] == 1 for task in tasks.values()):
+        log.warning("every task's election rate is 1: each task elects every weight, Disjoint then drops every weight "
+                    "two tasks claim, and the LED merge is the base; the papers' rates are 0.1-0.5")
+    for name, entry in config["merges"].items():
+        if entry.get("method") != "led":
+            continue
+        big = {t: v for t, v in merge_spec(config, name)["lambdas"].items() if abs(v) > LAMBDA_WARN}
+        if big:
+            log.warning("merge %r: λ %s beyond ±%g scales task vectors by that much (λ = 1 adds each as it is): "
+                        "is it a typo?", name, big, LAMBDA_WARN)
 
 
 def _check_evaluation(config: dict) -> None:

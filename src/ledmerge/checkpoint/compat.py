@@ -16,7 +16,7 @@ import torch
 from ..errors import LedmergeError
 from .adapter import check_adapter
 from .files import is_adapter
-from .reader import tensor_shapes
+from .reader import float_tensors, tensor_shapes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def check_compatible(base_dir: str | os.PathLike, others: Mapping[str, str | os.
     if vocab_policy not in VOCAB_POLICIES:
         raise LedmergeError(f"vocab_policy must be one of {list(VOCAB_POLICIES)}, got {vocab_policy!r}")
     base = tensor_shapes(base_dir, allow_pickle)
+    base_float = float_tensors(base_dir, allow_pickle)
     aligned: dict[str, dict[str, int]] = {}
     for label, other_dir in others.items():
         if is_adapter(other_dir):  # the base's tensors by construction, once its targets fit the base
@@ -62,6 +63,14 @@ def check_compatible(base_dir: str | os.PathLike, others: Mapping[str, str | os.
                 f"model '{label}' ({other_dir}) {what} compared with the base ({base_dir}): experts must be fine-tuned "
                 "from the same base architecture" + (" (one ties its input and output embeddings and the other does "
                                                      "not: tie_word_embeddings must agree)" if tied else ""))
+        kinds = base_float ^ float_tensors(other_dir, allow_pickle)
+        if kinds:
+            name = sorted(kinds)[0]
+            raise LedmergeError(
+                f"model '{label}' ({other_dir}) stores {name} as {'integers' if name in base_float else 'floats'} "
+                f"where the base stores {'floats' if name in base_float else 'integers'}"
+                f"{f' ({len(kinds)} tensors so)' if len(kinds) > 1 else ''}: a quantized checkpoint is not a set of "
+                "weights to merge; dequantize it (load it and save_pretrained in bfloat16 or float32) first")
         vocab = {_vocab_size(Path(base_dir)), _vocab_size(Path(other_dir))} - {None}
         rows: dict[str, int] = {}
         for name, shape in base.items():

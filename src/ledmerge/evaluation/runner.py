@@ -39,6 +39,7 @@ from ..errors import LedmergeError
 from ..fileio import read_jsonl, write_json, write_jsonl
 from ..options import default_of, resolve
 from .judges import EMPTY, JUDGES, RefusalJudge, get_judge, is_degenerate, label_replies
+from .sandbox import IDENTIFIER
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"
 
@@ -110,10 +111,38 @@ def write_task_configs(data: dict[str, Path], specs: list[dict], task_dir: Path,
     return names
 
 
+def read_set(key: str, path) -> list[dict]:
+    """The rows of evaluation set `key`, checked: the fields it needs, a math answer that is a number, code tests
+    that are a non-empty list of statements (a string or an empty list would score a reply as passing no or every
+    test), an entry point that is a name. A bad row is a LedmergeError naming the file and line."""
+    from .answers import normalize_number
+
+    rows = read_jsonl(path, required=SETS[key][1])
+    for line, row in enumerate(rows, 1):
+        where = f"{path}: row {line}"
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise LedmergeError(f"{where}: prompt must be a non-empty string")
+        if key == "math":
+            answer = normalize_number(str(row["answer"]))
+            try:
+                float(answer)
+            except ValueError:
+                raise LedmergeError(f"{where}: answer {row['answer']!r} is not a number (e.g. 1234, -3.5): the math "
+                                    "set is scored by the final number of a reply") from None
+        if key == "code":
+            tests, entry = row["tests"], row["entry_point"]
+            if not isinstance(tests, list) or not tests or not all(isinstance(t, str) and t.strip() for t in tests):
+                raise LedmergeError(f"{where}: tests must be a non-empty list of Python statements, e.g. "
+                                    "[\"assert f(1, 2) == 3\"], got " + repr(tests)[:80])
+            if not isinstance(entry, str) or not IDENTIFIER.match(entry):
+                raise LedmergeError(f"{where}: entry_point must be the function's name, got {entry!r}")
+    return rows
+
+
 def _check_data(data: dict[str, Path]) -> None:
-    """Fail early, with the file named, on a missing, empty or malformed set (read_jsonl raises)."""
+    """Fail early, with the file named, on a missing, empty or malformed set."""
     for key, path in data.items():
-        read_jsonl(path, required=SETS[key][1])
+        read_set(key, path)
 
 
 def _extra_metrics(results: dict, skip: set[str]) -> dict[str, float]:

@@ -40,33 +40,59 @@ log = logging.getLogger(__name__)
 WORK_MB = 16  # size of the tmpfs the code runs in
 PIDS_MAX = 8  # processes a root-run check may have at once (the namespace's first process and the interpreter)
 
-# Run inside the namespaces by /bin/sh: every mount read-only (sysfs and cgroups too: a user namespace of root is
-# root to their files), a tmpfs as the working directory, the interpreter's
-# installation re-bound when it lies in a hidden home, the homes hidden, then the interpreter without forks.
+# Run by the sandboxed interpreter itself, inside the namespaces, before the program (one process: no shell, no mount
+# binaries): every mount read-only (sysfs and cgroups too: a user namespace of root is root to their files), a tmpfs
+# as the working directory, the homes hidden under empty tmpfs with the interpreter's installation bound back at its
+# own path when it lies in one, no new processes, then the program in a fresh namespace.
 _SETUP = r"""
-set -e
-awk '{print $2}' /proc/self/mounts | while read -r m; do mount -o remount,bind,ro "$m" 2>/dev/null || true; done
-mount -t tmpfs -o "size=${SBX_MB}m,mode=0700" ledmerge-sandbox "$SBX_CWD"
-py="$SBX_PREFIX/$SBX_EXE"
-if [ -n "$SBX_REBIND" ]; then
-    mkdir "$SBX_CWD/.python"
-    mount --rbind "$SBX_PREFIX" "$SBX_CWD/.python"
-    mount -o remount,bind,ro "$SBX_CWD/.python"
-    py="$SBX_CWD/.python/$SBX_EXE"
-fi
-for h in $SBX_HIDE; do mount -t tmpfs -o size=64k,mode=0755 ledmerge-hidden "$h"; done
-cd "$SBX_CWD"
-exec prlimit --nproc=0 -- "$py" -I -S -c "$SBX_PROGRAM"
+import ctypes, os, resource
+libc = ctypes.CDLL(None, use_errno=True)
+RDONLY, REMOUNT, BIND, REC = 1, 32, 4096, 16384
+KEEP = {2: 2, 4: 4, 8: 8, 1024: 1024, 2048: 2048, 4096: 1 << 21}  # statvfs flag -> mount flag a remount must keep
+def mount(src, target, fstype, flags, data=None):
+    if libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                  data.encode() if data else None):
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), target)
+def readonly(target):
+    flags = os.statvfs(target).f_flag
+    mount("none", target, None, REMOUNT | BIND | RDONLY | sum(v for k, v in KEEP.items() if flags & k))
+env = os.environ
+cwd, prefix, hide = env["SBX_CWD"], env["SBX_PREFIX"], env["SBX_HIDE"].split()
+for target in sorted({line.split()[1].replace("\\040", " ") for line in open("/proc/self/mounts")}):
+    try:
+        readonly(target)
+    except OSError:
+        pass
+mount("ledmerge-sandbox", cwd, "tmpfs", 0, "size=%sm,mode=0700" % env["SBX_MB"])
+stash = None
+if any(prefix == h or prefix.startswith(h.rstrip("/") + "/") for h in hide):
+    stash = cwd + "/.python"
+    os.mkdir(stash)
+    mount(prefix, stash, None, BIND | REC)
+for h in hide:
+    mount("ledmerge-hidden", h, "tmpfs", 0, "size=64k,mode=0755")
+    if stash and prefix.startswith(h.rstrip("/") + "/"):
+        os.makedirs(prefix)
+        mount(stash, prefix, None, BIND | REC)
+        readonly(prefix)
+    readonly(h)
+os.chdir(cwd)
+resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+program = env["SBX_PROGRAM"]
+for key in [k for k in env if k.startswith("SBX_")]:
+    del env[key]
+del ctypes, libc, mount, readonly, resource
+exec(compile(program, "<generated>", "exec"), {"__name__": "__main__"})
 """
 
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def build_program(code: str, tests: list[str], entry_point: str | None = None) -> str:
     """The script the child runs: the candidate code, a check that it defines `entry_point`, the tests."""
     lines = [code, ""]
-    if entry_point and _IDENTIFIER.match(entry_point):
+    if entry_point and IDENTIFIER.match(entry_point):
         lines.append(f"assert callable({entry_point}), 'entry point is not callable'")
     lines.extend(tests)
     return "\n".join(lines) + "\n"
@@ -113,13 +139,11 @@ def _interpreter() -> tuple[str, str]:
 
 def _isolated_command(program: str, cwd: str) -> tuple[list[str], dict]:
     prefix, exe = _interpreter()
-    hide = _hidden_dirs()
-    rebind = any(prefix == h or prefix.startswith(h.rstrip("/") + "/") for h in hide)
     env = {"PATH": os.defpath, "HOME": cwd, "TMPDIR": cwd, "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8",
-           "SBX_MB": str(WORK_MB), "SBX_CWD": cwd, "SBX_PREFIX": prefix, "SBX_EXE": exe,
-           "SBX_REBIND": "1" if rebind else "", "SBX_HIDE": " ".join(hide), "SBX_PROGRAM": program}
+           "SBX_MB": str(WORK_MB), "SBX_CWD": cwd, "SBX_PREFIX": prefix, "SBX_HIDE": " ".join(_hidden_dirs()),
+           "SBX_PROGRAM": program}
     cmd = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--mount", "--net", "--pid", "--fork",
-           "--kill-child", "/bin/sh", "-c", _SETUP]
+           "--kill-child", os.path.join(prefix, exe), "-I", "-S", "-c", _SETUP]
     return cmd, env
 
 
@@ -160,8 +184,8 @@ def _pids_cgroup():
 @functools.cache
 def isolation() -> str | None:
     """Why generated code cannot run in namespaces here (None: it can). Probed once per process."""
-    if not sys.platform.startswith("linux") or shutil.which("unshare") is None or shutil.which("prlimit") is None:
-        why = "no Linux user namespaces here (util-linux's unshare and prlimit)"
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        why = "no Linux user namespaces here (util-linux's unshare)"
     else:
         with tempfile.TemporaryDirectory(prefix="ledmerge-sandbox-") as cwd:
             cmd, env = _isolated_command("print('ok')", cwd)
