@@ -123,11 +123,13 @@ def test_time_limit_counts_as_failed():
     assert not run_tests("import time\ntime.sleep(30)\n" + ADD, ["assert f ( 1 , 2 ) == 3"], "f", timeout=1.0)
 
 
+# sysctls, and the root cgroup of the pids hierarchy (cgroup v1 or v2, whichever this machine has): moving there
+# would lift a root-run check's process limit
+KERNEL_FILES = [p for p in ("/proc/sys/vm/drop_caches", "/sys/fs/cgroup/pids/cgroup.procs", "/sys/fs/cgroup/cgroup.procs")
+                if os.path.exists(p)]
+
+
 @needs_namespaces
-@pytest.mark.parametrize("path", ["/proc/sys/vm/drop_caches", "/sys/fs/cgroup/pids/cgroup.procs",
-                                  "/sys/fs/cgroup/cgroup.procs"])
+@pytest.mark.parametrize("path", KERNEL_FILES)
 def test_code_cannot_write_kernel_interfaces(path):
-    """sysctls, and the cgroup a root-run check is held in (leaving it would lift the process limit)."""
-    if not os.path.exists(path):
-        pytest.skip(f"{path} does not exist on this machine")
     assert not run_tests(f"import os\nopen({path!r}, 'w').write(str(os.getpid()))\n", [], None)
