@@ -217,6 +217,12 @@ def test_docs_result_tables_are_the_recorded_runs():
     assert {"base", "led", "task_arithmetic"} <= set(summary["model"])
     for column in ("empty_rate", "utility_refusal_rate", "math_accuracy", "code_pass_rate"):
         assert summary[column].notna().all(), column
+    # the recorded default run's outcomes: each expert beats the base on its own task, merging brings harm back
+    rate = summary.set_index("model")
+    assert rate.loc["math", "math_accuracy"] >= rate.loc["base", "math_accuracy"] + 0.5
+    assert rate.loc["code", "code_pass_rate"] >= rate.loc["base", "code_pass_rate"] + 0.5
+    assert rate.loc["safety", "harmful_rate"] <= rate.loc["base", "harmful_rate"] - 0.5
+    assert rate.loc["task_arithmetic", "harmful_rate"] >= rate.loc["safety", "harmful_rate"] + 0.5
 
 
 def test_record_run_and_main_table_markers(tmp_path):

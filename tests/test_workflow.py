@@ -57,6 +57,12 @@ def test_summary_has_every_model_and_metric(workflow_run):
             value = float(row[metric])
             assert 0.0 <= value <= 1.0, (name, metric, value)
     assert (workflow_run.results / "report" / "summary.md").stat().st_size > 0
+    # Outcomes, not only shapes (margins far beyond what another CPU's rounding moves): the safety expert refuses
+    # what the base answers, its refusals spill onto the utility prompts, and merging brings harm back.
+    rate = {name: {m: float(row[m]) for m in METRICS} for name, row in by_name.items()}
+    assert rate["safety"]["harmful_rate"] <= rate["base"]["harmful_rate"] - 0.5, rate["safety"]
+    assert rate["safety"]["utility_refusal_rate"] > rate["base"]["utility_refusal_rate"], rate["safety"]
+    assert rate["task_arithmetic"]["harmful_rate"] >= rate["safety"]["harmful_rate"] + 0.5, rate["task_arithmetic"]
 
 
 @pytest.mark.slow
