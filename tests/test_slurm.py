@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ class SlurmRun:
     def __init__(self, reference: Path, root: Path):
         # Same result-changing settings as the local run (config/test.yaml); only where the jobs run, what they ask
         # for and which merges are made differ. The data-aware and sweep jobs add nothing SLURM-specific: off.
-        self.reference, self.workdir = reference, root / "slurm"
+        self.reference, self.root, self.workdir = reference, root, root / "slurm"
         self.workdir.mkdir(parents=True)
         merges = test_config(self.workdir / "results")["merges"]
         cfg = test_config(self.workdir / "results", data_aware__enabled=False, sweeps={},
@@ -150,6 +151,7 @@ def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
         jobs = {slurm_id: subprocess.run(["scontrol", "-o", "show", "job", slurm_id], env=run.cluster.env,
                                          capture_output=True, text=True, timeout=30).stdout
                 for _, slurm_id, _ in submitted}
+        killed = kill_a_running_merge_and_rerun(run)
     finally:
         run.close()
 
@@ -164,7 +166,44 @@ def test_workflow_runs_on_a_slurm_cluster(workflow_run, tmp_path):
         wants_gpu = "/rule_importance/" in logfile or "/rule_evaluation/" in logfile
         assert bool(re.search(r"TresPerJob=gres:gpu:1\b", jobs[slurm_id])) == wants_gpu, (logfile, jobs[slurm_id])
 
+    assert killed["state"] == "RUNNING" and killed["first_exit"] != 0 and killed["rerun_exit"] == 0, killed["log"]
+    assert killed["debris"] == [], killed["debris"]
     models = ["base", *TASKS, *SLURM_MERGES]
     slurm, local = outputs(run.workdir / "results", models), outputs(workflow_run.results, models)
     assert sorted(slurm["summary"]) == sorted(models), slurm["summary"]
-    assert slurm == local
+    assert slurm == local  # after the killed merge and the rerun too: bit-identical merged weights
+
+
+def kill_a_running_merge_and_rerun(run: SlurmRun) -> dict:
+    """A fault on the cluster: with the LED merge's output and what reads it removed, rerun the workflow, `scancel`
+    the merge job while it runs, let that run fail, then rerun the same command. Returns what happened: the job's
+    state when it was cancelled, both exit codes, and any temporary the killed job left that the rerun did not
+    remove."""
+    results = run.workdir / "results"
+    for done in (f"merged/{SLURM_MERGES[0]}", f"eval/{SLURM_MERGES[0]}", "report"):  # the merge and what reads it
+        shutil.rmtree(results / done)
+    log = run.root / "fault.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(snakemake_command(run.workdir, run.configfile, "--profile", str(run.profile)),
+                                cwd=REPO, env={**env(), **run.cluster.env}, stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
+    state, deadline = None, time.time() + 300
+    try:
+        while state != "RUNNING" and time.time() < deadline and proc.poll() is None:
+            merge = [jobid for _, jobid, path in SUBMITTED.findall(log.read_text()) if "/rule_merge/" in path]
+            if merge:
+                state = subprocess.run(["squeue", "-h", "-j", merge[0], "-o", "%T"], env=run.cluster.env,
+                                       capture_output=True, text=True, timeout=30).stdout.strip()
+                if state == "RUNNING":
+                    subprocess.run(["scancel", merge[0]], env=run.cluster.env, check=True, timeout=30)
+            time.sleep(0.2)
+        first_exit = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    rerun = snakemake(run.workdir, run.configfile, "--profile", str(run.profile), extra_env=run.cluster.env,
+                      timeout=900)
+    debris = sorted(str(p.relative_to(results)) for p in results.rglob(".*.tmp-*"))
+    return {"state": state, "first_exit": first_exit, "rerun_exit": rerun.returncode, "debris": debris,
+            "log": log.read_text()[-3000:] + rerun.stderr[-3000:]}
