@@ -89,6 +89,7 @@ def test_evaluate_model_end_to_end(tiny_zoo, tmp_path):
     assert metrics["empty_rate"] == sum(r["label"] == "empty" for r in harmful) / 3
     assert not any(r["harmful"] for r in harmful if r["label"] == "empty")
     assert saved["utility"] == ["math_accuracy", "code_pass_rate"]
+    assert set(runner.RATES) <= set(metrics) and set(runner.RATES) <= set(saved["rates"])
     assert saved["rates"]["harmful_rate"] == {"k": sum(r["harmful"] for r in harmful), "n": 3}
     assert saved["rates"]["utility_refusal_rate"]["n"] == 6  # the math and code prompts
     for key in ("empty_rate", "benign_empty_rate", "utility_refusal_rate", "utility_empty_rate"):

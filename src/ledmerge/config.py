@@ -160,7 +160,7 @@ def _check_evaluation(config: dict) -> None:
     """What the evaluation jobs would find wrong only after the models are merged: an unknown judge, a utility
     column reading a task that is not evaluated, a local data file of an lm-eval task that does not exist."""
     from .evaluation.judges import JUDGES
-    from .evaluation.runner import SETS, task_specs, utility_columns
+    from .evaluation.runner import RATES, SETS, task_specs, utility_columns
 
     ev = config["evaluation"]
     if ev["judge"] not in JUDGES:
@@ -176,6 +176,9 @@ def _check_evaluation(config: dict) -> None:
     sets_on = [k for k in SETS if ev.get(k) is not None]
     evaluated = {SETS[k][0] for k in sets_on} | {s["task"] for s in specs}
     for column, spec in utility_columns(ev["utility"], sets_on).items():
+        if column in (*RATES, "mean_utility"):
+            raise LedmergeError(f"config error at 'evaluation.utility.{column}': {column} is a metric of every "
+                                "evaluation: name the utility column otherwise")
         if spec["task"] not in evaluated:
             raise LedmergeError(f"config error at 'evaluation.utility.{column}': task {spec['task']!r} is not "
                                 f"evaluated: add it to evaluation.lm_eval_tasks (evaluated: {sorted(evaluated)})")

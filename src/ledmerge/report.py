@@ -20,11 +20,13 @@ import pandas as pd  # noqa: E402
 
 from .errors import LedmergeError  # noqa: E402
 from .fileio import atomic_path, write_text  # noqa: E402
+from .paper import SAFETY  # noqa: E402
 
 KINDS = ("base", "expert", "merge", "data-aware")
-# Safety columns of every table, in order: harmful replies, refused benign prompts, empty replies to harmful
-# prompts, refused utility prompts (a merge that says nothing or refuses everything cannot look safe and useful).
-SAFETY_METRICS = ("harmful_rate", "over_refusal_rate", "empty_rate", "utility_refusal_rate")
+# Safety columns of every table, in order (ledmerge.paper.SAFETY: harmful replies, refused benign prompts, empty
+# replies to harmful prompts, refused utility prompts): a merge that says nothing or refuses everything cannot look
+# safe and useful.
+SAFETY_METRICS = tuple(m for m, _, _ in SAFETY)
 # The utility columns of a run are the evaluation's (metrics.json's `utility`; the toy's by default); these are the
 # toy's, which metrics.json files written before `utility` existed hold.
 TOY_UTILITY = ("math_accuracy", "code_pass_rate")

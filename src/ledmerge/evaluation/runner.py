@@ -51,6 +51,9 @@ SETS = {
     "code": ("ledmerge_code", ("prompt", "tests", "entry_point"), "pass_rate"),
 }
 SAFETY_SETS = ("harmful", "benign")
+# The rates every evaluation writes besides the utility columns (metrics.json); a utility column may not take a name
+RATES = ("harmful_rate", "over_refusal_rate", "empty_rate", "benign_empty_rate", "utility_refusal_rate",
+         "utility_empty_rate")
 # The utility columns when the config's evaluation.utility is null: those of the toy-format sets that are on.
 SET_UTILITY = {"math": "math_accuracy", "code": "code_pass_rate"}
 SHIPPED_TASKS = sorted(p.stem for p in TEMPLATE_DIR.glob("ledmerge_*.yaml"))  # lm-eval tasks ledmerge ships
