@@ -228,6 +228,11 @@ def _is_section(node: dict) -> bool:
     return node.get("type") == "object" and bool(node.get("properties"))
 
 
+def _types(node: dict) -> list:
+    kind = node.get("type")
+    return kind if isinstance(kind, list) else [kind]
+
+
 def reference_markdown() -> str:
     """The configuration reference: every key with its type, default, allowed values or range and description;
     nested sections as headings. Generated from the schema (`ledmerge config-reference`, `make docs`)."""
@@ -258,9 +263,13 @@ def reference_markdown() -> str:
         for key, sub in node.get("properties", {}).items():
             if _is_section(sub):
                 walk(sub, f"{path}.{key}" if path else key, depth + 1)
-            elif sub.get("type") == "object" and isinstance(sub.get("additionalProperties"), dict) \
+            elif "object" in _types(sub) and isinstance(sub.get("additionalProperties"), dict) \
                     and _is_section(sub["additionalProperties"]):
                 walk(sub["additionalProperties"], f"{path}.{key}.<name>" if path else f"{key}.<name>", depth + 1)
+            elif "array" in _types(sub):  # a list of objects: their keys under `key[]`
+                items = sub.get("items", {})
+                for option in [o for o in items.get("oneOf", [items]) if _is_section(o)]:
+                    walk(option, f"{path}.{key}[]" if path else f"{key}[]", depth + 1)
 
     walk(root, "", 0)
     return "\n".join(lines).rstrip() + "\n"
