@@ -86,6 +86,7 @@ def plan_adapter(adapter_dir: str | os.PathLike, factors: dict[str, tuple[int, .
         raise bad("adapter_config.json lacks a valid lora_alpha", "re-save it with peft") from None
     rslora, fifo = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    rank_pattern = cfg.get("rank_pattern") or {}
     pairs: dict[str, dict[str, str]] = {}
     whole: dict[str, str] = {}
     for name in sorted(factors):
@@ -116,12 +117,21 @@ def plan_adapter(adapter_dir: str | os.PathLike, factors: dict[str, tuple[int, .
                       "model: use the base it was trained on (its base_model_name_or_path)")
         a, b = factors[ab["A"]], factors[ab["B"]]
         shape = base[target]
-        product = (b[0], a[-1]) if len(a) == 2 and len(b) == 2 and a[0] == b[1] else None
+        if len(a) == 2 and len(b) == 2 and a[0] != b[1]:
+            raise bad(f"its lora_A for {target} has rank {a[0]} but its lora_B has rank {b[1]}", "the adapter file "
+                      "is corrupt (peft cannot load it either): re-save it with peft's save_pretrained")
+        rank_key = next((p for p in rank_pattern if re.match(rf"(.*\.)?({p})$", module)), None)
+        rank = rank_pattern[rank_key] if rank_key is not None else cfg.get("r")
+        if len(a) == 2 and isinstance(rank, int) and a[0] != rank:
+            raise bad(f"its factors for {target} have rank {a[0]} but adapter_config.json says "
+                      f"{f'rank_pattern {rank_key!r}: ' if rank_key is not None else 'r = '}{rank}", "the adapter "
+                      "file and its config disagree (peft refuses to load it): re-save the adapter with peft")
+        product = (b[0], a[-1]) if len(a) == 2 and len(b) == 2 else None
         if product is None or (product[::-1] if fifo else product) != shape:
             raise bad(f"its factors for {target} (lora_A {list(a)}, lora_B {list(b)}"
                       f"{', fan_in_fan_out' if fifo else ''}) do not make the base's shape {list(shape)}",
                       "the adapter was trained on another model: use the base it was trained on")
-        r = a[0]  # the tensor's own rank (rank_pattern may set it)
+        r = a[0]  # the tensor's own rank (rank_pattern may set it; checked above)
         key = next((p for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), None)
         alpha_t = float(alpha_pattern[key]) if key is not None else alpha
         lora[target] = Lora(ab["A"], ab["B"], alpha_t / (math.sqrt(r) if rslora else r), fifo)
