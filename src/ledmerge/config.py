@@ -160,7 +160,7 @@ def _check_evaluation(config: dict) -> None:
     """What the evaluation jobs would find wrong only after the models are merged: an unknown judge, a utility
     column reading a task that is not evaluated, a local data file of an lm-eval task that does not exist."""
     from .evaluation.judges import JUDGES
-    from .evaluation.runner import RATES, SETS, task_specs, utility_columns
+    from .evaluation.runner import RATES, SETS, evaluated_tasks, local_data_files, task_specs, utility_columns
 
     ev = config["evaluation"]
     if ev["judge"] not in JUDGES:
@@ -168,13 +168,12 @@ def _check_evaluation(config: dict) -> None:
                             f"{sorted(JUDGES)}")
     specs = task_specs(ev["lm_eval_tasks"])
     for i, spec in enumerate(specs):
-        local = spec["data"]
-        for split, path in ({"test": local} if isinstance(local, str) else local or {}).items():
+        for split, path in local_data_files(spec["data"]).items():
             if not Path(path).is_file():
                 raise LedmergeError(f"config error at 'evaluation.lm_eval_tasks.{i}.data': {split} file {path} does "
                                     "not exist: give the path of the task's local copy")
     sets_on = [k for k in SETS if ev.get(k) is not None]
-    evaluated = {SETS[k][0] for k in sets_on} | {s["task"] for s in specs}
+    evaluated = evaluated_tasks(sets_on, specs)
     for column, spec in utility_columns(ev["utility"], sets_on).items():
         if column in (*RATES, "mean_utility"):
             raise LedmergeError(f"config error at 'evaluation.utility.{column}': {column} is a metric of every "
@@ -334,4 +333,3 @@ def check_profile(default_resources, rule_resources) -> None:
         raise LedmergeError(f"the profile still holds placeholder(s) {found}: put your cluster's account and "
                             "partitions in slurm/config.yaml (or delete slurm_account where the cluster has none), "
                             "then rerun")
-

@@ -118,6 +118,17 @@ def check_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLik
                                 "that input: choose an output directory apart from every input")
 
 
+def replace_output(tmp: Path, target: Path, marker: str, *, force: bool = False) -> None:
+    """Rename the finished directory `tmp` onto `target`, removing what `target` held only where
+    `check_replaceable` allows it (checked again here: the target may have appeared since the step started)."""
+    check_replaceable(target, marker, force=force)
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    os.replace(tmp, target)
+
+
 def _follow_umask(path: Path) -> None:
     """Give an output, and everything in it, the mode the user's umask says (0644 and 0755 under umask 022), so
     colleagues on a shared project directory can read it: mkstemp/mkdtemp and safetensors' writer create private
@@ -166,12 +177,9 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, marker: s
         if directory:
             if not (tmp / marker).is_file():
                 raise AssertionError(f"the step writing {target} did not write its marker {marker}")
-            check_replaceable(target, marker, force=force)  # the target may have appeared since the start
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        os.replace(tmp, target)
+            replace_output(tmp, target, marker, force=force)
+        else:
+            os.replace(tmp, target)
     except BaseException as exc:
         if tmp is not None:
             if tmp.is_dir():

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from .errors import LedmergeError
-from .fileio import check_replaceable, write_jsonl
+from .fileio import check_replaceable, replace_output, write_jsonl
 
 # What a model directory needs: weights (safetensors only), configs, tokenizer and chat template.
 MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "*.tiktoken", "*.txt",
@@ -39,12 +39,7 @@ def fetch_model(repo: str, out_dir, revision: str, force: bool = False) -> Path:
         raise LedmergeError(f"{repo}@{revision} has no safetensors weights: convert it or use a local directory")
     shutil.rmtree(tmp / ".cache", ignore_errors=True)  # the download bookkeeping, not part of the model
     (tmp / MARKER).write_text(json.dumps({"repo": repo, "revision": revision}) + "\n")
-    check_replaceable(out_dir, MARKER, force=force)
-    if out_dir.is_dir():
-        shutil.rmtree(out_dir)
-    elif out_dir.exists():
-        out_dir.unlink()
-    tmp.rename(out_dir)
+    replace_output(tmp, out_dir, MARKER, force=force)
     return out_dir
 
 

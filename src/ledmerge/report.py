@@ -49,10 +49,10 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10
                      "axes.spines.top": False, "axes.spines.right": False})
 
 
-def _read_metrics(path, model: str) -> dict:
+def _read_metrics(path, whose: str) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise LedmergeError(f"metrics file {path} of model {model!r} does not exist: run its evaluation first")
+        raise LedmergeError(f"metrics file {path} of {whose} does not exist: run its evaluation first")
     return json.loads(path.read_text())
 
 
@@ -91,7 +91,7 @@ def load_summary(metrics_paths: dict[str, str | Path], model_kinds: dict[str, st
         kind = model_kinds.get(model)
         if kind not in KINDS:
             raise LedmergeError(f"model {model!r} has kind {kind!r}: give one of {list(KINDS)} in model_kinds")
-        reports.append(_read_metrics(path, model))
+        reports.append(_read_metrics(path, f"model {model!r}"))
         rows.append({"model": model, "kind": kind, **reports[-1]["metrics"]})
     if not rows:
         raise LedmergeError("no models to report: metrics_paths is empty")
@@ -117,11 +117,7 @@ def sweeps_table(points: list[dict], columns: list[str], out_csv) -> pd.DataFram
     over, empty when unknown) so intervals can be computed from the table alone."""
     rows, reports = [], []
     for p in points:
-        path = Path(p["metrics"])
-        if not path.is_file():
-            raise LedmergeError(f"metrics file {path} of sweep point {p['model']!r} does not exist: run its "
-                                "evaluation first")
-        reports.append(json.loads(path.read_text()))
+        reports.append(_read_metrics(p["metrics"], f"sweep point {p['model']!r}"))
         main = [*SAFETY_METRICS, *utility_of(reports[-1])]
         rows.append({"sweep": p["sweep"], "model": p["model"], **{c: p["values"].get(c) for c in columns},
                      **{m: reports[-1]["metrics"].get(m, math.nan) for m in main},
@@ -155,7 +151,7 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def load_counts(metrics_paths: dict[str, str | Path]) -> pd.DataFrame:
     """Per model, the number of prompts behind each rate, as n_<metric> columns (missing: NaN)."""
-    rows = [{"model": model, **{f"n_{m}": n for m, n in counts_of(_read_metrics(path, model)).items()}}
+    rows = [{"model": model, **{f"n_{m}": n for m, n in counts_of(_read_metrics(path, f"model {model!r}")).items()}}
             for model, path in metrics_paths.items()]
     return pd.DataFrame(rows).reindex(columns=["model", *dict.fromkeys(c for r in rows for c in r if c != "model")])
 

@@ -16,7 +16,7 @@ import torch
 from ..errors import LedmergeError
 from .adapter import check_adapter
 from .files import is_adapter
-from .reader import float_tensors, tensor_shapes
+from .reader import ModelReader
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,13 @@ def _vocab_size(model_dir: Path) -> int | None:
     return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
 
 
+def _headers(model_dir, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Shapes of every tensor and the names of the floating-point ones (the weights a merge combines), from one read
+    of the headers."""
+    with ModelReader(model_dir, allow_pickle=allow_pickle) as r:
+        return r.shapes, {name for name, info in r.infos.items() if info.dtype.is_floating_point}
+
+
 def check_compatible(base_dir: str | os.PathLike, others: Mapping[str, str | os.PathLike], *,
                      vocab_policy: str = "error", allow_pickle: bool = False) -> dict[str, dict[str, int]]:
     """Every model must hold the base's tensor names with the base's shapes; else one clear error.
@@ -43,8 +50,7 @@ def check_compatible(base_dir: str | os.PathLike, others: Mapping[str, str | os.
     """
     if vocab_policy not in VOCAB_POLICIES:
         raise LedmergeError(f"vocab_policy must be one of {list(VOCAB_POLICIES)}, got {vocab_policy!r}")
-    base = tensor_shapes(base_dir, allow_pickle)
-    base_float = float_tensors(base_dir, allow_pickle)
+    base, base_float = _headers(base_dir, allow_pickle)
     aligned: dict[str, dict[str, int]] = {}
     for label, other_dir in others.items():
         if is_adapter(other_dir):  # the base's tensors by construction, once its targets fit the base
@@ -53,7 +59,7 @@ def check_compatible(base_dir: str | os.PathLike, others: Mapping[str, str | os.
             except LedmergeError as exc:
                 raise LedmergeError(f"model '{label}': {exc}") from None
             continue
-        other = tensor_shapes(other_dir, allow_pickle)
+        other, other_float = _headers(other_dir, allow_pickle)
         missing = sorted(set(base) - set(other))
         extra = sorted(set(other) - set(base))
         if missing or extra:
@@ -63,7 +69,7 @@ def check_compatible(base_dir: str | os.PathLike, others: Mapping[str, str | os.
                 f"model '{label}' ({other_dir}) {what} compared with the base ({base_dir}): experts must be fine-tuned "
                 "from the same base architecture" + (" (one ties its input and output embeddings and the other does "
                                                      "not: tie_word_embeddings must agree)" if tied else ""))
-        kinds = base_float ^ float_tensors(other_dir, allow_pickle)
+        kinds = base_float ^ other_float
         if kinds:
             name = sorted(kinds)[0]
             raise LedmergeError(

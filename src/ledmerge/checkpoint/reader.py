@@ -303,12 +303,6 @@ def tensor_shapes(model_dir: str | os.PathLike, allow_pickle: bool = False) -> d
         return r.shapes
 
 
-def float_tensors(model_dir: str | os.PathLike, allow_pickle: bool = False) -> set[str]:
-    """The names of the floating-point tensors (the weights a merge combines), from the headers."""
-    with ModelReader(model_dir, allow_pickle=allow_pickle) as r:
-        return {name for name, info in r.infos.items() if info.dtype.is_floating_point}
-
-
 def load_state_dict(model_dir: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
                     allow_pickle: bool = False, base_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a model directory in memory, cast to `dtype` when given (small models only:

@@ -78,10 +78,14 @@ def utility_columns(utility: dict | None, sets: list[str]) -> dict[str, dict]:
     return {col: {"filter": "none", **spec} for col, spec in utility.items()}
 
 
-def _data_files(data) -> dict[str, str]:
-    """A task's local data: one file (its test split) or {split: file}, as absolute paths."""
-    files = {"test": data} if isinstance(data, str) else dict(data)
-    return {split: str(Path(path).resolve()) for split, path in files.items()}
+def local_data_files(data) -> dict[str, str]:
+    """A task's local data (lm_eval_tasks' `data`): one file (its test split) or {split: file}; none: {}."""
+    return {"test": data} if isinstance(data, str) else dict(data or {})
+
+
+def evaluated_tasks(sets, specs: list[dict]) -> set[str]:
+    """The lm-eval tasks an evaluation runs: those of the toy-format sets that are on, and lm_eval_tasks'."""
+    return {SETS[k][0] for k in sets} | {s["task"] for s in specs}
 
 
 def write_task_configs(data: dict[str, Path], specs: list[dict], task_dir: Path,
@@ -106,7 +110,8 @@ def write_task_configs(data: dict[str, Path], specs: list[dict], task_dir: Path,
             continue
         if local is not None:
             wrapper.update(dataset_path="json", dataset_name=None,
-                           dataset_kwargs={"data_files": _data_files(local)})
+                           dataset_kwargs={"data_files": {split: str(Path(path).resolve())
+                                                          for split, path in local_data_files(local).items()}})
             if isinstance(local, str):  # one file: the test split, and no other split to take examples from
                 wrapper.update(test_split="test", training_split=None, validation_split=None, fewshot_split=None)
         (task_dir / f"{task}.yaml").write_text(yaml.safe_dump(wrapper))
@@ -304,7 +309,6 @@ def _run_lm_eval(model_dir, data: dict[str, Path], specs: list[dict], *, batch_s
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="ledmerge-tasks-") as task_dir:
-        names = write_task_configs(data, specs, Path(task_dir), builtin_yaml)
         # lm-eval's built-in task index (about 12 s to build) only for a task named that ledmerge does not ship and
         # that has no local copy (a local copy's task file includes lm-eval's by path)
         indexed = any(s["task"] not in SHIPPED_TASKS and s["data"] is None and not Path(s["task"]).is_file()
@@ -427,8 +431,7 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     _check_data(data)
     specs = task_specs(o["lm_eval_tasks"])
     utility = utility_columns(o["utility"], list(data))
-    evaluated = {SETS[k][0] for k in data} | {s["task"] for s in specs}
-    missing = sorted({spec["task"] for spec in utility.values()} - evaluated)
+    missing = sorted({spec["task"] for spec in utility.values()} - evaluated_tasks(data, specs))
     if missing:
         raise LedmergeError(f"evaluation.utility reads task(s) {missing}, which are not evaluated: add them to "
                             "evaluation.lm_eval_tasks (or turn their set on)")
