@@ -22,9 +22,12 @@ Configuration notes (what makes the two compute the same thing):
   compares the probabilities themselves.
 - slerp: mergekit's endpoints are base_model and the one other model, ours the base and the one expert.
   We sum the norms and the cosine in float64, mergekit in float32; the coefficients agree to ~1e-7.
-- dare_linear / dare_ties are not compared: mergekit draws its drops from torch's global RNG, and its
-  `rescale` matches the L1 norm of the task vector instead of dividing by (1 - p), so only the
-  distribution could agree, and our own tests check that against the formula.
+- dare_linear / dare_ties: mergekit draws its drops with torch.bernoulli from torch's global RNG, and its
+  `rescale` matches the L1 norm of the sparsified task vector instead of dividing by (1 - p). So mergekit runs
+  with `rescale: false`, our 1/(1 - p) folded into its weights (dare_linear) or lambda (dare_ties, one p), and
+  the draws are compared twice: exactly, by replaying our recorded draws as mergekit's bernoulli draws
+  (`test_dare_agrees_with_mergekit_on_the_same_draws`), and in distribution, each side drawing its own over
+  many seeds (`test_dare_draws_match_mergekit_in_distribution`). dare_ties is mergekit's with `normalize: true`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import pytest
 import torch
 
 from ledmerge.checkpoint import load_state_dict
-from ledmerge.merge import merge_models
+from ledmerge.merge import get_method, merge_models
 
 mergekit = pytest.importorskip("mergekit")
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
@@ -156,3 +159,181 @@ def test_mergekit_runs_the_exported_config_to_our_merge(tiny_zoo, tmp_path, spec
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
         assert not torch.equal(got[name], base[name]), name
+
+
+# --- DARE -------------------------------------------------------------------------------------------
+
+DROPS = {"safety": 0.3, "math": 0.6, "code": 0.9}  # none 0.5: a keep probability of p instead of 1 - p shows
+
+
+def _dare_case(method, drop, rescale, scale, theirs):
+    """Our spec, and mergekit's parameters and per-task weights computing the same merge from the same draws."""
+    ours = {"method": method, "drop": drop, "seed": 5, "scale": scale, "weights": WEIGHTS, "rescale": rescale}
+    drops = {t: drop[t] if isinstance(drop, dict) else drop for t in TASKS}
+    if rescale and method == "dare_linear":  # 1/(1 - p_t) is a per-task weight of the plain sum
+        weights = {t: WEIGHTS[t] / (1 - drops[t]) for t in TASKS}
+    else:  # (dare_ties: one p, and 1/(1 - p) cancels in the mean's divisor: it goes into lambda below)
+        weights = dict(WEIGHTS)
+    lam = scale
+    if rescale and method == "dare_ties":
+        assert not isinstance(drop, dict), "a per-task 1/(1 - p_t) has no mergekit equivalent in dare_ties"
+        lam = scale / (1 - drop)
+    params = {"lambda": lam, "rescale": False, "int8_mask": False, **theirs}
+    return ours, drops, params, weights
+
+
+@pytest.mark.parametrize("method, drop, rescale, scale, theirs", [
+    ("dare_linear", DROPS, True, 0.8, {"normalize": False}),
+    ("dare_linear", DROPS, False, 0.8, {"normalize": False}),
+    ("dare_ties", 0.6, True, 0.7, {"normalize": True}),
+    ("dare_ties", DROPS, False, 0.7, {"normalize": True}),
+], ids=["dare_linear", "dare_linear-no-rescale", "dare_ties", "dare_ties-no-rescale"])
+def test_dare_agrees_with_mergekit_on_the_same_draws(tiny_zoo, tmp_path, monkeypatch, method, drop, rescale, scale,
+                                                     theirs):
+    """Our DARE equals mergekit's when mergekit's random source is made to draw what ours drew.
+
+    How the draws are made identical: our merge runs first, and every keep mask it draws is recorded per
+    (tensor, task) (a spy around `_Dare.select_delta` that returns the product's own mask unchanged). mergekit
+    then runs its unmodified DARE code, except that `torch.bernoulli`, its only random source, hands back the
+    recorded mask of the tensor and task it is sparsifying. Each replay checks that mergekit asked for
+    Bernoulli(1 - drop_t) (so `density` = 1 - `drop` is the mapping), every recorded draw is replayed exactly
+    once, and the recorded draws are plausible Bernoulli(1 - drop_t) samples (kept fraction within 5 binomial
+    standard deviations over the model). `test_dare_draws_match_mergekit_in_distribution` compares the draws
+    themselves with mergekit's own.
+
+    Deliberate differences, and how the configurations bridge them:
+    - rescale: ours divides the kept entries by 1 - drop_t (the DARE paper); mergekit's `rescale: true`
+      matches the L1 norm of each sparsified task vector instead (a random factor, ≈ 1/(1 - p) only on large
+      tensors), which has no equivalent here. So mergekit runs with `rescale: false`, and our exact
+      1/(1 - drop_t) goes into its weights (dare_linear: θ_0 + λ Σ w_t/(1-p_t) m_t τ_t is ours) or, for
+      dare_ties with one drop for every task, into lambda (the weighted disjoint mean divides by the summed
+      weights, so a per-task factor there would cancel; one uniform factor passes through the mean and the
+      sign election unchanged). With `rescale: false` on both sides nothing is folded.
+    - dare_ties: ours is TIES' weighted disjoint mean, mergekit's with `normalize: true` (its default for
+      dare_ties is false: the sum of the agreeing w_t τ_t). A zero sum elects + in mergekit and nothing in ours;
+      where every task dropped an entry both keep the base's value, and an exact zero sum of kept random floats
+      does not occur.
+    - the draws: mergekit draws from torch's global generator, ours per (seed, tensor, task).
+    Tolerance: atol 1e-6, rtol 0 (float32 rounding of the different operation order).
+    """
+    from mergekit.merge_methods import GeneralizedTaskArithmeticMerge
+
+    from ledmerge.merge import dare
+
+    ours, drops, params, weights = _dare_case(method, drop, rescale, scale, theirs)
+
+    draws = {}  # (tensor name, task) -> the keep mask our merge drew
+    real_select = dare._Dare.select_delta
+
+    def record(self, task, delta, n, ctx):
+        keep = real_select(self, task, delta, n, ctx)
+        draws[ctx.name, task] = keep.clone()
+        return keep
+
+    monkeypatch.setattr(dare._Dare, "select_delta", record)
+    merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, ours, tmp_path / "ours")
+    got = load_state_dict(tmp_path / "ours")
+    assert len(draws) == len(got) * len(TASKS)
+
+    task_of = {str(tiny_zoo[t]): t for t in TASKS}
+    queue, replayed = [], set()
+    real_group = GeneralizedTaskArithmeticMerge.merge_group
+
+    def note_group(self, group, /, **kw):  # mergekit sparsifies the group's non-base inputs in this order
+        assert not queue
+        queue.extend((group.metadata.name, task_of[str(e.id)]) for e in group.non_base)
+        return real_group(self, group, **kw)
+
+    def replay(p, *args, **kw):
+        key = queue.pop(0)
+        assert torch.equal(p, torch.full_like(p, 1 - drops[key[1]])), key  # mergekit's keep probability is ours
+        assert key not in replayed, key
+        replayed.add(key)
+        return draws[key].reshape(p.shape).to(p.dtype)
+
+    monkeypatch.setattr(GeneralizedTaskArithmeticMerge, "merge_group", note_group)
+    monkeypatch.setattr(torch, "bernoulli", replay)
+    models = [{"model": str(tiny_zoo[t]), "parameters": {"weight": weights[t], "density": 1 - drops[t]}}
+              for t in TASKS]
+    want = run_mergekit({"merge_method": method, "base_model": str(tiny_zoo["base"]), "models": models,
+                         "parameters": params, "dtype": "float32", "out_dtype": "float32"}, tmp_path / "mergekit")
+    assert replayed == set(draws) and not queue
+
+    for t in TASKS:  # the replayed draws are plausible draws of the Bernoulli(1 - p) mergekit asked for
+        n = sum(draws[k].numel() for k in draws if k[1] == t)
+        kept = sum(int(draws[k].sum()) for k in draws if k[1] == t)
+        q = 1 - drops[t]
+        assert abs(kept / n - q) < 5 * (q * (1 - q) / n) ** 0.5, (t, kept / n, q)
+
+    assert got.keys() == want.keys()
+    base = load_state_dict(tiny_zoo["base"])
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+        assert not torch.equal(got[name], base[name]), name  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("method, drop", [("dare_linear", DROPS), ("dare_ties", 0.6)])
+def test_dare_draws_match_mergekit_in_distribution(monkeypatch, method, drop):
+    """With each side drawing its own drops (mergekit: torch.bernoulli on the global generator, seeded 0..S-1;
+    ours: per (seed, tensor, task), seeds 0..S-1), the merged tensors have the same distribution over S = 400
+    seeds, on a 6x8 tensor with three experts (safety's and math's task vectors share their signs, code's are
+    random and smaller). Configured as in `test_dare_agrees_with_mergekit_on_the_same_draws` (our 1/(1 - p)
+    rescale folded into mergekit's weights or lambda, mergekit `rescale: false`). Seeded, so deterministic.
+
+    Asserted, each between ours and mergekit's empirical values:
+    - per task, the fraction of entries kept: |difference| < 5 standard errors of a difference of two
+      proportions (n = 48·400 each; about 0.025 at p = 0.6);
+    - per entry, the mean merged value: every two-sample z = Δmean / sqrt(var_ours/S + var_theirs/S) below 5;
+    - per entry, the spread: the mean over the 48 entries of log(var_ours / var_theirs) within ±0.1 (its
+      standard error is about 0.1/sqrt(48) ≈ 0.015): correlated drops across tasks, or a wrong rescale, show here.
+    """
+    from mergekit.merge_methods import merge_tensors
+
+    from ledmerge.merge.base import TensorContext
+
+    seeds = 400
+    ours, drops, params, weights = _dare_case(method, drop, True, 0.8,
+                                              {"normalize": method == "dare_ties"})
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(6, 8, generator=g)
+    sign = torch.randn(6, 8, generator=g).sign()  # safety and math agree in sign everywhere, code at random: the
+    deltas = {t: sign * (0.5 + torch.randn(6, 8, generator=g).abs()) for t in ("safety", "math")}  # drops' correlation
+    deltas["code"] = 0.3 * torch.randn(6, 8, generator=g)  # across tasks then moves the spread; the signs split
+    experts = {t: base + deltas[t] for t in TASKS}
+    tensors = [base, *(experts[t] for t in TASKS)]
+    theirs_params = {**params, "weight": [weights[t] for t in TASKS], "density": [1 - drops[t] for t in TASKS]}
+
+    kept_theirs = []
+    real_bernoulli = torch.bernoulli
+
+    def counted(p, *args, **kw):
+        out = real_bernoulli(p, *args, **kw)
+        kept_theirs.append(out.clone())
+        return out
+
+    monkeypatch.setattr(torch, "bernoulli", counted)
+    mine, theirs = [], []
+    kept_ours = {t: 0 for t in TASKS}
+    for seed in range(seeds):
+        ctx = TensorContext("w", seed=seed)
+        mine.append(get_method({**ours, "seed": seed}).merge_tensor("w", base, experts, ctx))
+        for t in TASKS:
+            kept_ours[t] += int(ctx.kept[t].sum())
+        torch.manual_seed(seed)
+        theirs.append(merge_tensors(tensors, method, parameters=theirs_params, ids=("base", *TASKS),
+                                    base_index=0, name="w", dtype=torch.float32))
+    assert len(kept_theirs) == seeds * len(TASKS)
+
+    n = seeds * base.numel()
+    for i, t in enumerate(TASKS):  # mergekit sparsifies the experts in the order given
+        q = 1 - drops[t]
+        ours_frac = kept_ours[t] / n
+        theirs_frac = sum(float(m.sum()) for m in kept_theirs[i::len(TASKS)]) / n
+        assert abs(ours_frac - theirs_frac) < 5 * (2 * q * (1 - q) / n) ** 0.5, (t, ours_frac, theirs_frac, q)
+
+    mine, theirs = torch.stack(mine).double(), torch.stack(theirs).double()
+    var_mine, var_theirs = mine.var(0), theirs.var(0)
+    z = (mine.mean(0) - theirs.mean(0)) / ((var_mine + var_theirs) / seeds).sqrt()
+    assert z.abs().max() < 5, z.abs().max()
+    log_ratio = (var_mine / var_theirs).log().mean()
+    assert abs(log_ratio) < 0.1, log_ratio
