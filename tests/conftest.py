@@ -75,10 +75,17 @@ def tiny_zoo(tmp_path_factory):
 
 
 def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES' magnitude trim, as the tests state it: the ⌈density·n⌉ largest |x| (ties to the lowest flat indices)."""
-    from ledmerge.topk import top_r_mask
+    """TIES' magnitude trim, as the tests state it, computed here and not by the product: the k largest |x| by a
+    stable descending sort, so equal magnitudes go to the lowest flat indices. k = ⌈density·n⌉ on the decimal value
+    of `density` (the rounding `ledmerge.topk.top_k_count` documents: 0.07 of 100 is 7, not ⌈7.000000000000001⌉)."""
+    import math
+    from decimal import Decimal
 
-    return top_r_mask(x.abs(), density)
+    flat = x.detach().reshape(-1).abs()
+    k = min(flat.numel(), math.ceil(Decimal(repr(float(density))) * flat.numel()))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    return mask.view(x.shape)
 # Tests that share a session fixture run in one xdist group (`pytest -n 2 --dist loadgroup`, as `make test` runs):
 # xdist builds session fixtures once per worker, so the group keeps each built once. The workflow group (the
 # toy workflow, then the SLURM run that starts from its zoo) comes first: it is the longest chain.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import topk_mask
 
 from ledmerge import topk
 from ledmerge.merge import get_method
@@ -64,6 +65,42 @@ def test_negative_scores_fall_back_to_a_sort():
     s = torch.tensor([-1.0, -0.0, 3.0, -1.0, 0.0, -5.0, -1.0])
     for rate in (0.2, 0.5, 0.7):
         assert torch.equal(top_r_mask(s, rate), by_sort(s, top_k_count(7, rate)))
+
+
+
+def tie_heavy_tensors() -> dict[str, torch.Tensor]:
+    """Task vectors as the trim sees them, with many equal magnitudes and zeros: few levels of either sign, signed
+    zeros, bf16 differences, a 2-D shape, sizes from 1 to above a 4096-entry boundary."""
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for n in (1, 2, 3, 7, 10, 64, 100, 257, 1000, 4099):
+        levels = int(torch.randint(1, 5, (1,), generator=g))
+        out[f"{n} entries, {2 * levels + 1} levels"] = torch.randint(-levels, levels + 1, (n,), generator=g) * 0.25
+    bf16 = lambda n: (torch.randn(n, generator=g) * 0.02).bfloat16()
+    out["bf16 differences"] = bf16(600) - bf16(600)
+    out["signed zeros and ties"] = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 0.0, 2.0, -2.0, -0.0] * 30)
+    out["all zero"] = torch.zeros(50)
+    out["13 x 11, mostly zero"] = torch.randint(-1, 2, (13, 11), generator=g) * (torch.rand(13, 11, generator=g) < 0.3)
+    return {name: t if t.is_floating_point() else t.float() for name, t in out.items()}
+
+
+DENSITIES = [1e-3, 0.01, 0.07, 0.1, 0.2, 0.3, 0.31, 1 / 3, 0.5, 0.77, 0.9, 0.999, 1.0]
+
+
+@pytest.mark.parametrize("density", DENSITIES + [float(d) for d in torch.rand(5, generator=torch.Generator().manual_seed(3))])
+def test_top_r_mask_equals_the_plain_sort_reference(density):
+    """The product's TopR (radix select, whole and chunked) against the tests' reference (`conftest.topk_mask`: a
+    stable sort of |x| and ⌈density·n⌉ on the decimal density): same count, same entries, ties to the lowest index."""
+    for name, x in tie_heavy_tensors().items():
+        want = topk_mask(x, density)
+        scores = x.abs().float().reshape(-1)
+        n = scores.numel()
+        assert top_k_count(n, density) == int(want.sum()), (name, density, "count")
+        got = top_r_mask(x.abs(), density)
+        assert got.shape == x.shape and torch.equal(got, want), (name, density, (got != want).nonzero().flatten())
+        chunk = max(2, n // 5)  # several slices; with this many ties the threshold's bucket often outgrows one
+        got = top_k_mask_chunks(lambda part, s=scores: s[part].clone(), n, int(want.sum()), chunk)
+        assert torch.equal(got, want.reshape(-1)), (name, density, chunk)
 
 
 @pytest.mark.parametrize("spec", [
