@@ -4,6 +4,7 @@ import sys
 
 from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
+from ledmerge.fileio import read_yaml
 
 
 # The default config is used only when none is given: `--configfile my.yaml` replaces it rather
@@ -16,6 +17,9 @@ if not config:
 # validate fills in the defaults, so every process runs it; the checks of files and checkpoints run once, in the
 # main process (a cluster job's Snakemake parses this file again, twice: their result would not change).
 try:
+    if workflow.is_main_process:  # Snakemake's YAML reading keeps the last of a key given twice: refused here
+        for path in workflow.configfiles:
+            read_yaml(path, "config file")
     validate(config)
     if workflow.is_main_process:
         check(config)

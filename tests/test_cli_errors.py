@@ -343,3 +343,19 @@ def test_merge_refuses_an_expert_with_integer_weights(tmp_path, tiny_zoo):
     out = tmp_path / "merged"
     assert_one_error(ledmerge(*merge_args(tiny_zoo, out, code=quantized)), name, "integers", "dequantize")
     assert_nothing_written(out)
+
+
+def test_every_option_has_help_text():
+    """Every argument of every step, positional or optional, says in --help what it is."""
+    import argparse
+
+    def missing(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from missing(sub, [*prefix, name])
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                yield " ".join([*prefix, "/".join(action.option_strings) or action.dest])
+
+    offenders = list(missing(build_parser(), ["ledmerge"]))
+    assert not offenders, f"{len(offenders)} option(s) without help text: {offenders}"

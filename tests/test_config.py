@@ -315,7 +315,7 @@ def test_models_on_disk_pass(tmp_path, tiny_zoo):
 def test_load_reports_unreadable_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("tasks: [unclosed\n")
-    with pytest.raises(LedmergeError, match="cannot read config"):
+    with pytest.raises(LedmergeError, match="is not valid YAML"):
         load(path)
 
 

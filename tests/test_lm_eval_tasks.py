@@ -350,8 +350,9 @@ def test_shipped_code_tasks_prompt_like_lm_evals_instruct_variants():
 
 @pytest.mark.integration  # lm-eval's task index (~12 s a build): not in `make check`
 def test_lm_eval_task_mistakes_are_one_line_errors(tiny_zoo, tmp_path):
-    """A task name typo, a few-shot task given one local file (its examples would be the evaluated rows), a utility
-    column whose filter or metric the task does not have: each a LedmergeError naming the fix, no metrics file."""
+    """A task name typo, a few-shot task given one local file (its examples would be the evaluated rows), lm-eval's
+    own code task (unsandboxed), a utility column whose filter or metric the task does not have: each a
+    LedmergeError naming the fix, no metrics file."""
     data = _data(tmp_path, k=1)
     gsm8k = tmp_path / "gsm8k.jsonl"
     write_jsonl(gsm8k, [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}])
@@ -361,6 +362,11 @@ def test_lm_eval_task_mistakes_are_one_line_errors(tiny_zoo, tmp_path):
         evaluate_model(**common, lm_eval_tasks=["gsm8kk"])
     with pytest.raises(LedmergeError, match="one local file but runs 5-shot"):
         evaluate_model(**common, lm_eval_tasks=[{"task": "gsm8k", "data": str(gsm8k)}])
+    humaneval = tmp_path / "humaneval.jsonl"  # lm-eval's own code task: its checks would run outside the sandbox
+    write_jsonl(humaneval, [{"task_id": "t/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+                             "test": "def check(f):\n    assert f() == 1\n", "entry_point": "f"}])
+    with pytest.raises(LedmergeError, match="'humaneval' executes model-written code outside ledmerge's sandbox"):
+        evaluate_model(**common, lm_eval_tasks=[{"task": "humaneval", "data": str(humaneval)}])
     for spec, match in (({"filter": "strict"}, "has no filter 'strict'"), ({"metric": "acc"}, "reports no metric 'acc'")):
         with pytest.raises(LedmergeError, match=match):
             evaluate_model(**common, utility={"m": {"task": "ledmerge_math", "metric": "exact_match", **spec}})

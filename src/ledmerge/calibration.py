@@ -29,7 +29,7 @@ def build_calibration(task: str, spec: dict, size: int, seed: int, out_path, poo
     elif source == "jsonl":  # columns prompt_column / response_column (default prompt / response)
         columns = (spec.get("prompt_column", "prompt"), spec.get("response_column", "response"))
         rows = [{"prompt": r[columns[0]], "response": r[columns[1]]}
-                for r in read_jsonl(spec["path"], required=columns)]
+                for r in read_jsonl(spec["path"], required=columns, text=columns)]
     elif source == "hf":  # the workflow exports the dataset on the submitting host and passes it as the pool
         rows = read_jsonl(pool_path, required=("prompt", "response")) if pool_path else _from_hf(spec)
     else:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import LedmergeError
@@ -23,6 +24,8 @@ def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
         if "=" not in v:
             raise LedmergeError(f"{what} {v!r} must look like NAME=PATH")
         k, p = v.split("=", 1)
+        if k in out:
+            raise LedmergeError(f"{what} names {k!r} twice ({out[k]} and {p}): give each name once")
         out[k] = p
     return out
 
@@ -59,10 +62,13 @@ def _num_threads(a) -> int:
     """--threads, else $LEDMERGE_THREADS, else the schema's top-level `threads`."""
     from .options import default_of
 
-    if a.threads is not None:
-        return a.threads
-    env = os.environ.get("LEDMERGE_THREADS")
-    return int(env) if env else default_of("threads")
+    value, source = (a.threads, "--threads") if a.threads is not None else \
+        (os.environ.get("LEDMERGE_THREADS"), "$LEDMERGE_THREADS")
+    if value in (None, ""):
+        return default_of("threads")
+    if not str(value).isdigit() or int(value) < 1:
+        raise LedmergeError(f"{source} must be a whole number of threads >= 1, got {value!r}")
+    return int(value)
 
 
 def _threads(a) -> None:
@@ -299,6 +305,14 @@ def cmd_results_tables(a):
 
 TRUST_HELP = "let transformers run the model repository's own Python code (off by default)"
 PICKLE_HELP = "also read pickle (.bin) checkpoints; only for files you trust: unpickling can run code"
+# Arguments that mean the same in several steps: one help text each.
+SEED_HELP = "the config's top-level seed"
+ALIGNMENT_TASK_HELP = "the aligned (instruct) expert's task (the config's alignment_task)"
+BASE_HELP = "the base model directory (every task vector is expert - base)"
+EXPERTS_HELP = "each expert: a model directory or a PEFT LoRA adapter on the base, named by its task"
+ADAPTER_BASE_HELP = "the base model, when --model is a PEFT LoRA adapter on it"
+MASK_STATS_HELP = "the per-tensor mask statistics CSV (`ledmerge disjoint --stats`), for the mask overlap figure"
+MASK_OVERLAP_HELP = "the mask overlap CSV (`ledmerge disjoint --overlap`), for the mask overlap figure"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Safety-aware model merging (LED-Merging and baselines). Each subcommand is one step of the "
         "Snakemake workflow; run the whole chain with `snakemake --cores all` from the repository root."))
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback as well as the "
+                   "one-line message")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: $LEDMERGE_THREADS, else the config "
                    "schema's top-level threads)")
     sub = p.add_subparsers(dest="command", required=True, metavar="STEP")
@@ -335,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
 
     sp = add("check-config", cmd_check_config, "validate a workflow config file (schema, paths, checkpoints)")
-    sp.add_argument("config")
+    sp.add_argument("config", help="the workflow config file (YAML), e.g. config/config.yaml")
 
     sp = add("config-reference", cmd_config_reference, "print the configuration reference (Markdown) generated from the "
              "schema: docs/configuration.md")
@@ -361,38 +377,47 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("fetch-dataset", cmd_fetch_dataset, "export a split of a Hugging Face dataset to JSONL")
     sp.add_argument("--spec", required=True, help="JSON {name, config_name, split}")
     sp.add_argument("--columns", required=True, help="JSON {output field: dataset column}")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the JSONL file to write (one row per example)")
 
     sp = add("zoo-data", cmd_zoo_data, "write the toy world's datasets and tokenizer", "zoo")
-    sp.add_argument("--out-dir", required=True)
-    sp.add_argument("--tokenizer", required=True)
-    sp.add_argument("--seed", type=int, required=True, help="the config's top-level seed")
+    sp.add_argument("--out-dir", required=True, help="the directory to write the toy datasets into, one JSONL each "
+                    "(pretrain, <task>_train, <task>_calib, <set>_eval)")
+    sp.add_argument("--tokenizer", required=True, help="the toy tokenizer directory to write (every toy model "
+                    "shares it)")
+    sp.add_argument("--seed", type=int, required=True, help=SEED_HELP)
 
     sp = add("zoo-base", cmd_zoo_base, "pretrain the toy base model", "zoo")
-    sp.add_argument("--data-dir", required=True)
-    sp.add_argument("--tokenizer", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--seed", type=int, required=True)
+    sp.add_argument("--data-dir", required=True, help="the toy datasets directory (`ledmerge zoo-data --out-dir`); "
+                    "its pretrain.jsonl is the pretraining corpus")
+    sp.add_argument("--tokenizer", required=True, help="the toy tokenizer directory (`ledmerge zoo-data "
+                    "--tokenizer`)")
+    sp.add_argument("--out", required=True, help="the base model directory to write")
+    sp.add_argument("--seed", type=int, required=True, help="the pretraining seed: the config's top-level seed, or "
+                    "a zoo seed a sweep varies")
 
     sp = add("zoo-expert", cmd_zoo_expert, "fine-tune one toy expert from the base", "zoo")
-    sp.add_argument("--task", required=True)
-    sp.add_argument("--base", required=True)
-    sp.add_argument("--train", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--seed", type=int, required=True)
+    sp.add_argument("--task", required=True, help="the expert's task (safety, math or code), named in its log")
+    sp.add_argument("--base", required=True, help="the toy base model directory to fine-tune (`ledmerge zoo-base`)")
+    sp.add_argument("--train", required=True, help="the task's training set: <task>_train.jsonl of `ledmerge "
+                    "zoo-data` (prompt/response JSONL)")
+    sp.add_argument("--out", required=True, help="the expert model directory to write")
+    sp.add_argument("--seed", type=int, required=True, help="the fine-tuning seed (the workflow: the zoo's seed + 1 "
+                    "+ the task's index, so each expert gets its own)")
 
     sp = add("calibration", cmd_calibration, "sample a task's calibration set (prompt/response JSONL)", "calibration")
-    sp.add_argument("--task", required=True)
+    sp.add_argument("--task", required=True, help="the task (a key of the config's tasks), recorded in every row")
     sp.add_argument("--source", required=True, help="JSON of the task's tasks.<name>.calibration spec")
     sp.add_argument("--pool", help="toy zoo calibration pool (source zoo)")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the calibration JSONL to write (prompt, response, task)")
 
     sp = add("tokenizer", cmd_tokenizer, "the run's tokenizer, chat template and stop tokens, from one model")
     sp.add_argument("--source", required=True, help="the config's tokenizer_source: auto (the base if it has a chat "
                     "template, else the aligned expert), base, a task name, or a model directory")
-    sp.add_argument("--base", required=True)
-    sp.add_argument("--expert", nargs="*", metavar="TASK=DIR")
-    sp.add_argument("--alignment-task", required=True, help="the aligned (instruct) expert's task")
+    sp.add_argument("--base", required=True, help="the base model directory (the source for base, and auto's first "
+                    "choice)")
+    sp.add_argument("--expert", nargs="*", metavar="TASK=DIR", help="the experts --source may name, each a model "
+                    "directory named by its task (auto: the aligned expert)")
+    sp.add_argument("--alignment-task", required=True, help=ALIGNMENT_TASK_HELP)
     sp.add_argument("--chat-template", nargs="?", help="a .jinja file replacing the source's chat template")
     sp.add_argument("--out", required=True, help="the tokenizer directory to write")
     force_flag(sp)
@@ -400,33 +425,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("importance", cmd_importance, "importance scores (SNIP |W| * sum|grad|, or the `location` method) of "
              "one model on one calibration set", "importance")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--calibration", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--model", required=True, help="the model directory to score (the base, or one task's expert), "
+                    "or a PEFT LoRA adapter on --base")
+    sp.add_argument("--calibration", required=True, help="the task's calibration set (`ledmerge calibration`: "
+                    "prompt/response JSONL)")
+    sp.add_argument("--out", required=True, help="the score file to write (safetensors, one tensor per weight)")
     sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
                     "expert see the same token ids; absent: the model's own")
     sp.add_argument("--seed", type=int, help="location random: the config seed")
     sp.add_argument("--key", help="location random: what else seeds the draws (the workflow: the task, so a task's "
                     "base and expert get the same scores)")
-    sp.add_argument("--base", help="the base model, when --model is a PEFT LoRA adapter on it")
+    sp.add_argument("--base", help=ADAPTER_BASE_HELP)
     opt_ins(sp)
 
     sp = add("election", cmd_election, "elected mask TopR(expert) and TopR(base) for one task", "election")
-    sp.add_argument("--expert", required=True)
-    sp.add_argument("--base", required=True)
+    sp.add_argument("--expert", required=True, help="the expert's score file for the task (`ledmerge importance --out`)")
+    sp.add_argument("--base", required=True, help="the base model's score file on the same task's calibration set "
+                    "(`ledmerge importance --out`)")
     sp.add_argument("--rate", type=float, required=True, help="the task's tasks.<name>.rate")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="the elected mask file to write (safetensors)")
 
     sp = add("disjoint", cmd_disjoint, "final masks: drop weights elected by more than one task; mask statistics")
-    sp.add_argument("--elected", nargs="+", required=True, metavar="TASK=PATH")
-    sp.add_argument("--out", nargs="+", required=True, metavar="TASK=PATH")
-    sp.add_argument("--stats", required=True)
-    sp.add_argument("--overlap", required=True)
+    sp.add_argument("--elected", nargs="+", required=True, metavar="TASK=PATH",
+                    help="each task's elected mask file (`ledmerge election --out`)")
+    sp.add_argument("--out", nargs="+", required=True, metavar="TASK=PATH",
+                    help="each task's final mask file to write (safetensors), for the same tasks as --elected")
+    sp.add_argument("--stats", required=True, help="the CSV to write: per task and tensor, the entries elected and "
+                    "kept")
+    sp.add_argument("--overlap", required=True, help="the CSV to write: per pair of tasks and tensor, the entries "
+                    "both elected (overlap, Jaccard)")
 
     sp = add("merge", cmd_merge, "merge experts into the base with one method", "merge")
-    sp.add_argument("--base", required=True, help="the base model directory (every task vector is expert - base)")
-    sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR",
-                    help="each expert: a model directory or a PEFT LoRA adapter on the base, named by its task")
+    sp.add_argument("--base", required=True, help=BASE_HELP)
+    sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR", help=EXPERTS_HELP)
     sp.add_argument("--mask", nargs="*", metavar="TASK=PATH",
                     help="LED only: each task's disjoint mask file (`ledmerge disjoint`)")
     sp.add_argument("--spec", required=True, help="JSON merge spec, or @FILE holding one")
@@ -440,10 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("synthetic", cmd_synthetic, "synthetic alignment and domain data for data-aware merging",
              "data_aware.synthetic")
     sp.add_argument("--aligned", required=True, help="the aligned model (answers the harmful questions)")
-    sp.add_argument("--alignment-task", required=True)
+    sp.add_argument("--alignment-task", required=True, help=ALIGNMENT_TASK_HELP)
     sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR", help="domain experts")
     sp.add_argument("--calibration", nargs="+", required=True, metavar="TASK=PATH", help="exemplar questions")
-    sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--out-dir", required=True, help="the directory to write data.jsonl, its search.jsonl and "
+                    "heldout.jsonl splits, and summary.json into")
     opt_ins(sp, pickle=False)
 
     for name, func, help in (
@@ -453,40 +485,50 @@ def build_parser() -> argparse.ArgumentParser:
         sp.epilog += "\n\n" + help_epilog("data_aware.fitness").replace("--options", "--fitness")
         sp.add_argument("--fitness", metavar="JSON", help="the config's `data_aware.fitness` section as a JSON "
                         "object, or @FILE; missing keys take the defaults listed below")
-        sp.add_argument("--base", required=True)
-        sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR")
+        sp.add_argument("--base", required=True, help=BASE_HELP)
+        sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR", help=EXPERTS_HELP)
         sp.add_argument("--mask", nargs="*", metavar="TASK=PATH", help="LED masks (method led)")
-        sp.add_argument("--search", required=True)
-        sp.add_argument("--heldout", required=True)
+        sp.add_argument("--search", required=True, help="the synthetic data's search split (search.jsonl of "
+                        "`ledmerge synthetic`), on which the objective is computed")
+        sp.add_argument("--heldout", required=True, help="the synthetic data's held-out split (heldout.jsonl of "
+                        "`ledmerge synthetic`), only scored for search.json")
         sp.add_argument("--tokenizer", required=True, metavar="DIR",
                         help="the run's tokenizer directory (chat template; the workflow's results/tokenizer)")
         sp.add_argument("--objective", choices=["align", "task"], required=True,
                         help="align: alignment and domain data; task: domain data only")
-        sp.add_argument("--out-dir", required=True)
+        sp.add_argument("--out-dir", required=True, help="the directory to write recipe.json (the merge spec, for "
+                        "`ledmerge merge --spec @FILE`)" + (", search.json and history.csv (one row per evaluation)"
+                                                           if name == "evolve" else " and search.json") + " into")
         opt_ins(sp)
         if name == "evolve":
-            sp.add_argument("--method", required=True)
+            sp.add_argument("--method", required=True, help="the merge method whose coefficients are searched (one "
+                            "of data_aware.evolve.methods; led also needs --mask)")
 
     sp = add("evaluation", cmd_evaluation, "safety and utility evaluation of one model (lm-evaluation-harness)",
              "evaluation")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--generations", required=True)
+    sp.add_argument("--model", required=True, help="the model directory to evaluate, or a PEFT LoRA adapter on --base")
+    sp.add_argument("--out", required=True, help="the metrics JSON to write (each rate with its counts, the utility "
+                    "metrics, every lm-eval number)")
+    sp.add_argument("--generations", required=True, help="the JSONL to write: every prompt, its reply, and its "
+                    "label or per-sample metrics")
     sp.add_argument("--harmful", required=True, help="harmful prompts (JSONL)")
     sp.add_argument("--benign", required=True, help="benign prompts that look harmful (JSONL)")
     sp.add_argument("--math", nargs="?", help="math problems (JSONL); absent: not evaluated")
     sp.add_argument("--code", nargs="?", help="code tasks (JSONL); absent: not evaluated")
     sp.add_argument("--tokenizer", help="the run's tokenizer directory; absent: the model's own")
     sp.add_argument("--judge-model", nargs="?", metavar="DIR", help="local directory of a model judge given as {hub: org/name}")
-    sp.add_argument("--seed", type=int, required=True, help="the config's top-level seed")
-    sp.add_argument("--base", help="the base model, when --model is a PEFT LoRA adapter on it")
+    sp.add_argument("--seed", type=int, required=True, help=SEED_HELP)
+    sp.add_argument("--base", help=ADAPTER_BASE_HELP)
     opt_ins(sp, pickle=False)
 
     sp = add("report", cmd_report, "summary table and figures")
-    sp.add_argument("--metrics", nargs="+", required=True, metavar="NAME=KIND=PATH")
-    sp.add_argument("--mask-stats")
-    sp.add_argument("--mask-overlap")
-    sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--metrics", nargs="+", required=True, metavar="NAME=KIND=PATH",
+                    help="each model's metrics.json (`ledmerge evaluation --out`), named, with its kind: base, "
+                    "expert, merge or data-aware")
+    sp.add_argument("--mask-stats", help=f"{MASK_STATS_HELP}; give both mask CSVs or neither")
+    sp.add_argument("--mask-overlap", help=f"{MASK_OVERLAP_HELP}; give both mask CSVs or neither")
+    sp.add_argument("--out-dir", required=True, help="the directory to write summary.csv, summary.md and the "
+                    "figures (PNG) into")
     sp.add_argument("--history", nargs="*", metavar="NAME=CSV", help="CMA-ES search histories (data-aware merges)")
 
     sp = add("sweeps-report", cmd_sweeps_report, "the long table of the sweeps: one row per point (sweeps.csv)")
@@ -498,11 +540,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--summary", required=True, help="the report's summary.csv")
     sp.add_argument("--metrics", nargs="+", required=True, metavar="NAME=PATH",
                     help="each summary model's metrics.json (evaluation set sizes, for the Wilson intervals)")
-    sp.add_argument("--mask-stats", required=True)
-    sp.add_argument("--mask-overlap", required=True)
+    sp.add_argument("--mask-stats", required=True, help=MASK_STATS_HELP)
+    sp.add_argument("--mask-overlap", required=True, help=MASK_OVERLAP_HELP)
     sp.add_argument("--sweeps", help="the sweeps' long table (sweeps.csv); absent: the ablations are placeholders")
-    sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--out-dir", required=True, help="the directory to write the tables (table_*.tex and .md) and "
+                    "figures (fig_*.pdf and .png) into")
     return p
+
+
+# What the system, not ledmerge, reports about the user's files and machine: each is a bad input or a full machine,
+# said in one line with its fix (`--debug` shows the traceback). Any other exception is a bug and keeps its
+# traceback. (torch's OutOfMemoryError, a RuntimeError, is matched by name: torch is not imported here.)
+KNOWN_ERRORS = (OSError, UnicodeDecodeError, MemoryError)
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, LedmergeError):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}): re-save it as UTF-8 "
+                "(rerun with --debug to see which file)")
+    if not isinstance(exc, OSError):  # MemoryError, torch.OutOfMemoryError
+        return "out of memory: use a machine with more memory, or lower the step's batch size or max_length"
+    where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+    return f"cannot access{where} ({exc.strerror or exc}): check the path, its permissions and free space"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,8 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.func(args)
-    except LedmergeError as exc:
-        print(f"ledmerge: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not isinstance(exc, (LedmergeError, *KNOWN_ERRORS)) and type(exc).__name__ != "OutOfMemoryError":
+            raise  # a bug: its traceback is what a report needs
+        if args.debug:
+            traceback.print_exc()
+        print(f"ledmerge: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the step's atomic outputs were not renamed into place
         print(f"ledmerge: interrupted: {args.command} stopped before it finished; nothing it was writing was kept, "

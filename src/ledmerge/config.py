@@ -10,10 +10,9 @@ import copy
 import logging
 from pathlib import Path
 
-import yaml
-
 from . import options
 from .errors import LedmergeError
+from .fileio import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def check(config: dict) -> None:
     """Checks the schema cannot express: names, files, checkpoints, merge specs."""
     from .checkpoint import check_compatible, parse_size, tensor_shapes
     from .evaluation.runner import read_set
-    from .fileio import read_jsonl
+    from .fileio import check_output_root, read_jsonl
     from .merge import get_method
 
     tasks, merges = config["tasks"], config["merges"]
@@ -88,8 +87,8 @@ def check(config: dict) -> None:
             if "path" not in cal:
                 raise LedmergeError(f"config error at 'tasks.{name}.calibration': source jsonl needs a 'path'")
             # The calibration job maps these columns to prompt/response (calibration.py).
-            _at(f"tasks.{name}.calibration.path", read_jsonl, cal["path"],
-                required=(cal["prompt_column"], cal["response_column"]))
+            columns = (cal["prompt_column"], cal["response_column"])
+            _at(f"tasks.{name}.calibration.path", read_jsonl, cal["path"], required=columns, text=columns)
         if cal["source"] == "hf" and "name" not in cal:
             raise LedmergeError(f"config error at 'tasks.{name}.calibration': source hf needs a dataset 'name'")
     if (config["base_model"] == ZOO) != all(t["model"] == ZOO for t in tasks.values()):
@@ -108,6 +107,9 @@ def check(config: dict) -> None:
             for name in [n for n in present if n != "base"]:
                 _at(keys[name], check_compatible, present["base"], {name: present[name]},
                     vocab_policy=config["merge"]["vocab_policy"], allow_pickle=config["allow_pickle"])
+    _at("results", check_output_root, config["results"])
+    if config.get("hub_dir"):
+        _at("hub_dir", check_output_root, config["hub_dir"])
     _check_tokenizer(config)
     _at("merge.shard_size", parse_size, config["merge"]["shard_size"])
     for key in EVAL_SETS:
@@ -160,13 +162,22 @@ def _check_evaluation(config: dict) -> None:
     """What the evaluation jobs would find wrong only after the models are merged: an unknown judge, a utility
     column reading a task that is not evaluated, a local data file of an lm-eval task that does not exist."""
     from .evaluation.judges import JUDGES
-    from .evaluation.runner import RATES, SETS, evaluated_tasks, local_data_files, task_specs, utility_columns
+    from .evaluation.runner import (
+        RATES,
+        SETS,
+        check_lm_eval_tasks,
+        evaluated_tasks,
+        local_data_files,
+        task_specs,
+        utility_columns,
+    )
 
     ev = config["evaluation"]
     if ev["judge"] not in JUDGES:
         raise LedmergeError(f"config error at 'evaluation.judge': unknown judge {ev['judge']!r}: choose one of "
                             f"{sorted(JUDGES)}")
     specs = task_specs(ev["lm_eval_tasks"])
+    _at("evaluation.lm_eval_tasks", check_lm_eval_tasks, specs, ev["unsandboxed_code"])
     for i, spec in enumerate(specs):
         for split, path in local_data_files(spec["data"]).items():
             if not Path(path).is_file():
@@ -310,10 +321,7 @@ def mergekit_spec(config: dict, entry: dict) -> dict:
 
 def load(path: str | Path) -> dict:
     """Read, default and check a config file (used by `ledmerge check-config` and the tests)."""
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise LedmergeError(f"cannot read config {path}: {exc}") from None
+    config = read_yaml(path, "config file")
     validate(config)
     check(config)
     return config

@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import yaml
+
 from .errors import LedmergeError
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ def check_replaceable(target: str | os.PathLike, marker: str, *, force: bool = F
     target = Path(target)
     if target.is_symlink():
         raise LedmergeError(f"output {target} is a symbolic link: give the real path, or remove the link")
+    check_output_root(target.parent)
     if not target.exists():
         return
     here = Path.cwd().resolve()
@@ -160,6 +163,7 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, marker: s
         if marker is None:
             raise ValueError("a directory output names the marker file that proves a later run it is ours")
         check_replaceable(target, marker, force=force)
+    check_output_root(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     prefix = f".{target.name}.tmp-{os.getpid()}-"
@@ -207,23 +211,85 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | os.PathLike, *, required: Iterable[str] = ()) -> list[dict]:
-    """Read a JSONL file; an empty or malformed file is a LedmergeError naming the line."""
+def check_output_root(path: str | os.PathLike) -> None:
+    """A folder to write under (the config's results and hub_dir, an output's parent) must be a directory, or
+    creatable, and writable: found before any work rather than by the first write."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise LedmergeError(f"{path} {what}, not a directory: choose another folder to write to")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LedmergeError(f"{existing} is not writable by you: choose a folder you can write to, or fix its "
+                            "permissions")
+
+
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """A safe YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                "the first would be ignored: keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: str | os.PathLike, what: str):
+    """A YAML file (`what` names it in the error): UTF-8, no key given twice; else one line naming the fix."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except OSError as exc:
+        raise LedmergeError(f"cannot read {what} {path}: {exc.strerror}: check the path") from None
+    except UnicodeDecodeError as exc:
+        raise LedmergeError(f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start}): re-save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        why = getattr(exc, "problem", None) or str(exc)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise LedmergeError(f"{what} {path} is not valid YAML{where}: {' '.join(why.split())}") from None
+
+
+def read_jsonl(path: str | os.PathLike, *, required: Iterable[str] = (), text: Iterable[str] = ()) -> list[dict]:
+    """Read a JSONL file; an empty or malformed file is a LedmergeError naming the line. Fields in `text` must be
+    strings (a number or null would be read as its spelling, "None")."""
     path = Path(path)
     if not path.is_file():
         raise LedmergeError(f"data file {path} does not exist: check the path in your config")
     rows = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise LedmergeError(f"{path}:{lineno} is not UTF-8 text (byte {raw[exc.start]:#04x}): re-save the file "
+                                    "as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise LedmergeError(f"{path}:{lineno} is not valid JSON ({exc.msg}): fix or regenerate the file") from None
+            if not isinstance(row, dict):
+                raise LedmergeError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object: every row is one "
+                                    "JSON object such as {\"prompt\": ...}")
             missing = [k for k in required if k not in row]
             if missing:
                 raise LedmergeError(f"{path}:{lineno} lacks field(s) {missing}: every row needs {sorted(required)}")
+            for key in text:
+                if not isinstance(row[key], str):
+                    raise LedmergeError(f"{path}:{lineno}: field {key!r} must be a string, got {row[key]!r}: quote "
+                                        "it, or fix the row")
             rows.append(row)
     if not rows:
         raise LedmergeError(f"data file {path} is empty: it needs at least one JSON row")

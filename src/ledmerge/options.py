@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from importlib import resources
 
 import yaml
@@ -122,7 +123,20 @@ def definition_defaults(name: str) -> dict:
             if "default" in v}
 
 
+def _non_finite(value, path: tuple = ()) -> tuple[tuple, float] | None:
+    """(path, value) of the first NaN or infinity in `value` (JSON Schema's `number` admits them; no option means
+    one)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((found for k, v in items if (found := _non_finite(v, (*path, k))) is not None), None)
+
+
 def _fill(instance: dict, sub: dict, where: str, prefix: str) -> dict:
+    found = _non_finite(instance)
+    if found is not None:
+        key = f"{where}{'.'.join(map(str, found[0]))}" or "(top level)"
+        raise LedmergeError(f"{prefix}'{key}': {found[1]} is not a finite number: write a number")
     validator = _with_defaults(Draft202012Validator)(sub)
     # Validate twice: the first pass fills defaults (inside nested defaults too), the second reports.
     list(validator.iter_errors(instance))

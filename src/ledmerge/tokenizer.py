@@ -37,6 +37,25 @@ def _read_json(path: Path) -> dict:
         raise LedmergeError(f"cannot read {path} ({exc}): is it a Hugging Face model directory?") from None
 
 
+def check_tokenizer_dir(tokenizer_dir: str | Path) -> None:
+    """A tokenizer directory given by hand (`--tokenizer`) holds a tokenizer whose JSON files parse: checked before
+    the merge, so a typo or a damaged file does not become a merged model that transformers cannot load."""
+    d = Path(tokenizer_dir)
+    if not d.is_dir():
+        raise LedmergeError(f"tokenizer directory {d} does not exist: give the `ledmerge tokenizer` output or a model "
+                            "directory")
+    if not any((d / f).is_file() for f in TOKENIZER_FILES[:1] + TOKENIZER_FILES[3:5]):
+        raise LedmergeError(f"{d} holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json): give the "
+                            "`ledmerge tokenizer` output or a model directory")
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
+        if name.endswith(".json") and (d / name).is_file():
+            try:
+                json.loads((d / name).read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise LedmergeError(f"{d / name} is not valid JSON ({exc}): the file is corrupt or truncated; "
+                                    "re-create it (ledmerge tokenizer) or re-download the model") from None
+
+
 def chat_template_of(model_dir: str | Path) -> str | None:
     """The chat template a model directory ships (chat_template.jinja, chat_template.json or the
     tokenizer config's entry, in transformers' order of precedence), or None."""

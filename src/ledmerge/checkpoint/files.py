@@ -46,6 +46,8 @@ def weight_layout(model_dir: str | os.PathLike, allow_pickle: bool = False) -> t
 
     Safetensors (single or sharded) first, then an adapter's weights; pickle files only with `allow_pickle`."""
     d = Path(model_dir)
+    if d.is_file():
+        raise LedmergeError(f"model directory {d} is a file: give the directory that holds config.json and the weights")
     if not d.is_dir():
         raise LedmergeError(f"model directory {d} does not exist: check the path in your config or build it first")
     if (d / INDEX).is_file():

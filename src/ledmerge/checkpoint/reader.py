@@ -77,7 +77,11 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             shape = tuple(int(d) for d in entry["shape"])
         except (KeyError, TypeError, ValueError):
             raise corrupt_file(path, f"bad header entry for {name}") from None
-        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or start + end > size:
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise corrupt_file(path, f"the header gives tensor {name} dtype {entry['dtype']} and shape {list(shape)}, "
+                               f"{math.prod(shape) * dtype.itemsize} bytes, but data offsets spanning {end - begin} "
+                               "bytes: its header was edited or damaged")
+        if begin < 0 or start + end > size:
             raise corrupt_file(path, f"tensor {name} lies outside the file")
         infos[name] = TensorInfo(path, dtype, shape, start + begin, start + end)
     return infos, metadata

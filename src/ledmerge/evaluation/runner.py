@@ -250,16 +250,76 @@ def generation_kwargs(max_new_tokens: int, until: list[str], eos_ids: list[int],
     return out
 
 
+TASK_LINE = re.compile(r"^['\"]?task['\"]?:\s*['\"]?([^'\"\s]+)['\"]?\s*$", re.MULTILINE)
+
+
+def task_yamls(names) -> dict[str, list[Path]]:
+    """The lm-eval YAML files whose `task:` line names each of `names`: one pass over lm-eval's task folder
+    (~2 s), without building its task index (~12 s)."""
+    import lm_eval.tasks
+
+    found = {name: [] for name in names}
+    if found:
+        for path in Path(lm_eval.tasks.__file__).parent.rglob("*.yaml"):
+            for name in TASK_LINE.findall(path.read_text(errors="ignore")):
+                if name in found:
+                    found[name].append(path)
+    return found
+
+
+def runs_code(task_yaml: Path) -> bool:
+    """Whether an lm-eval task file, or one it includes, sets `unsafe_code: true` (its metric executes the
+    model's output)."""
+    seen = set()
+    while task_yaml is not None and task_yaml not in seen and task_yaml.is_file():
+        seen.add(task_yaml)
+        text = task_yaml.read_text(errors="ignore")
+        if re.search(r"^['\"]?unsafe_code['\"]?:\s*true\s*$", text, re.MULTILINE | re.IGNORECASE):
+            return True
+        include = re.search(r"^['\"]?include['\"]?:\s*['\"]?([^'\"\s]+)", text, re.MULTILINE)
+        task_yaml = (task_yaml.parent / include.group(1)).resolve() if include else None
+    return False
+
+
+def check_lm_eval_tasks(specs: list[dict], unsandboxed_code: bool) -> None:
+    """Before any model is loaded: every lm_eval_tasks name is a task lm-eval has (a typo would otherwise surface
+    after the merges, in the evaluation), and none of lm-eval's own code tasks runs outside the sandbox unless
+    evaluation.unsandboxed_code allows it."""
+    names = [s["task"] for s in specs if s["task"] not in SHIPPED_TASKS and not Path(s["task"]).is_file()]
+    found = task_yamls(names)
+    missing = [n for n in names if not found[n]]
+    if missing:  # a group (mmlu) or a task defined in Python has no `task:` line: ask the index
+        from lm_eval.tasks import TaskManager
+
+        known = TaskManager(include_defaults=True).all_tasks
+        unknown = [n for n in missing if n not in known]
+        if unknown:
+            raise unknown_tasks(unknown)
+    files = {s["task"]: [Path(s["task"])] for s in specs if Path(s["task"]).is_file()}  # the user's own task files
+    for name, paths in {**found, **files}.items():
+        if not unsandboxed_code and any(runs_code(p) for p in paths):
+            refuse_unsandboxed(name)
+
+
+def unknown_tasks(names: list[str]) -> LedmergeError:
+    return LedmergeError(f"lm-eval has no task(s) {names}: fix evaluation.lm_eval_tasks (lm_eval ls tasks lists "
+                         "lm-eval's; ledmerge ships " + ", ".join(SHIPPED_TASKS) + ")")
+
+
+def refuse_unsandboxed(task: str):
+    raise LedmergeError(f"lm-eval task {task!r} executes model-written code outside ledmerge's sandbox (unsafe_code in "
+                        "its YAML), next to your files and network: use ledmerge_humaneval or ledmerge_mbpp, whose "
+                        "checks run contained, or set evaluation.unsandboxed_code: true to run it anyway")
+
+
 def builtin_yaml(name: str) -> Path:
     """The YAML file that defines lm-eval task `name` (or `name` itself, a task file): found by its `task:` line
     (~2 s), else through lm-eval's task index (~12 s)."""
     if Path(name).is_file():
         return Path(name).resolve()
-    import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
-    line = re.compile(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", re.MULTILINE)
-    found = [p for p in Path(lm_eval.tasks.__file__).parent.rglob("*.yaml") if line.search(p.read_text(errors="ignore"))]
+    found = task_yamls([name])[name]
     if len(found) == 1:
         return found[0]
     entry = TaskManager(include_defaults=True).task_index.get(name)
@@ -318,8 +378,7 @@ def _run_lm_eval(model_dir, data: dict[str, Path], specs: list[dict], *, batch_s
         wanted = list(dict.fromkeys([*names.values(), *(s["task"] for s in specs)]))
         unknown = [t for t in wanted if t not in manager.all_tasks and not Path(t).is_file()]
         if unknown:
-            raise LedmergeError(f"lm-eval has no task(s) {unknown}: fix evaluation.lm_eval_tasks (lm_eval ls tasks "
-                                "lists lm-eval's; ledmerge ships " + ", ".join(SHIPPED_TASKS) + ")")
+            raise unknown_tasks(unknown)
         loaded = manager.load(wanted)["tasks"]
         chat_of = {**{t: True for t in names.values()}, **{s["task"]: s["chat_template"] for s in specs}}
         groups: dict[bool, list] = {True: [], False: []}
@@ -350,7 +409,7 @@ def _run_lm_eval(model_dir, data: dict[str, Path], specs: list[dict], *, batch_s
                     apply_chat_template=chat,
                     bootstrap_iters=0,  # no stderr bootstrap: it costs seconds per task and we report means
                     random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                    confirm_run_unsafe_code=True,  # ledmerge's code tasks run in its sandbox; others asked by name
+                    confirm_run_unsafe_code=True,  # ledmerge's code tasks run in its sandbox; others checked first
                 )
             merged["results"].update(out["results"])
             merged["samples"].update(out["samples"])
@@ -430,6 +489,7 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
             {"harmful": harmful_path, "benign": benign_path, "math": math_path, "code": code_path}.items() if p}
     _check_data(data)
     specs = task_specs(o["lm_eval_tasks"])
+    check_lm_eval_tasks(specs, o["unsandboxed_code"])
     utility = utility_columns(o["utility"], list(data))
     missing = sorted({spec["task"] for spec in utility.values()} - evaluated_tasks(data, specs))
     if missing:

@@ -127,13 +127,22 @@ class Param:
             if self.lo == -math.inf:
                 return "any number per task"
             return f"numbers {'>' if self.lo_open else '>='} {_num(self.lo)} per task"
-        if self.lo == -math.inf and self.hi == math.inf:
-            return "any finite number"
-        return f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+        return number_range(self.lo, self.hi, self.lo_open, self.hi_open)
 
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def number_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> str:
+    """A number parameter's allowed values, as its docs and its error line say them."""
+    if lo == -math.inf and hi == math.inf:
+        return "any finite number"
+    if hi == math.inf:
+        return f"a finite number {'>' if lo_open else '>='} {_num(lo)}"
+    if lo == -math.inf:
+        return f"a finite number {'<' if hi_open else '<='} {_num(hi)}"
+    return f"{'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
 
 
 class Declared:
@@ -410,7 +419,10 @@ def check_number(method: str, key: str, value, lo: float = -math.inf, hi: float 
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
-        raise _invalid(method, key, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}", value)
+        allowed = number_range(lo, hi, lo_open, hi_open)
+        must = "a finite number" if allowed.startswith("any") else allowed if allowed.startswith("a ") else \
+            f"a number in {allowed}"
+        raise _invalid(method, key, must, value)
     return float(value)
 
 

@@ -27,7 +27,7 @@ from ..checkpoint import AdapterReader, ModelReader, ShardedWriter, TensorSlices
 from ..errors import LedmergeError
 from ..fileio import atomic_path, check_not_input, check_replaceable
 from ..options import resolve
-from ..tokenizer import copy_tokenizer_files
+from ..tokenizer import check_tokenizer_dir, copy_tokenizer_files
 from .base import MaskFiles, TensorContext
 from .card import CONFIG_FILES, TOKENIZER_INPUTS, config_sha256s, model_card
 from .mergekit_io import FILE_NAME as MERGEKIT_FILE
@@ -91,6 +91,8 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     method.check_inputs(tasks, masks)
     check_replaceable(out_dir, SUMMARY_FILE, force=force)
     check_not_input(out_dir, [base_dir, *expert_dirs.values(), *(masks or {}).values(), tokenizer_dir])
+    if tokenizer_dir is not None:
+        check_tokenizer_dir(tokenizer_dir)
     dev = merge_device(device)
     aligned = check_compatible(base_dir, expert_dirs, vocab_policy=vocab_policy, allow_pickle=allow_pickle)
     log.info("merging %s into %s with %s on %s", tasks, base_dir, method.recipe(), dev)

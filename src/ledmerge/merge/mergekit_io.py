@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..errors import LedmergeError
+from ..fileio import read_yaml
 from .base import MergeMethod, per_task, task_weights
 from .registry import METHODS
 
@@ -139,11 +140,7 @@ def _scalar(where: str, key: str, value):
 
 def read_mergekit(path) -> dict:
     """The parsed mergekit file at `path` (a mapping), or a one-line error."""
-    try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as exc:
-        raise LedmergeError(f"cannot read mergekit file {path}: {exc}".replace("\n", " ")) from None
+    doc = read_yaml(path, "mergekit file")
     if not isinstance(doc, Mapping):
         raise LedmergeError(f"mergekit file {path} is not a YAML mapping: write a mergekit configuration "
                             "(merge_method, base_model, models, parameters)")
