@@ -44,12 +44,16 @@ lint: env
 	$(BIN)/snakemake --lint
 	$(BIN)/ruff check .
 
-# docs/configuration.md and the README's method table are generated from the schema and the methods' PARAMS (src/ledmerge/schemas/config.schema.yaml); tests/test_options.py
-# fails when it is stale.
+# docs/configuration.md and the README's method table are generated from the schema and the methods' PARAMS
+# (src/ledmerge/schemas/config.schema.yaml), the result tables from docs/run/, docs/bad-input.md's sweep tables from
+# tests/test_bad_input_sweep.py and docs/testing.md's suite table from the collected tests; a test fails when any
+# of them is stale.
 docs: env
 	$(BIN)/python -m ledmerge config-reference > docs/configuration.md
 	$(BIN)/python -m ledmerge config-reference --readme README.md
 	$(BIN)/python -m ledmerge results-tables --record docs/run README.md docs/results.md
+	$(BIN)/python tests/test_bad_input_sweep.py docs/bad-input.md
+	$(BIN)/python tests/test_docs.py
 
 # After `make run`: record its summary (docs/run/) and regenerate the result tables and figures of the docs from it.
 record: env

@@ -113,6 +113,29 @@ def pytest_collection_modifyitems(config, items):
             # building the fixture. Set the same suffix where pytest reads it.
             item._id = type(item._id).parse(f"{item.nodeid}@{'_'.join(groups)}")
     items.sort(key=lambda item: rank.get(id(item), (len(order), False)))  # stable: the rest keep their order
+    config.stash[SUITE_KEY] = suite_counts(items)  # before -m deselects (make check): the whole suite's counts
+
+
+TIERS = ("unit", "integration", "slow")  # make check runs the first; make test all three
+
+
+def tier_of(item) -> str:
+    """`slow` (runs the Snakemake workflow), `integration` (Snakemake, CLI subprocesses, the real checkpoint) or
+    `unit`, as the markers say after pytest_collection_modifyitems."""
+    return next((t for t in reversed(TIERS[1:]) if item.get_closest_marker(t)), "unit")
+
+
+def suite_counts(items) -> dict[str, dict[str, int]]:
+    """Tests per file and tier, for the suite table of docs/testing.md (tests/test_docs.py)."""
+    counts: dict[str, dict[str, int]] = {}
+    for item in items:
+        counts.setdefault(item.path.name, dict.fromkeys(TIERS, 0))[tier_of(item)] += 1
+    return counts
+
+
+
+
+SUITE_KEY = pytest.StashKey[dict]()
 
 
 def job_stats(stdout: str) -> dict[str, int]:

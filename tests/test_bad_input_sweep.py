@@ -381,6 +381,19 @@ def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, tiny_zoo, mon
     assert snapshot(tmp_path) == before  # nothing written, changed, deleted or left half-written
 
 
+RECOVERABLE = [c for c in CASES if c.input in (MODELS, TOKENIZERS)]  # a bad model or tokenizer given to merge
+
+
+@pytest.mark.parametrize("case", RECOVERABLE, ids=lambda c: c.name)
+def test_a_rerun_with_the_input_fixed_recovers(case, tmp_path, tiny_zoo):
+    """After the refused merge, the same merge with good inputs and the same --out succeeds: nothing the refusal
+    left (there is nothing) stands in the way."""
+    assert ledmerge(*case.make(tmp_path, tiny_zoo)).returncode == 2
+    proc = ledmerge(*merge()(tmp_path, tiny_zoo))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "merged" / "ledmerge_merge.json").is_file()
+
+
 def test_unsandboxed_code_lets_lm_evals_code_task_through(tmp_path):
     from ledmerge.config import check, validate
 

@@ -96,9 +96,25 @@ def test_masks_are_bool_and_final_masks_disjoint(workflow_run):
 
 @pytest.mark.slow
 def test_importance_scores_cover_both_roles(workflow_run):
+    """Every linear weight of the model is scored (config/test.yaml scores no norms, embeddings or LM head), with
+    its shape, from the 16 calibration examples; an expert's scores are its own, not the base's."""
+    from safetensors import safe_open
+
+    from ledmerge.formats import load_scores, tensors_metadata
+
+    with safe_open(workflow_run.results / "zoo" / "models" / "base" / "model.safetensors", "pt") as f:
+        linear = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()
+                  if n.endswith("proj.weight")}
+    assert len(linear) == 2 * 7  # q, k, v, o, gate, up, down per layer
     for task in TASKS:
+        scores = {}
         for role in ("base", "expert"):
-            assert (workflow_run.results / "importance" / task / f"{role}.safetensors").stat().st_size > 0
+            path = workflow_run.results / "importance" / task / f"{role}.safetensors"
+            scores[role] = load_scores(path)
+            assert {n: tuple(t.shape) for n, t in scores[role].items()} == linear, (task, role)
+            assert tensors_metadata(path)["n_examples"] == "16", (task, role)
+            assert all(t.min() >= 0 and t.max() > 0 for t in scores[role].values()), (task, role)
+        assert any(not torch.equal(scores["base"][n], scores["expert"][n]) for n in linear), task
 
 
 @pytest.mark.slow
@@ -117,6 +133,23 @@ def test_merged_model_loads_and_generates(workflow_run, merge):
         out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
     assert isinstance(tok.decode(out[0]), str)
+
+
+@pytest.mark.slow
+def test_task_arithmetic_merge_is_its_formula_on_the_zoo(workflow_run):
+    """The workflow's task-arithmetic model is base + 1.0 · Σ_t (expert_t − base) (config/test.yaml's scale), tensor by
+    tensor, computed here in float64 from the zoo's checkpoints."""
+    from safetensors.torch import load_file
+
+    zoo = workflow_run.results / "zoo" / "models"
+    base = load_file(zoo / "base" / "model.safetensors")
+    experts = [load_file(zoo / t / "model.safetensors") for t in TASKS]
+    merged = load_file(workflow_run.results / "merged" / "task_arithmetic" / "model.safetensors")
+    assert set(merged) == set(base)
+    for name, b in base.items():
+        want = b.double() + sum(e[name].double() - b.double() for e in experts)
+        torch.testing.assert_close(merged[name].double(), want, rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(merged[n], base[n]) for n in base)
 
 
 @pytest.mark.slow
