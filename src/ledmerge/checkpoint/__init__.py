@@ -14,11 +14,11 @@ import importlib
 _MODULES = {
     "files": ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "INDEX", "PICKLE_HELP", "PICKLE_INDEX", "PICKLE_SINGLE", "SINGLE",
               "is_adapter", "weight_files", "weight_layout"],
-    "reader": ["ST_DTYPES", "TORCH_TO_ST", "ModelReader", "TensorInfo", "TensorSlices", "load_state_dict",
-               "read_safetensors_header", "tensor_shapes"],
+    "reader": ["ST_DTYPES", "TORCH_TO_ST", "ModelReader", "TensorInfo", "TensorSlices", "read_safetensors_header",
+               "tensor_shapes"],
     "writer": ["ShardedWriter", "parse_size"],
     "compat": ["VOCAB_POLICIES", "align_rows", "check_compatible"],
-    "adapter": ["AdapterReader", "check_adapter", "open_model"],
+    "adapter": ["AdapterReader", "check_adapter", "load_state_dict", "open_model"],
 }
 _MODULE_OF = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -254,3 +254,11 @@ def open_model(model_dir: str | os.PathLike, base_dir: str | os.PathLike | None 
             raise LedmergeError(f"{model_dir} is a PEFT adapter: it needs its base model (the config's base_model)")
         return AdapterReader(model_dir, base_dir, allow_pickle=allow_pickle, hash_files=hash_files)
     return ModelReader(model_dir, allow_pickle=allow_pickle, hash_files=hash_files)
+
+
+def load_state_dict(model_dir: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+                    allow_pickle: bool = False, base_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory in memory, cast to `dtype` when given (small models only: merges stream
+    through ModelReader instead); a PEFT adapter's with the base at `base_dir` (through `open_model`)."""
+    with open_model(model_dir, base_dir, allow_pickle=allow_pickle) as r:
+        return {name: r.read(name, dtype) for name in r.names}

@@ -305,13 +305,3 @@ def tensor_shapes(model_dir: str | os.PathLike, allow_pickle: bool = False) -> d
     """Names and shapes from the headers, without reading any weights."""
     with ModelReader(model_dir, allow_pickle=allow_pickle) as r:
         return r.shapes
-
-
-def load_state_dict(model_dir: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-                    allow_pickle: bool = False, base_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a model directory in memory, cast to `dtype` when given (small models only:
-    merges stream through ModelReader instead); a PEFT adapter's with the base at `base_dir` (`adapter.open_model`)."""
-    from .adapter import open_model  # adapter builds on this module
-
-    with open_model(model_dir, base_dir, allow_pickle=allow_pickle) as r:
-        return {name: r.read(name, dtype) for name in r.names}
