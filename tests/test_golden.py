@@ -1,7 +1,7 @@
 """Golden merges: `ledmerge merge` on a pinned setting (tiny seeded float32 models, every task-vector preset and LED
-with each of its combiners) must give the same bits as when the constants below were recorded. The other merge tests check formulas with tolerances or against a
-reference computed the same way; this one notices any change of the bits a merge writes: summation order, a dtype
-round trip, the TopR tie rule, DARE's draws.
+with each of its combiners) must give the same bits as when the constants below were recorded. The other merge tests
+check formulas with tolerances or against a reference computed the same way; this one notices any change of the bits
+a merge writes: summation order, a dtype round trip, the TopR tie rule, DARE's draws.
 
 The sha256 is over the tensors (name, dtype, shape and bytes, in sorted name order), not over the files, so the model
 card, the summary, safetensors metadata and the sharding may change freely. Same machine, same bits is the project's
