@@ -1,7 +1,7 @@
-"""Golden merges: `ledmerge merge` on a pinned setting (tiny seeded float32 models, three methods) must give the same
-bits as when the constants below were recorded. The other merge tests check formulas with tolerances or against a
-reference computed the same way; this one notices any change of the bits a merge writes: summation order, a dtype
-round trip, the TopR tie rule, DARE's draws.
+"""Golden merges: `ledmerge merge` on a pinned setting (tiny seeded float32 models, every task-vector preset and LED
+with each of its combiners) must give the same bits as when the constants below were recorded. The other merge tests
+check formulas with tolerances or against a reference computed the same way; this one notices any change of the bits
+a merge writes: summation order, a dtype round trip, the TopR tie rule, DARE's draws.
 
 The sha256 is over the tensors (name, dtype, shape and bytes, in sorted name order), not over the files, so the model
 card, the summary, safetensors metadata and the sharding may change freely. Same machine, same bits is the project's
@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ledmerge.cli import main
+from ledmerge.formats import save_masks
 
 # A one-layer Llama's tensor names and shapes (small: the merges take milliseconds).
 SHAPES = {
@@ -44,7 +45,8 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_s
 TASKS = ("safety", "math", "code")
 
 # The pinned setting and the sha256 of what each merge writes. Recorded with torch 2.13.0+cpu on x86-64 (Intel Xeon,
-# AVX-512); the same there with ATEN_CPU_CAPABILITY=default, avx2 and avx512, and with 1 or 4 threads.
+# AVX-512); the same there with ATEN_CPU_CAPABILITY=default, avx2 and avx512, and with 1 or 4 threads. The presets
+# after dare_ties were recorded the same way, before the task-vector methods were rebuilt as one engine.
 GOLDEN = {
     "task_arithmetic": ({"method": "task_arithmetic", "scale": 0.7, "weights": {"math": 0.5}},
                         "7e32a82c162ea77bc9f184c6346bca1fecc0f165161973f638c4d6ba8a82c65b"),
@@ -52,6 +54,24 @@ GOLDEN = {
              "e81917c0f61cc03cfe5a95b35e340dc4e5c377da2903ab2ac80e076cdab34e12"),
     "dare_ties": ({"method": "dare_ties", "drop": 0.3, "seed": 1234},
                   "520b880a80b7702e00522d9619f0a173e9a961c856b0b0567920e5986ba056e3"),
+    "dare_linear": ({"method": "dare_linear", "drop": 0.3, "seed": 1234, "scale": 0.8, "weights": {"math": 0.5}},
+                    "1383292daf222d8b183834fb05b84cdc6ca403d4b31ae322d59c30eaa34a012b"),
+    "breadcrumbs": ({"method": "breadcrumbs", "density": 0.6, "gamma": 0.1, "rescale": True},
+                    "7f7c86726ddd3b44ce8b8b051cb218830608059ee0d5cbef46f3cdb5dea0f6cd"),
+    "breadcrumbs_ties": ({"method": "breadcrumbs_ties", "density": 0.6, "gamma": 0.1, "weights": {"code": 2.0}},
+                         "2177d7087bc38fdc5b88281417acfbf18292327a2e9c9796912b2d30d26c3dd8"),
+    "della": ({"method": "della", "density": 0.6, "epsilon": 0.2, "seed": 1234},
+              "48d3827cb4d020c342ab8b432059ac664d8164e5c95506c23f0c5120d8c02a58"),
+    "della_linear": ({"method": "della_linear", "density": 0.6, "epsilon": 0.2, "seed": 1234, "scale": 0.8,
+                      "weights": {"math": 0.5}},
+                     "c918623c2a37190e1c8e74254032a79a3beb4e9e38775b313befad27ead37384"),
+    # LED with the masks of `mask_files` (the linear weights only: the other tensors follow `unscored`)
+    "led": ({"method": "led", "lambdas": {"math": 0.5, "code": 2.0}, "unscored": "task_arithmetic"},
+            "72db047ebe5c543c9173b3102ef23341d50fb48078b8112a8d0e385dafe42335"),
+    "led_ties": ({"method": "led", "combine": "ties", "density": 0.5, "lambdas": {"math": 0.5}},
+                 "7b620de5cc9b35a1020a3ab0fd4cd4bd2696108a2faba442707bf328b89404b7"),
+    "led_dare_ties": ({"method": "led", "combine": "dare_ties", "drop": 0.3, "seed": 1234, "scale": 0.8},
+                      "979f0ce946963f83fd0d4c698695ed3578dd8da78fa7419747d48d64fa01e39e"),
 }
 
 
@@ -80,6 +100,21 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+@pytest.fixture(scope="module")
+def mask_files(tmp_path_factory) -> dict[str, Path]:
+    """LED masks of the linear weights (the projections, as LED's location step scores them): each weight drawn to
+    one task or none (seed 4), so the masks are disjoint; the embeddings, norms and LM head have none."""
+    root = tmp_path_factory.mktemp("golden_masks")
+    g = torch.Generator().manual_seed(4)
+    owner = {name: torch.randint(0, len(TASKS) + 1, shape, generator=g)
+             for name, shape in SHAPES.items() if "proj" in name}
+    paths = {}
+    for i, task in enumerate(TASKS, start=1):
+        paths[task] = root / f"{task}.safetensors"
+        save_masks(paths[task], {name: who == i for name, who in owner.items()})
+    return paths
+
+
 def tensors_sha256(out: Path) -> str:
     """sha256 over every tensor of the model directory, in sorted name order: name, dtype, shape, then its bytes."""
     tensors = {}
@@ -96,13 +131,15 @@ def tensors_sha256(out: Path) -> str:
 
 
 @pytest.mark.parametrize("method", list(GOLDEN))
-def test_merge_bits_are_pinned(models, tmp_path, one_thread, method):
+def test_merge_bits_are_pinned(models, mask_files, tmp_path, one_thread, method):
     spec, want = GOLDEN[method]
     out = tmp_path / method
+    masks = ["--mask", *(f"{t}={mask_files[t]}" for t in TASKS)] if spec["method"] == "led" else []
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main(["--threads", "1", "merge", "--base", str(models["base"]),
-                     "--expert", *(f"{t}={models[t]}" for t in TASKS), "--spec", json.dumps(spec), "--out", str(out)])
+                     "--expert", *(f"{t}={models[t]}" for t in TASKS), "--spec", json.dumps(spec), *masks,
+                     "--out", str(out)])
     assert code == 0, stderr.getvalue()[-3000:]
     got = tensors_sha256(out)
     assert got == want, (

@@ -13,7 +13,7 @@ from ledmerge.errors import LedmergeError
 from ledmerge.formats import save_masks
 from ledmerge.merge import METHODS, get_method, merge_models
 from ledmerge.merge.base import TensorContext
-from ledmerge.merge.ties import elect_disjoint_mean
+from ledmerge.merge.consensus import elect_disjoint_mean
 
 T = torch.tensor
 

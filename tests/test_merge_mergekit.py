@@ -129,7 +129,7 @@ def test_della_keep_probabilities_match_mergekit(monkeypatch, shape):
     """mergekit's MagPrune probabilities (what it hands torch.bernoulli) equal ours, bit for bit."""
     from mergekit.sparsify import della_magprune
 
-    from ledmerge.merge.della import keep_probabilities
+    from ledmerge.merge.sparsify import keep_probabilities
 
     seen = []
     monkeypatch.setattr(torch, "bernoulli", lambda p, *args, **kw: (seen.append(p.clone()), torch.ones_like(p))[1])
@@ -193,7 +193,7 @@ def test_dare_agrees_with_mergekit_on_the_same_draws(tiny_zoo, tmp_path, monkeyp
     """Our DARE equals mergekit's when mergekit's random source is made to draw what ours drew.
 
     How the draws are made identical: our merge runs first, and every keep mask it draws is recorded per
-    (tensor, task) (a spy around `_Dare.select_delta` that returns the product's own mask unchanged). mergekit
+    (tensor, task) (a spy around `sparsify.Dare.select` that returns the product's own mask unchanged). mergekit
     then runs its unmodified DARE code, except that `torch.bernoulli`, its only random source, hands back the
     recorded mask of the tensor and task it is sparsifying. Each replay checks that mergekit asked for
     Bernoulli(1 - drop_t) (so `density` = 1 - `drop` is the mapping), every recorded draw is replayed exactly
@@ -218,19 +218,19 @@ def test_dare_agrees_with_mergekit_on_the_same_draws(tiny_zoo, tmp_path, monkeyp
     """
     from mergekit.merge_methods import GeneralizedTaskArithmeticMerge
 
-    from ledmerge.merge import dare
+    from ledmerge.merge.sparsify import Dare
 
     ours, drops, params, weights = _dare_case(method, drop, rescale, scale, theirs)
 
     draws = {}  # (tensor name, task) -> the keep mask our merge drew
-    real_select = dare._Dare.select_delta
+    real_select = Dare.select
 
     def record(self, task, delta, n, ctx):
         keep = real_select(self, task, delta, n, ctx)
         draws[ctx.name, task] = keep.clone()
         return keep
 
-    monkeypatch.setattr(dare._Dare, "select_delta", record)
+    monkeypatch.setattr(Dare, "select", record)
     merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, ours, tmp_path / "ours")
     got = load_state_dict(tmp_path / "ours")
     assert len(draws) == len(got) * len(TASKS)

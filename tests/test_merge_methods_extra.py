@@ -13,9 +13,9 @@ from ledmerge.checkpoint import load_state_dict
 from ledmerge.errors import LedmergeError
 from ledmerge.merge import get_method, merge_models
 from ledmerge.merge.base import TensorContext
-from ledmerge.merge.della import keep_probabilities
+from ledmerge.merge.consensus import elect_disjoint_mean
 from ledmerge.merge.slerp import slerp_coefficients
-from ledmerge.merge.ties import elect_disjoint_mean
+from ledmerge.merge.sparsify import keep_probabilities
 
 T = torch.tensor
 

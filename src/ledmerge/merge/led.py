@@ -1,11 +1,12 @@
 """LED-Merging, merge step: θ = θ_0 + Σ_t λ_t (M_t ⊙ τ_t) with the disjoint masks M_t of the election.
 
-The masks only decide *which* entries of each task vector survive; how the survivors are combined is
-delegated to an existing task-vector method (`combine`: sum = task arithmetic, or TIES / DARE-TIES),
-so LED adds no arithmetic of its own. λ_t scales task t's masked vector before it is combined; it is not a
-TIES weight, because after Disjoint at most one task is non-zero per weight and TIES' weighted mean would
-divide λ_t back out (λ = {a: 0.5, c: 0.25} would merge both at 1). Tensors the location step did not score have no mask and follow
-`unscored`: keep the base (`base`) or take plain task arithmetic (`task_arithmetic`).
+The masks only decide *which* entries of each task vector survive (`sparsify.LedMasks`); how the survivors are
+combined is the task-vector merge's (`task_vectors`): `combine` names the preset whose sparsification and consensus
+follow the masks (sum = task arithmetic, or TIES / DARE-TIES), so LED adds no arithmetic of its own. λ_t scales task
+t's masked vector before it is combined; it is not a TIES weight, because after Disjoint at most one task is non-zero
+per weight and TIES' weighted mean would divide λ_t back out (λ = {a: 0.5, c: 0.25} would merge both at 1), so the
+consensus runs unweighted. Tensors the location step did not score have no mask and follow `unscored`: keep the base
+(`base`) or take plain task arithmetic (`task_arithmetic`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import LedmergeError
-from .base import Param, TaskVectorMethod, check_task_keys, task_weights
-from .dare import DareTies
-from .task_arithmetic import TaskArithmetic
-from .ties import Ties
+from .consensus import CONSENSUS
+from .params import Param, check_task_keys
+from .sparsify import Dare, LedMasks, Magnitude, NoSparsify
+from .task_vectors import TaskVectorMethod
+
+# combine -> (the sparsification after the masks, the consensus): the pairs of task_arithmetic, ties and dare_ties
+COMBINE = {"sum": (NoSparsify, "sum"), "ties": (Magnitude, "ties"), "dare_ties": (Dare, "ties")}
+UNSET = {"density": 1.0}  # unset density under combine: ties keeps all the masks kept (not TIES' 0.2)
 
 
 class Led(TaskVectorMethod):
@@ -25,12 +30,11 @@ class Led(TaskVectorMethod):
     name = "led"
     uses_masks = True
     PARAMS = (
-        Param("lambdas", "task_numbers", None, "per-task λ_t scaling M_t ⊙ τ_t; unlisted tasks get 1.0 (paper "
-              "default)"),
+        *LedMasks.PARAMS,
         Param("unscored", "choice", "base", "tensors without masks (not scored): keep the base, or take plain task "
               "arithmetic", choices=("base", "task_arithmetic")),
         Param("combine", "choice", "sum", "how the masked task vectors are combined: summed, or by TIES / DARE-TIES",
-              choices=("sum", "ties", "dare_ties")),
+              choices=tuple(COMBINE)),
         Param("scale", "number", 1.0, "global λ on top of λ_t"),
         Param("density", "number", None, "combine: ties only; unset: 1.0 (the masks already sparsify)",
               lo=0, hi=1, lo_open=True, optional=True),
@@ -41,7 +45,6 @@ class Led(TaskVectorMethod):
     lambdas: dict[str, float] | None
     unscored: str
     combine: str
-    scale: float
     density: float | None
     drop: float | None
     seed: int
@@ -53,17 +56,16 @@ class Led(TaskVectorMethod):
                 raise LedmergeError(f"merge method 'led': {key} only applies with combine: {needs}, "
                                     f"not combine: {self.combine}: remove it or change combine")
         self.check_params("density", "drop")
-        # The combiners see λ_t·(M_t ⊙ τ_t) (`_scaled`), so they are built unweighted.
-        if self.combine == "ties":
-            self.combiner = Ties(density=1.0 if self.density is None else self.density, scale=self.scale)
-            self.density = self.combiner.density
-        elif self.combine == "dare_ties":
-            self.combiner = DareTies(**({} if self.drop is None else {"drop": self.drop}), seed=self.seed,
-                                     scale=self.scale)
-            self.drop = self.combiner.drop
-        else:
-            self.combiner = TaskArithmetic(scale=self.scale)
-        self.plain = TaskArithmetic(scale=self.scale, weights=self.lambdas)
+        kind, consensus = COMBINE[self.combine]
+        own = {p.name for p in self.PARAMS}
+        values = {}
+        for p in kind.parameters():  # LED's value; unset: `UNSET`'s, else the kind's default (DARE's rescale: true)
+            value = getattr(self, p.name) if p.name in own else None
+            values[p.name] = UNSET.get(p.name, p.default) if value is None else value
+            if p.name in own:
+                setattr(self, p.name, values[p.name])  # the recipe records what the merge uses
+        self.sparsifier = LedMasks(self.name, kind(self.name, **values), lambdas=self.lambdas)
+        self.consensus = CONSENSUS[consensus]
 
     def check_inputs(self, tasks, masks):
         super().check_inputs(tasks, masks)
@@ -79,25 +81,13 @@ class Led(TaskVectorMethod):
             raise LedmergeError(f"merge method 'led' got masks for task(s) {extra} that are not among the experts "
                                 f"{sorted(tasks)}: fix the task names")
 
-    def select(self, base, experts, ctx):
-        """TIES / DARE-TIES choose among the *masked* task vectors; a plain sum chooses nothing."""
-        if self.combine == "sum" or any(ctx.masks.get(t) is None for t in experts):
-            return {}
-        return super().select(base, experts, ctx)
-
-    def select_delta(self, task, delta, n, ctx):
-        mask = ctx.masks[task].reshape(-1)
-        return self.combiner.select_delta(task, lambda part: delta(part).mul_(mask[part]), n, ctx)
-
     def merge_deltas(self, deltas, ctx):
-        masks = {t: ctx.masks.get(t) for t in deltas}
-        scored = sorted(t for t, m in masks.items() if m is not None)
+        scored = sorted(t for t in deltas if ctx.masks.get(t) is not None)
         if not scored:
             if self.unscored == "task_arithmetic":
-                return self.plain.merge_deltas(deltas, ctx)
+                return CONSENSUS["sum"].combine(deltas, self.lambdas) * self.scale
             return torch.zeros_like(next(iter(deltas.values())))  # keep θ_0
         if len(scored) != len(deltas):
             raise LedmergeError(f"tensor {ctx.name} has a mask for task(s) {scored} but not for "
                                 f"{sorted(set(deltas) - set(scored))}: score all tasks with the same settings")
-        lam = dict(zip(sorted(deltas), task_weights(self.lambdas, sorted(deltas))))
-        return self.combiner.merge_deltas({t: d * masks[t] * lam[t] for t, d in deltas.items()}, ctx)
+        return super().merge_deltas(deltas, ctx)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ..errors import LedmergeError
-from .base import MergeMethod, Param, task_weights
-from .task_arithmetic import weighted_sum
+from .base import MergeMethod
+from .numerics import weighted_sum
+from .params import Param, task_weights
 
 
 class Linear(MergeMethod):

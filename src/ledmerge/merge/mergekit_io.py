@@ -23,7 +23,8 @@ import yaml
 
 from ..errors import LedmergeError
 from ..fileio import read_yaml
-from .base import MergeMethod, per_task, task_weights
+from .base import MergeMethod
+from .params import per_task, task_weights
 from .registry import METHODS
 
 MERGEKIT_VERSION = "0.1.5"

@@ -2,9 +2,11 @@
 
 A spec is the dict from the user's config, e.g. {"method": "ties", "density": 0.5}, optionally with post-steps
 under their own keys ({"method": "ties", "resta": {"gamma": 0.5}}). The tables are built here from the method
-modules (which import only `base` and each other, never this module or their package, so there is no import
-cycle); `register` adds another method class. `reference_markdown` renders every method's and post-step's
-parameters, as declared in its `PARAMS`, for the configuration reference.
+modules (which import `base`, `params` and each other, never this module or their package, so there is no import
+cycle): the task-vector family as presets, each a sparsification and a consensus (`task_vectors.preset`, as
+mergekit names its generalized task arithmetic's), then LED, linear and SLERP; `register` adds another method
+class. `reference_markdown` renders every method's and post-step's parameters, as declared in its `PARAMS`, for the
+configuration reference.
 """
 
 from __future__ import annotations
@@ -12,17 +14,36 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..errors import LedmergeError
-from .base import MergeMethod, Param, PostStep
-from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
-from .dare import DareLinear, DareTies
-from .della import Della, DellaLinear
+from .base import MergeMethod, PostStep
 from .led import Led
 from .linear import Linear
+from .params import Param
 from .resta import Resta
 from .safemerge import SafeMerge
 from .slerp import Slerp
-from .task_arithmetic import TaskArithmetic
-from .ties import Ties
+from .task_vectors import preset
+
+# The task-vector presets: name, sparsification (`sparsify.SPARSIFIERS`), consensus (`consensus.CONSENSUS`), docstring.
+PRESETS = (
+    preset("task_arithmetic", "none", "sum",
+           "Task arithmetic: the base plus the weighted sum of the task vectors τ_t = θ_t − θ_0."),
+    preset("ties", "magnitude", "ties",
+           "TIES-Merging: keep the largest-magnitude entries of each task vector, elect a sign per weight, average "
+           "the task vectors that agree with it."),
+    preset("dare_linear", "dare", "sum",
+           "DARE with a linear combination: drop and rescale each task vector, then task arithmetic."),
+    preset("dare_ties", "dare", "ties",
+           "DARE with TIES' sign election and disjoint mean: drop and rescale each task vector, then combine."),
+    preset("breadcrumbs", "breadcrumbs", "sum",
+           "Model Breadcrumbs: drop the largest and the smallest entries of each task vector by magnitude, then "
+           "task arithmetic on what is left."),
+    preset("breadcrumbs_ties", "breadcrumbs", "ties",
+           "Model Breadcrumbs with TIES' sign election and disjoint mean in place of the sum."),
+    preset("della", "della", "ties",
+           "DELLA: magnitude-ranked random drops with rescale, then TIES' sign election and disjoint mean."),
+    preset("della_linear", "della", "sum",
+           "DELLA with a linear combination: magnitude-ranked random drops with rescale, then task arithmetic."),
+)
 
 METHODS: dict[str, type[MergeMethod]] = {}
 # Spec key -> post-step, in the order they run: SafeMERGE judges the method's own update, then RESTA adds V.
@@ -36,8 +57,7 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-for _cls in (TaskArithmetic, Ties, DareLinear, DareTies, Led, Linear, Breadcrumbs, BreadcrumbsTies, Della, DellaLinear,
-             Slerp):
+for _cls in (*PRESETS, Led, Linear, Slerp):
     register(_cls)
 del _cls
 

@@ -7,8 +7,9 @@ with probability p, rescale the survivors by 1/(1 − p)), with DARE's own drop 
 
 from __future__ import annotations
 
-from .base import SAFETY_PAIR, Param, PostStep
-from .dare import dare_keep, dare_rescaled
+from .base import SAFETY_PAIR, PostStep
+from .params import Param
+from .sparsify import dare_keep, dare_rescaled
 
 
 class Resta(PostStep):

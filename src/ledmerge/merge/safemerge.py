@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SAFETY_PAIR, Param, PostStep
+from .base import SAFETY_PAIR, PostStep
+from .params import Param
 
 
 def projected_cosine(delta: Tensor, v: Tensor) -> float | None:

@@ -15,7 +15,9 @@ import math
 from torch import Tensor
 
 from ..errors import LedmergeError
-from .base import MergeMethod, Param, sum64
+from .base import MergeMethod
+from .numerics import sum64
+from .params import Param
 
 # Above this |cos Ω| the vectors are (anti)colinear: sin Ω is too small to divide by, and the arc is a line.
 COLINEAR = 0.9995
