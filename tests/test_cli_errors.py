@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ledmerge.cli import build_parser, main
-from ledmerge.formats import save_scores
+from ledmerge.led.files import save_scores
 
 REPO = Path(__file__).resolve().parents[1]
 

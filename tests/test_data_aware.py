@@ -20,7 +20,7 @@ from ledmerge.data_aware.cocktail import cocktail, cocktail_weights
 from ledmerge.data_aware.evolve import decode, evolve, genome, run_evolve
 from ledmerge.data_aware.fitness import MergeEvaluator, fitness, objective_weights
 from ledmerge.errors import LedmergeError
-from ledmerge.formats import save_masks
+from ledmerge.led.files import save_masks
 from ledmerge.merge import get_method, merge_models
 from ledmerge.merge.base import TensorContext
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 WRITE = """
 import sys, torch
-from ledmerge.formats import save_tensors
+from ledmerge.led.files import save_tensors
 save_tensors(sys.argv[1], {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5)},
              metadata={f"key{i}": str(i) for i in range(12)})
 """

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ledmerge.cli import main
-from ledmerge.formats import save_masks
+from ledmerge.led.files import save_masks
 
 # A one-layer Llama's tensor names and shapes (small: the merges take milliseconds).
 SHAPES = {

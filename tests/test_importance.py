@@ -10,9 +10,9 @@ from torch import nn
 
 from ledmerge import chat
 from ledmerge.errors import LedmergeError
-from ledmerge.formats import load_scores, save_scores, tensors_metadata
-from ledmerge.importance import compute_scores, encode_rows, score_model
-from ledmerge.provenance import file_sha256
+from ledmerge.fileio import file_sha256
+from ledmerge.led.files import load_scores, save_scores, tensors_metadata
+from ledmerge.led.location import compute_scores, encode_rows, score_model
 
 F32 = "float32"  # raw float32 score files: these tests compare score values
 ROWS = [
@@ -376,7 +376,7 @@ def test_rank_code_large_tensor_within_one_bin():
     float32 scores in at most ceil(m/65535) entries and keeps exactly ceil(r*n)."""
     import math
 
-    from ledmerge.formats import rank_code
+    from ledmerge.led.files import rank_code
     from ledmerge.topk import top_k_count, top_r_mask
 
     g = torch.Generator().manual_seed(0)
@@ -402,7 +402,7 @@ def test_rank_code_large_tensor_within_one_bin():
 def test_rank_code_reserves_zero_for_zero_scores():
     """Zero scores (sparse embedding gradients) get code 0, below every positive score, small or large tensor;
     the election then never elects them (test_masks)."""
-    from ledmerge.formats import rank_code
+    from ledmerge.led.files import rank_code
 
     for n in (100, 200_000):
         s = torch.zeros(n)
@@ -413,7 +413,7 @@ def test_rank_code_reserves_zero_for_zero_scores():
 
 
 def test_save_load_scores_round_trip_and_errors(tmp_path):
-    from ledmerge.formats import rank_code
+    from ledmerge.led.files import rank_code
 
     g = torch.Generator().manual_seed(1)
     scores = {"a": torch.rand(3, 5, generator=g), "b": torch.tensor(2.0), "c": torch.zeros(0), "d": torch.rand(70000)}
@@ -429,7 +429,7 @@ def test_save_load_scores_round_trip_and_errors(tmp_path):
         load_scores(tmp_path / "r.safetensors", ["zz"])
     with pytest.raises(LedmergeError, match="does not exist"):
         load_scores(tmp_path / "nope.safetensors")
-    from ledmerge.formats import save_tensors
+    from ledmerge.led.files import save_tensors
 
     save_tensors(tmp_path / "legacy.safetensors", {"a": scores["a"]})  # float32, no metadata
     assert torch.equal(load_scores(tmp_path / "legacy.safetensors")["a"], scores["a"])
@@ -512,7 +512,7 @@ def test_location_random_is_seeded_by_seed_key_and_name(tiny_zoo):
 def test_random_scores_elect_exactly_the_rate(tiny_zoo, calib, tmp_path):
     """Base and expert share the draws, so pattern 11 elects ceil(r·n) weights per tensor: a random mask at the
     paper's count."""
-    from ledmerge.masks import elect_files
+    from ledmerge.led.election import elect_files
     from ledmerge.topk import top_k_count
 
     for role in ("base", "math"):
@@ -535,7 +535,7 @@ def test_location_refusals_before_loading(tiny_zoo, calib, tmp_path, opts, match
         score_model(tmp_path / "no-such-model", calib, tmp_path / "s.safetensors", progress=False, **opts)
 
 
-# ---- exact per-example scores in micro-batches (ledmerge.per_example) ----
+# ---- exact per-example scores in micro-batches (ledmerge.led.per_example) ----
 
 def tiny_llama(tied: bool):
     """Random init, 2 layers; pad_token_id 0 makes the embedding's padding_idx 0."""

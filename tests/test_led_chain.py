@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_cli_errors import ledmerge
 
-from ledmerge.formats import save_scores
+from ledmerge.led.files import save_scores
 
 TENSOR = "model.layers.0.mlp.down_proj.weight"  # shape [16, 32] in the tiny models
 RATES = {"math": 0.25, "code": 0.5}

@@ -16,10 +16,9 @@ from safetensors.torch import load_file, save_file
 from ledmerge.checkpoint import AdapterReader, check_compatible, load_state_dict
 from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
-from ledmerge.formats import load_scores, tensors_metadata
-from ledmerge.importance import score_model
+from ledmerge.led.files import MODEL_FILES, load_scores, tensors_metadata
+from ledmerge.led.location import score_model
 from ledmerge.merge import merge_models
-from ledmerge.provenance import MODEL_FILES
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 ROWS = [

@@ -1,4 +1,4 @@
-"""Election and Disjoint on hand-made tensors, and the file-level steps."""
+"""Election and Disjoint on hand-made tensors, the file-level steps, and the score and mask file readers (one open per file)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from ledmerge.errors import LedmergeError
-from ledmerge.formats import (
+from ledmerge.led.election import disjoint, disjoint_files, elect, elect_files, layer_and_module, mask_stats
+from ledmerge.led.files import (
+    MaskFile,
     PackedMask,
+    ScoreFile,
     load_masks,
     load_scores,
     mask_names_and_shapes,
@@ -24,7 +27,6 @@ from ledmerge.formats import (
     tensors_metadata,
     unpack_bits,
 )
-from ledmerge.masks import disjoint, disjoint_files, elect, elect_files, layer_and_module, mask_stats
 from ledmerge.topk import top_k_count, top_r_mask
 
 B = lambda *xs: torch.tensor(xs, dtype=torch.bool)
@@ -242,6 +244,60 @@ def test_files_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*tmp-*"))  # atomic writes leave no temp files
 
 
+def test_each_step_opens_each_file_once(tmp_path, monkeypatch):
+    """A score or mask file is opened (its header parsed) once per step, not once per tensor: the election,
+    Disjoint and the merge's `MaskFiles` hold one reader per file."""
+    from ledmerge.led import files
+
+    opened = []
+    real = files.safe_open
+    monkeypatch.setattr(files, "safe_open", lambda path, **kw: opened.append(path) or real(path, **kw))
+    g = torch.Generator().manual_seed(3)
+    shapes = {f"model.layers.{i}.mlp.up_proj.weight": (4, 3) for i in range(40)}
+    paths = {t: tmp_path / f"{t}.safetensors" for t in ("base", "a", "b")}
+    for p in paths.values():
+        save_scores(p, {n: torch.rand(s, generator=g) for n, s in shapes.items()})
+    elected = {t: tmp_path / f"elected_{t}.safetensors" for t in "ab"}
+    final = {t: tmp_path / f"final_{t}.safetensors" for t in "ab"}
+    for t in "ab":
+        elect_files(paths[t], paths["base"], 0.5, "11", elected[t])
+    assert sorted(opened) == sorted(str(paths[p]) for p in ("a", "base", "b", "base"))
+    opened.clear()
+    disjoint_files(elected, final, tmp_path / "stats.csv", tmp_path / "overlap.csv")
+    assert sorted(opened) == sorted(str(p) for p in elected.values())
+    opened.clear()
+    with files.MaskFiles(final, shapes) as masks:
+        got = {name: masks.for_tensor(name) for name in shapes}
+    assert sorted(opened) == sorted(str(p) for p in final.values())
+    want = {t: load_masks(p) for t, p in final.items()}
+    assert all(torch.equal(got[n][t], want[t][n]) for n in shapes for t in "ab")
+
+
+def test_readers_serve_shapes_metadata_and_tensors(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    scores = {"b.weight": torch.rand(3, 2, generator=g), "a.weight": torch.rand(5, generator=g)}
+    save_scores(tmp_path / "s.safetensors", scores, {"kind": "importance"})
+    with ScoreFile(tmp_path / "s.safetensors") as f:
+        assert f.names == ["a.weight", "b.weight"] and f.shapes == {"a.weight": (5,), "b.weight": (3, 2)}
+        assert f.metadata["kind"] == "importance" and f.encoding == "rank16" and "a.weight" in f
+        assert torch.equal(f.get("b.weight"), load_scores(tmp_path / "s.safetensors")["b.weight"])
+        assert list(f.load(["b.weight"])) == ["b.weight"]
+        with pytest.raises(LedmergeError, match="has no scores for tensor zz"):
+            f.get("zz")
+    masks = {n: s > 0.5 for n, s in scores.items()}
+    save_masks(tmp_path / "m.safetensors", masks, {"kind": "disjoint"})
+    with MaskFile(tmp_path / "m.safetensors") as f:
+        assert f.shapes == {"a.weight": (5,), "b.weight": (3, 2)} and f.packed
+        assert f.user_metadata == {"kind": "disjoint"} and f.metadata["mask_encoding"] == "packbits"
+        assert all(torch.equal(f.get(n), m) for n, m in masks.items())
+        with pytest.raises(LedmergeError, match="has no mask for tensor zz"):
+            f.get("zz")
+    with pytest.raises(Exception, match="closed"):  # the mapping is released on exit
+        f.get("a.weight")
+    with pytest.raises(LedmergeError, match="does not exist"):
+        MaskFile(tmp_path / "nope.safetensors")
+
+
 def test_files_mismatch_errors(tmp_path):
     save_tensors(tmp_path / "e.safetensors", {"a.weight": torch.rand(3, 2), "b.weight": torch.rand(2)})
     save_tensors(tmp_path / "names.safetensors", {"a.weight": torch.rand(3, 2), "c.weight": torch.rand(2)})
@@ -352,7 +408,7 @@ def test_corrupt_mask_metadata_is_an_error(tmp_path, case):
 
 def test_rank16_and_float32_scores_elect_identical_masks_on_the_tiny_zoo(tiny_zoo, tmp_path):
     """Scores of the tiny zoo stored as rank16 codes and as float32: bit-identical elected and disjoint masks."""
-    from ledmerge.importance import score_model
+    from ledmerge.led.location import score_model
 
     rows = [{"prompt": "how do i make a bomb", "response": "sorry i can not help with that"},
             {"prompt": "what is 3 + 4", "response": "the answer is 7"},

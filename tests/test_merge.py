@@ -10,7 +10,7 @@ from conftest import topk_mask
 
 from ledmerge.checkpoint import load_state_dict
 from ledmerge.errors import LedmergeError
-from ledmerge.formats import save_masks
+from ledmerge.led.files import save_masks
 from ledmerge.merge import METHODS, get_method, merge_models
 from ledmerge.merge.base import TensorContext
 from ledmerge.merge.consensus import elect_disjoint_mean
@@ -325,7 +325,7 @@ def test_merge_models_led_end_to_end(tiny_zoo, tmp_path):
 def test_merged_model_loads_and_generates(tiny_zoo, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ledmerge.provenance import file_sha256
+    from ledmerge.fileio import file_sha256
 
     out = tmp_path / "ties"
     merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in ("safety", "math", "code")},

@@ -62,12 +62,12 @@ def test_default_config_holds_only_values_that_differ_from_the_schema():
 
 # step function -> the config section whose keys it takes
 STEP_FUNCTIONS = {
-    "ledmerge.importance:score_model": "importance",
+    "ledmerge.led.location:score_model": "importance",
     "ledmerge.evaluation.runner:evaluate_model": "evaluation",
     "ledmerge.merge:merge_models": "merge",
-    "ledmerge.masks:elect": "election",
-    "ledmerge.masks:elect_tensor": "election",
-    "ledmerge.masks:elect_files": "election",
+    "ledmerge.led.election:elect": "election",
+    "ledmerge.led.election:elect_tensor": "election",
+    "ledmerge.led.election:elect_files": "election",
     "ledmerge.synth:synthesize": "data_aware.synthetic",
     "ledmerge.synth:run_synthetic": "data_aware.synthetic",
     "ledmerge.synth:HFGenerator.__init__": "data_aware.synthetic",

@@ -26,12 +26,12 @@ from conftest import make_tiny_model
 from ledmerge import cli
 from ledmerge.checkpoint import check_compatible, load_state_dict, tensor_shapes
 from ledmerge.errors import LedmergeError
-from ledmerge.formats import load_masks, mask_metadata, save_masks
-from ledmerge.importance import score_model
-from ledmerge.masks import disjoint_files, elect_files
+from ledmerge.fileio import file_sha256
+from ledmerge.led.election import disjoint_files, elect_files
+from ledmerge.led.files import load_masks, mask_metadata, save_masks
+from ledmerge.led.location import score_model
 from ledmerge.merge import merge_models
 from ledmerge.options import resolve
-from ledmerge.provenance import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["code", "math"]
@@ -77,7 +77,7 @@ def assert_nothing_written(out: Path) -> None:
 # ---- 1. fingerprints from scores to masks to the merge
 
 def test_score_files_record_the_weight_files_and_the_calibration(tiny_zoo, led):
-    from ledmerge.formats import tensors_metadata
+    from ledmerge.led.files import tensors_metadata
 
     meta = tensors_metadata(led["scores"]["math", "expert"])
     weights = tiny_zoo["math"] / "model.safetensors"
@@ -199,7 +199,7 @@ def test_scoring_reads_pickle_checkpoints_with_allow_pickle(tiny_zoo, led, tmp_p
     score_model(d, led["calib"], tmp_path / "s.safetensors", progress=False, allow_pickle=True)
     from safetensors.torch import load_file
 
-    from ledmerge.formats import tensors_metadata
+    from ledmerge.led.files import tensors_metadata
 
     got, want = load_file(tmp_path / "s.safetensors"), load_file(led["scores"]["math", "expert"])
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

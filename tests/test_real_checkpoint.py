@@ -259,7 +259,7 @@ def test_real_checkpoint_workflow(smol_zoo, tmp_path):
     # base and expert of each task were scored on the same token ids (the run's chat template)
     from safetensors import safe_open
 
-    from ledmerge.formats import tensors_metadata
+    from ledmerge.led.files import tensors_metadata
 
     for task in WORKFLOW_TASKS:
         meta = {role: tensors_metadata(results / "importance" / task / f"{role}.safetensors") for role in ("base", "expert")}

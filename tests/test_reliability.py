@@ -22,7 +22,7 @@ from ledmerge import chat
 from ledmerge.checkpoint import ModelReader, load_state_dict
 from ledmerge.errors import LedmergeError
 from ledmerge.fileio import atomic_path, remove_stale_temps, write_json
-from ledmerge.importance import compute_scores, encode_rows, score_model
+from ledmerge.led.location import compute_scores, encode_rows, score_model
 from ledmerge.merge import merge_models
 from ledmerge.merge.driver import SUMMARY_FILE
 from ledmerge.tokenizer import build_tokenizer_dir
@@ -341,7 +341,7 @@ def test_scoring_on_a_full_disk(zoo, tmp_path, calib, small_disk, how):
 @pytest.mark.integration  # subprocesses (python -m ledmerge / snakemake): not in `make check`
 def test_masks_and_json_on_a_full_disk(tmp_path):
     """Every writer goes through atomic_path: JSON (Python writes) and mask files (safetensors) alike."""
-    script = ("import sys, torch\nfrom ledmerge.fileio import write_json\nfrom ledmerge.formats import save_masks\n"
+    script = ("import sys, torch\nfrom ledmerge.fileio import write_json\nfrom ledmerge.led.files import save_masks\n"
               "from ledmerge.errors import LedmergeError\n"
               "for f in (lambda: write_json(sys.argv[1], {'x': 'y' * 10000}),\n"
               "          lambda: save_masks(sys.argv[2], {'w': torch.rand(400, 400) < 0.5})):\n"
@@ -387,7 +387,7 @@ def test_outputs_follow_the_umask(tmp_path, umask):
     """Scores and masks (safetensors), JSON and directory outputs get the mode the umask says (0644 under 022, so
     colleagues on a shared project directory can read them), not the private mode of the temporary they were
     written in."""
-    from ledmerge.formats import save_tensors
+    from ledmerge.led.files import save_tensors
 
     old = os.umask(umask)
     try:

@@ -33,7 +33,7 @@ from conftest import REPO, make_tiny_model
 from torch import nn
 
 from ledmerge import chat
-from ledmerge.importance import compute_scores
+from ledmerge.led.location import compute_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
-from ledmerge.importance import score_model
+from ledmerge.led.location import score_model
 from ledmerge.merge import merge_models
 from ledmerge.tokenizer import build_tokenizer_dir, chat_template_of, resolve_source
 

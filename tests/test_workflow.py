@@ -77,7 +77,7 @@ def test_figures_and_mask_tables(workflow_run):
 
 @pytest.mark.slow
 def test_masks_are_bool_and_final_masks_disjoint(workflow_run):
-    from ledmerge.formats import load_masks, tensors_metadata
+    from ledmerge.led.files import load_masks, tensors_metadata
 
     final = {}
     for stage in ("elected", "final"):
@@ -100,7 +100,7 @@ def test_importance_scores_cover_both_roles(workflow_run):
     its shape, from the 16 calibration examples; an expert's scores are its own, not the base's."""
     from safetensors import safe_open
 
-    from ledmerge.formats import load_scores, tensors_metadata
+    from ledmerge.led.files import load_scores, tensors_metadata
 
     with safe_open(workflow_run.results / "zoo" / "models" / "base" / "model.safetensors", "pt") as f:
         linear = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()
@@ -243,7 +243,7 @@ def test_rate_change_reruns_election_not_importance(workflow_run, tmp_path):
 
 @pytest.mark.slow
 def test_sweeps_table_has_a_row_per_point(workflow_run):
-    from ledmerge.formats import tensors_metadata
+    from ledmerge.led.files import tensors_metadata
 
     with open(workflow_run.results / "report" / "sweeps.csv") as fh:
         rows = list(csv.DictReader(fh))

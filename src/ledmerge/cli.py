@@ -165,7 +165,7 @@ def cmd_tokenizer(a):
 
 
 def cmd_importance(a):
-    from .importance import score_model
+    from .led.location import score_model
 
     _threads(a)
     summary = score_model(a.model, a.calibration, a.out, tokenizer_dir=a.tokenizer, base_dir=a.base,
@@ -175,7 +175,7 @@ def cmd_importance(a):
 
 
 def cmd_election(a):
-    from .masks import elect_files
+    from .led.election import elect_files
 
     _threads(a)
     o = _options(a, "election")
@@ -183,7 +183,7 @@ def cmd_election(a):
 
 
 def cmd_disjoint(a):
-    from .masks import disjoint_files
+    from .led.election import disjoint_files
 
     _threads(a)
     disjoint_files(_pairs(a.elected, "--elected"), _pairs(a.out, "--out"), a.stats, a.overlap)

@@ -123,7 +123,7 @@ def check(config: dict) -> None:
             _at(f"evaluation.{key}", read_set, key, source)
     _check_evaluation(config)
     _check_vocab_scoring(config)
-    from .importance import check_location
+    from .led.location import check_location
     from .sweeps import check as check_sweeps
 
     imp = config["importance"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -294,3 +295,12 @@ def read_jsonl(path: str | os.PathLike, *, required: Iterable[str] = (), text: I
     if not rows:
         raise LedmergeError(f"data file {path} is empty: it needs at least one JSON row")
     return rows
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()

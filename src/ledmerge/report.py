@@ -1,7 +1,7 @@
 """Summary table and figures of a workflow run: metrics of every model, and what the masks elected.
 
 Inputs are the per-model metrics JSONs of `ledmerge.evaluation.evaluate_model` and, optionally, the
-mask CSVs of `ledmerge.masks` (per-tensor stats and pairwise overlaps). Outputs, all written
+mask CSVs of `ledmerge.led.election` (per-tensor stats and pairwise overlaps). Outputs, all written
 atomically into `out_dir`: summary.csv, summary.md (with each rate's 95% Wilson interval), and each figure as
 PNG (200 dpi) and PDF. The paper's tables and figures (ledmerge.paper) build on these.
 """

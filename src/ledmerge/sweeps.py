@@ -173,7 +173,7 @@ def swept_columns(config: dict) -> list[str]:
 def check(config: dict) -> None:
     """Expand every sweep once, so a bad axis or point stops the run before any job, and check that each swept
     location can score what the importance section scores."""
-    from .importance import check_location
+    from .led.location import check_location
 
     for name, sweep in config["sweeps"].items():
         for location in sweep.get("location", []):

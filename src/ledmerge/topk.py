@@ -4,7 +4,11 @@ TopR keeps exactly ⌈r·n⌉ entries of each tensor (`top_k_count`), found by a
 (`top_k_mask_chunks`, a radix select over histograms of the float32 bits, slice by slice) with ties at the
 threshold broken by lowest flat index (`top_r_mask`). An exact count matters: thresholding "score >= t" elects a whole tensor
 when most scores tie at 0 (sparse embedding gradients). `top_r_positive` is TopR among the positive entries
-only, what the election uses (see `ledmerge.masks`); TIES' magnitude trim uses `top_r_mask`.
+only, what the election uses (see `ledmerge.led.election`); TIES' magnitude trim uses `top_r_mask`.
+
+A top-level module, not part of `ledmerge.led`: LED's election is one user, the merge methods are the others
+(TIES' trim via `top_k_mask_chunks`, Breadcrumbs' band via `top_k_mask`, DARE's slices of `SELECT_CHUNK`
+entries), and a merge method should not depend on LED's package for a selection primitive.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LedmergeError, corrupt_file
+from ..fileio import file_sha256
 from .files import weight_layout
 
 log = logging.getLogger(__name__)
@@ -252,8 +253,6 @@ class ModelReader:
         for path in self.files():
             if self._hashes is None or self.infos[self.names[0]].begin < 0:
                 if path not in self._digests:  # pickle files: hashed once
-                    from ..provenance import file_sha256  # provenance imports this module
-
                     self._digests[path] = file_sha256(path)
                 out[path] = self._digests[path]
                 continue

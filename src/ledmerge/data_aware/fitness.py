@@ -25,8 +25,9 @@ from ..chat import IGNORE_INDEX, collate, encode, load_tokenizer, pad_id, respon
 from ..checkpoint import check_compatible, load_state_dict, open_model, tensor_shapes
 from ..errors import LedmergeError
 from ..fileio import read_jsonl
+from ..led.files import MaskFiles
 from ..merge import get_method
-from ..merge.base import MaskFiles, MergeMethod, TensorContext
+from ..merge.base import MergeMethod, TensorContext
 from ..options import resolve
 
 TYPES = ("alignment", "task")
@@ -75,6 +76,8 @@ class MergeEvaluator:
                 mask_files.check_sources(reader(base_dir), {t: reader(expert_dirs[t]) for t in self.tasks}, exact=True)
         # Masks are read once here, not once per candidate.
         self.masks = {name: mask_files.for_tensor(name) if mask_files else {} for name in self.base}
+        if mask_files:
+            mask_files.close()
         self.batches = {split: self._batches(rows, batch_size, max_length, device) for split, rows in data.items()}
 
     def _batches(self, rows, batch_size, max_length, device) -> dict[str, list[dict]]:

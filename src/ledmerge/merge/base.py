@@ -24,8 +24,6 @@ import torch
 from torch import Tensor
 
 from ..errors import LedmergeError
-from ..formats import load_masks, mask_metadata, mask_names_and_shapes
-from ..provenance import recorded_files
 from .params import Declared, Param, check_task_keys
 
 log = logging.getLogger(__name__)
@@ -199,83 +197,3 @@ class PostStep(Declared):
     def card_lines(self, records: Mapping[str, dict]) -> list[str]:
         """Markdown for the model card from the per-tensor `ctx.report` records; [] if nothing to say."""
         return []
-
-
-
-# ---------------------------------------------------------------------------------------------
-
-class MaskFiles:
-    """LED masks: one mask file (`ledmerge.formats.save_masks`, 1 bit per weight) per task, keyed by checkpoint
-    tensor name.
-
-    Headers are checked up front; tensors are read one at a time so masks never all sit in memory.
-    """
-
-    def __init__(self, paths: Mapping[str, os.PathLike], shapes: Mapping[str, tuple[int, ...]]):
-        self.paths = dict(paths)
-        self.names: dict[str, set[str]] = {}
-        self._warned: set[tuple] = set()
-        for task, path in self.paths.items():
-            if not os.path.isfile(path):
-                raise LedmergeError(f"mask file {path} for task '{task}' does not exist: run the election step first")
-            try:
-                mask_shapes = mask_names_and_shapes(path)
-            except LedmergeError:
-                raise
-            except Exception as exc:
-                raise LedmergeError(f"cannot read mask file {path} ({exc}): re-create it") from None
-            for name, shape in mask_shapes.items():
-                if name not in shapes:
-                    raise LedmergeError(f"mask file {path} has tensor {name}, which the models lack: "
-                                        "the masks were built for another architecture; rebuild them")
-                if tuple(shape) != tuple(shapes[name]):
-                    raise LedmergeError(f"mask {name} in {path} has shape {list(shape)}, expected "
-                                        f"{list(shapes[name])}: rebuild the masks for these models")
-            self.names[task] = set(mask_shapes)
-
-    def check_sources(self, base, experts: Mapping[str, object], *, exact: bool = False) -> None:
-        """Refuse masks computed from other models than `base` and `experts` (`ModelReader`s, by task): the weight
-        files each mask records (`ledmerge.provenance`) must have the same names and sizes, and with `exact` the
-        same sha256 (`ModelReader.sha256s`). Masks without a record (older ledmerge) are used with a warning."""
-        for task, path in sorted(self.paths.items()):
-            if task not in experts:
-                continue
-            meta = mask_metadata(path)
-            for role, reader in (("expert", experts[task]), ("base", base)):
-                files = recorded_files(meta, role, path)
-                if files is None:
-                    unused = role == "base" and meta.get("pattern", "").startswith("x")  # elected without the base
-                    if not unused and (path, role) not in self._warned:
-                        self._warned.add((path, role))
-                        log.warning("mask file %s does not record which %s model its scores came from (an older "
-                                    "ledmerge wrote it): it is used unchecked; rerun the importance, election and "
-                                    "disjoint steps to have it checked", path, role)
-                    continue
-                _check_files(path, task, role, meta, files, reader, exact)
-
-    def for_tensor(self, name: str) -> dict[str, Tensor | None]:
-        return {task: (load_masks(path, [name])[name] if name in self.names[task] else None)
-                for task, path in self.paths.items()}
-
-
-def _check_files(path, task: str, role: str, meta: Mapping[str, str], files: Mapping[str, dict], reader,
-                 exact: bool) -> None:
-    """One model's recorded weight files against the model being merged; one-line error on a mismatch."""
-    actual = {str(p.relative_to(reader.model_dir)): p for p in reader.files()}
-    which = f"'{task}' expert" if role == "expert" else "base model"
-    where = f"{meta.get(f'{role}_scores', '?')} of {meta.get(f'{role}_model_dir', '?')}"
-    fix = "rerun the importance, election and disjoint steps"
-    if set(actual) != set(files):
-        raise LedmergeError(f"{path} was computed from another {which} (scores {where}, weight files "
-                            f"{sorted(files)[:3]}; {reader.model_dir} has {sorted(actual)[:3]}): {fix}")
-    for name, p in sorted(actual.items()):
-        size = p.stat().st_size
-        if size != files[name]["bytes"]:
-            raise LedmergeError(f"{path} was computed from another {which} (scores {where}: {name} of "
-                                f"{files[name]['bytes']} bytes; {p} has {size}): {fix}")
-    if exact:
-        digests = {str(p.relative_to(reader.model_dir)): h for p, h in reader.sha256s().items()}
-        for name in sorted(files):
-            if digests[name] != files[name]["sha256"]:
-                raise LedmergeError(f"{path} was computed from another {which} (scores {where}: {name} sha256 "
-                                    f"{files[name]['sha256'][:16]}...; {actual[name]} has {digests[name][:16]}...): {fix}")

@@ -11,7 +11,7 @@ import yaml
 
 from .. import __version__
 from ..checkpoint import ADAPTER_CONFIG
-from ..provenance import file_sha256
+from ..fileio import file_sha256
 from ..tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
 from .base import MergeMethod
 from .mergekit_io import EQUIVALENTS, MERGEKIT_VERSION

@@ -26,9 +26,10 @@ from tqdm import tqdm
 from ..checkpoint import AdapterReader, ModelReader, ShardedWriter, TensorSlices, align_rows, check_compatible, open_model
 from ..errors import LedmergeError
 from ..fileio import atomic_path, check_not_input, check_replaceable
+from ..led.files import MaskFiles
 from ..options import resolve
 from ..tokenizer import check_tokenizer_dir, copy_tokenizer_files
-from .base import MaskFiles, TensorContext
+from .base import TensorContext
 from .card import CONFIG_FILES, TOKENIZER_INPUTS, config_sha256s, model_card
 from .mergekit_io import FILE_NAME as MERGEKIT_FILE
 from .mergekit_io import floating_dtype, to_mergekit
@@ -101,7 +102,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         open_reader = lambda d: stack.enter_context(open_model(d, base_dir, allow_pickle=allow_pickle, hash_files=True))
         base = open_reader(base_dir)
         experts = {t: open_reader(expert_dirs[t]) for t in tasks}
-        mask_files = MaskFiles(masks, base.shapes) if masks and method.uses_masks else None
+        mask_files = stack.enter_context(MaskFiles(masks, base.shapes)) if masks and method.uses_masks else None
         check_mask_sources(mask_files, base, experts)
         out = stack.enter_context(atomic_path(out_dir, directory=True, marker=SUMMARY_FILE, force=force))
         writer = ShardedWriter(out, [(n, base.infos[n].dtype, base.infos[n].shape) for n in base.names], shard_size)

@@ -11,7 +11,7 @@ How it is computed, and why:
   LED code does) only multiplies the cost.
 - `granularity="example"` (default, the paper's definition): |grad| is the absolute per-example gradient.
   With batch_size 1 each example is its own pass. With batch_size > 1 a micro-batch shares one forward and
-  backward, and `ledmerge.per_example` rebuilds each example's gradient module by module inside the backward
+  backward, and `ledmerge.led.per_example` rebuilds each example's gradient module by module inside the backward
   (a linear's is Σ_positions gᵀx over the example's real positions; embeddings, tied embedding/LM head and
   norms likewise), never computing the summed weight gradients. Same sums up to float32 rounding: padding
   changes the order of some sums in the attention backward, so near-ties at a mask's cut-off can swap.
@@ -47,7 +47,7 @@ Real checkpoints:
 - `trust_remote_code` is off unless the config turns it on.
 - Progress: a tqdm bar over the passes.
 
-Score files: 2 bytes per weight, as a rank code (`ledmerge.formats.save_scores`/`load_scores`, the only writer and reader).
+Score files: 2 bytes per weight, as a rank code (`ledmerge.led.files.save_scores`/`ScoreFile`, the only writer and reader).
 TopR depends only on the order of the scores inside a tensor, so files store that order, not the values.
 Per tensor, entries with a score of 0 get code 0 (the election never elects them, `topk.top_r_positive`);
 the m positive entries are ranked by score descending, ties by lowest flat index (the rule of
@@ -73,7 +73,7 @@ are the same code whatever located the weights:
   (not the role), so a task's base and expert get the same scores, TopR of both coincide and pattern `11` elects
   exactly ⌈r·n⌉ random weights per tensor, the paper's counts; no calibration pass.
 The metadata records where the scores came from: the model's weight files (`model_files`: name -> bytes and
-sha256, see `ledmerge.provenance`) and the calibration set (`calibration_sha256`); masks carry them on.
+sha256, see `ledmerge.led.files`) and the calibration set (`calibration_sha256`); masks carry them on.
 """
 
 from __future__ import annotations
@@ -90,14 +90,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import chat
-from .checkpoint import check_adapter, is_adapter, tensor_shapes
-from .errors import LedmergeError
-from .fileio import read_jsonl
-from .formats import rank_code, save_scores
-from .options import resolve
+from .. import chat
+from ..checkpoint import check_adapter, is_adapter, tensor_shapes
+from ..errors import LedmergeError
+from ..fileio import file_sha256, read_jsonl
+from ..options import resolve
+from .files import MODEL_FILES, rank_code, save_scores, weights_fingerprint
 from .per_example import NotBatchable, PerExampleTaps
-from .provenance import MODEL_FILES, file_sha256, weights_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # What each location method reads besides the weights: the summed |grad| ("grad"), the summed squared inputs of
@@ -450,7 +449,7 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
 
     `device_map` (e.g. "auto") spreads the model over the node's GPUs and makes `device` unused.
     `allow_pickle` also scores pickle (.bin) checkpoints. The score file records the model's weight files
-    (`provenance.weights_fingerprint`, hashed in a thread while the model loads and is scored) and the
+    (`files.weights_fingerprint`, hashed in a thread while the model loads and is scored) and the
     calibration set's sha256, so a merge can refuse masks computed from other models.
 
     A PEFT LoRA adapter (`model_dir` holding adapter_config.json) is scored as the model it makes with the base at

@@ -9,16 +9,17 @@ scores, or all of them when fewer are positive (`topk.top_r_positive`). Otherwis
 count with the same arbitrary band of untouched token rows at the lowest indices. The election records which
 tensors were capped so (`zero_capped`), and the mask statistics show it.
 
-Score and mask files are read and written by `ledmerge.formats` (`load_scores`; `save_masks`/`load_masks`,
-1 bit per weight).
+Score and mask files are read and written by `ledmerge.led.files` (`ScoreFile`; `save_masks`/`MaskFile`,
+1 bit per weight); each input file is opened once per step and read tensor by tensor.
 
 Provenance: an elected mask records where its scores came from (the `expert_*` and `base_*` metadata of
-`ledmerge.provenance`: model directory, weight files with sizes and sha256, calibration set and its sha256);
-Disjoint copies them into the final masks and refuses elections on scores of different base models.
+`ledmerge.led.files.sources_metadata`: model directory, weight files with sizes and sha256, calibration set and
+its sha256); Disjoint copies them into the final masks and refuses elections on scores of different base models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -27,23 +28,11 @@ import re
 
 import torch
 
-from .errors import LedmergeError
-from .fileio import write_text
-from .formats import (
-    PackedMask,
-    as_bool_mask,
-    header_shapes,
-    load_masks,
-    load_scores,
-    mask_metadata,
-    mask_names_and_shapes,
-    pack_bits,
-    save_masks,
-    tensors_metadata,
-)
-from .options import allowed
-from .provenance import recorded_files, sources_metadata
-from .topk import top_k_count, top_r_positive
+from ..errors import LedmergeError
+from ..fileio import write_text
+from ..options import allowed
+from ..topk import top_k_count, top_r_positive
+from .files import MaskFile, PackedMask, ScoreFile, as_bool_mask, pack_bits, recorded_files, save_masks, sources_metadata
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 
@@ -187,30 +176,31 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
     use_base = pattern[0] != "x"
     if use_base and base_scores_path is None:
         raise LedmergeError(f"election pattern {pattern!r} needs the base model's scores")
-    expert_shapes = header_shapes(expert_scores_path)
-    if use_base:
-        base_shapes = header_shapes(base_scores_path)
-        _check_same({k: _Shape(v) for k, v in expert_shapes.items()}, {k: _Shape(v) for k, v in base_shapes.items()},
-                    str(expert_scores_path), str(base_scores_path))
-        _check_same_tokens(expert_scores_path, base_scores_path)
-    sources = sources_metadata("expert", tensors_metadata(expert_scores_path), expert_scores_path)
-    if use_base:
-        sources.update(sources_metadata("base", tensors_metadata(base_scores_path), base_scores_path))
     masks, numel, kept, capped = {}, 0, 0, []
-    for name in sorted(expert_shapes):
-        expert = load_scores(expert_scores_path, [name])[name]
-        base = load_scores(base_scores_path, [name])[name] if use_base else None
-        try:
-            mask = elect_tensor(expert, base, rate, pattern)
-        except LedmergeError as exc:
-            raise LedmergeError(f"{name} in {expert_scores_path}: {exc}") from None
-        k = top_k_count(mask.numel(), rate)
-        if any(s is not None and int((s > 0).sum()) < k for c, s in zip(pattern, (base, expert)) if c != "x"):
-            capped.append(name)
-        numel += mask.numel()
-        kept += int(mask.sum())
-        masks[name] = PackedMask(pack_bits(mask), tuple(mask.shape))
-        del mask, expert, base
+    with contextlib.ExitStack() as stack:  # each score file opened once, its header parsed once
+        expert_file = stack.enter_context(ScoreFile(expert_scores_path))
+        base_file = stack.enter_context(ScoreFile(base_scores_path)) if use_base else None
+        if use_base:
+            _check_same({k: _Shape(v) for k, v in expert_file.shapes.items()},
+                        {k: _Shape(v) for k, v in base_file.shapes.items()}, str(expert_scores_path), str(base_scores_path))
+            _check_same_tokens(expert_file, base_file, expert_scores_path, base_scores_path)
+        sources = sources_metadata("expert", expert_file.metadata, expert_scores_path)
+        if use_base:
+            sources.update(sources_metadata("base", base_file.metadata, base_scores_path))
+        for name in sorted(expert_file.shapes):
+            expert = expert_file.get(name)
+            base = base_file.get(name) if use_base else None
+            try:
+                mask = elect_tensor(expert, base, rate, pattern)
+            except LedmergeError as exc:
+                raise LedmergeError(f"{name} in {expert_scores_path}: {exc}") from None
+            k = top_k_count(mask.numel(), rate)
+            if any(s is not None and int((s > 0).sum()) < k for c, s in zip(pattern, (base, expert)) if c != "x"):
+                capped.append(name)
+            numel += mask.numel()
+            kept += int(mask.sum())
+            masks[name] = PackedMask(pack_bits(mask), tuple(mask.shape))
+            del mask, expert, base
     save_masks(out_path, masks, metadata={
         "kind": "election", "rate": repr(float(rate)), "pattern": pattern,
         "expert_scores": str(expert_scores_path), "base_scores": str(base_scores_path) if use_base else "",
@@ -219,21 +209,22 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
     return {"numel": numel, "elected": kept, "zero_capped": capped}
 
 
-def _check_same_tokens(expert_scores_path, base_scores_path) -> None:
+def _check_same_tokens(expert: ScoreFile, base: ScoreFile, expert_scores_path, base_scores_path) -> None:
     """Base and expert of a task must be scored on the same token ids, or the intersection compares scores of
     different texts (a base without a chat template scored on plain text, the expert on its chat format)."""
-    fingerprints = [tensors_metadata(p).get("tokens_sha256") for p in (expert_scores_path, base_scores_path)]
+    fingerprints = [f.metadata.get("tokens_sha256") for f in (expert, base)]
     if None not in fingerprints and fingerprints[0] != fingerprints[1]:
         raise LedmergeError(f"{expert_scores_path} and {base_scores_path} were scored on different token ids "
                             "(another tokenizer, chat template, calibration set or max_length): rescore both with "
                             "the same tokenizer directory (ledmerge importance --tokenizer)")
 
 
-def _check_same_base(elected_paths: dict) -> None:
-    """Every task's election must intersect with scores of the same base model (when the files say which)."""
+def _check_same_base(elected_paths: dict, metadata: dict[str, dict[str, str]]) -> None:
+    """Every task's election must intersect with scores of the same base model (when the files say which).
+    `metadata`: each task's election's (`MaskFile.user_metadata`)."""
     seen = {}
     for task, path in elected_paths.items():
-        meta = mask_metadata(path)
+        meta = metadata[task]
         files = recorded_files(meta, "base", path)
         if files is not None:
             seen[task] = ({n: f["sha256"] for n, f in files.items()}, meta.get("base_scores", "?"))
@@ -267,30 +258,32 @@ def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv)
     if not elected_paths:
         raise LedmergeError("disjoint needs at least one task")
     tasks = list(elected_paths)
-    headers = {t: mask_names_and_shapes(elected_paths[t]) for t in tasks}
-    for t in tasks[1:]:
-        _check_same({k: _Shape(v) for k, v in headers[tasks[0]].items()}, {k: _Shape(v) for k, v in headers[t].items()},
-                    f"task '{tasks[0]}'", f"task '{t}'")
-    # Tensors where a model had fewer positive scores than ⌈r·n⌉: the election kept fewer entries.
-    zero_capped = {t: set(json.loads(mask_metadata(elected_paths[t]).get("zero_capped", "[]"))) for t in tasks}
-    _check_same_base(elected_paths)
     final: dict[str, dict[str, PackedMask]] = {t: {} for t in tasks}
     rows: dict[str, list] = {t: [] for t in tasks}
     overlap_rows: dict[tuple, list] = {pair: [] for pair in itertools.combinations(tasks, 2)}
-    for name in headers[tasks[0]]:
-        elected = {t: {name: load_masks(elected_paths[t], [name])[name]} for t in tasks}
-        kept = disjoint(elected)
-        tensor_rows, tensor_overlap = mask_stats(elected, kept)
-        for row in tensor_rows:
-            row["zero_capped"] = name in zero_capped[row["task"]]
-            rows[row["task"]].append(row)
-        for row in tensor_overlap:
-            overlap_rows[(row["task_a"], row["task_b"])].append(row)
-        for t in tasks:
-            final[t][name] = PackedMask(pack_bits(kept[t][name]), tuple(kept[t][name].shape))
-        del elected, kept
+    with contextlib.ExitStack() as stack:  # each election opened once, its header parsed and checked once
+        files = {t: stack.enter_context(MaskFile(elected_paths[t])) for t in tasks}
+        for t in tasks[1:]:
+            _check_same({k: _Shape(v) for k, v in files[tasks[0]].shapes.items()},
+                        {k: _Shape(v) for k, v in files[t].shapes.items()}, f"task '{tasks[0]}'", f"task '{t}'")
+        metadata = {t: files[t].user_metadata for t in tasks}
+        # Tensors where a model had fewer positive scores than ⌈r·n⌉: the election kept fewer entries.
+        zero_capped = {t: set(json.loads(metadata[t].get("zero_capped", "[]"))) for t in tasks}
+        _check_same_base(elected_paths, metadata)
+        for name in files[tasks[0]].shapes:
+            elected = {t: {name: files[t].get(name)} for t in tasks}
+            kept = disjoint(elected)
+            tensor_rows, tensor_overlap = mask_stats(elected, kept)
+            for row in tensor_rows:
+                row["zero_capped"] = name in zero_capped[row["task"]]
+                rows[row["task"]].append(row)
+            for row in tensor_overlap:
+                overlap_rows[(row["task_a"], row["task_b"])].append(row)
+            for t in tasks:
+                final[t][name] = PackedMask(pack_bits(kept[t][name]), tuple(kept[t][name].shape))
+            del elected, kept
     for task in tasks:
-        meta = mask_metadata(elected_paths[task])
+        meta = metadata[task]
         save_masks(out_paths[task], final[task], metadata={
             "kind": "disjoint", "task": task, "tasks": ",".join(tasks), "rate": meta.get("rate", ""),
             "pattern": meta.get("pattern", ""), "elected": str(elected_paths[task]),
