@@ -352,13 +352,6 @@ def test_check_validates_the_merge_spec_the_workflow_runs():
         check(cfg)
 
 
-def test_renamed_sections_are_one_line_errors():
-    for old, new, cfg in (("scoring", "importance", {"scoring": {}}), ("merging", "merge", {"merging": {}}),
-                          ("resources.evaluate", "resources.evaluation", {"resources": {"evaluate": {}}})):
-        with pytest.raises(LedmergeError, match=f"'{old}' was renamed to '{new}'"):
-            validate({**copy.deepcopy(DEFAULT), **cfg})
-
-
 def test_real_models_with_named_evaluation_sets_pass(tmp_path, tiny_zoo):
     """Naming the sets is the fix the error gives: files, null (off), or zoo explicitly."""
     cfg = with_models(base_config(tmp_path), tiny_zoo)

@@ -20,9 +20,6 @@ from jsonschema import Draft202012Validator, validators
 
 from .errors import LedmergeError
 
-# Sections renamed so that rule = CLI step = config section; a config still using an old name gets one line.
-RENAMED = {"scoring": "importance", "merging": "merge", "resources.evaluate": "resources.evaluation"}
-
 
 @functools.lru_cache(maxsize=1)
 def _schema_text() -> str:
@@ -88,17 +85,6 @@ def _with_defaults(validator_class):
         yield from validate_properties(validator, properties, instance, schema)
 
     return validators.extend(validator_class, {"properties": set_defaults})
-
-
-def renamed_error(config: dict, prefix: str = "") -> None:
-    """A config that still uses a renamed section: one line naming the new name."""
-    for old, new in RENAMED.items():
-        node = config
-        parts = old.split(".")
-        for part in parts[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and parts[-1] in node:
-            raise LedmergeError(f"{prefix}'{old}' was renamed to '{new}': rename that key in your config")
 
 
 def fill(instance: dict, path: str = "", where: str = "", prefix: str = "option ") -> dict:
