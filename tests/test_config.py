@@ -210,6 +210,15 @@ CASES = [
      "importance.include_lm_head"),
     ("mergekit-unknown-method", _mergekit_unknown_method, "merges.from_mergekit': "),
     ("unknown-judge", _evaluation(judge="harmbnch"), "evaluation.judge"),
+    ("judge-option-misspelt", _evaluation(judge="harmbench", judge_kwargs={"model": "m", "batch_szie": 4}),
+     "evaluation.judge_kwargs': Additional properties are not allowed ('batch_szie' was unexpected)"),
+    ("judge-option-of-another-judge", _evaluation(judge="refusal", judge_kwargs={"model": "m"}),
+     "evaluation.judge_kwargs': Additional properties are not allowed ('model' was unexpected) (allowed keys: "
+     "phrases, prefixes, window)"),
+    ("model-judge-without-model", _evaluation(judge="llama_guard", judge_kwargs={"device": "cuda"}),
+     "evaluation.judge_kwargs': 'model' is a required property"),
+    ("judge-option-bad-value", _evaluation(judge="model", judge_kwargs={"model": "m", "dtype": "fp16"}),
+     "evaluation.judge_kwargs.dtype"),
     ("utility-task-not-evaluated", _evaluation(utility={"gsm8k_accuracy": {"task": "gsm8k", "metric": "exact_match"}}),
      "evaluation.utility.gsm8k_accuracy"),
     ("utility-column-named-like-a-safety-metric",
@@ -350,13 +359,6 @@ def test_check_validates_the_merge_spec_the_workflow_runs():
     cfg["merges"]["led"]["lambdas"] = {"math": 0.5, "chemistry": 1.0}
     with pytest.raises(LedmergeError, match=r"merges\.led.*lambdas names task\(s\) \['chemistry'\]"):
         check(cfg)
-
-
-def test_renamed_sections_are_one_line_errors():
-    for old, new, cfg in (("scoring", "importance", {"scoring": {}}), ("merging", "merge", {"merging": {}}),
-                          ("resources.evaluate", "resources.evaluation", {"resources": {"evaluate": {}}})):
-        with pytest.raises(LedmergeError, match=f"'{old}' was renamed to '{new}'"):
-            validate({**copy.deepcopy(DEFAULT), **cfg})
 
 
 def test_real_models_with_named_evaluation_sets_pass(tmp_path, tiny_zoo):

@@ -120,8 +120,8 @@ def test_vllm_backend_reaches_lm_eval(tiny_zoo, tmp_path, monkeypatch):
 
 
 def test_a_model_judge_on_the_hub_gets_the_revision_default(tmp_path):
-    """judge_kwargs is free-form, but its {hub: org/name} is validated and filled like any hub model (fetch.smk
-    reads revision from the validated config)."""
+    """A model judge's {hub: org/name} is validated and filled like any hub model (fetch.smk reads revision from the
+    validated config)."""
     cfg = hub_config(tmp_path, judge="harmbench", judge_kwargs={"model": {"hub": "org/judge"}})
     assert cfg["evaluation"]["judge_kwargs"]["model"] == {"hub": "org/judge", "revision": "main"}
     with pytest.raises(LedmergeError, match="evaluation.judge_kwargs.model"):

@@ -61,7 +61,8 @@ def test_registry(monkeypatch):
     assert get_judge("refusal", window=10).window == 10
     with pytest.raises(LedmergeError, match="unknown judge"):
         get_judge("nope")
-    with pytest.raises(LedmergeError, match="bad options"):
+    with pytest.raises(LedmergeError, match=r"'judge_kwargs': Additional properties are not allowed \('nonsense' was "
+                       r"unexpected\) \(allowed keys: phrases, prefixes, window\)"):
         get_judge("refusal", nonsense=1)
 
     class Always(Judge):
@@ -72,6 +73,31 @@ def test_registry(monkeypatch):
 
     register_judge("always", Always)
     assert get_judge("always").judge_harmful(["p"], ["r"]) == [(True, 1.0)]
+
+
+def test_judge_options_are_the_schemas(tiny_zoo):
+    """Each built-in judge's options are definitions.<judge>_judge of the configuration schema, which the config's
+    evaluation.judge_kwargs is validated against; the judges take their defaults from there."""
+    from ledmerge import options
+
+    definitions = options.section("")["definitions"]
+    for name in ("refusal", "model", "harmbench", "llama_guard"):
+        assert name in judges.JUDGES and definitions[f"{name}_judge"]["additionalProperties"] is False
+        assert f"judge_kwargs with judge {name}" in options.help_epilog("evaluation")
+    assert RefusalJudge().window == options.definition_defaults("refusal_judge")["window"]
+    assert RefusalJudge(phrases=["nope"], prefixes=[]).is_refusal("p", "well, NOPE.")
+    with pytest.raises(LedmergeError, match=r"'judge_kwargs\.window': 0 is less than the minimum of 1"):
+        RefusalJudge(window=0)
+    with pytest.raises(LedmergeError, match=r"'judge_kwargs': 'model' is a required property"):
+        get_judge("harmbench")
+    with pytest.raises(LedmergeError, match=r"'judge_kwargs\.dtype': 'fp16' is not one of"):
+        get_judge("llama_guard", model=str(tiny_zoo["base"]), dtype="fp16")
+    for name in ("model", "harmbench", "llama_guard"):
+        judge, want = get_judge(name, model=str(tiny_zoo["base"])), options.definition_defaults(f"{name}_judge")
+        got = {k: getattr(judge, k) for k in ("positive", "negative", "max_new_tokens", "max_response_tokens",
+                                               "batch_size", "device")}
+        assert got == {k: want[k] for k in got}, name
+        assert judge.template == judges.TEMPLATES.get(want["template"], want["template"])
 
 
 @pytest.fixture(scope="module")

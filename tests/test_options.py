@@ -95,6 +95,23 @@ def test_step_functions_do_not_restate_schema_defaults(target):
     assert not restated, f"{target} has defaults for {restated}: take them from the schema (options.resolve)"
 
 
+def test_judges_do_not_restate_schema_defaults():
+    """The judges' options (evaluation.judge_kwargs) are definitions.<judge>_judge: judges.py states none of their
+    defaults, neither as a keyword default nor as a preset's value."""
+    from ledmerge.evaluation import judges
+
+    for func, definition in ((judges.RefusalJudge.__init__, "refusal_judge"), (judges.ModelJudge.__init__, "model_judge"),
+                             (judges.JUDGES["harmbench"], "harmbench_judge")):
+        keys = set(options.definition_defaults(definition))
+        restated = [name for name, p in inspect.signature(func).parameters.items()
+                    if name in keys and p.default is not inspect.Parameter.empty]
+        assert not restated, f"{func.__qualname__} has defaults for {restated}: take them from the schema"
+    text = Path(judges.__file__).read_text()
+    literals = set(_string_literals(text))
+    assert not literals & {'"Yes"', '"No"', '"unsafe"', '"safe"'}, "judges.py writes a judge's answers again"
+    assert not re.search(r"(max_new_tokens|batch_size|window|max_response_tokens)\s*[:=]\s*\d", text)
+
+
 def test_cli_has_no_defaults():
     from ledmerge.cli import build_parser
 

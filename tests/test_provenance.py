@@ -412,5 +412,6 @@ def test_workflow_passes_the_opt_ins_to_every_step(tmp_path):
         mine = [c for c in commands if f" {step} " in c]
         assert mine and all(f in c for c in mine for f in flags), (step, mine[:1])
     evaluations = [c for c in commands if " evaluation " in c]
-    judge = f'"judge_kwargs": {{"model": "{tmp_path / "judge"}"}}'  # the CLI adds trust_remote_code to a model judge
+    judge = f'"model": "{tmp_path / "judge"}", "negative": "No"'  # judge_kwargs, with the harmbench judge's defaults
+    # the CLI adds trust_remote_code to a model judge
     assert evaluations and all(judge in c and "--trust-remote-code" in c for c in evaluations), evaluations[:1]

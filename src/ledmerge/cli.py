@@ -245,12 +245,15 @@ def cmd_cocktail(a):
 def cmd_evaluation(a):
     from .evaluation import evaluate_model
     from .evaluation.runner import SETS
+    from .options import resolve
 
-    o = _options(a, "evaluation")
+    given = _json_arg(a.options, "--options")
+    judge_kwargs = given.get("judge_kwargs", {}) if isinstance(given, dict) else None
+    if a.judge_model and isinstance(judge_kwargs, dict):  # a model judge given as {hub: org/name}: its download
+        given["judge_kwargs"] = {**judge_kwargs, "model": a.judge_model}
+    o = resolve("evaluation", given)
     for key in SETS:  # the sets' sources (zoo, a file, a prompt set) reach the job as files: --harmful ... --code
         o.pop(key, None)
-    if a.judge_model:  # a model judge given as {hub: org/name}: its local download
-        o["judge_kwargs"]["model"] = a.judge_model
     if a.trust_remote_code:
         o["model_args"]["trust_remote_code"] = True
         if "model" in o["judge_kwargs"]:  # a judge that loads a model

@@ -24,11 +24,7 @@ EVAL_SETS = ("harmful", "benign", "math", "code")
 def validate(config: dict) -> dict:
     """Fill the schema defaults into `config` (in place) and validate it (`options.fill`, the one validator); the
     first error becomes one clear line."""
-    options.renamed_error(config, "config error: ")
     options.fill(config, prefix="config error at ")
-    judge_model = config["evaluation"]["judge_kwargs"].get("model")
-    if is_hub(judge_model):  # free-form judge_kwargs: its {hub: org/name} is checked and filled like any hub model
-        options.fill_definition(judge_model, "hub_model", "evaluation.judge_kwargs.model.", prefix="config error at ")
     if config["base_model"] == ZOO:  # the toy's prompt sets are the default for the toy models only (see check)
         for key in EVAL_SETS:
             config["evaluation"].setdefault(key, ZOO)

@@ -20,9 +20,6 @@ from jsonschema import Draft202012Validator, validators
 
 from .errors import LedmergeError
 
-# Sections renamed so that rule = CLI step = config section; a config still using an old name gets one line.
-RENAMED = {"scoring": "importance", "merging": "merge", "resources.evaluate": "resources.evaluation"}
-
 
 @functools.lru_cache(maxsize=1)
 def _schema_text() -> str:
@@ -90,26 +87,15 @@ def _with_defaults(validator_class):
     return validators.extend(validator_class, {"properties": set_defaults})
 
 
-def renamed_error(config: dict, prefix: str = "") -> None:
-    """A config that still uses a renamed section: one line naming the new name."""
-    for old, new in RENAMED.items():
-        node = config
-        parts = old.split(".")
-        for part in parts[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and parts[-1] in node:
-            raise LedmergeError(f"{prefix}'{old}' was renamed to '{new}': rename that key in your config")
-
-
 def fill(instance: dict, path: str = "", where: str = "", prefix: str = "option ") -> dict:
     """Fill the defaults of section `path` into `instance` (in place) and validate it; the first error becomes
-    one line naming the key (`where` prefixes the key, e.g. "importance.") and the fix."""
-    return _fill(instance, section(path) if path else schema(), where, prefix)
+    one line naming the key (`where` prefixes the key, e.g. "importance.") and the fix. Validated against the schema
+    with every $ref resolved, so that a `{$ref: ...}` key takes its target's default as `resolve` does."""
+    return _fill(instance, section(path), where, prefix)
 
 
 def fill_definition(instance: dict, name: str, where: str = "", prefix: str = "option ") -> dict:
-    """`fill` against one of the schema's `definitions` (e.g. hub_model, for a {hub: org/name} that a free-form
-    section such as evaluation.judge_kwargs holds)."""
+    """`fill` against one of the schema's `definitions` (e.g. harmbench_judge, for the options a judge is given)."""
     root = schema()
     if name not in root.get("definitions", {}):
         raise LedmergeError(f"the configuration schema has no definition {name!r}")
@@ -220,8 +206,12 @@ def _one_line(text: str) -> str:
 
 def option_lines(path: str) -> list[str]:
     """One line per option of section `path`: `key` (type; default; range): description."""
+    return _option_lines(section(path))
+
+
+def _option_lines(sub: dict) -> list[str]:
     out = []
-    for key, node in section(path).get("properties", {}).items():
+    for key, node in sub.get("properties", {}).items():
         bits = [_type(node)]
         if "default" in node:
             bits.append(f"default {json.dumps(node['default'])}")
@@ -232,9 +222,32 @@ def option_lines(path: str) -> list[str]:
     return out
 
 
+def conditional_sections(node: dict) -> list[tuple[str, str, str, dict]]:
+    """(key, other key, its value, schema) of each object that key `key` of section `node` takes when `other key` has
+    that value: the schema's `allOf: [{if: {properties: {judge: {const: harmbench}}}, then: {properties:
+    {judge_kwargs: ...}}}]` (evaluation.judge_kwargs, by evaluation.judge)."""
+    out = []
+    for case in node.get("allOf", []):
+        when = {k: v["const"] for k, v in case.get("if", {}).get("properties", {}).items() if "const" in v}
+        then = case.get("then", {}).get("properties", {})
+        if len(when) == 1 and len(then) == 1:
+            (other, value), (key, sub) = next(iter(when.items())), next(iter(then.items()))
+            out.append((key, other, value, sub))
+    return out
+
+
 def help_epilog(path: str) -> str:
     """The `--options` keys of a CLI step, for its --help."""
-    lines = "\n".join(f"  {line}" for line in option_lines(path))
+    node = section(path)
+    lines, shown = [f"  {line}" for line in _option_lines(node)], []
+    for key, other, value, sub in conditional_sections(node):
+        mine = _option_lines(sub)
+        # a key's options under another value with the same keys: only the lines that differ (e.g. the defaults)
+        like = next(((v, theirs) for k, v, theirs, keys in shown if (k, keys) == (key, set(sub["properties"]))), None)
+        shown.append((key, value, mine, set(sub["properties"])))
+        head = f"  {key} with {other} {value}" + (f" (other keys as with {other} {like[0]})" if like else "")
+        lines += [head + ":"] + [f"    {line}" for line in mine if not like or line not in like[1]]
+    lines = "\n".join(lines)
     return (f"--options keys (the config's `{path}` section; missing keys take these defaults):\n{lines}")
 
 
@@ -268,12 +281,14 @@ def reference_markdown() -> str:
             rows.append(f"| `{key}` | {kind} | {default} | {_range(sub)} | {desc} |")
         return rows
 
-    def walk(node: dict, path: str, depth: int) -> None:
+    def walk(node: dict, path: str, depth: int, when: str = "") -> None:
         if path:
-            lines.extend([f"{'#' * min(depth + 1, 6)} `{path}`", ""])
+            lines.extend([f"{'#' * min(depth + 1, 6)} `{path}`{when}", ""])
             if node.get("description"):
                 lines.extend([_one_line(node["description"]), ""])
         lines.extend(table(node) + [""])
+        for key, other, value, sub in conditional_sections(node):  # e.g. judge_kwargs, by judge
+            walk(sub, f"{path}.{key}" if path else key, depth + 1, f" with `{other}: {value}`")
         for key, sub in node.get("properties", {}).items():
             if _is_section(sub):
                 walk(sub, f"{path}.{key}" if path else key, depth + 1)
