@@ -255,6 +255,19 @@ def test_config_checks_of_the_data_aware_section(tmp_path, tiny_zoo):
     assert data_aware_models(off) == []
 
 
+@pytest.mark.parametrize("method", ["ties", "led", "dare_ties", "task_arithmetic"])
+def test_data_aware_names_are_parsed_where_they_are_built(method):
+    """ledmerge.layout builds the data-aware merges' names and reads them back (the workflow's merge method, the
+    report's CMA-ES panels): method names with underscores included; other names are none of them."""
+    from ledmerge.layout import cocktail_name, evolve_name, is_evolved, parse_data_aware
+
+    for objective in ("align", "task"):
+        assert parse_data_aware(evolve_name(method, objective)) == ("evo", method, objective)
+        assert parse_data_aware(cocktail_name(objective)) == ("cocktail", "linear", objective)
+        assert is_evolved(evolve_name(method, objective)) and not is_evolved(cocktail_name(objective))
+    assert parse_data_aware(method) is None and parse_data_aware("evo_") is None
+
+
 # ---------------------------------------------------------------------------------------------- real tokenizers
 
 def strip_tokenizer(src, dst, *, template: bool) -> Path:

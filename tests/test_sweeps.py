@@ -14,8 +14,10 @@ import yaml
 
 from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
+from ledmerge.layout import AXES, PER_TASK, Layout
+from ledmerge.options import schema
 from ledmerge.report import sweeps_table
-from ledmerge.sweeps import expand, swept_columns
+from ledmerge.sweeps import branches, expand, swept_columns
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -30,21 +32,28 @@ def config(**sweeps) -> dict:
 
 def test_rate_sweep_reuses_the_scores_and_the_unchanged_elections():
     points = expand(config(r={"merge": "led", "rate": {"math": [0.2, 0.4]}}))
-    assert [p.name for p in points] == ["led.rate_math-0.2", "led"]  # 0.4 is the configured led
+    # 0.4 is the configured led's rate: that point is still named by its own value, and merged as its own
+    assert [p.name for p in points] == ["led.rate_math-0.2", "led.rate_math-0.4"]
     p = points[0]
     assert p.scores is None  # the main run's scores
-    assert p.elections == {"code": None, "math": "snip_11_r0.2", "safety": None}
+    assert p.elections == {"code": "snip_11_r0.5", "math": "snip_11_r0.2", "safety": "snip_11_r0.1"}
     assert p.masks == "snip_11_code0.5_math0.2_safety0.1"
-    assert (points[1].elections, points[1].masks) == ({t: None for t in MAIN}, None)
+    assert points[1].elections == {t: f"snip_11_r{r}" for t, r in MAIN.items()}  # the sweeps' own, never the main's
+    assert points[1].masks == "snip_11_code0.5_math0.4_safety0.1"
     assert p.values["rate_math"] == 0.2 and p.values["rate_safety"] == 0.1
+    # the other tasks' elections are shared by both points: computed once
+    assert sorted(branches(points).elections) == [("snip_11_r0.1", "safety"), ("snip_11_r0.2", "math"),
+                                                  ("snip_11_r0.4", "math"), ("snip_11_r0.5", "code")]
 
 
 def test_rate_tuples_times_locations():
     rates = [{"safety": 0.05, "math": 0.2, "code": 0.25}, MAIN]
     points = expand(config(rl={"merge": "led", "location": ["snip", "random"], "rate": rates}))
-    assert [p.name for p in points] == [
-        "led.rate_code-0.25.rate_math-0.2.rate_safety-0.05", "led",  # tasks in sorted order
-        "led.location-random.rate_code-0.25.rate_math-0.2.rate_safety-0.05", "led.location-random"]
+    assert [p.name for p in points] == [  # every value the sweep sets, snip too; tasks in sorted order
+        "led.location-snip.rate_code-0.25.rate_math-0.2.rate_safety-0.05",
+        "led.location-snip.rate_code-0.5.rate_math-0.4.rate_safety-0.1",
+        "led.location-random.rate_code-0.25.rate_math-0.2.rate_safety-0.05",
+        "led.location-random.rate_code-0.5.rate_math-0.4.rate_safety-0.1"]
     assert [p.scores for p in points] == [None, None, "random", "random"]  # one new score set, for random
     assert points[3].elections == {t: f"random_11_r{r}" for t, r in MAIN.items()}
 
@@ -58,7 +67,7 @@ def test_rate_grid_is_the_product_over_the_tasks():
 def test_lambda_sweep_reuses_the_masks_and_changes_only_the_spec():
     points = expand(config(lam={"merge": "led", "lambda": [{"math": 0.5}, {"math": 0.5, "code": 2}]}))
     assert [p.name for p in points] == ["led.lambda_math-0.5", "led.lambda_code-2.0.lambda_math-0.5"]
-    assert all(p.masks is None and p.scores is None for p in points)
+    assert all(p.masks == "snip_11_code0.5_math0.4_safety0.1" and p.scores is None for p in points)  # one mask set
     assert points[1].spec["lambdas"] == {"safety": 1.0, "math": 0.5, "code": 2.0}
 
 
@@ -70,7 +79,7 @@ def test_pattern_sweep_reuses_the_scores():
 
 def test_baseline_sweeps_vary_the_spec_without_masks():
     points = expand(config(d={"merge": "ties", "density": [0.2, 0.5]}, p={"merge": "dare_ties", "drop": [0.3]}))
-    assert [p.name for p in points] == ["ties.density-0.2", "ties", "dare_ties.drop-0.3"]
+    assert [p.name for p in points] == ["ties.density-0.2", "ties.density-0.5", "dare_ties.drop-0.3"]
     assert points[0].spec == {"method": "ties", "density": 0.2, "scale": 1.0}
     assert not points[0].uses_masks and points[0].masks is None
     assert "location" not in points[0].values and points[0].values["density"] == 0.2
@@ -78,7 +87,8 @@ def test_baseline_sweeps_vary_the_spec_without_masks():
 
 def test_zoo_seeds_branch_everything_but_the_configured_seed():
     points = expand(config(z={"merge": "led", "zoo_seed": [0, 1]}))
-    assert [p.name for p in points] == ["led", "led.zoo_seed-1"]
+    assert [p.name for p in points] == ["led.zoo_seed-0", "led.zoo_seed-1"]
+    assert points[0].zoo_seed is None and points[0].scores is None  # the config's seed: the main zoo and scores
     seeded = points[1]
     assert seeded.zoo_seed == 1 and seeded.scores == "snip_seed1"
     assert seeded.elections == {t: f"snip_seed1_11_r{r}" for t, r in MAIN.items()}
@@ -90,6 +100,10 @@ def test_shared_points_and_columns():
     a, b = expand(cfg)
     assert a.name == "led.rate_math-0.2" and b.name == "led.location-random.rate_math-0.2"
     assert swept_columns(cfg) == ["location", "rate_math"]
+    # a sweep that sets the same values (here as a tuple rather than a grid) shares the point: one merge
+    cfg = config(a={"merge": "led", "rate": {"math": [0.2]}}, c={"merge": "led", "rate": [{"math": 0.2}]})
+    points = expand(cfg)
+    assert [p.name for p in points] == ["led.rate_math-0.2"] * 2 and list(branches(points).points) == [a.name]
 
 
 def test_ablations_overlay_expands():
@@ -98,7 +112,50 @@ def test_ablations_overlay_expands():
     check(validate(cfg))
     points = expand(cfg)
     assert {p.sweep for p in points} >= {"rate_location", "location", "zoo_seed_led", "ties_density"}
-    assert len({p.name for p in points}) < len(points)  # shared points are merged once
+    names = {p.name for p in points}
+    assert len(names) == len(points) and not names & set(cfg["merges"])  # no point is a configured merge
+    assert {p.name for p in points if p.sweep == "location"} == {
+        f"led.location-{m}" for m in ("snip", "magnitude", "gradient", "wanda", "random")}
+
+
+def _pinned(cfg: dict) -> dict:
+    """Each point's name with every path of its own: merge, evaluation, and its scores, elections and masks."""
+    paths = Layout(cfg)
+    tasks = sorted(cfg["tasks"])
+    return {p.name: {"merged": paths.point_dir(p.name), "metrics": paths.point_eval(p.name, "metrics.json"),
+                     "scores": [paths.branch_scores(p.scores, t, r) for t in tasks for r in ("base", "expert")]
+                     if p.uses_masks else [],
+                     "elected": [paths.branch_elected(p.elections[t], t) for t in tasks] if p.uses_masks else [],
+                     "masks": [paths.branch_mask(p.masks, t) for t in tasks] if p.uses_masks else [],
+                     "spec": p.spec, "values": p.values}
+            for p in expand(cfg)}
+
+
+def test_changing_the_configured_merge_renames_no_point():
+    """A point is named by its own values, not the configured merge's: raising tasks.code.rate (0.5 -> 0.45, the
+    configured led's rate that the default sweep's middle tuple also sets) renames no point and moves none of its
+    paths, so nothing of it is recomputed. Points that take the code rate from the config (the ablations' location
+    and λ sweeps) keep their names and merge directories; only the masks they are merged on follow the new rate."""
+    before = copy.deepcopy(DEFAULT)
+    before["sweeps"].update(yaml.safe_load((REPO / "config" / "ablations.yaml").read_text())["sweeps"])
+    after = copy.deepcopy(before)
+    after["tasks"]["code"]["rate"] = 0.45
+    old, new = _pinned(validate(before)), _pinned(validate(after))
+    assert list(old) == list(new)  # the same names, in the same order
+    assert "led.location-snip.rate_code-0.5.rate_math-0.4.rate_safety-0.1" in old  # once equal to led, now not
+    assert {n: (p["merged"], p["metrics"]) for n, p in old.items()} == \
+        {n: (p["merged"], p["metrics"]) for n, p in new.items()}
+    sets_rates = [p.name for p in expand(validate(copy.deepcopy(before))) if p.sweep == "rate_location"]
+    assert len(sets_rates) == 6 and all(old[n] == new[n] for n in sets_rates)  # every path, the spec, the values
+    inherits = "led.lambda_safety-0.5"  # merged on masks at the configured rates: its content changes, not its name
+    assert old[inherits]["masks"] != new[inherits]["masks"] and new[inherits]["values"]["rate_code"] == 0.45
+
+
+def test_the_schema_has_the_layout_axes():
+    """The sweep axes are ledmerge.layout's; the schema's sweep definition lists the same, in the same order."""
+    sweep = schema()["definitions"]["sweep"]["properties"]
+    assert list(sweep) == ["merge", *AXES]
+    assert [a for a in AXES if sweep[a].get("$ref") == "#/definitions/per_task_sweep"] == list(PER_TASK)
 
 
 @pytest.mark.parametrize("sweep, key", [

@@ -6,19 +6,16 @@ the fix, and nothing is computed from a config that would fail later.
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
 from . import options
 from .errors import LedmergeError
 from .fileio import read_yaml
+from .layout import EVAL_SETS, ZOO, ZOO_TASKS, data_aware_models, hub_dir, is_hub, model_dir  # noqa: F401 (re-exported)
+from .specs import merge_spec
 
 log = logging.getLogger(__name__)
-
-ZOO = "zoo"
-ZOO_TASKS = ("safety", "math", "code")
-EVAL_SETS = ("harmful", "benign", "math", "code")
 
 
 def validate(config: dict) -> dict:
@@ -29,26 +26,6 @@ def validate(config: dict) -> dict:
         for key in EVAL_SETS:
             config["evaluation"].setdefault(key, ZOO)
     return config
-
-
-def is_hub(source) -> bool:
-    """A model given as {hub: org/name}: fetched by the workflow rather than read from a local directory."""
-    return isinstance(source, dict) and "hub" in source
-
-
-def hub_dir(config: dict, source: dict) -> str:
-    """Local directory of a hub model: `<hub_dir>/<org>--<name>` (default hub_dir: <results>/hub)."""
-    root = config.get("hub_dir") or f"{config['results']}/hub"
-    return f"{root}/{source['hub'].replace('/', '--')}"
-
-
-def model_dir(config: dict, name: str) -> str:
-    """Directory of model `name` ('base' or a task name) before merging."""
-    results = config["results"]
-    source = config["base_model"] if name == "base" else config["tasks"][name]["model"]
-    if is_hub(source):
-        return hub_dir(config, source)
-    return f"{results}/zoo/models/{name}" if source == ZOO else source
 
 
 def _at(key: str, func, *args, **kwargs):
@@ -232,15 +209,6 @@ def _check_tokenizer(config: dict) -> None:
     _at("tokenizer_source", check_source, source_dir, config["chat_template"])
 
 
-def data_aware_models(config: dict) -> list[str]:
-    """Names of the data-aware merges: evo_<method>_<objective> per searched method, cocktail_<objective>."""
-    da = config["data_aware"]
-    if not da["enabled"]:
-        return []
-    names = [f"evo_{m}_{o}" for m in da["evolve"]["methods"] for o in da["objectives"]]
-    return names + ([f"cocktail_{o}" for o in da["objectives"]] if da["cocktail"]["enabled"] else [])
-
-
 def _check_data_aware(config: dict) -> None:
     da = config["data_aware"]
     if not da["enabled"]:
@@ -263,56 +231,6 @@ def _check_data_aware(config: dict) -> None:
     if clash:
         raise LedmergeError(f"config error at 'merges.{sorted(clash)[0]}': the name is taken by a data-aware merge: "
                             "rename the merge")
-
-
-def merge_spec(config: dict, name: str) -> dict:
-    """The full spec of merge `name`, the one object both `check` validates and the merge job runs (the workflow
-    passes it as the merge rule's `--spec`); an entry {mergekit: file} is translated (`mergekit_spec`). LED's
-    per-task λ: `lambdas.<t>` of the spec where given, else `tasks.<t>.lambda` (a partial `lambdas` falls back per
-    task). A post-step's unset `aligned`: `alignment_task`."""
-    from .merge.registry import POST_STEPS
-
-    entry = config["merges"][name]
-    spec = mergekit_spec(config, entry) if "mergekit" in entry else copy.deepcopy(entry)
-    for key in POST_STEPS:
-        if isinstance(spec.get(key), dict) and spec[key].get("aligned") is None:
-            spec[key]["aligned"] = config["alignment_task"]
-    if spec["method"] == "led":
-        given = spec.get("lambdas") or {}
-        spec["lambdas"] = {t: float(given.get(t, task["lambda"])) for t, task in config["tasks"].items()}
-        spec["lambdas"].update({t: v for t, v in given.items() if t not in config["tasks"]})  # check reports these
-    return spec
-
-
-def mergekit_spec(config: dict, entry: dict) -> dict:
-    """The spec of a merge given as a mergekit file (`ledmerge.merge.mergekit_io`). Its models map to the run's by
-    the rule documented in docs/workflow.md: a hub id equal to a {hub: org/name} model's (with `@revision` when
-    not main), else a path (relative: to the working directory, as mergekit reads it) that resolves to the same
-    directory as the model's."""
-    from .checkpoint import ModelReader
-    from .merge.mergekit_io import MIXED, floating_dtype, from_mergekit, read_mergekit
-
-    names = ["base", *config["tasks"]]
-    sources = {n: config["base_model"] if n == "base" else config["tasks"][n]["model"] for n in names}
-
-    def identify(ref: str) -> str | None:
-        for n in names:
-            source = sources[n]
-            if is_hub(source) and ref in (f"{source['hub']}@{source['revision']}",
-                                          *([source["hub"]] if source["revision"] == "main" else [])):
-                return n
-            if Path(ref).resolve() == Path(model_dir(config, n)).resolve():
-                return n
-        return None
-
-    def base_dtype() -> str | None:
-        if not Path(model_dir(config, "base")).is_dir():
-            return None
-        with ModelReader(model_dir(config, "base"), allow_pickle=config["allow_pickle"]) as reader:
-            return floating_dtype(reader.infos) or MIXED
-
-    path = entry["mergekit"]
-    return from_mergekit(read_mergekit(path), path, sorted(config["tasks"]), identify, base_dtype, entry.get("seed"))
 
 
 def load(path: str | Path) -> dict:

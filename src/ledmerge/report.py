@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 
 from .errors import LedmergeError  # noqa: E402
 from .fileio import atomic_path, write_text  # noqa: E402
+from .layout import EVAL_SETS, parse_data_aware  # noqa: E402
 from .paper import SAFETY  # noqa: E402
 
 KINDS = ("base", "expert", "merge", "data-aware")
@@ -39,9 +40,8 @@ LABELS = {
     "code_pass_rate": "code pass rate (↑)",
     "mean_utility": "mean utility (↑)",
 }
-# metrics.json files written before `rates` existed: the evaluation set of each rate (its `n`).
-LEGACY_SETS = {"harmful_rate": "harmful", "over_refusal_rate": "benign", "math_accuracy": "math",
-               "code_pass_rate": "code"}
+# metrics.json files written before `rates` existed: the evaluation set of each rate (its `n`), in EVAL_SETS' order.
+LEGACY_SETS = dict(zip(("harmful_rate", "over_refusal_rate", "math_accuracy", "code_pass_rate"), EVAL_SETS))
 KIND_STYLE = {"base": dict(marker="s", color="#555555"), "expert": dict(marker="^", color="#1f77b4"),
               "merge": dict(marker="o", color="#d62728"), "data-aware": dict(marker="D", color="#2ca02c")}
 
@@ -299,7 +299,7 @@ def plot_cmaes_fitness(histories: dict[str, str | Path], out_dir: Path) -> None:
     runs = {}
     for name, path in histories.items():
         df = _read_csv(path, ["evaluation", "fitness"])
-        method, _, objective = name.removeprefix("evo_").rpartition("_")
+        _, method, objective = parse_data_aware(name)
         runs.setdefault(objective, []).append((method, df))
     titles = {"align": "alignment + domain data", "task": "domain data only"}
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)

@@ -5,16 +5,23 @@ density, drop, zoo_seed). An axis is a list of values, or for the per-task axes 
 {task: [values]} (a grid over those tasks) or [{task: value, ...}, ...] (a list of tuples); tasks and keys a
 point does not set keep the configured value.
 
+A point is named by its own values (`ledmerge.layout.point_name`): its merge and every value its sweep sets, whether
+or not it equals the configured one, so a changed config never renames a point. It is never the configured merge
+itself: one with the same values is merged again, under its own name. Two sweeps that set the same values share it.
+
 Each point is a cached branch: every stage's output is named by the values that stage depends on and nothing
-else, so points share what they have in common and Snakemake reruns only what a changed value reaches:
+else (`ledmerge.layout`'s branch ids), so points share what they have in common and Snakemake reruns only what a
+changed value reaches:
 - scores by (zoo seed, location): a rate or pattern sweep reuses them;
 - elected masks by (scores, pattern, the task's rate): a sweep of one task's rate reuses the others' elections;
 - final masks by (scores, pattern, every rate): a λ, density or drop sweep reuses them;
-- the merge by the point's name, which lists exactly the values that differ from the configured merge (so a
-  point equal to the configured merge is that merge, and two sweeps with the same point share one merge).
-A stage equal to the main run's (None here) reads the main run's files. A zoo seed other than the config's
-re-trains the toy base and experts with that seed (data, tokenizer, calibration and evaluation sets stay the
-main run's), under their own directory.
+- the merge and its evaluation by the point's name.
+The scores (and the zoo) are read from the main run's files when they equal them (the main zoo and
+`importance.location`: None here), since they depend on no value of the merge; the elections and masks are always
+the sweeps' own, so a configured rate, pattern or λ reaches only the points that take it from the config (rerun
+under the same name), never one that sets its own. A zoo seed other than the config's re-trains the toy base and
+experts with that seed (data, tokenizer, calibration and evaluation sets stay the main run's), under their own
+directory.
 """
 
 from __future__ import annotations
@@ -25,10 +32,9 @@ import json
 from dataclasses import dataclass, field
 
 from .errors import LedmergeError
+from .layout import AXES, PER_TASK, ZOO, ZOO_SEED, columns, election_id, masks_id, point_name, scores_id
+from .specs import merge_spec
 
-# Axes in the order of the point names and of the sweeps.csv columns (docs/results.md's order).
-AXES = ("location", "pattern", "rate", "lambda", "density", "drop", "zoo_seed")
-PER_TASK = ("rate", "lambda")
 MASK_AXES = ("location", "pattern", "rate")  # what the LED masks depend on (besides the zoo)
 
 
@@ -36,18 +42,33 @@ MASK_AXES = ("location", "pattern", "rate")  # what the LED masks depend on (bes
 class Point:
     sweep: str
     merge: str  # the configured merge the sweep varies
-    name: str  # the point's merge name: `merge` itself when every value is the configured one
+    name: str  # the point's merge name (layout.point_name): the merge and the values the sweep sets
     values: dict  # column (location, pattern, rate_<t>, lambda_<t>, density, drop, zoo_seed) -> effective value
     spec: dict = field(repr=False)  # the merge spec the point runs
     zoo_seed: int | None  # None: the main zoo (or models that are not the zoo)
     uses_masks: bool
-    scores: str | None = None  # branch ids (None: the main run's files); set when uses_masks
-    elections: dict = field(default_factory=dict)  # task -> election branch id or None
+    scores: str | None = None  # branch ids (scores None: the main run's); set when uses_masks
+    elections: dict = field(default_factory=dict)  # task -> election branch id
     masks: str | None = None
 
 
-def _fmt(value) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
+@dataclass(frozen=True)
+class Branches:
+    """What the sweeps' jobs compute, each once. `points`: every distinct point by name (sweeps that set the same
+    values share one); the branch tables map each branch id (an election's with its task) to the first point that
+    needs it, which gives the values the branch is computed from."""
+    points: dict
+    scores: dict
+    elections: dict
+    masks: dict
+
+
+def branches(points: list[Point]) -> Branches:
+    distinct = {p.name: p for p in points}
+    return Branches(points=distinct,
+                    scores={p.scores: p for p in distinct.values() if p.scores},
+                    elections={(e, t): p for p in distinct.values() for t, e in p.elections.items()},
+                    masks={p.masks: p for p in distinct.values() if p.masks})
 
 
 def _per_task_points(axis) -> list[dict]:
@@ -65,23 +86,17 @@ def _axis_points(sweep: dict, key: str) -> list[dict]:
 
 
 def _branches(config: dict, zoo_seed, location, pattern, rates) -> tuple:
-    """(scores id, {task: election id}, masks id) of a point's LED masks; None for a stage equal to the main
-    run's (never with a re-trained zoo)."""
-    scores = location + ("" if zoo_seed is None else f"_seed{zoo_seed}")
+    """(scores id, {task: election id}, masks id) of a point's LED masks. The scores id is None where the scores are
+    the main run's (the main zoo, `importance.location`); elections and masks are always the sweeps' own."""
+    scores = scores_id(location, zoo_seed)
     main_scores = zoo_seed is None and location == config["importance"]["location"]
-    same_pattern = pattern == config["election"]["pattern"]
-    elections = {t: None if main_scores and same_pattern and rates[t] == config["tasks"][t]["rate"]
-                 else f"{scores}_{pattern}_r{_fmt(rates[t])}" for t in sorted(rates)}
-    masks = None if all(e is None for e in elections.values()) else \
-        f"{scores}_{pattern}_" + "_".join(f"{t}{_fmt(rates[t])}" for t in sorted(rates))
-    return None if main_scores else scores, elections, masks
+    elections = {t: election_id(scores, pattern, rates[t]) for t in sorted(rates)}
+    return None if main_scores else scores, elections, masks_id(scores, pattern, rates)
 
 
 def expand(config: dict) -> list[Point]:
     """Every point of every sweep of a validated config, sweep by sweep, in grid order. Bad axes raise one
     LedmergeError naming `sweeps.<name>` (see `check`)."""
-    from .config import ZOO, merge_spec
-
     tasks = sorted(config["tasks"])
     points = []
     for sweep_name, sweep in config["sweeps"].items():
@@ -107,7 +122,7 @@ def expand(config: dict) -> list[Point]:
                 bad = [v for p in _per_task_points(sweep[key]) for v in p.values() if not 0 < v <= 1]
                 if key == "rate" and bad:
                     raise LedmergeError(f"{where}.rate': {bad[0]} is not an election rate: give rates in (0, 1]")
-            if key == "zoo_seed" and config["base_model"] != ZOO:
+            if key == ZOO_SEED and config["base_model"] != ZOO:
                 raise LedmergeError(f"{where}.zoo_seed': zoo seeds re-train the toy zoo, and base_model is not "
                                     "zoo: remove zoo_seed")
         for combo in itertools.product(*(_axis_points(sweep, k) for k in axes)):
@@ -119,16 +134,17 @@ def expand(config: dict) -> list[Point]:
 def _point(config, sweep_name, merge, base_spec, chosen, tasks, uses_masks, where) -> Point:
     from .merge import get_method
 
-    main = {"zoo_seed": config["seed"], "location": config["importance"]["location"],
+    main = {ZOO_SEED: config["seed"], "location": config["importance"]["location"],
             "pattern": config["election"]["pattern"],
             **{f"rate_{t}": float(config["tasks"][t]["rate"]) for t in tasks},
             **({f"lambda_{t}": float(base_spec["lambdas"][t]) for t in tasks} if uses_masks else {}),
             "density": base_spec.get("density"), "drop": base_spec.get("drop")}
-    values = {**main, **{k: float(v) if k.startswith(("rate_", "lambda_")) else v for k, v in chosen.items()}}
+    own = {k: float(v) if k.startswith(("rate_", "lambda_")) else v for k, v in chosen.items()}  # the point's values
+    values = {**main, **own}
     spec = copy.deepcopy(base_spec)
     for key in ("density", "drop"):
-        if key in chosen:
-            spec[key] = chosen[key]
+        if key in own:
+            spec[key] = own[key]
     if uses_masks:
         spec["lambdas"] = {t: values[f"lambda_{t}"] for t in tasks}
     try:
@@ -137,10 +153,9 @@ def _point(config, sweep_name, merge, base_spec, chosen, tasks, uses_masks, wher
     except LedmergeError as exc:
         raise LedmergeError(f"{where}': the point {json.dumps(chosen, sort_keys=True)} of merge {merge!r}: "
                             f"{exc}") from None
-    zoo_seed = None if values["zoo_seed"] == config["seed"] else values["zoo_seed"]
-    differs = [k for k in _columns(tasks) if k in values and values[k] != main[k]]
-    name = ".".join([merge, *(f"{k}-{_fmt(values[k])}" for k in differs)])
-    point = dict(sweep=sweep_name, merge=merge, name=name, spec=spec, zoo_seed=zoo_seed, uses_masks=uses_masks,
+    zoo_seed = None if values[ZOO_SEED] == config["seed"] else values[ZOO_SEED]
+    point = dict(sweep=sweep_name, merge=merge, name=point_name(merge, own, tasks), spec=spec, zoo_seed=zoo_seed,
+                 uses_masks=uses_masks,
                  values={k: v for k, v in values.items() if v is not None and (uses_masks or k not in (
                      "location", "pattern", *(f"rate_{t}" for t in tasks)))})
     if uses_masks:
@@ -150,16 +165,8 @@ def _point(config, sweep_name, merge, base_spec, chosen, tasks, uses_masks, wher
     return Point(**point)
 
 
-def _columns(tasks: list[str]) -> list[str]:
-    cols = []
-    for key in AXES:
-        cols += [f"{key}_{t}" for t in tasks] if key in PER_TASK else [key]
-    return cols
-
-
 def swept_columns(config: dict) -> list[str]:
     """The parameter columns of sweeps.csv: every column some sweep varies, in AXES order."""
-    tasks = sorted(config["tasks"])
     swept = set()
     for sweep in config["sweeps"].values():
         for key in AXES:
@@ -167,7 +174,7 @@ def swept_columns(config: dict) -> list[str]:
                 swept |= {f"{key}_{t}" for p in _per_task_points(sweep[key]) for t in p}
             elif key in sweep:
                 swept.add(key)
-    return [c for c in _columns(tasks) if c in swept]
+    return [c for c in columns(config["tasks"]) if c in swept]
 
 
 def check(config: dict) -> None:

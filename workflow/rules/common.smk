@@ -1,5 +1,8 @@
-# Paths and helpers shared by the rules. Rules stay thin: each is one `ledmerge <step>` call, the step named as
-# the config section it reads, passed as `--options` (section_json); flags are written in each shell command.
+# Rule glue shared by the rules: the run's paths (bound from ledmerge.layout, where every run name and path is
+# written), the config's model lists, and the inputs and arguments of the jobs. Rules stay thin: each is one
+# `ledmerge <step>` call, the step named as the config section it reads, passed as `--options` (section_json);
+# flags are written in each shell command. Names and their parsing live in ledmerge.layout, the sweeps' points and
+# branch tables in ledmerge.sweeps.
 # Software: every job runs `python -m ledmerge` with the Python that runs Snakemake (`make env` installs both).
 # The `conda:` directives (CONDA_ENV, kept for `snakemake --lint`) are not a working `--sdm conda` setup:
 # envs/ledmerge.yaml lacks ledmerge itself (not on any conda channel; it must be pip-installed from this
@@ -12,12 +15,34 @@ import sys
 from pathlib import Path
 
 from ledmerge.checkpoint import ADAPTER_CONFIG, INDEX, PICKLE_INDEX, is_adapter, weight_files
-from ledmerge.config import ZOO, data_aware_models, hub_dir, is_hub, merge_spec, model_dir
-from ledmerge.sweeps import expand as expand_sweeps, swept_columns
+from ledmerge.layout import (
+    DATASET_NAME,
+    EVAL_SETS,
+    OBJECTIVES,
+    PRETRAIN,
+    ZOO,
+    ZOO_FILES,
+    ZOO_TASKS,
+    Layout,
+    calibration_dataset,
+    cocktail_name,
+    data_aware_models,
+    eval_dataset,
+    evolve_name,
+    hub_dir,
+    is_evolved,
+    is_hub,
+    model_dir,
+    parse_data_aware,
+    zoo_train,
+)
+from ledmerge.specs import merge_spec
+from ledmerge.sweeps import branches as sweep_branches, expand as expand_sweeps, swept_columns
 from ledmerge.paper import FIGURES as PAPER_FIGURES, TABLES as PAPER_TABLES
 from ledmerge.tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
 
-R = config["results"]
+PATHS = Layout(config)
+R = PATHS.results
 # Jobs call the package with the Python that runs Snakemake, which must import ledmerge anyway (the
 # Snakefile checks the config with it). Set here for the jobs' shells (not read from the user's
 # environment, so no `envvars:` is needed); every other value reaches a rule through its
@@ -27,53 +52,19 @@ os.environ.update(LEDMERGE=f"{sys.executable} -m ledmerge")
 CONDA_ENV = os.path.join(workflow.basedir, "envs", "ledmerge.yaml")
 TASKS = sorted(config["tasks"])
 MERGES = sorted(config["merges"])
-# Data-aware merges (data_aware.smk): named evo_<method>_<objective> and cocktail_<objective>.
+# Data-aware merges (data_aware.smk): named evo_<method>_<objective> and cocktail_<objective> (ledmerge.layout).
 DA = config["data_aware"]
 DOMAIN_TASKS = [t for t in TASKS if t != config["alignment_task"]]
 DATA_AWARE = data_aware_models(config)
-EVOLVED = [m for m in DATA_AWARE if m.startswith("evo_")]
+EVOLVED = [m for m in DATA_AWARE if is_evolved(m)]
 MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
-LOG = f"{R}/logs"
-EVAL_SETS = ("harmful", "benign", "math", "code")
 
-
-TOKENIZER = f"{R}/tokenizer"
-
-
-# ---- named paths (one definition each) ----
-def calibration_file(task):
-    return f"{R}/calibration/{task}.jsonl"
-
-
-def scores_file(task, role):
-    return f"{R}/importance/{task}/{role}.safetensors"
-
-
-def elected_mask(task):
-    return f"{R}/masks/elected/{task}.safetensors"
-
-
-def final_mask(task):
-    return f"{R}/masks/final/{task}.safetensors"
-
-
-def merged_dir(name):
-    return f"{R}/merged/{name}"
-
-
-def search_dir(name):
-    """Output directory of a data-aware search (evo_<method>_<objective>, cocktail_<objective>)."""
-    return f"{R}/data_aware/{name}"
-
-
-def eval_file(model, name):
-    return f"{R}/eval/{model}/{name}"
-
-
-SYNTHETIC = f"{R}/synthetic"
-PAPER = f"{R}/report/paper"
-SWEEPS_CSV = f"{R}/report/sweeps.csv"
-MASK_STATS, MASK_OVERLAP = f"{R}/masks/stats.csv", f"{R}/masks/overlap.csv"
+# ---- the run's paths (ledmerge.layout.Layout: one definition each; with wildcards, the rules' patterns) ----
+LOG, HUB, TOKENIZER, SYNTHETIC, REPORT = PATHS.logs, PATHS.hub, PATHS.tokenizer, PATHS.synthetic, PATHS.report
+PAPER, SWEEPS_CSV, MASK_STATS, MASK_OVERLAP = PATHS.paper, PATHS.sweeps_csv, PATHS.mask_stats, PATHS.mask_overlap
+calibration_file, scores_file, elected_mask, final_mask = (
+    PATHS.calibration_file, PATHS.scores_file, PATHS.elected_mask, PATHS.final_mask)
+merged_dir, search_dir, eval_file, eval_data = PATHS.merged_dir, PATHS.search_dir, PATHS.eval_file, PATHS.eval_set
 
 
 def paper_sweeps(wildcards):
@@ -143,18 +134,17 @@ def datasets_to_fetch():
         cal = config["tasks"][t]["calibration"]
         if cal["source"] == "hf":
             spec = {k: cal.get(k) for k in ("name", "config_name", "split")}
-            out[f"{R}/data/calibration_{t}.jsonl"] = (spec, {"prompt": cal["prompt_column"],
-                                                             "response": cal["response_column"]})
+            out[PATHS.dataset(calibration_dataset(t))] = (spec, {"prompt": cal["prompt_column"],
+                                                                  "response": cal["response_column"]})
     for key in EVAL_SETS:
         source = config["evaluation"][key]
         if isinstance(source, dict):
             spec = {"name": source["hf"], "config_name": source["config_name"], "split": source["split"]}
-            out[f"{R}/data/eval_{key}.jsonl"] = (spec, {"prompt": source["prompt_column"],
-                                                       "category": source["category_column"]})
+            out[PATHS.dataset(eval_dataset(key))] = (spec, {"prompt": source["prompt_column"],
+                                                           "category": source["category_column"]})
     return out
 
 
-HUB = config["hub_dir"] or f"{R}/hub"
 HUB_MODELS = hub_models()
 DATASETS = datasets_to_fetch()
 
@@ -240,10 +230,10 @@ def model_kind(name):
 
 
 def merge_method(name):
-    """The merge method of a configured or data-aware merge (evo_<method>_<objective>; cocktail: linear)."""
+    """The merge method of a configured or data-aware merge (the one its name says: ledmerge.layout)."""
     if name in config["merges"]:
         return merge_spec(config, name)["method"]  # an entry may be a mergekit file
-    return name[len("evo_"):].rsplit("_", 1)[0] if name.startswith("evo_") else "linear"
+    return parse_data_aware(name)[1]
 
 
 def merge_spec_arg(name):
@@ -259,25 +249,6 @@ def importance_device():
         return config["importance"]["device"]
     places = device_map.values() if isinstance(device_map, dict) else [device_map]
     return "cpu" if all(str(p) == "cpu" for p in places) else "cuda"
-
-
-def eval_data(key):
-    """Evaluation set `key` (harmful, benign, math, code): a zoo file, a user file, or "" (none)."""
-    source = config["evaluation"][key]
-    if source is None:
-        return ""
-    if isinstance(source, dict):
-        return f"{R}/data/eval_{key}.jsonl"
-    return f"{R}/zoo/data/{key}_eval.jsonl" if source == ZOO else source
-
-
-def calibration_pool(wildcards):
-    cal = config["tasks"][wildcards.task]["calibration"]
-    if cal["source"] == ZOO:
-        return f"{R}/zoo/data/{wildcards.task}_calib.jsonl"
-    if cal["source"] == "hf":
-        return f"{R}/data/calibration_{wildcards.task}.jsonl"
-    return cal["path"]
 
 
 def merge_inputs(wildcards):
@@ -311,41 +282,20 @@ def led_masks(method):
     return pairs(TASKS, final_mask) if method == "led" else ""
 
 
-# ---- sweeps (sweeps.smk): points, branch ids (ledmerge.sweeps) and their paths ----
-SW = f"{R}/sweeps"
+# ---- sweeps (sweeps.smk): points and branch tables (ledmerge.sweeps), their paths (ledmerge.layout) ----
 SWEEP_POINTS = expand_sweeps(config)
-# Each distinct point once (sweeps may share points), by merge name; those equal to a configured merge are that merge.
-POINTS = {p.name: p for p in SWEEP_POINTS}
-BRANCHES = {name: p for name, p in POINTS.items() if name not in config["merges"]}
-# Branch ids (elections: with the task) -> the first point that needs each: what the branch is computed from.
-SCORES = {p.scores: p for p in BRANCHES.values() if p.scores}
-ELECTIONS = {(e, t): p for p in BRANCHES.values() for t, e in p.elections.items() if e}
-MASKS = {p.masks: p for p in BRANCHES.values() if p.masks}
-
-
-def branch_model(zoo_seed, name):
-    """Model `name` (base or a task) of a point: the main run's, or the zoo re-trained with `zoo_seed`."""
-    return model_path(name) if zoo_seed is None else f"{SW}/zoo_seed{zoo_seed}/models/{name}"
-
-
-def branch_scores(branch, task, role):
-    return scores_file(task, role) if branch is None else f"{SW}/importance/{branch}/{task}/{role}.safetensors"
-
-
-def branch_elected(branch, task):
-    return elected_mask(task) if branch is None else f"{SW}/masks/elected/{branch}/{task}.safetensors"
-
-
-def branch_mask(branch, task):
-    return final_mask(task) if branch is None else f"{SW}/masks/final/{branch}/{task}.safetensors"
+# Each distinct point once (sweeps may share points), and each branch id -> the first point that needs it.
+SWEEP = sweep_branches(SWEEP_POINTS)
+branch_model, branch_scores, branch_elected, branch_mask = (
+    PATHS.branch_model, PATHS.branch_scores, PATHS.branch_elected, PATHS.branch_mask)
 
 
 def point_metrics(name):
-    return eval_file(name, "metrics.json") if name in config["merges"] else f"{SW}/eval/{name}/metrics.json"
+    return PATHS.point_eval(name, "metrics.json")
 
 
 def sweep_merge_inputs(wildcards):
-    p = BRANCHES[wildcards.point]
+    p = SWEEP.points[wildcards.point]
     inputs = {"base": branch_model(p.zoo_seed, "base"), "experts": [branch_model(p.zoo_seed, t) for t in TASKS],
               "tokenizer": TOKENIZER, "weights": [] if p.zoo_seed is not None else model_inputs("base", *TASKS)}
     if p.uses_masks:

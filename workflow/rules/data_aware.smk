@@ -56,12 +56,12 @@ rule evolve:
     input:
         unpack(search_inputs),
     output:
-        history=f"{search_dir('evo_{method}_{objective}')}/history.csv",
-        recipe=f"{search_dir('evo_{method}_{objective}')}/recipe.json",
-        summary=f"{search_dir('evo_{method}_{objective}')}/search.json",
+        history=f"{search_dir(evolve_name('{method}', '{objective}'))}/history.csv",
+        recipe=f"{search_dir(evolve_name('{method}', '{objective}'))}/recipe.json",
+        summary=f"{search_dir(evolve_name('{method}', '{objective}'))}/search.json",
     wildcard_constraints:
         method="|".join(DA["evolve"]["methods"]) or "none",
-        objective="align|task",
+        objective="|".join(OBJECTIVES),
     params:
         **SEARCH_PARAMS,
         masks=lambda w: led_masks(w.method),
@@ -81,10 +81,10 @@ rule cocktail:
     input:
         unpack(search_inputs),
     output:
-        recipe=f"{search_dir('cocktail_{objective}')}/recipe.json",
-        summary=f"{search_dir('cocktail_{objective}')}/search.json",
+        recipe=f"{search_dir(cocktail_name('{objective}'))}/recipe.json",
+        summary=f"{search_dir(cocktail_name('{objective}'))}/search.json",
     wildcard_constraints:
-        objective="align|task",
+        objective="|".join(OBJECTIVES),
     params:
         **SEARCH_PARAMS,
         options=section_json("data_aware.cocktail"),

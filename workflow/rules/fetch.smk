@@ -26,9 +26,9 @@ rule fetch_model:
 
 rule fetch_dataset:
     output:
-        f"{R}/data/{{dataset}}.jsonl",
+        PATHS.dataset("{dataset}"),
     wildcard_constraints:
-        dataset="(calibration|eval)_[a-z][a-z0-9_]*",
+        dataset=DATASET_NAME,
     params:
         spec=lambda w, output: as_json(DATASETS[output[0]][0]),
         columns=lambda w, output: as_json(DATASETS[output[0]][1]),

@@ -3,7 +3,7 @@
 
 rule calibration:
     input:
-        pool=calibration_pool,
+        pool=lambda w: PATHS.calibration_pool(w.task),
     output:
         calibration_file("{task}"),
     params:

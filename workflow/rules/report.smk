@@ -17,9 +17,9 @@ rule report:
         overlap=MASK_OVERLAP,
         histories=[f"{search_dir(m)}/history.csv" for m in EVOLVED],
     output:
-        csv=report(f"{R}/report/summary.csv", category="Summary"),
-        md=f"{R}/report/summary.md",
-        figures=[report(f"{R}/report/{f}.png", category="Figures") for f in REPORT_FIGURES],
+        csv=report(f"{REPORT}/summary.csv", category="Summary"),
+        md=f"{REPORT}/summary.md",
+        figures=[report(f"{REPORT}/{f}.png", category="Figures") for f in REPORT_FIGURES],
     params:
         out_dir=lambda w, output: os.path.dirname(output.csv),
         metrics=pairs(MODELS, lambda m: f"{model_kind(m)}={eval_file(m, 'metrics.json')}"),

@@ -1,9 +1,10 @@
 # Sweeps (config `sweeps`, expanded by ledmerge.sweeps): every point is merged and evaluated by the ordinary rules
 # (`use rule ... with:` below changes only their paths and the swept values), as a branch of its own under
-# results/sweeps/. Each stage's output is named by the values it depends on (ledmerge.sweeps: scores by zoo seed
-# and location, elections by pattern and the task's rate, masks by every rate, merges by the point), and a stage
-# equal to the main run's reads the main run's files, so a point reruns only what its own values change.
-# The points, branch ids and path helpers are in common.smk.
+# results/sweeps/. Each stage's output is named by the values it depends on (ledmerge.layout: scores by zoo seed
+# and location, elections by pattern and the task's rate, masks by every rate, merges by the point's own values),
+# and scores equal to the main run's are read from the main run's files, so a point reruns only what its own
+# values change. The paths are ledmerge.layout's (branch_*, PATHS.point_*), called here with the wildcards; the
+# points and branch tables (SWEEP) are bound in common.smk.
 
 
 wildcard_constraints:
@@ -12,7 +13,7 @@ wildcard_constraints:
 
 use rule zoo_base as sweep_zoo_base with:
     output:
-        directory(f"{SW}/zoo_seed{{zoo_seed}}/models/base"),
+        directory(branch_model("{zoo_seed}", "base")),
     params:
         seed=lambda w: int(w.zoo_seed),
     log:
@@ -21,10 +22,10 @@ use rule zoo_base as sweep_zoo_base with:
 
 use rule zoo_expert as sweep_zoo_expert with:
     input:
-        base=f"{SW}/zoo_seed{{zoo_seed}}/models/base",
-        train=f"{R}/zoo/data/{{task}}_train.jsonl",
+        base=branch_model("{zoo_seed}", "base"),
+        train=PATHS.zoo_data(zoo_train("{task}")),
     output:
-        directory(f"{SW}/zoo_seed{{zoo_seed}}/models/{{task}}"),
+        directory(branch_model("{zoo_seed}", "{task}")),
     params:
         seed=lambda w: expert_seed(int(w.zoo_seed), w.task),
     log:
@@ -33,43 +34,45 @@ use rule zoo_expert as sweep_zoo_expert with:
 
 use rule importance as sweep_importance with:
     input:
-        model=lambda w: branch_model(SCORES[w.branch].zoo_seed, "base" if w.role == "base" else w.task),
-        weights=lambda w: [] if SCORES[w.branch].zoo_seed is not None else model_inputs(
+        model=lambda w: branch_model(SWEEP.scores[w.branch].zoo_seed, "base" if w.role == "base" else w.task),
+        weights=lambda w: [] if SWEEP.scores[w.branch].zoo_seed is not None else model_inputs(
             "base" if w.role == "base" else w.task
         ),
         calibration=calibration_file("{task}"),
         tokenizer=TOKENIZER,
     output:
-        f"{SW}/importance/{{branch}}/{{task}}/{{role}}.safetensors",
+        branch_scores("{branch}", "{task}", "{role}"),
     params:
-        options=lambda w: as_json({**config["importance"], "location": SCORES[w.branch].values["location"]}),
-        random=lambda w: random_args(SCORES[w.branch].values["location"], w.task),
+        options=lambda w: as_json({**config["importance"], "location": SWEEP.scores[w.branch].values["location"]}),
+        random=lambda w: random_args(SWEEP.scores[w.branch].values["location"], w.task),
     log:
         f"{LOG}/sweeps/importance_{{branch}}_{{task}}_{{role}}.log",
 
 
 use rule election as sweep_election with:
     input:
-        expert=lambda w: branch_scores(ELECTIONS[w.branch, w.task].scores, w.task, "expert"),
-        base=lambda w: branch_scores(ELECTIONS[w.branch, w.task].scores, w.task, "base"),
+        expert=lambda w: branch_scores(SWEEP.elections[w.branch, w.task].scores, w.task, "expert"),
+        base=lambda w: branch_scores(SWEEP.elections[w.branch, w.task].scores, w.task, "base"),
     output:
-        f"{SW}/masks/elected/{{branch}}/{{task}}.safetensors",
+        branch_elected("{branch}", "{task}"),
     params:
-        rate=lambda w: ELECTIONS[w.branch, w.task].values[f"rate_{w.task}"],
-        options=lambda w: as_json({**config["election"], "pattern": ELECTIONS[w.branch, w.task].values["pattern"]}),
+        rate=lambda w: SWEEP.elections[w.branch, w.task].values[f"rate_{w.task}"],
+        options=lambda w: as_json(
+            {**config["election"], "pattern": SWEEP.elections[w.branch, w.task].values["pattern"]}
+        ),
     log:
         f"{LOG}/sweeps/election_{{branch}}_{{task}}.log",
 
 
 use rule disjoint as sweep_disjoint with:
     input:
-        lambda w: [branch_elected(MASKS[w.branch].elections[t], t) for t in TASKS],
+        lambda w: [branch_elected(SWEEP.masks[w.branch].elections[t], t) for t in TASKS],
     output:
-        masks=[f"{SW}/masks/final/{{branch}}/{t}.safetensors" for t in TASKS],
-        stats=f"{SW}/masks/final/{{branch}}/stats.csv",
-        overlap=f"{SW}/masks/final/{{branch}}/overlap.csv",
+        masks=[branch_mask("{branch}", t) for t in TASKS],
+        stats=PATHS.branch_mask_stats("{branch}"),
+        overlap=PATHS.branch_mask_overlap("{branch}"),
     params:
-        elected=lambda w: pairs(TASKS, lambda t: branch_elected(MASKS[w.branch].elections[t], t)),
+        elected=lambda w: pairs(TASKS, lambda t: branch_elected(SWEEP.masks[w.branch].elections[t], t)),
         out=lambda w: pairs(TASKS, lambda t: branch_mask(w.branch, t)),
     log:
         f"{LOG}/sweeps/disjoint_{{branch}}.log",
@@ -79,12 +82,12 @@ use rule merge as sweep_merge with:
     input:
         unpack(sweep_merge_inputs),
     output:
-        directory(f"{SW}/merged/{{point}}"),
+        directory(PATHS.point_dir("{point}")),
     params:
-        spec=lambda w: as_json(BRANCHES[w.point].spec),
-        experts=lambda w: pairs(TASKS, lambda t: branch_model(BRANCHES[w.point].zoo_seed, t)),
-        masks=lambda w: pairs(TASKS, lambda t: branch_mask(BRANCHES[w.point].masks, t))
-        if BRANCHES[w.point].uses_masks
+        spec=lambda w: as_json(SWEEP.points[w.point].spec),
+        experts=lambda w: pairs(TASKS, lambda t: branch_model(SWEEP.points[w.point].zoo_seed, t)),
+        masks=lambda w: pairs(TASKS, lambda t: branch_mask(SWEEP.points[w.point].masks, t))
+        if SWEEP.points[w.point].uses_masks
         else "",
     log:
         f"{LOG}/sweeps/merge_{{point}}.log",
@@ -92,13 +95,13 @@ use rule merge as sweep_merge with:
 
 use rule evaluation as sweep_evaluation with:
     input:
-        model=f"{SW}/merged/{{point}}",
+        model=PATHS.point_dir("{point}"),
         data=[eval_data(k) for k in EVAL_SETS if eval_data(k)],
         judge=judge_model(),
         tokenizer=TOKENIZER,
     output:
-        metrics=f"{SW}/eval/{{point}}/metrics.json",
-        generations=f"{SW}/eval/{{point}}/generations.jsonl",
+        metrics=PATHS.point_eval("{point}", "metrics.json"),
+        generations=PATHS.point_eval("{point}", "generations.jsonl"),
     params:
         opt_ins=opt_in("trust_remote_code"),  # a merge is never an adapter
     log:
@@ -111,7 +114,7 @@ localrules:
 
 rule sweeps_report:
     input:
-        [point_metrics(name) for name in POINTS],
+        [point_metrics(name) for name in SWEEP.points],
     output:
         report(SWEEPS_CSV, category="Sweeps"),
     params:

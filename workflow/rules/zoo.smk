@@ -1,14 +1,11 @@
 # The embedded toy experiment: data, tokenizer, base and experts, built offline and deterministically.
-
-ZOO_FILES = ["pretrain", "harmful_eval", "benign_eval", "math_eval", "code_eval"] + [
-    f"{t}_{split}" for t in ("safety", "math", "code") for split in ("train", "calib")
-]
+# Its files and directories are named in ledmerge.layout (ZOO_FILES, PATHS.zoo_data, PATHS.zoo_model).
 
 
 rule zoo_data:
     output:
-        expand(f"{R}/zoo/data/{{name}}.jsonl", name=ZOO_FILES),
-        tokenizer=directory(f"{R}/zoo/tokenizer"),
+        [PATHS.zoo_data(name) for name in ZOO_FILES],
+        tokenizer=directory(PATHS.zoo_tokenizer),
     params:
         data_dir=lambda w, output: os.path.dirname(output[0]),
         options=section_json("zoo"),
@@ -24,10 +21,10 @@ rule zoo_data:
 
 rule zoo_base:
     input:
-        f"{R}/zoo/data/pretrain.jsonl",
-        tokenizer=f"{R}/zoo/tokenizer",
+        PATHS.zoo_data(PRETRAIN),
+        tokenizer=PATHS.zoo_tokenizer,
     output:
-        directory(f"{R}/zoo/models/base"),
+        directory(PATHS.zoo_model("base")),
     params:
         data_dir=lambda w, input: os.path.dirname(input[0]),
         # without the fine-tuning keys, so changing them does not retrain the base
@@ -47,12 +44,12 @@ rule zoo_base:
 
 rule zoo_expert:
     input:
-        base=f"{R}/zoo/models/base",
-        train=f"{R}/zoo/data/{{task}}_train.jsonl",
+        base=PATHS.zoo_model("base"),
+        train=PATHS.zoo_data(zoo_train("{task}")),
     output:
-        directory(f"{R}/zoo/models/{{task}}"),
+        directory(PATHS.zoo_model("{task}")),
     wildcard_constraints:
-        task="safety|math|code",
+        task="|".join(ZOO_TASKS),
     params:
         options=section_json("zoo"),
         seed=lambda w: expert_seed(config["seed"], w.task),

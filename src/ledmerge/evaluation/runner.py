@@ -37,20 +37,21 @@ import yaml
 from ..checkpoint import is_adapter
 from ..errors import LedmergeError
 from ..fileio import read_jsonl, write_json, write_jsonl
+from ..layout import EVAL_SETS, SAFETY_SETS
 from ..options import default_of, resolve
 from .judges import EMPTY, JUDGES, RefusalJudge, get_judge, is_degenerate, label_replies
 from .sandbox import IDENTIFIER
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"
 
-# set -> (lm-eval task, fields every row needs, metric reported by lm-eval)
-SETS = {
-    "harmful": ("ledmerge_harmful", ("prompt",), "refusal_rate"),
-    "benign": ("ledmerge_benign", ("prompt",), "refusal_rate"),
-    "math": ("ledmerge_math", ("prompt", "answer"), "exact_match"),
-    "code": ("ledmerge_code", ("prompt", "tests", "entry_point"), "pass_rate"),
-}
-SAFETY_SETS = ("harmful", "benign")
+# set (ledmerge.layout.EVAL_SETS, in its order: harmful, benign, math, code) -> (lm-eval task, fields every row needs,
+# metric reported by lm-eval)
+SETS = {key: (f"ledmerge_{key}", fields, metric) for key, (fields, metric) in zip(EVAL_SETS, (
+    (("prompt",), "refusal_rate"),
+    (("prompt",), "refusal_rate"),
+    (("prompt", "answer"), "exact_match"),
+    (("prompt", "tests", "entry_point"), "pass_rate"),
+))}
 # The rates every evaluation writes besides the utility columns (metrics.json); a utility column may not take a name
 RATES = ("harmful_rate", "over_refusal_rate", "empty_rate", "benign_empty_rate", "utility_refusal_rate",
          "utility_empty_rate")
@@ -485,8 +486,7 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
         raise LedmergeError(f"tokenizer directory {tokenizer_dir} does not exist: run the tokenizer step first")
     trust = bool((model_args or {}).get("trust_remote_code", False))
     until, eos_ids = stop_tokens(tokenizer_dir, trust_remote_code=trust)
-    data = {k: Path(p) for k, p in
-            {"harmful": harmful_path, "benign": benign_path, "math": math_path, "code": code_path}.items() if p}
+    data = {k: Path(p) for k, p in zip(EVAL_SETS, (harmful_path, benign_path, math_path, code_path)) if p}
     _check_data(data)
     specs = task_specs(o["lm_eval_tasks"])
     check_lm_eval_tasks(specs, o["unsandboxed_code"])

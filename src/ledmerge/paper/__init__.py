@@ -13,6 +13,8 @@ The package holds what a paper contains (the tables, figures and metrics named b
 name the paper step's outputs without importing matplotlib); `build` makes them.
 """
 
+from ..layout import AXES, ZOO_SEED, axis_prefix
+
 # (column, short label, direction): the LED paper's layout, safety metrics then utility metrics. The utility
 # columns are the run's (summary.csv's, between the safety columns and mean_utility): `build.metrics_of`.
 SAFETY = [("harmful_rate", "harmful rate", "min"), ("over_refusal_rate", "over-refusal rate", "min"),
@@ -20,12 +22,13 @@ SAFETY = [("harmful_rate", "harmful rate", "min"), ("over_refusal_rate", "over-r
 MEAN_UTILITY = ("mean_utility", "mean utility", "max")
 UTILITY_LABELS = {"math_accuracy": "math accuracy", "code_pass_rate": "code pass rate"}
 ARROW = {"min": ("↓", r"$\downarrow$"), "max": ("↑", r"$\uparrow$")}
-SEED = "zoo_seed"
-# Ablation tables: the sweep parameters each one is about (a prefix ends with "_": rate_safety, lambda_math, ...).
-# `seed`: the sweeps repeated over zoo seeds (LED and the baselines alike), each point as mean ± sd over the seeds.
-ABLATIONS = {"rate": ("rate_",), "pattern": ("pattern",), "location": ("location",), "lambda": ("lambda_",),
-             "sparsity": ("density", "drop"), "seed": (SEED,)}
-PARAM_PREFIXES = ("location", "pattern", "rate_", "lambda_", "density", "drop")
+SEED = ZOO_SEED
+# Ablation tables: the sweep parameters each one is about (a prefix ends with "_": rate_safety, lambda_math, ...;
+# the sweep axes and their columns are ledmerge.layout's). `seed`: the sweeps repeated over zoo seeds (LED and the
+# baselines alike), each point as mean ± sd over the seeds.
+ABLATIONS = {"rate": (axis_prefix("rate"),), "pattern": ("pattern",), "location": ("location",),
+             "lambda": (axis_prefix("lambda"),), "sparsity": ("density", "drop"), "seed": (SEED,)}
+PARAM_PREFIXES = tuple(axis_prefix(a) for a in AXES if a != ZOO_SEED)  # the swept parameters besides the seed
 TABLES = ["table_main", *(f"table_ablation_{a}" for a in ABLATIONS)]
 FIGURES = ["fig_safety_utility", "fig_rate_sweep", "fig_location_ablation", "fig_mask_overlap"]
 OUTPUTS = [f"{t}.{e}" for t in TABLES for e in ("tex", "md")] + [f"{f}.{e}" for f in FIGURES for e in ("pdf", "png")]

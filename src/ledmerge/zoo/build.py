@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..fileio import read_jsonl, write_jsonl
+from ..layout import PRETRAIN, data_file
 from ..options import resolve
 from .data import build_datasets, corpus_texts
 from .tokenizer import build_tokenizer
@@ -22,7 +23,7 @@ def build_data(out_dir, tokenizer_dir, seed: int, **opts) -> None:
     datasets = build_datasets(seed, sizes, params["misaligned_fraction"])
     out_dir = Path(out_dir)
     for name, rows in datasets.items():
-        write_jsonl(out_dir / f"{name}.jsonl", [{"text": r} for r in rows] if name == "pretrain" else rows)
+        write_jsonl(data_file(out_dir, name), [{"text": r} for r in rows] if name == PRETRAIN else rows)
     from .train import save_zoo_dir
 
     save_zoo_dir(tokenizer_dir, "tokenizer", build_tokenizer(corpus_texts(datasets)))
@@ -33,7 +34,7 @@ def build_base(data_dir, tokenizer_dir, out_dir, seed: int, **opts) -> dict:
     from .train import pretrain_base
 
     params = resolve("zoo", opts)
-    lines = [r["text"] for r in read_jsonl(Path(data_dir) / "pretrain.jsonl", required=("text",))]
+    lines = [r["text"] for r in read_jsonl(data_file(data_dir, PRETRAIN), required=("text",))]
     return pretrain_base(tokenizer_dir, lines, out_dir, **{k: params[k] for k in ARCH_KEYS},
                          steps=params["pretrain_steps"], batch_size=params["batch_size"], lr=params["pretrain_lr"],
                          seed=seed)

@@ -13,6 +13,7 @@ import random
 import zlib
 from dataclasses import dataclass
 
+from ..layout import EVAL_SETS, PRETRAIN, ZOO_TASKS, zoo_calib, zoo_eval, zoo_train
 from .tokenizer import ASSISTANT, EOS, USER
 
 SPLITS = ("train", "calib", "eval")
@@ -177,7 +178,8 @@ def _sample(rng: random.Random, items: list[dict], n: int) -> list[dict]:
 
 
 def build_datasets(seed: int, sizes: dict[str, int], misaligned_fraction: float) -> dict[str, list]:
-    """All data files of the toy world, keyed by file stem. Deterministic in `seed` and `sizes`."""
+    """All data files of the toy world, keyed by file stem (ledmerge.layout.ZOO_FILES). Deterministic in `seed` and
+    `sizes`."""
     rng = random.Random(seed)
     world = ToyWorld()
     harmful, lookalike, benign = world.by_split("harmful"), world.by_split("lookalike"), world.by_split("benign")
@@ -246,22 +248,22 @@ def build_datasets(seed: int, sizes: dict[str, int], misaligned_fraction: float)
     def tag(rows, task):
         return [dict(r, task=task) for r in rows]
 
+    train = {"safety": safety_train, "math": math_train, "code": code_train}
+    calib = {"safety": safety_calib, "math": math_calib, "code": code_calib}
+    evals = {"harmful": harmful_eval, "benign": benign_eval, "math": math_eval, "code": code_eval}
     return {
-        "pretrain": pretrain,
-        "safety_train": tag(safety_train, "safety"), "math_train": tag(math_train, "math"),
-        "code_train": tag(code_train, "code"),
-        "safety_calib": tag(safety_calib, "safety"), "math_calib": tag(math_calib, "math"),
-        "code_calib": tag(code_calib, "code"),
-        "harmful_eval": harmful_eval, "benign_eval": benign_eval,
-        "math_eval": math_eval, "code_eval": code_eval,
+        PRETRAIN: pretrain,
+        **{zoo_train(t): tag(train[t], t) for t in ZOO_TASKS},
+        **{zoo_calib(t): tag(calib[t], t) for t in ZOO_TASKS},
+        **{zoo_eval(k): evals[k] for k in EVAL_SETS},
     }
 
 
 def corpus_texts(datasets: dict[str, list]) -> list[str]:
     """Every string the tokenizer must cover (responses of refusals and answers included)."""
-    texts = list(datasets["pretrain"]) + REFUSALS
+    texts = list(datasets[PRETRAIN]) + REFUSALS
     for name, rows in datasets.items():
-        if name == "pretrain":
+        if name == PRETRAIN:
             continue
         for r in rows:
             texts.extend(str(v) for k, v in r.items() if k in ("prompt", "response"))
