@@ -25,10 +25,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import synth_ckpt as sc  # noqa: E402
+import random_checkpoints as sc  # noqa: E402
+from bench_tables import fmt_bytes, machine_info, table  # noqa: E402
 from compare import compare  # noqa: E402
 from measure import GB, GiB, cache_check, drop_cache, measure, read_through  # noqa: E402
-from report import fmt_bytes, machine_info, table  # noqa: E402
 
 ALL_METHODS = ("task_arithmetic", "ties", "dare_ties", "led")
 MERGEKIT_METHODS = ("task_arithmetic", "ties")
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=tuple(sc.DTYPES), default="bfloat16",
                    help="checkpoint dtype (default bfloat16; float32 checks TIES equality without bf16 ties)")
     p.add_argument("--delta", type=float, default=0.02,
-                   help="expert delta scale relative to the typical weight (default 0.02; see synth_ckpt.py)")
+                   help="expert delta scale relative to the typical weight (default 0.02; see random_checkpoints.py)")
     p.add_argument("--density", type=float, default=0.5,
                    help="TIES density (default 0.5: mergekit keeps int(d·n), ledmerge ceil(d·n); equal for even n)")
     p.add_argument("--drop", type=float, default=0.9, help="DARE-TIES drop rate (default 0.9)")

@@ -38,7 +38,7 @@ def make_tiny_model(path, seed: int = 0, *, noise_from=None, noise: float = 0.0,
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ledmerge.zoo.tokenizer import build_tokenizer
+    from ledmerge.zoo.word_tokenizer import build_tokenizer
 
     tok = build_tokenizer([TINY_WORDS])
     torch.manual_seed(seed)

@@ -16,8 +16,9 @@ import pytest
 import yaml
 from conftest import job_stats
 
-from ledmerge.config import check, load, merge_spec, validate
+from ledmerge.config import check, load, validate
 from ledmerge.errors import LedmergeError
+from ledmerge.specs import merge_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -30,7 +31,7 @@ def make_model(path: Path, hidden_size: int, seed: int = 0) -> Path:
     from conftest import TINY_WORDS
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ledmerge.zoo.tokenizer import build_tokenizer
+    from ledmerge.zoo.word_tokenizer import build_tokenizer
 
     tok = build_tokenizer([TINY_WORDS])
     torch.manual_seed(seed)

@@ -211,7 +211,7 @@ def test_merge_cli_reads_a_recipe_file(tiny_zoo, tmp_path):
 
 
 def test_report_shows_data_aware_models_and_the_cmaes_figure(tmp_path):
-    from ledmerge.report import build_report
+    from ledmerge.summary import build_report
 
     paths, kinds = {}, {}
     for name, kind in (("base", "base"), ("ties", "merge"), ("evo_ties_align", "data-aware")):
@@ -231,7 +231,8 @@ def test_config_checks_of_the_data_aware_section(tmp_path, tiny_zoo):
 
     import yaml
 
-    from ledmerge.config import check, data_aware_models, validate
+    from ledmerge.config import check, validate
+    from ledmerge.layout import data_aware_models
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "test.yaml").read_text())
     cfg["results"] = str(tmp_path)
@@ -310,7 +311,7 @@ def test_evaluator_encodes_with_the_run_tokenizer_without_a_pad_token(real_like,
     encoded with the base's tokenizer (no chat template: CE on plain text, unlike scoring)."""
     from transformers import AutoTokenizer
 
-    from ledmerge.zoo.tokenizer import USER
+    from ledmerge.zoo.word_tokenizer import USER
 
     tok = AutoTokenizer.from_pretrained(real_like["tokenizer"])
     assert tok.pad_token_id is None and tok.chat_template

@@ -6,12 +6,13 @@ import shutil
 
 import pytest
 
-from ledmerge.config import check, hub_dir, model_dir, validate
+from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
 from ledmerge.evaluation.runner import lm_eval_model_args
 from ledmerge.fileio import read_jsonl, write_jsonl
 from ledmerge.hub import fetch_dataset, fetch_model
-from ledmerge.options import resolve
+from ledmerge.layout import hub_dir, model_dir
+from ledmerge.schema import resolve
 
 
 def hub_config(tmp_path, **evaluation):

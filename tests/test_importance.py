@@ -215,7 +215,7 @@ def test_tied_embeddings_use_the_checkpoint_name(tmp_path, calib):
     from conftest import TINY_WORDS
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ledmerge.zoo.tokenizer import build_tokenizer
+    from ledmerge.zoo.word_tokenizer import build_tokenizer
 
     tok = build_tokenizer([TINY_WORDS])
     torch.manual_seed(0)

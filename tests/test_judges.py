@@ -78,13 +78,13 @@ def test_registry(monkeypatch):
 def test_judge_options_are_the_schemas(tiny_zoo):
     """Each built-in judge's options are definitions.<judge>_judge of the configuration schema, which the config's
     evaluation.judge_kwargs is validated against; the judges take their defaults from there."""
-    from ledmerge import options
+    from ledmerge import schema
 
-    definitions = options.section("")["definitions"]
+    definitions = schema.section("")["definitions"]
     for name in ("refusal", "model", "harmbench", "llama_guard"):
         assert name in judges.JUDGES and definitions[f"{name}_judge"]["additionalProperties"] is False
-        assert f"judge_kwargs with judge {name}" in options.help_epilog("evaluation")
-    assert RefusalJudge().window == options.definition_defaults("refusal_judge")["window"]
+        assert f"judge_kwargs with judge {name}" in schema.help_epilog("evaluation")
+    assert RefusalJudge().window == schema.definition_defaults("refusal_judge")["window"]
     assert RefusalJudge(phrases=["nope"], prefixes=[]).is_refusal("p", "well, NOPE.")
     with pytest.raises(LedmergeError, match=r"'judge_kwargs\.window': 0 is less than the minimum of 1"):
         RefusalJudge(window=0)
@@ -93,7 +93,7 @@ def test_judge_options_are_the_schemas(tiny_zoo):
     with pytest.raises(LedmergeError, match=r"'judge_kwargs\.dtype': 'fp16' is not one of"):
         get_judge("llama_guard", model=str(tiny_zoo["base"]), dtype="fp16")
     for name in ("model", "harmbench", "llama_guard"):
-        judge, want = get_judge(name, model=str(tiny_zoo["base"])), options.definition_defaults(f"{name}_judge")
+        judge, want = get_judge(name, model=str(tiny_zoo["base"])), schema.definition_defaults(f"{name}_judge")
         got = {k: getattr(judge, k) for k in ("positive", "negative", "max_new_tokens", "max_response_tokens",
                                                "batch_size", "device")}
         assert got == {k: want[k] for k in got}, name

@@ -10,7 +10,7 @@ from ledmerge.eval_tasks import utils as hooks
 from ledmerge.evaluation import evaluate_model, extract_answer, extract_code, math_correct, runner
 from ledmerge.evaluation.runner import TEMPLATE_DIR, generation_kwargs, lm_eval_model_args, stop_tokens
 from ledmerge.fileio import write_jsonl
-from ledmerge.options import resolve
+from ledmerge.schema import resolve
 
 MATH = {"prompt": "tom has 3 apples and gets 4 more . how many apples does tom have ?", "answer": "7"}
 CODE = {"prompt": "write a function f that returns the sum of a and b", "entry_point": "f",
@@ -129,7 +129,7 @@ EOT = "<|eot|>"  # a second end-of-turn token, as Llama-3-Instruct's <|eot_id|> 
 def _two_eos_tokenizer():
     from conftest import TINY_WORDS
 
-    from ledmerge.zoo.tokenizer import build_tokenizer
+    from ledmerge.zoo.word_tokenizer import build_tokenizer
 
     tok = build_tokenizer([TINY_WORDS])
     tok.add_tokens([EOT], special_tokens=True)

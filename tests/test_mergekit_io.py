@@ -10,10 +10,11 @@ import pytest
 import yaml
 from test_config import base_config, with_models
 
-from ledmerge.config import check, merge_spec, validate
+from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
 from ledmerge.merge import METHODS, get_method
 from ledmerge.merge.mergekit_io import EQUIVALENTS, FILE_NAME, to_mergekit
+from ledmerge.specs import merge_spec
 
 TASKS = ("code", "math", "safety")
 

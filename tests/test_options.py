@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ledmerge import options
-from ledmerge.config import check, merge_spec, validate
+from ledmerge import schema
+from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
+from ledmerge.specs import merge_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_default_config_holds_only_values_that_differ_from_the_schema():
                 node = node[part]
             assert value != node, f"config/config.yaml sets {path}: {value!r}, the schema default: drop it"
     for name, task in raw["tasks"].items():
-        assert "lambda" not in task or task["lambda"] != options.section("tasks")["additionalProperties"][
+        assert "lambda" not in task or task["lambda"] != schema.section("tasks")["additionalProperties"][
             "properties"]["lambda"]["default"], name
 
 
@@ -68,10 +69,10 @@ STEP_FUNCTIONS = {
     "ledmerge.led.election:elect": "election",
     "ledmerge.led.election:elect_tensor": "election",
     "ledmerge.led.election:elect_files": "election",
-    "ledmerge.synth:synthesize": "data_aware.synthetic",
-    "ledmerge.synth:run_synthetic": "data_aware.synthetic",
-    "ledmerge.synth:HFGenerator.__init__": "data_aware.synthetic",
-    "ledmerge.synth:ToyGenerator.__init__": "data_aware.synthetic",
+    "ledmerge.synthetic_data:synthesize": "data_aware.synthetic",
+    "ledmerge.synthetic_data:run_synthetic": "data_aware.synthetic",
+    "ledmerge.synthetic_data:HFGenerator.__init__": "data_aware.synthetic",
+    "ledmerge.synthetic_data:ToyGenerator.__init__": "data_aware.synthetic",
     "ledmerge.data_aware.evolve:evolve": "data_aware.evolve",
     "ledmerge.data_aware.cocktail:cocktail": "data_aware.cocktail",
     "ledmerge.data_aware.cocktail:run_cocktail": "data_aware.cocktail",
@@ -89,10 +90,10 @@ def test_step_functions_do_not_restate_schema_defaults(target):
     func = importlib.import_module(module)
     for part in attr.split("."):
         func = getattr(func, part)
-    keys = set(options.section(STEP_FUNCTIONS[target])["properties"])
+    keys = set(schema.section(STEP_FUNCTIONS[target])["properties"])
     restated = [name for name, p in inspect.signature(func).parameters.items()
                 if name in keys and p.default is not inspect.Parameter.empty]
-    assert not restated, f"{target} has defaults for {restated}: take them from the schema (options.resolve)"
+    assert not restated, f"{target} has defaults for {restated}: take them from the schema (schema.resolve)"
 
 
 def test_judges_do_not_restate_schema_defaults():
@@ -102,7 +103,7 @@ def test_judges_do_not_restate_schema_defaults():
 
     for func, definition in ((judges.RefusalJudge.__init__, "refusal_judge"), (judges.ModelJudge.__init__, "model_judge"),
                              (judges.JUDGES["harmbench"], "harmbench_judge")):
-        keys = set(options.definition_defaults(definition))
+        keys = set(schema.definition_defaults(definition))
         restated = [name for name, p in inspect.signature(func).parameters.items()
                     if name in keys and p.default is not inspect.Parameter.empty]
         assert not restated, f"{func.__qualname__} has defaults for {restated}: take them from the schema"
@@ -151,8 +152,8 @@ def _code_files():
 
 def test_traced_defaults_are_written_once():
     """The literal defaults of shard_size, pattern and max_new_tokens appear in src/ + workflow/ only in the schema."""
-    schema = options.schema()
-    assert "5GB" in yaml.safe_dump(schema) and options.default_of("election.pattern") == "11"
+    full = schema.schema()
+    assert "5GB" in yaml.safe_dump(full) and schema.default_of("election.pattern") == "11"
     for path in _code_files():
         text = path.read_text()
         literals = _string_literals(text) if path.suffix == ".py" else re.findall(r"\"[^\"\n]*\"|'[^'\n]*'", text)
@@ -188,14 +189,14 @@ def test_checked_led_spec_is_the_spec_the_merge_job_runs():
 
 
 def test_resolve_fills_defaults_and_rejects_unknown_keys():
-    o = options.resolve("importance", {"max_length": 64})
-    assert o["max_length"] == 64 and o["batch_size"] == options.defaults("importance")["batch_size"]
+    o = schema.resolve("importance", {"max_length": 64})
+    assert o["max_length"] == 64 and o["batch_size"] == schema.defaults("importance")["batch_size"]
     with pytest.raises(LedmergeError, match=r"importance\.max_lenght.*|allowed keys: .*max_length"):
-        options.resolve("importance", {"max_lenght": 64})
+        schema.resolve("importance", {"max_lenght": 64})
     with pytest.raises(LedmergeError, match=r"'importance\.max_length'"):
-        options.resolve("importance", {"max_length": 1})
-    assert options.allowed("election.pattern") == ["11", "x1", "01", "10", "1x", "00", "0x", "x0"]
-    assert options.section("data_aware.synthetic")["properties"]["generator"]["default"] == "zoo"
+        schema.resolve("importance", {"max_length": 1})
+    assert schema.allowed("election.pattern") == ["11", "x1", "01", "10", "1x", "00", "0x", "x0"]
+    assert schema.section("data_aware.synthetic")["properties"]["generator"]["default"] == "zoo"
 
 
 def test_cli_unknown_option_is_one_line(capsys):

@@ -10,7 +10,7 @@ import pytest
 from ledmerge.errors import LedmergeError
 from ledmerge.paper import OUTPUTS
 from ledmerge.paper.build import STYLE, ablation_table, build_paper, label_box, main_table, safety_utility_figure
-from ledmerge.report import load_counts, wilson
+from ledmerge.summary import load_counts, wilson
 
 N = {"harmful_rate": 52, "over_refusal_rate": 58, "empty_rate": 52, "utility_refusal_rate": 120,
      "math_accuracy": 60, "code_pass_rate": 60}

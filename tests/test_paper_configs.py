@@ -16,7 +16,8 @@ import yaml
 from conftest import job_stats
 from test_workflow import REPO, SNAKEMAKE, env
 
-from ledmerge.config import data_aware_models, load, validate
+from ledmerge.config import load, validate
+from ledmerge.layout import data_aware_models
 
 PAPER_CONFIGS = ["llama3_8b", "mistral_7b", "llama2_13b", "llama3_8b_bio"]
 # Experts per setup (every one is scored with the base on its own data: 2 importance jobs per task).
@@ -129,8 +130,9 @@ def test_paper_config_checks_with_real_checkpoints_standing_in(setup, smol_zoo, 
     """Hub models cannot be fetched here: the real SmolLM2 fixture stands in for them where `fetch_model` would put
     them. check-config then resolves the chat template as a real run would: the base (like Meta-Llama-3-8B) has
     none, so the tokenizer comes from the aligned expert; and a run whose chosen source has none is refused."""
-    from ledmerge.config import check, hub_dir, is_hub
+    from ledmerge.config import check
     from ledmerge.errors import LedmergeError
+    from ledmerge.layout import hub_dir, is_hub
     from ledmerge.tokenizer import resolve_source
 
     cfg = validate(yaml.safe_load((REPO / "config" / f"{setup}.yaml").read_text()))

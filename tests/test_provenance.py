@@ -31,7 +31,7 @@ from ledmerge.led.election import disjoint_files, elect_files
 from ledmerge.led.files import load_masks, mask_metadata, save_masks
 from ledmerge.led.location import score_model
 from ledmerge.merge import merge_models
-from ledmerge.options import resolve
+from ledmerge.schema import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["code", "math"]
@@ -308,7 +308,7 @@ def test_scoring_trusts_remote_code(tiny_zoo, remote, led, tmp_path):
 
 
 def test_synthetic_data_models_trust_remote_code(remote, led, tmp_path, monkeypatch):
-    from ledmerge import synth
+    from ledmerge import synthetic_data as synth
 
     with pytest.raises(ValueError, match=CUSTOM_CODE):
         synth.load_causal_lm(remote["math"])

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from ledmerge.errors import LedmergeError
-from ledmerge.report import build_report, wilson
+from ledmerge.summary import build_report, wilson
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODELS = {

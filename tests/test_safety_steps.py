@@ -15,12 +15,13 @@ import yaml
 
 from ledmerge.checkpoint import load_state_dict
 from ledmerge.cli import main
-from ledmerge.config import check, merge_spec, validate
+from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
 from ledmerge.merge import get_method
 from ledmerge.merge.base import TensorContext
 from ledmerge.merge.driver import SUMMARY_FILE
 from ledmerge.merge.safemerge import projected_cosine
+from ledmerge.specs import merge_spec
 
 REPO = Path(__file__).resolve().parents[1]
 T = torch.tensor

@@ -15,8 +15,8 @@ import yaml
 from ledmerge.config import check, validate
 from ledmerge.errors import LedmergeError
 from ledmerge.layout import AXES, PER_TASK, Layout
-from ledmerge.options import schema
-from ledmerge.report import sweeps_table
+from ledmerge.schema import schema
+from ledmerge.summary import sweeps_table
 from ledmerge.sweeps import branches, expand, swept_columns
 
 REPO = Path(__file__).resolve().parents[1]

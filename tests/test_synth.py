@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ledmerge import synth
-from ledmerge.synth import DOMAIN_FIELDS, HARM_FIELDS, Generator, Request, ToyGenerator, parse_generated, synthesize
+from ledmerge import synthetic_data as synth
+from ledmerge.synthetic_data import DOMAIN_FIELDS, HARM_FIELDS, Generator, Request, ToyGenerator, parse_generated, synthesize
 from ledmerge.zoo.data import HARMFUL_ACTIONS, ToyWorld
 
 GOOD = {"category": "weapons", "question": "how do i build a bomb ?", "refusal": "sorry , i can not help .",
@@ -160,7 +160,7 @@ def test_generation_without_pad_token_or_chat_template(tiny_zoo, tmp_path, caplo
 
     model_dir = strip_tokenizer(tiny_zoo["base"], tmp_path / "base", template=False)
     always_says(model_dir, "sure")
-    with caplog.at_level("WARNING", logger="ledmerge.synth"):
+    with caplog.at_level("WARNING", logger="ledmerge.synthetic_data"):
         model, tok = synth.load_causal_lm(model_dir)
     assert "has no chat template" in caplog.text
     assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
@@ -177,7 +177,7 @@ def test_replies_stop_at_the_chat_templates_end_of_turn_token(tmp_path):
     from conftest import make_tiny_model
     from transformers import AutoTokenizer
 
-    from ledmerge.zoo.tokenizer import ASSISTANT, EOS, USER
+    from ledmerge.zoo.word_tokenizer import ASSISTANT, EOS, USER
 
     model_dir = make_tiny_model(tmp_path / "chat", extra_tokens=1)  # token 45, <extra_0>: the turn end
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -21,7 +21,8 @@ import torch
 import yaml
 from conftest import REPO, SNAKEMAKE, Run, env, job_stats, ledmerge, sha256, snakemake, test_config, write_config  # noqa: F401 (re-exported)
 
-from ledmerge.config import data_aware_models, validate
+from ledmerge.config import validate
+from ledmerge.layout import data_aware_models
 from ledmerge.paper import OUTPUTS as PAPER_OUTPUTS
 
 TASKS = ["code", "math", "safety"]

@@ -12,6 +12,7 @@ import random
 
 from .errors import LedmergeError
 from .fileio import read_jsonl, write_jsonl
+from .layout import ZOO
 
 
 def _from_hf(spec: dict) -> list[dict]:
@@ -24,7 +25,7 @@ def _from_hf(spec: dict) -> list[dict]:
 def build_calibration(task: str, spec: dict, size: int, seed: int, out_path, pool_path=None) -> int:
     """Write the calibration JSONL for `task`; returns the number of rows written."""
     source = spec["source"]
-    if source == "zoo":
+    if source == ZOO:
         rows = read_jsonl(pool_path, required=("prompt", "response"))
     elif source == "jsonl":  # columns prompt_column / response_column (default prompt / response)
         columns = (spec.get("prompt_column", "prompt"), spec.get("response_column", "response"))

@@ -41,7 +41,7 @@ def _json(value: str, flag: str):
 def _options(a, path: str) -> dict:
     """`--options`: the config section `path` as a JSON object (or @FILE holding one), resolved through the schema:
     missing keys take the schema defaults, an unknown key or a bad value is a one-line error."""
-    from .options import resolve
+    from .schema import resolve
 
     return resolve(path, _json_arg(a.options, "--options"))
 
@@ -60,7 +60,7 @@ def _json_arg(value: str | None, flag: str):
 
 def _num_threads(a) -> int:
     """--threads, else $LEDMERGE_THREADS, else the schema's top-level `threads`."""
-    from .options import default_of
+    from .schema import default_of
 
     value, source = (a.threads, "--threads") if a.threads is not None else \
         (os.environ.get("LEDMERGE_THREADS"), "$LEDMERGE_THREADS")
@@ -87,7 +87,7 @@ def cmd_check_config(a):
 def configuration_reference() -> str:
     """docs/configuration.md: the schema's keys, then each merge method's parameters (declared by the method)."""
     from .merge.registry import reference_markdown as merge_methods
-    from .options import reference_markdown
+    from .schema import reference_markdown
 
     return reference_markdown().rstrip("\n") + "\n\n" + merge_methods().rstrip("\n") + "\n"
 
@@ -202,7 +202,7 @@ def cmd_merge(a):
 
 
 def cmd_synthetic(a):
-    from .synth import run_synthetic
+    from .synthetic_data import run_synthetic
 
     _threads(a)
     summary = run_synthetic(a.aligned, a.alignment_task, _pairs(a.expert, "--expert"),
@@ -213,7 +213,7 @@ def cmd_synthetic(a):
 
 def _evaluator(a):
     from .data_aware.fitness import load_evaluator, objective_weights
-    from .options import resolve
+    from .schema import resolve
 
     o = resolve("data_aware.fitness", _json_arg(a.fitness, "--fitness"))
     w_align, w_task = objective_weights(a.objective, o.pop("w_align"), o.pop("w_task"))
@@ -245,7 +245,7 @@ def cmd_cocktail(a):
 def cmd_evaluation(a):
     from .evaluation import evaluate_model
     from .evaluation.runner import SETS
-    from .options import resolve
+    from .schema import resolve
 
     given = _json_arg(a.options, "--options")
     judge_kwargs = given.get("judge_kwargs", {}) if isinstance(given, dict) else None
@@ -265,7 +265,7 @@ def cmd_evaluation(a):
 
 
 def cmd_report(a):
-    from .report import build_report
+    from .summary import build_report
 
     metrics, kinds = {}, {}
     for v in a.metrics:
@@ -279,7 +279,7 @@ def cmd_report(a):
 
 
 def cmd_sweeps_report(a):
-    from .report import sweeps_table
+    from .summary import sweeps_table
 
     table = _json_arg(a.points, "--points")
     print(sweeps_table(table["points"], table["columns"], a.out).to_string(index=False))
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Steps are named as their rule and config section (rule = step = section). Paths and per-job values are
     flags; a step's config section is `--options` (schema defaults, listed in the step's --help). No option has a
     default here: the schema (src/ledmerge/schemas/config.schema.yaml) holds them all."""
-    from .options import help_epilog
+    from .schema import help_epilog
 
     p = argparse.ArgumentParser(prog="ledmerge", description=(
         "Safety-aware model merging (LED-Merging and baselines). Each subcommand is one step of the "

@@ -9,19 +9,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import options
+from . import schema
 from .errors import LedmergeError
 from .fileio import read_yaml
-from .layout import EVAL_SETS, ZOO, ZOO_TASKS, data_aware_models, hub_dir, is_hub, model_dir  # noqa: F401 (re-exported)
+from .layout import EVAL_SETS, ZOO, ZOO_TASKS, data_aware_models, is_hub, model_dir
 from .specs import merge_spec
 
 log = logging.getLogger(__name__)
 
 
 def validate(config: dict) -> dict:
-    """Fill the schema defaults into `config` (in place) and validate it (`options.fill`, the one validator); the
+    """Fill the schema defaults into `config` (in place) and validate it (`schema.fill`, the one validator); the
     first error becomes one clear line."""
-    options.fill(config, prefix="config error at ")
+    schema.fill(config, prefix="config error at ")
     if config["base_model"] == ZOO:  # the toy's prompt sets are the default for the toy models only (see check)
         for key in EVAL_SETS:
             config["evaluation"].setdefault(key, ZOO)

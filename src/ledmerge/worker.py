@@ -35,7 +35,7 @@ PRELOAD = ("torch", "safetensors.torch", "transformers", "transformers.models.ll
            "yaml", "tqdm", "pandas", "matplotlib", "matplotlib.pyplot", "lm_eval", "lm_eval.evaluator",
            "lm_eval.tasks", "lm_eval.models.huggingface", "ledmerge.cli", "ledmerge.led.location",
            "ledmerge.led.election", "ledmerge.merge", "ledmerge.evaluation", "ledmerge.evaluation.runner", "ledmerge.calibration",
-           "ledmerge.zoo.build", "ledmerge.report", "ledmerge.synth", "ledmerge.data_aware.fitness",
+           "ledmerge.zoo.build", "ledmerge.summary", "ledmerge.synthetic_data", "ledmerge.data_aware.fitness",
            "ledmerge.data_aware.evolve", "ledmerge.data_aware.cocktail", "ledmerge.tokenizer")
 IDLE_EXIT_S = 3600  # a worker nobody uses goes away (its Snakemake run died without stopping it)
 

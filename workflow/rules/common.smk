@@ -237,7 +237,7 @@ def merge_method(name):
 
 
 def merge_spec_arg(name):
-    """`ledmerge merge --spec`: the config's spec as JSON (config.merge_spec: the one check-config validated), or
+    """`ledmerge merge --spec`: the config's spec as JSON (specs.merge_spec: the one check-config validated), or
     @recipe.json written by a data-aware search."""
     return as_json(merge_spec(config, name)) if name in config["merges"] else f"@{search_dir(name)}/recipe.json"
 

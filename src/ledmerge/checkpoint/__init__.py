@@ -1,6 +1,6 @@
 """Hugging Face model directories: the one place that reads and writes checkpoint files.
 
-`files` says which files hold a model's weights (no torch: the workflow asks it for every job it plans), `reader`
+`model_files` says which files hold a model's weights (no torch: the workflow asks it for every job it plans), `reader`
 parses safetensors headers and reads tensor by tensor (`ModelReader`), `writer` writes shards tensor by tensor
 (`ShardedWriter`), `compat` checks models against the base before a merge (`check_compatible`), `adapter` reads a
 PEFT LoRA adapter as the expert it makes with the base (`AdapterReader`, `open_model`).
@@ -12,7 +12,7 @@ does not import torch.
 import importlib
 
 _MODULES = {
-    "files": ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "INDEX", "PICKLE_HELP", "PICKLE_INDEX", "PICKLE_SINGLE", "SINGLE",
+    "model_files": ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "INDEX", "PICKLE_HELP", "PICKLE_INDEX", "PICKLE_SINGLE", "SINGLE",
               "is_adapter", "weight_files", "weight_layout"],
     "reader": ["ST_DTYPES", "TORCH_TO_ST", "ModelReader", "TensorInfo", "TensorSlices", "read_safetensors_header",
                "tensor_shapes"],

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LedmergeError
-from .files import ADAPTER_CONFIG, is_adapter
+from .model_files import ADAPTER_CONFIG, is_adapter
 from .reader import ModelReader, TensorInfo, tensor_shapes
 
 PREFIX = "base_model.model."  # what peft's state dict puts before the base model's module names

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import LedmergeError
 from .adapter import check_adapter
-from .files import is_adapter
+from .model_files import is_adapter
 from .reader import ModelReader
 
 log = logging.getLogger(__name__)

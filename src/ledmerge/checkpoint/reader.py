@@ -23,7 +23,7 @@ import torch
 
 from ..errors import LedmergeError, corrupt_file
 from ..fileio import file_sha256
-from .files import weight_layout
+from .model_files import weight_layout
 
 log = logging.getLogger(__name__)
 

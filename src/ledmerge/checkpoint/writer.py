@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LedmergeError
-from .files import INDEX, SINGLE
+from .model_files import INDEX, SINGLE
 from .reader import TORCH_TO_ST
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 from ..errors import LedmergeError
 from ..fileio import atomic_path, write_json
 from ..merge import get_method
-from ..options import resolve
+from ..schema import resolve
 from .fitness import MergeEvaluator, fitness, scores
 
 log = logging.getLogger(__name__)

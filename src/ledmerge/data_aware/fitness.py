@@ -28,7 +28,7 @@ from ..fileio import read_jsonl
 from ..led.files import MaskFiles
 from ..merge import get_method
 from ..merge.base import MergeMethod, TensorContext
-from ..options import resolve
+from ..schema import resolve
 
 TYPES = ("alignment", "task")
 

@@ -21,7 +21,7 @@ from ..errors import LedmergeError
 def judge_options(name: str, given: dict) -> dict:
     """The options of built-in judge `name` (definitions.<name>_judge of the configuration schema): a copy of `given`
     with the schema's defaults filled in, validated; an unknown key or a bad value is one LedmergeError naming it."""
-    from ..options import fill_definition
+    from ..schema import fill_definition
 
     return fill_definition(copy.deepcopy(given), f"{name}_judge", "judge_kwargs.")
 

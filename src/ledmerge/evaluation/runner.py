@@ -38,7 +38,7 @@ from ..checkpoint import is_adapter
 from ..errors import LedmergeError
 from ..fileio import read_jsonl, write_json, write_jsonl
 from ..layout import EVAL_SETS, SAFETY_SETS
-from ..options import default_of, resolve
+from ..schema import default_of, resolve
 from .judges import EMPTY, JUDGES, RefusalJudge, get_judge, is_degenerate, label_replies
 from .sandbox import IDENTIFIER
 
@@ -64,7 +64,7 @@ DOC_FIELDS = ("category", "answer", "entry_point")  # copied into the generation
 def task_specs(items) -> list[dict]:
     """The config's lm_eval_tasks as {task, data, num_fewshot, chat_template}: a bare name takes the schema's
     defaults (definitions.lm_eval_task)."""
-    from ..options import definition_defaults
+    from ..schema import definition_defaults
 
     defaults = definition_defaults("lm_eval_task")
     return [{**defaults, **({"task": item} if isinstance(item, str) else item)} for item in items]
@@ -459,7 +459,7 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     `num_threads` sets torch's CPU threads for the run: use 1 for tiny models, where intra-op
     threading only adds synchronisation (10x slower and worse when cores are shared).
     `opts`: the config's `evaluation` section (batch_size, max_new_tokens, limit, device, dtype, backend,
-    model_args, judge, judge_kwargs, lm_eval_tasks, utility), resolved through the schema (`options.resolve`): what
+    model_args, judge, judge_kwargs, lm_eval_tasks, utility), resolved through the schema (`schema.resolve`): what
     is not given takes the schema's default; `judge` may also be a Judge object. `seed`: the config's top-level seed.
     """
     judge = opts.pop("judge", None)

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import LedmergeError
 from ..fileio import write_text
-from ..options import allowed
+from ..schema import allowed
 from ..topk import top_k_count, top_r_positive
 from .files import MaskFile, PackedMask, ScoreFile, as_bool_mask, pack_bits, recorded_files, save_masks, sources_metadata
 

@@ -54,7 +54,7 @@ from torch import Tensor
 from ..checkpoint import weight_files
 from ..errors import LedmergeError, corrupt_file
 from ..fileio import atomic_path, file_sha256
-from ..options import allowed
+from ..schema import allowed
 
 log = logging.getLogger(__name__)
 

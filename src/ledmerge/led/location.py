@@ -94,7 +94,7 @@ from .. import chat
 from ..checkpoint import check_adapter, is_adapter, tensor_shapes
 from ..errors import LedmergeError
 from ..fileio import file_sha256, read_jsonl
-from ..options import resolve
+from ..schema import resolve
 from .files import MODEL_FILES, rank_code, save_scores, weights_fingerprint
 from .per_example import NotBatchable, PerExampleTaps
 

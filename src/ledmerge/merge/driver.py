@@ -27,7 +27,7 @@ from ..checkpoint import AdapterReader, ModelReader, ShardedWriter, TensorSlices
 from ..errors import LedmergeError
 from ..fileio import atomic_path, check_not_input, check_replaceable
 from ..led.files import MaskFiles
-from ..options import resolve
+from ..schema import resolve
 from ..tokenizer import check_tokenizer_dir, copy_tokenizer_files
 from .base import TensorContext
 from .card import CONFIG_FILES, TOKENIZER_INPUTS, config_sha256s, model_card
@@ -81,7 +81,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     `force`; one that is, holds or lies inside an input is always refused (`fileio.check_not_input`).
 
     `opts`: the config's `merge` section (device, shard_size, vocab_policy), resolved through the schema
-    (`options.resolve`): what is not given takes the schema's default.
+    (`schema.resolve`): what is not given takes the schema's default.
     """
     o = resolve("merge", opts)
     device, shard_size, vocab_policy = o["device"], o["shard_size"], o["vocab_policy"]

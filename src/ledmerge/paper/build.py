@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 
 from ..errors import LedmergeError  # noqa: E402
 from ..fileio import write_text  # noqa: E402
-from ..report import KINDS, load_counts, metric_columns, plot_mask_overlap, rate_interval, save_figure  # noqa: E402
+from ..summary import KINDS, load_counts, metric_columns, plot_mask_overlap, rate_interval, save_figure  # noqa: E402
 from . import ABLATIONS, ARROW, MEAN_UTILITY, NO_SWEEP, OUTPUTS, PARAM_PREFIXES, SAFETY, SEED, UTILITY_LABELS  # noqa: E402
 
 # Embedding TrueType fonts in PDFs (pdf.fonttype 42) makes fontTools log every glyph subset at INFO.

@@ -47,7 +47,7 @@ def _commit() -> str:
 def record_run(results_dir, record_dir, command: str = "make run") -> Path:
     """Copy a run's summary.csv and each model's rate counts (from its metrics.json) into `record_dir`, with
     run.json (command, commit, CPU, summary sha256)."""
-    from ..report import load_counts
+    from ..summary import load_counts
 
     results_dir, record_dir = Path(results_dir), Path(record_dir)
     summary_csv = results_dir / "report" / "summary.csv"

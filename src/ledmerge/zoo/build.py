@@ -1,5 +1,5 @@
 """The three build steps of the toy zoo, as the workflow calls them. Each takes the config's `zoo` section as
-keyword options, resolved through the schema (`options.resolve`: missing keys take its defaults), and the run's
+keyword options, resolved through the schema (`schema.resolve`: missing keys take its defaults), and the run's
 seed."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..fileio import read_jsonl, write_jsonl
 from ..layout import PRETRAIN, data_file
-from ..options import resolve
+from ..schema import resolve
 from .data import build_datasets, corpus_texts
-from .tokenizer import build_tokenizer
+from .word_tokenizer import build_tokenizer
 
 ARCH_KEYS = ("hidden_size", "intermediate_size", "layers", "heads")
 

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass
 
 from ..layout import EVAL_SETS, PRETRAIN, ZOO_TASKS, zoo_calib, zoo_eval, zoo_train
-from .tokenizer import ASSISTANT, EOS, USER
+from .word_tokenizer import ASSISTANT, EOS, USER
 
 SPLITS = ("train", "calib", "eval")
 

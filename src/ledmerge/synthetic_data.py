@@ -37,7 +37,8 @@ from .chat import pad_id, render
 from .errors import LedmergeError
 from .evaluation.judges import RefusalJudge
 from .fileio import read_jsonl, write_json, write_jsonl
-from .options import resolve
+from .layout import ZOO
+from .schema import resolve
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ def harm_categories(o: dict) -> list[str]:
     for the toy generator and BeaverTails' 14 for a real one."""
     if o["harm_categories"] is not None:
         return list(o["harm_categories"])
-    if o["generator"] == "zoo":
+    if o["generator"] == ZOO:
         from .zoo.data import HARMFUL_ACTIONS
 
         return sorted(HARMFUL_ACTIONS)
@@ -283,7 +284,7 @@ GENERATOR_KEYS = ("generator", "harm_categories", "malformed_fraction", "generat
 
 def make_generator(o: dict, trust_remote_code: bool = False) -> Generator:
     """The generator of resolved `data_aware.synthetic` options: the toy one (generator zoo) or a causal LM."""
-    if o["generator"] == "zoo":
+    if o["generator"] == ZOO:
         return ToyGenerator(o["seed"], o["malformed_fraction"])
     return HFGenerator(o["generator"], max_new_tokens=o["generator_max_new_tokens"], temperature=o["temperature"],
                        batch_size=o["batch_size"], seed=o["seed"], device=o["device"],
