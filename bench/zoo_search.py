@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ledmerge.led.files import PackedMask, header_shapes, load_masks, pack_bits, save_masks
+from ledmerge.led.files import PackedMask, TensorFile, load_masks, pack_bits, save_masks
 
 TASKS = ("safety", "math", "code")
 ONLY_SAFETY = {"method": "led"}  # with the safety expert alone: θ_0 + M ⊙ τ_safety (unscored tensors: base)
@@ -89,7 +89,7 @@ def random_like(mask_path: Path, out: Path, seed: int) -> None:
 def n_params(model: Path) -> int:
     total = 0
     for f in sorted(model.glob("*.safetensors")):
-        total += sum(math.prod(s) for s in header_shapes(f).values())
+        total += sum(math.prod(s) for s in TensorFile(f).shapes.values())
     return total
 
 

@@ -19,7 +19,6 @@ from ledmerge.led.files import (
     ScoreFile,
     load_masks,
     load_scores,
-    mask_names_and_shapes,
     pack_bits,
     save_masks,
     save_scores,
@@ -326,7 +325,7 @@ def test_files_accept_legacy_float32_scores_and_bool_masks(tmp_path):
     want = elect(scores["a"], scores["base"], 0.3, "11")
     assert torch.equal(load_masks(tmp_path / "e.safetensors")["w"], want["w"])
     save_tensors(tmp_path / "old.safetensors", want, metadata={"rate": "0.3"})
-    assert mask_names_and_shapes(tmp_path / "old.safetensors") == {"w": (4, 9)}
+    assert MaskFile(tmp_path / "old.safetensors").shapes == {"w": (4, 9)}
     assert torch.equal(load_masks(tmp_path / "old.safetensors")["w"], want["w"])
 
 
@@ -357,7 +356,7 @@ def test_save_load_masks_round_trip_and_size(tmp_path):
     for name, m in masks.items():
         want = unpack_bits(*m) if isinstance(m, PackedMask) else m
         assert got[name].dtype == torch.bool and got[name].shape == want.shape and torch.equal(got[name], want)
-    assert mask_names_and_shapes(path) == {"a.weight": (1001, 333), "b": (), "c": (0, 4), "d": (3, 5, 7), "e": (13,)}
+    assert MaskFile(path).shapes == {"a.weight": (1001, 333), "b": (), "c": (0, 4), "d": (3, 5, 7), "e": (13,)}
     assert set(load_masks(path, ["d"])) == {"d"}
     meta = tensors_metadata(path)
     assert meta["mask_encoding"] == "packbits" and meta["kind"] == "election" and meta["rate"] == "0.5"
@@ -401,7 +400,7 @@ def test_corrupt_mask_metadata_is_an_error(tmp_path, case):
     elif case != "no_shapes":
         meta["mask_shapes"] = json.dumps(shapes)
     path = _raw_mask_file(tmp_path / "m.safetensors", tensors, meta)
-    for read in (mask_names_and_shapes, load_masks):
+    for read in (lambda path: MaskFile(path).shapes, load_masks):
         with pytest.raises(LedmergeError, match="rebuild the masks"):
             read(path)
 

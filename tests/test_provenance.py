@@ -28,7 +28,7 @@ from ledmerge.checkpoint import check_compatible, load_state_dict, tensor_shapes
 from ledmerge.errors import LedmergeError
 from ledmerge.fileio import file_sha256
 from ledmerge.led.election import disjoint_files, elect_files
-from ledmerge.led.files import load_masks, mask_metadata, save_masks
+from ledmerge.led.files import MaskFile, load_masks, save_masks
 from ledmerge.led.location import score_model
 from ledmerge.merge import merge_models
 from ledmerge.schema import resolve
@@ -88,7 +88,7 @@ def test_score_files_record_the_weight_files_and_the_calibration(tiny_zoo, led):
 
 def test_election_and_disjoint_carry_both_models_fingerprints(tiny_zoo, led):
     for stage in ("elected", "final"):
-        meta = mask_metadata(led[stage]["code"])
+        meta = MaskFile(led[stage]["code"]).user_metadata
         expert = json.loads(meta["expert_model_files"])["model.safetensors"]["sha256"]
         base = json.loads(meta["base_model_files"])["model.safetensors"]["sha256"]
         assert expert == file_sha256(tiny_zoo["code"] / "model.safetensors"), stage

@@ -3,7 +3,7 @@
 The one place that writes and reads them (models themselves are read and written by `ledmerge.checkpoint`).
 
 Safetensors I/O: `save_tensors` (atomic), `open_tensors` (a `safe_open` handle, a corrupt file being one clear
-error), `tensors_metadata`, `header_shapes`.
+error), `tensors_metadata`.
 
 Readers: `ScoreFile(path)` and `MaskFile(path)` open a file once, parse its header and metadata once, and serve
 its tensors by name (`names`, `shapes`, `metadata`, `get(name)`, `load(names)`); context managers (`close`).
@@ -11,8 +11,7 @@ its tensors by name (`names`, `shapes`, `metadata`, `get(name)`, `load(names)`);
 Whoever asks a file more than one thing (its shapes, its metadata, then every tensor) holds one reader: the
 safetensors header, which lists every tensor (a mask file's metadata also every mask's shape), is parsed per
 open, so opening a file once per tensor costs time quadratic in its tensor count (bench/mask_read_bench.py).
-`load_scores`, `load_masks`, `tensors_metadata`, `header_shapes`, `mask_names_and_shapes` and `mask_metadata`
-are one-shot conveniences (one reader, one question).
+`load_scores`, `load_masks` and `tensors_metadata` are one-shot conveniences (one reader, one question).
 
 Score files (`save_scores`/`ScoreFile`, the only writer and reader): 2 bytes per weight, as a rank code
 (`rank_code`, metadata `score_encoding: rank16`), or raw float32 scores (`score_encoding: float32`); the
@@ -151,12 +150,6 @@ def tensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a safetensors file ({} when it has none)."""
     with TensorFile(path) as f:
         return f.metadata
-
-
-def header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of a safetensors file, from its header alone."""
-    with TensorFile(path) as f:
-        return f.shapes
 
 
 def as_bool_mask(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -390,22 +383,10 @@ class MaskFile(TensorFile):
         return {name: self.get(name) for name in (list(self.shapes) if names is None else list(names))}
 
 
-def mask_names_and_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every mask in a mask file, from its header alone (validated)."""
-    with MaskFile(path) as f:
-        return f.shapes
-
-
 def load_masks(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Masks of a mask file (all, or `names`) as bool tensors of their original shapes."""
     with MaskFile(path) as f:
         return f.load(names)
-
-
-def mask_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a mask file, without the encoding's own keys."""
-    with MaskFile(path) as f:
-        return f.user_metadata
 
 
 # ---- provenance: which models and calibration data scores and masks came from ----
