@@ -93,7 +93,7 @@ def restated_similarity(delta: torch.Tensor, v: torch.Tensor) -> float:
     delta, v = delta.double(), v.double()
     c = v @ v.T / v.norm()
     cd = c @ delta
-    return float((delta * cd).sum() / (delta.norm() * cd.norm()))
+    return 0.0 if cd.norm() == 0 else float((delta * cd).sum() / (delta.norm() * cd.norm()))
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (3, 5), (4, 4)])  # tall (V (Vᵀ ΔW)), wide and square ((V Vᵀ) ΔW)
@@ -122,13 +122,76 @@ def test_safemerge_replaces_exactly_the_layers_below_threshold():
         experts = {**safe, "m": base + update}
         plain, _ = merge({"method": "task_arithmetic"}, base, experts, name)
         got, ctx = merge(spec, base, experts, name)
-        rho = restated_similarity(plain - base, safe["s"] - base)
+        rho = restated_similarity(plain - safe["s"], safe["s"] - base)  # ΔW = θ_merged − θ_aligned: m's update
         record = ctx.report["safemerge"]
         assert record["similarity"] == pytest.approx(rho, abs=1e-6)
+        assert record["update_norm"] == pytest.approx(float(update.norm()))
         assert record["replaced"] == (rho < 0.5)
         assert torch.equal(got, safe["s"] if rho < 0.5 else plain), name  # bit for bit either way
     assert [merge(spec, base, {**safe, "m": base + u}, n)[1].report["safemerge"]["replaced"]
             for n, u in cases.items()] == [False, True, True]
+
+
+def test_safemerge_measures_the_update_from_the_aligned_model_by_hand():
+    """ΔW = θ_merged − θ_aligned, not θ_merged − θ_0, worked out by hand on a 2×2 task arithmetic merge."""
+    base = T([[1.0, 1.0], [1.0, 1.0]])
+    experts = {"s": base + T([[2.0, 0.0], [0.0, 0.0]]),  # V = 2·e₁e₁ᵀ: C = V Vᵀ / ‖V‖ = diag(2, 0)
+               "m": base + T([[3.0, 0.0], [0.0, 4.0]])}
+    spec = {"method": "task_arithmetic", "safemerge": {"threshold": 0.7, "aligned": "s"}}
+    got, ctx = merge(spec, base, experts)
+    # ΔW = m's update [[3, 0], [0, 4]]: CΔW = [[6, 0], [0, 0]], ⟨ΔW, CΔW⟩ = 18, ‖ΔW‖ = 5, ‖CΔW‖ = 6: ρ = 18/30 = 0.6
+    assert ctx.report["safemerge"] == {"similarity": pytest.approx(0.6), "replaced": True, "update_norm": 5.0}
+    assert torch.equal(got, experts["s"])
+    # the update from the base, [[5, 0], [0, 4]], holds V: 50 / (√41 · 10) = 0.781 ≥ 0.7 would have kept the layer
+    assert projected_cosine(T([[5.0, 0.0], [0.0, 4.0]]), T([[2.0, 0.0], [0.0, 0.0]])) == pytest.approx(5 / 41 ** 0.5)
+    # a merge weight other than 1 leaves a share of V in ΔW: 0.5·(V + τ_m) − V = [[-0.5, 0], [0, 2]], ρ = 0.5/√4.25
+    got, ctx = merge({**spec, "weights": {"s": 0.5, "m": 0.5}}, base, experts)
+    assert ctx.report["safemerge"]["similarity"] == pytest.approx(0.5 / 4.25 ** 0.5)
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12), (10, 10)])
+def test_safemerge_replaces_an_update_orthogonal_to_v_and_keeps_one_inside_it(shape):
+    """The merge's update from the aligned model, built orthogonal to V's column space (CΔW = 0, ρ = 0: replaced at
+    τ = 0.5), or inside it (ΔW = V·A: kept)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    out, k = shape[0], 3
+    q = torch.linalg.qr(torch.randn(out, out, generator=g)).Q  # an orthonormal basis of the output space
+    v = q[:, :k] @ torch.randn(k, shape[1], generator=g)  # rank 3: its columns span q's first 3 columns
+    base = torch.randn(shape, generator=g)
+    spec = {"method": "task_arithmetic", "safemerge": {"threshold": 0.5, "aligned": "s"}}
+    orthogonal = q[:, k:] @ torch.randn(out - k, shape[1], generator=g)  # Vᵀ ΔW = 0
+    inside = v @ torch.randn(shape[1], shape[1], generator=g)
+    for update, replaced in ((orthogonal, True), (inside, False)):
+        experts = {"s": base + v, "m": base + update}
+        plain, _ = merge({"method": "task_arithmetic"}, base, experts)
+        got, ctx = merge(spec, base, experts)
+        record = ctx.report["safemerge"]
+        assert record["replaced"] is replaced
+        # ΔW is recovered as merged − aligned in float32 and CΔW of an orthogonal one is rounding error: a
+        # similarity of a few hundredths instead of 0 (restated in float64: 1e-7)
+        assert record["similarity"] == pytest.approx(restated_similarity(plain - experts["s"], v), abs=0.1)
+        assert torch.equal(got, experts["s"] if replaced else plain)
+    assert restated_similarity(orthogonal, v) == pytest.approx(0.0, abs=1e-6)
+    assert restated_similarity(inside, v) > 0.5
+
+
+def test_safemerge_no_longer_counts_the_aligned_experts_own_task_vector():
+    """The bias the update from the base had: merged = base + V + small noise orthogonal to V. θ_merged − θ_0 is
+    almost V, so its similarity was about 1 and the layer kept; θ_merged − θ_aligned is the noise alone: replaced."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q
+    v = q[:, :4] @ torch.randn(4, 16, generator=g)  # rank 4
+    noise = q[:, 4:] @ torch.randn(12, 16, generator=g)
+    noise *= 0.1 * v.norm() / noise.norm()  # a tenth of V's norm, orthogonal to V's columns
+    base = torch.randn(16, 16, generator=g)
+    experts = {"s": base + v, "m": base + noise}
+    plain, _ = merge({"method": "task_arithmetic"}, base, experts)
+    torch.testing.assert_close(plain, base + v + noise)
+    assert restated_similarity(plain - base, v) > 0.9  # the old measure: kept at τ = 0.5
+    got, ctx = merge({"method": "task_arithmetic", "safemerge": {"threshold": 0.5, "aligned": "s"}}, base, experts)
+    assert restated_similarity(plain - experts["s"], v) == pytest.approx(0.0, abs=1e-3)  # the new measure
+    assert ctx.report["safemerge"]["similarity"] == pytest.approx(0.0, abs=0.1)  # float32 rounding, see above
+    assert ctx.report["safemerge"]["replaced"] and torch.equal(got, experts["s"])
 
 
 def test_safemerge_blend_vectors_and_unset_cases():
@@ -144,10 +207,45 @@ def test_safemerge_blend_vectors_and_unset_cases():
     assert torch.equal(got, merge({"method": "task_arithmetic"}, torch.zeros(3), {"s": torch.ones(3),
                                                                                    "m": -torch.ones(3)})[0])
     assert ctx.report == {}
-    # no update (linear of equal experts... here: the merge gives the base) -> similarity None, kept
-    same = {"s": experts["s"], "m": -experts["s"]}
-    got, ctx = merge(spec, base, same)
-    assert ctx.report["safemerge"] == {"similarity": None, "replaced": False} and torch.equal(got, base)
+    # no update (the other expert adds nothing: the merge is the aligned model) -> similarity None, kept
+    got, ctx = merge(spec, base, {"s": experts["s"], "m": base})
+    assert ctx.report["safemerge"] == {"similarity": None, "replaced": False, "update_norm": 0.0}
+    assert torch.equal(got, experts["s"])
+    # a merge that gives V back (here: to the base) has ΔW = −V, inside the subspace: ρ is blind to the sign, kept
+    got, ctx = merge(spec, base, {"s": experts["s"], "m": -experts["s"]})
+    assert ctx.report["safemerge"]["similarity"] == pytest.approx(1.0) and torch.equal(got, base)
+
+
+def test_safemerge_replaces_layers_of_the_tiny_zoo(tiny_zoo, tmp_path):
+    """Task arithmetic of the tiny zoo's three noise experts with SafeMERGE at its default τ = 0.5. The update from
+    the base (which holds V) is above τ in all 16 matrices, so that measure replaced none; the update from the
+    aligned model is lower in every matrix, and the matrices it puts below τ are replaced by the safety expert's."""
+    tasks = ("safety", "math", "code")
+    spec = {"method": "task_arithmetic", "safemerge": {"aligned": "safety"}}
+    rc, stdout = run_cli("merge", "--base", tiny_zoo["base"], "--expert", *[f"{t}={tiny_zoo[t]}" for t in tasks],
+                         "--spec", json.dumps(spec), "--out", tmp_path / "ta_safemerge")
+    assert rc == 0
+    records = json.loads(stdout)["post_steps"]["safemerge"]
+    base, experts = load_state_dict(tiny_zoo["base"]), {t: load_state_dict(tiny_zoo[t]) for t in tasks}
+    got = load_state_dict(tmp_path / "ta_safemerge")
+    assert set(records) == {n for n, w in base.items() if w.dim() == 2} and len(records) == 16
+    old, new = {}, {}
+    for n in records:
+        merged = base[n] + sum(experts[t][n] - base[n] for t in tasks)
+        v = experts["safety"][n] - base[n]
+        old[n], new[n] = restated_similarity(merged - base[n], v), restated_similarity(merged - experts["safety"][n], v)
+        assert records[n]["similarity"] == pytest.approx(new[n], abs=1e-4)
+        assert records[n]["replaced"] == (new[n] < 0.5)
+        if records[n]["replaced"]:
+            assert torch.equal(got[n], experts["safety"][n].to(got[n].dtype)), n
+        else:
+            torch.testing.assert_close(got[n], merged.to(got[n].dtype), rtol=0, atol=1e-6)
+    assert all(new[n] < old[n] for n in records)
+    assert min(old.values()) >= 0.5  # the update from the base: none replaced
+    replaced = sorted(n for n, r in records.items() if r["replaced"])
+    assert replaced == ["model.embed_tokens.weight"]  # 1 of 16 at τ = 0.5 (ρ 0.49; 0.64 from the base)
+    # at τ = 0.6 the update from the aligned model replaces 6 of 16, the one from the base still none
+    assert sum(r < 0.6 for r in new.values()) == 6 and min(old.values()) > 0.6
 
 
 def test_both_steps_run_safemerge_then_resta(models):
