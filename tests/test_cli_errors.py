@@ -313,14 +313,17 @@ def test_ctrl_c_is_reported_as_an_interruption(tmp_path, tiny_zoo):
     import signal
     import time
 
-    out = tmp_path / "merged"
+    out, inside = tmp_path / "merged", tmp_path / "inside-the-step"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-c", "import time, sys; from ledmerge.cli import main; "
+    proc = subprocess.Popen([sys.executable, "-c", "import time, sys, pathlib; from ledmerge.cli import main; "
                              "import ledmerge.merge as d; real = d.merge_models; "
-                             "d.merge_models = lambda *a, **k: (time.sleep(60), real(*a, **k)); "
-                             "sys.exit(main(sys.argv[1:]))", *map(str, merge_args(tiny_zoo, out))],
+                             f"d.merge_models = lambda *a, **k: (pathlib.Path({str(inside)!r}).touch(), time.sleep(60), "
+                             "real(*a, **k)); sys.exit(main(sys.argv[1:]))", *map(str, merge_args(tiny_zoo, out))],
                             cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # past the imports, inside the step
+    deadline = time.time() + 240  # past the imports, inside the step (however loaded the machine is)
+    while not inside.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert inside.exists(), "the step never started"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
