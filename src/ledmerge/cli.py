@@ -189,6 +189,15 @@ def cmd_disjoint(a):
     disjoint_files(_pairs(a.elected, "--elected"), _pairs(a.out, "--out"), a.stats, a.overlap)
 
 
+def cmd_control(a):
+    from .led.controls import control_files
+
+    _threads(a)
+    print(json.dumps(control_files(a.kind, _pairs(a.matched, "--matched"), _pairs(a.out, "--out"), a.stats,
+                                   seed=a.seed, base_dir=a.base, expert_dirs=_pairs(a.expert, "--expert") or None,
+                                   allow_pickle=a.allow_pickle)))
+
+
 def cmd_merge(a):
     from .merge import merge_models
 
@@ -435,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the score file to write (safetensors, one tensor per weight)")
     sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
                     "expert see the same token ids; absent: the model's own")
-    sp.add_argument("--seed", type=int, help="location random: the config seed")
-    sp.add_argument("--key", help="location random: what else seeds the draws (the workflow: the task, so a task's "
+    sp.add_argument("--seed", type=int, help="location random_shared_draws: the config seed")
+    sp.add_argument("--key", help="location random_shared_draws: what else seeds the draws (the workflow: the task, so a task's "
                     "base and expert get the same scores)")
     sp.add_argument("--base", help=ADAPTER_BASE_HELP)
     opt_ins(sp)
@@ -457,6 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "kept")
     sp.add_argument("--overlap", required=True, help="the CSV to write: per pair of tasks and tensor, the entries "
                     "both elected (overlap, Jaccard)")
+
+    sp = add("control", cmd_control, "count-matched control masks: the final masks' per-tensor counts, placed at "
+             "random or by |task vector| (disjoint across tasks)")
+    sp.add_argument("--kind", required=True, choices=["random", "magnitude"], help="random: seeded uniform draws; "
+                    "magnitude: the largest |expert - base|")
+    sp.add_argument("--matched", nargs="+", required=True, metavar="TASK=PATH",
+                    help="each task's final mask file whose per-tensor counts the control keeps (`ledmerge disjoint`)")
+    sp.add_argument("--out", nargs="+", required=True, metavar="TASK=PATH",
+                    help="each task's control mask file to write (safetensors), for the same tasks as --matched")
+    sp.add_argument("--stats", required=True, help="the CSV to write: per task and tensor, the entries kept (the "
+                    "columns of `ledmerge disjoint --stats`)")
+    sp.add_argument("--seed", type=int, help=f"kind random: {SEED_HELP}")
+    sp.add_argument("--base", help=f"kind magnitude: {BASE_HELP}")
+    sp.add_argument("--expert", nargs="*", metavar="TASK=DIR", help=f"kind magnitude: {EXPERTS_HELP}")
+    opt_ins(sp, trust=False)
 
     sp = add("merge", cmd_merge, "merge experts into the base with one method", "merge")
     sp.add_argument("--base", required=True, help=BASE_HELP)
