@@ -186,7 +186,7 @@ def cmd_disjoint(a):
     from .led.election import disjoint_files
 
     _threads(a)
-    disjoint_files(_pairs(a.elected, "--elected"), _pairs(a.out, "--out"), a.stats, a.overlap)
+    disjoint_files(_pairs(a.elected, "--elected"), _pairs(a.out, "--out"), a.stats, a.overlap, a.localisation)
 
 
 def cmd_control(a):
@@ -466,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "kept")
     sp.add_argument("--overlap", required=True, help="the CSV to write: per pair of tasks and tensor, the entries "
                     "both elected (overlap, Jaccard)")
+    sp.add_argument("--localisation", help="the CSV to write: per task and tensor, the importance mass in the "
+                    "top-r, the base and expert top-r overlap against chance, the share of the election Disjoint "
+                    "removed, the final fraction")
 
     sp = add("control", cmd_control, "count-matched control masks: the final masks' per-tensor counts, placed at "
              "random or by |task vector| (disjoint across tasks)")

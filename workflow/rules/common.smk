@@ -62,6 +62,7 @@ MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 # ---- the run's paths (ledmerge.layout.Layout: one definition each; with wildcards, the rules' patterns) ----
 LOG, HUB, TOKENIZER, SYNTHETIC, REPORT = PATHS.logs, PATHS.hub, PATHS.tokenizer, PATHS.synthetic, PATHS.report
 PAPER, SWEEPS_CSV, MASK_STATS, MASK_OVERLAP = PATHS.paper, PATHS.sweeps_csv, PATHS.mask_stats, PATHS.mask_overlap
+MASK_LOCALISATION = PATHS.mask_localisation
 calibration_file, scores_file, elected_mask, final_mask = (
     PATHS.calibration_file, PATHS.scores_file, PATHS.elected_mask, PATHS.final_mask)
 merged_dir, search_dir, eval_file, eval_data = PATHS.merged_dir, PATHS.search_dir, PATHS.eval_file, PATHS.eval_set

@@ -71,6 +71,7 @@ use rule disjoint as sweep_disjoint with:
         masks=[branch_mask("{branch}", t) for t in TASKS],
         stats=PATHS.branch_mask_stats("{branch}"),
         overlap=PATHS.branch_mask_overlap("{branch}"),
+        localisation=PATHS.branch_mask_localisation("{branch}"),
     params:
         elected=lambda w: pairs(TASKS, lambda t: branch_elected(SWEEP.masks[w.branch].elections[t], t)),
         out=lambda w: pairs(TASKS, lambda t: branch_mask(w.branch, t)),
