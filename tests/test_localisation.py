@@ -65,3 +65,13 @@ def test_localisation_csv_from_election_and_disjoint(tmp_path):
         assert float(r["removed_share"]) == pytest.approx((e - k) / e)
         assert float(r["chance"]) == pytest.approx(int(r["top_base"]) / n)
         assert 0 < float(r["mass_expert"]) < 1
+
+    from ledmerge.paper.build import localisation_rows, localisation_table
+
+    agg = localisation_rows(tmp_path / "loc.csv")
+    assert list(agg["module"][agg["task"] == "safety"]) == ["q_proj", "down_proj"]  # module types in layer order
+    q = agg[(agg["task"] == "math") & (agg["module"] == "q_proj")].iloc[0]
+    row = next(r for r in rows if r["task"] == "math" and "q_proj" in r["tensor"])
+    assert q["overlap_share"] == pytest.approx(int(row["overlap"]) / int(row["top_expert"]))
+    tex, md = localisation_table(tmp_path / "loc.csv")
+    assert "q_proj" in md and "removed by Disjoint" in md and r"\toprule" in tex

@@ -298,7 +298,7 @@ def cmd_paper(a):
     from .paper.build import build_paper
 
     written = build_paper(a.summary, _pairs(a.metrics, "--metrics"), a.mask_stats, a.mask_overlap, a.out_dir,
-                          sweeps_csv=a.sweeps)
+                          sweeps_csv=a.sweeps, localisation_csv=a.localisation)
     print("\n".join(str(p) for p in written))
 
 
@@ -567,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the CSV to write")
 
     sp = add("paper", cmd_paper, "paper tables (LaTeX booktabs and Markdown) and print-ready figures (PDF and PNG)")
+    sp.add_argument("--localisation", help="the localisation CSV (`ledmerge disjoint --localisation`), for the "
+                    "localisation table and figure (without it: placeholders)")
     sp.add_argument("--summary", required=True, help="the report's summary.csv")
     sp.add_argument("--metrics", nargs="+", required=True, metavar="NAME=PATH",
                     help="each summary model's metrics.json (evaluation set sizes, for the Wilson intervals)")
