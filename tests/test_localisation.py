@@ -75,3 +75,19 @@ def test_localisation_csv_from_election_and_disjoint(tmp_path):
     assert q["overlap_share"] == pytest.approx(int(row["overlap"]) / int(row["top_expert"]))
     tex, md = localisation_table(tmp_path / "loc.csv")
     assert "q_proj" in md and "removed by Disjoint" in md and r"\toprule" in tex
+
+
+def test_safety_only_figure_takes_the_points_with_the_other_lambdas_zero():
+    import pandas as pd
+
+    from ledmerge.paper.build import safety_only_figure, safety_only_rows
+
+    rows = [{"sweep": "s", "model": f"m{i}", "control": c, "rate_safety": r, "lambda_math": lm, "lambda_code": 0.0,
+             "harmful_rate": 0.5, "n_harmful": 10, "over_refusal_rate": 0.1, "n_benign": 10, "empty_rate": 0.0,
+             "utility_refusal_rate": 0.0, "math_accuracy": 0.5, "n_math": 10, "mean_utility": 0.5} for i, (c, r, lm) in enumerate(
+                 [("none", 0.1, 0.0), ("none", 0.3, 0.0), ("random", 0.1, 0.0), ("random", 0.3, 0.0),
+                  ("none", 0.1, 1.0)])]
+    df = pd.DataFrame(rows)
+    assert list(safety_only_rows(df)["model"]) == ["m0", "m1", "m2", "m3"]
+    assert safety_only_rows(df.drop(columns=["lambda_math", "lambda_code"])).empty
+    assert safety_only_figure(df).axes[0].get_xlabel() == "safety rate r"  # a plot, not the placeholder

@@ -390,6 +390,36 @@ def location_ablation_figure(sweeps: pd.DataFrame):
     return fig
 
 
+def safety_only_rows(sweeps: pd.DataFrame) -> pd.DataFrame:
+    """Sweep points that merge the safety task vector alone (every other task's λ 0, `rate_safety` swept): the
+    direct test of how much of it refusals need (config/ablations.yaml's `safety_only`)."""
+    others = [c for c in sweeps.columns if c.startswith("lambda_") and c != "lambda_safety"]
+    if sweeps.empty or not others or "rate_safety" not in sweeps:
+        return sweeps.iloc[0:0]
+    alone = sweeps[others].astype(float).eq(0).all(axis=1) & sweeps["rate_safety"].notna()
+    return sweeps[alone]
+
+
+def safety_only_figure(sweeps: pd.DataFrame):
+    """Harmful rate of θ_0 + M ⊙ τ_safety against the safety rate, one line per location / control."""
+    raw = safety_only_rows(sweeps)
+    if raw.empty or raw["rate_safety"].nunique() < 2:
+        return placeholder_figure(f"{NO_SWEEP}: no sweep merges the safety task vector alone over rate_safety",
+                                  COLUMN_WIDTH)
+    by = [c for c in ("location", "control") if c in raw and raw[c].notna().any()]
+    raw = raw.assign(line=raw[by].astype(str).agg(" / ".join, axis=1) if by else "LED")
+    points = aggregate(raw, ["line", "rate_safety"], metrics_of(sweeps)).sort_values(["line", "rate_safety"],
+                                                                                   kind="stable")
+    m, label, d = SAFETY[0]
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    for i, (line, g) in enumerate(points.groupby("line", sort=True)):
+        ax.errorbar(g["rate_safety"], g[m], yerr=_errorbars(g, m), marker="os^Dv<>p"[i % 8], capsize=2,
+                    color=PALETTE[i % len(PALETTE)], label=line, elinewidth=0.6)
+    ax.set(xlabel="safety rate r", ylabel=f"{label} {ARROW[d][0]}", ylim=(-0.05, 1.05), xscale="log")
+    ax.legend(title=" / ".join(by) or None, fontsize=6)
+    return fig
+
+
 # ---------------------------------------------------------------- localisation
 
 MODULE_TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -513,4 +543,5 @@ def build_paper(summary_csv, metrics_paths: dict[str, str | Path], mask_stats_cs
         plot_mask_overlap(mask_stats_csv, mask_overlap_csv, out_dir, name="fig_mask_overlap",
                           figsize=(FULL_WIDTH, 2.6))
         save_figure(localisation_figure(localisation_csv), out_dir, "fig_localisation")
+        save_figure(safety_only_figure(sweeps), out_dir, "fig_safety_only")
     return [out_dir / name for name in OUTPUTS]
