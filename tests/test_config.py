@@ -108,11 +108,11 @@ def _unknown_top_level(cfg, tmp_path, zoo, wide):
 
 
 def _sweep_bad_key(cfg, tmp_path, zoo, wide):
-    cfg["sweeps"]["rate_location"]["rates"] = [{"math": 0.2}]  # `rate` misspelt
+    cfg["sweeps"]["rate_control"]["rates"] = [{"math": 0.2}]  # `rate` misspelt
 
 
 def _sweep_lambda_on_ties(cfg, tmp_path, zoo, wide):
-    cfg["sweeps"]["rate_location"] = {"merge": "ties", "lambda": {"math": [0.5]}}
+    cfg["sweeps"]["rate_control"] = {"merge": "ties", "lambda": {"math": [0.5]}}
 
 
 def _merge_named_like_task(cfg, tmp_path, zoo, wide):
@@ -192,8 +192,8 @@ CASES = [
     ("empty-calibration", _empty_calibration, "tasks.safety.calibration"),
     ("unknown-top-level-key", _unknown_top_level, "reslts"),
     ("merge-named-like-task", _merge_named_like_task, "merges.math"),
-    ("sweep-bad-key", _sweep_bad_key, "sweeps.rate_location"),
-    ("sweep-lambda-on-ties", _sweep_lambda_on_ties, "sweeps.rate_location.lambda"),
+    ("sweep-bad-key", _sweep_bad_key, "sweeps.rate_control"),
+    ("sweep-lambda-on-ties", _sweep_lambda_on_ties, "sweeps.rate_control.lambda"),
     ("merge-named-base", _merge_named_base, "merges.base"),
     ("missing-eval-file", _missing_eval_file, "evaluation.harmful"),
     ("math-eval-without-answer", _eval_rows("math", {"prompt": "what is 3 + 4"}), "evaluation.math"),

@@ -493,7 +493,7 @@ def test_location_random_is_seeded_by_seed_key_and_name(tiny_zoo):
     def scores(model_dir, seed, key):
         model, tok, examples = _encoded(model_dir)
         return compute_scores(model, examples, chat.pad_id(tok), progress=False, score_dtype=F32,
-                              location="random", random_seed=seed, random_key=key)
+                              location="random_shared_draws", random_seed=seed, random_key=key)
 
     first, summary = scores(tiny_zoo["base"], 0, "math")
     assert summary["n_forward_backward"] == 0
@@ -516,18 +516,18 @@ def test_random_scores_elect_exactly_the_rate(tiny_zoo, calib, tmp_path):
     from ledmerge.topk import top_k_count
 
     for role in ("base", "math"):
-        score_model(tiny_zoo[role], calib, tmp_path / f"{role}.safetensors", progress=False, location="random",
+        score_model(tiny_zoo[role], calib, tmp_path / f"{role}.safetensors", progress=False, location="random_shared_draws",
                     random_seed=3, random_key="math")
     counts = elect_files(tmp_path / "math.safetensors", tmp_path / "base.safetensors", 0.3, "11",
                          tmp_path / "mask.safetensors")
     shapes = {n: t.numel() for n, t in load_scores(tmp_path / "base.safetensors").items()}
     assert counts["elected"] == sum(top_k_count(n, 0.3) for n in shapes.values())
     meta = json.loads(tensors_metadata(tmp_path / "base.safetensors")["options"])
-    assert meta["location"] == "random" and meta["random_seed"] == 3 and meta["random_key"] == "math"
+    assert meta["location"] == "random_shared_draws" and meta["random_seed"] == 3 and meta["random_key"] == "math"
 
 
 @pytest.mark.parametrize("opts, match", [
-    ({"location": "random"}, "needs a seed and a key"),
+    ({"location": "random_shared_draws"}, "needs a seed and a key"),
     ({"location": "wanda", "include_norms": True}, "importance.include_norms"),
 ])
 def test_location_refusals_before_loading(tiny_zoo, calib, tmp_path, opts, match):

@@ -48,14 +48,14 @@ def test_rate_sweep_reuses_the_scores_and_the_unchanged_elections():
 
 def test_rate_tuples_times_locations():
     rates = [{"safety": 0.05, "math": 0.2, "code": 0.25}, MAIN]
-    points = expand(config(rl={"merge": "led", "location": ["snip", "random"], "rate": rates}))
+    points = expand(config(rl={"merge": "led", "location": ["snip", "random_shared_draws"], "rate": rates}))
     assert [p.name for p in points] == [  # every value the sweep sets, snip too; tasks in sorted order
         "led.location-snip.rate_code-0.25.rate_math-0.2.rate_safety-0.05",
         "led.location-snip.rate_code-0.5.rate_math-0.4.rate_safety-0.1",
-        "led.location-random.rate_code-0.25.rate_math-0.2.rate_safety-0.05",
-        "led.location-random.rate_code-0.5.rate_math-0.4.rate_safety-0.1"]
-    assert [p.scores for p in points] == [None, None, "random", "random"]  # one new score set, for random
-    assert points[3].elections == {t: f"random_11_r{r}" for t, r in MAIN.items()}
+        "led.location-random_shared_draws.rate_code-0.25.rate_math-0.2.rate_safety-0.05",
+        "led.location-random_shared_draws.rate_code-0.5.rate_math-0.4.rate_safety-0.1"]
+    assert [p.scores for p in points] == [None, None, "random_shared_draws", "random_shared_draws"]  # one new score set
+    assert points[3].elections == {t: f"random_shared_draws_11_r{r}" for t, r in MAIN.items()}
 
 
 def test_rate_grid_is_the_product_over_the_tasks():
@@ -95,10 +95,10 @@ def test_zoo_seeds_branch_everything_but_the_configured_seed():
 
 
 def test_shared_points_and_columns():
-    cfg = config(a={"merge": "led", "rate": {"math": [0.2]}}, b={"merge": "led", "location": ["random"],
+    cfg = config(a={"merge": "led", "rate": {"math": [0.2]}}, b={"merge": "led", "location": ["random_shared_draws"],
                                                                  "rate": [{"math": 0.2}]})
     a, b = expand(cfg)
-    assert a.name == "led.rate_math-0.2" and b.name == "led.location-random.rate_math-0.2"
+    assert a.name == "led.rate_math-0.2" and b.name == "led.location-random_shared_draws.rate_math-0.2"
     assert swept_columns(cfg) == ["location", "rate_math"]
     # a sweep that sets the same values (here as a tuple rather than a grid) shares the point: one merge
     cfg = config(a={"merge": "led", "rate": {"math": [0.2]}}, c={"merge": "led", "rate": [{"math": 0.2}]})
@@ -111,11 +111,11 @@ def test_ablations_overlay_expands():
     cfg["sweeps"].update(yaml.safe_load((REPO / "config" / "ablations.yaml").read_text())["sweeps"])
     check(validate(cfg))
     points = expand(cfg)
-    assert {p.sweep for p in points} >= {"rate_location", "location", "zoo_seed_led", "ties_density"}
+    assert {p.sweep for p in points} >= {"rate_control", "location", "zoo_seed_led", "ties_density"}
     names = {p.name for p in points}
     assert len(names) == len(points) and not names & set(cfg["merges"])  # no point is a configured merge
     assert {p.name for p in points if p.sweep == "location"} == {
-        f"led.location-{m}" for m in ("snip", "magnitude", "gradient", "wanda", "random")}
+        f"led.location-{m}" for m in ("snip", "magnitude", "gradient", "wanda", "random_shared_draws")}
 
 
 def _pinned(cfg: dict) -> dict:
@@ -142,11 +142,11 @@ def test_changing_the_configured_merge_renames_no_point():
     after["tasks"]["code"]["rate"] = 0.45
     old, new = _pinned(validate(before)), _pinned(validate(after))
     assert list(old) == list(new)  # the same names, in the same order
-    assert "led.location-snip.rate_code-0.5.rate_math-0.4.rate_safety-0.1" in old  # once equal to led, now not
+    assert "led.control-none.rate_code-0.5.rate_math-0.4.rate_safety-0.1" in old  # once equal to led, now not
     assert {n: (p["merged"], p["metrics"]) for n, p in old.items()} == \
         {n: (p["merged"], p["metrics"]) for n, p in new.items()}
-    sets_rates = [p.name for p in expand(validate(copy.deepcopy(before))) if p.sweep == "rate_location"]
-    assert len(sets_rates) == 6 and all(old[n] == new[n] for n in sets_rates)  # every path, the spec, the values
+    sets_rates = [p.name for p in expand(validate(copy.deepcopy(before))) if p.sweep == "rate_control"]
+    assert len(sets_rates) == 9 and all(old[n] == new[n] for n in sets_rates)  # every path, the spec, the values
     inherits = "led.lambda_safety-0.5"  # merged on masks at the configured rates: its content changes, not its name
     assert old[inherits]["masks"] != new[inherits]["masks"] and new[inherits]["values"]["rate_code"] == 0.45
 

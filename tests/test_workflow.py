@@ -34,13 +34,14 @@ METRICS = ["harmful_rate", "over_refusal_rate", "empty_rate", "utility_refusal_r
            "code_pass_rate"]
 RULES = ["zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration", "importance", "election", "disjoint",
          "merge", "evaluation", "report", "paper", "synthetic", "evolve", "cocktail"]
-# The sweeps' jobs in each shipped config. config.yaml: 3 rate tuples x {snip, random}, each point its own merge (snip
-# at the paper's rates too: points are named by their own values, never the configured merge): random scores once
-# per task and role, 6 mask sets (18 elections), 6 merges. test.yaml: a rate sweep of math, which reuses every score,
-# and the other tasks' elections (made once, for both points).
+# The sweeps' jobs in each shipped config. config.yaml: 3 rate tuples x {LED's masks, count-matched random,
+# count-matched magnitude}, each point its own merge (LED at the paper's rates too: points are named by their own
+# values, never the configured merge): the main run's SNIP scores, 3 mask sets (9 elections), 2 controls of each,
+# 9 merges. test.yaml: a rate sweep of math, which reuses every score, and the other tasks' elections (made once,
+# for both points).
 SWEEP_JOBS = {
-    "config.yaml": {"sweep_importance": 6, "sweep_election": 18, "sweep_disjoint": 6, "sweep_merge": 6,
-                    "sweep_evaluation": 6, "sweeps_report": 1},
+    "config.yaml": {"sweep_election": 9, "sweep_disjoint": 3, "sweep_control": 6, "sweep_merge": 9,
+                    "sweep_evaluation": 9, "sweeps_report": 1},
     "test.yaml": {"sweep_election": 4, "sweep_disjoint": 2, "sweep_merge": 2, "sweep_evaluation": 2,
                   "sweeps_report": 1},
 }
@@ -72,9 +73,14 @@ def test_figures_and_mask_tables(workflow_run):
     for fig in ("safety_utility", "benchmarks", "mask_overlap", "cmaes_fitness"):
         png = workflow_run.results / "report" / f"{fig}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-    for table in ("stats.csv", "overlap.csv"):
+    for table in ("stats.csv", "overlap.csv", "localisation.csv"):
         with open(workflow_run.results / "masks" / table) as fh:
             assert list(csv.DictReader(fh)), table
+    with open(workflow_run.results / "masks" / "localisation.csv") as fh:  # float32 scores: mass shares in (0, 1]
+        assert all(0 < float(r["mass_expert"]) <= 1 for r in csv.DictReader(fh))
+    paper = workflow_run.results / "report" / "paper"
+    assert "removed by Disjoint" in (paper / "table_localisation.md").read_text()
+    assert (paper / "fig_localisation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
@@ -461,7 +467,7 @@ def test_replaced_expert_checkpoint_reruns_exactly_its_readers(tmp_path, tiny_zo
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = run.results
     expected = {f"{r}/importance/{expert}/expert.safetensors", f"{r}/masks/elected/{expert}.safetensors",
-                f"{r}/masks/stats.csv", f"{r}/masks/overlap.csv"}
+                f"{r}/masks/stats.csv", f"{r}/masks/overlap.csv", f"{r}/masks/localisation.csv"}
     expected |= {f"{r}/masks/final/{t}.safetensors" for t in TASKS} | {f"{r}/merged/{m}" for m in MERGES}
     expected |= {f"{r}/eval/{m}/{f}" for m in [expert] + MERGES for f in ("metrics.json", "generations.jsonl")}
     expected |= {f"{r}/report/{f}" for f in ("summary.csv", "summary.md", "safety_utility.png", "benchmarks.png",

@@ -186,7 +186,16 @@ def cmd_disjoint(a):
     from .led.election import disjoint_files
 
     _threads(a)
-    disjoint_files(_pairs(a.elected, "--elected"), _pairs(a.out, "--out"), a.stats, a.overlap)
+    disjoint_files(_pairs(a.elected, "--elected"), _pairs(a.out, "--out"), a.stats, a.overlap, a.localisation)
+
+
+def cmd_control(a):
+    from .led.controls import control_files
+
+    _threads(a)
+    print(json.dumps(control_files(a.kind, _pairs(a.matched, "--matched"), _pairs(a.out, "--out"), a.stats,
+                                   seed=a.seed, base_dir=a.base, expert_dirs=_pairs(a.expert, "--expert") or None,
+                                   allow_pickle=a.allow_pickle)))
 
 
 def cmd_merge(a):
@@ -289,7 +298,7 @@ def cmd_paper(a):
     from .paper.build import build_paper
 
     written = build_paper(a.summary, _pairs(a.metrics, "--metrics"), a.mask_stats, a.mask_overlap, a.out_dir,
-                          sweeps_csv=a.sweeps)
+                          sweeps_csv=a.sweeps, localisation_csv=a.localisation)
     print("\n".join(str(p) for p in written))
 
 
@@ -435,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the score file to write (safetensors, one tensor per weight)")
     sp.add_argument("--tokenizer", help="encode with this tokenizer directory (`ledmerge tokenizer`), so base and "
                     "expert see the same token ids; absent: the model's own")
-    sp.add_argument("--seed", type=int, help="location random: the config seed")
-    sp.add_argument("--key", help="location random: what else seeds the draws (the workflow: the task, so a task's "
+    sp.add_argument("--seed", type=int, help="location random_shared_draws: the config seed")
+    sp.add_argument("--key", help="location random_shared_draws: what else seeds the draws (the workflow: the task, so a task's "
                     "base and expert get the same scores)")
     sp.add_argument("--base", help=ADAPTER_BASE_HELP)
     opt_ins(sp)
@@ -457,6 +466,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "kept")
     sp.add_argument("--overlap", required=True, help="the CSV to write: per pair of tasks and tensor, the entries "
                     "both elected (overlap, Jaccard)")
+    sp.add_argument("--localisation", help="the CSV to write: per task and tensor, the importance mass in the "
+                    "top-r, the base and expert top-r overlap against chance, the share of the election Disjoint "
+                    "removed, the final fraction")
+
+    sp = add("control", cmd_control, "count-matched control masks: the final masks' per-tensor counts, placed at "
+             "random or by |task vector| (disjoint across tasks)")
+    sp.add_argument("--kind", required=True, choices=["random", "magnitude"], help="random: seeded uniform draws; "
+                    "magnitude: the largest |expert - base|")
+    sp.add_argument("--matched", nargs="+", required=True, metavar="TASK=PATH",
+                    help="each task's final mask file whose per-tensor counts the control keeps (`ledmerge disjoint`)")
+    sp.add_argument("--out", nargs="+", required=True, metavar="TASK=PATH",
+                    help="each task's control mask file to write (safetensors), for the same tasks as --matched")
+    sp.add_argument("--stats", required=True, help="the CSV to write: per task and tensor, the entries kept (the "
+                    "columns of `ledmerge disjoint --stats`)")
+    sp.add_argument("--seed", type=int, help=f"kind random: {SEED_HELP}")
+    sp.add_argument("--base", help=f"kind magnitude: {BASE_HELP}")
+    sp.add_argument("--expert", nargs="*", metavar="TASK=DIR", help=f"kind magnitude: {EXPERTS_HELP}")
+    opt_ins(sp, trust=False)
 
     sp = add("merge", cmd_merge, "merge experts into the base with one method", "merge")
     sp.add_argument("--base", required=True, help=BASE_HELP)
@@ -540,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the CSV to write")
 
     sp = add("paper", cmd_paper, "paper tables (LaTeX booktabs and Markdown) and print-ready figures (PDF and PNG)")
+    sp.add_argument("--localisation", help="the localisation CSV (`ledmerge disjoint --localisation`), for the "
+                    "localisation table and figure (without it: placeholders)")
     sp.add_argument("--summary", required=True, help="the report's summary.csv")
     sp.add_argument("--metrics", nargs="+", required=True, metavar="NAME=PATH",
                     help="each summary model's metrics.json (evaluation set sizes, for the Wilson intervals)")

@@ -141,9 +141,12 @@ def is_evolved(name: str) -> bool:
 # ---- sweeps: axes, point names and branch ids ----
 # The axes of a sweep (the schema's definitions.sweep, less `merge`; a test pins the two together), in the order of
 # point names and sweeps.csv's columns. The per-task ones are a column per task: rate_<task>, lambda_<task>.
-AXES = ("location", "pattern", "rate", "lambda", "density", "drop", "zoo_seed")
+AXES = ("location", "pattern", "control", "rate", "lambda", "density", "drop", "zoo_seed")
 PER_TASK = ("rate", "lambda")
 ZOO_SEED = "zoo_seed"
+# The `control` axis: `none` is LED's own final masks; the others are count-matched controls of them
+# (`ledmerge.led.controls`), under their own branch (`control_id`).
+CONTROL, NO_CONTROL = "control", "none"
 
 
 def axis_prefix(axis: str) -> str:
@@ -185,6 +188,15 @@ def masks_id(scores: str, pattern: str, rates: dict) -> str:
     return f"{scores}_{pattern}_" + "_".join(f"{t}{fmt(rates[t])}" for t in sorted(rates))
 
 
+def control_id(masks: str, control: str) -> str:
+    """A count-matched control (random, magnitude) of the final masks `masks`: its own branch of masks."""
+    return f"{masks}+{control}"
+
+
+def is_control(branch) -> bool:
+    return branch is not None and "+" in branch
+
+
 class Layout:
     """Every path of one run, from its validated config: the main run's outputs under `results`, hub models under
     the hub folder, the sweeps' branches under `results/sweeps`. A branch id of None is the main run's file."""
@@ -200,6 +212,7 @@ class Layout:
         self.paper = f"{r}/report/paper"
         self.sweeps_csv = f"{r}/report/sweeps.csv"
         self.mask_stats, self.mask_overlap = f"{r}/masks/stats.csv", f"{r}/masks/overlap.csv"
+        self.mask_localisation = f"{r}/masks/localisation.csv"
         self.zoo_data_dir, self.zoo_tokenizer = f"{r}/zoo/data", f"{r}/zoo/tokenizer"
         self.sweeps = f"{r}/sweeps"
 
@@ -269,11 +282,20 @@ class Layout:
     def branch_elected(self, branch, task: str) -> str:
         return self.elected_mask(task) if branch is None else f"{self.sweeps}/masks/elected/{branch}/{task}.safetensors"
 
-    def branch_mask(self, branch, task: str) -> str:
-        return self.final_mask(task) if branch is None else f"{self.sweeps}/masks/final/{branch}/{task}.safetensors"
+    def _masks_dir(self, branch: str, control: bool | None = None) -> str:
+        """Final masks under masks/final/<id>/, count-matched controls (control_id) under masks/control/<id>/.
+        `control` None: told by the id (a rule's wildcard pattern says which it is)."""
+        control = is_control(branch) if control is None else control
+        return f"{self.sweeps}/masks/{'control' if control else 'final'}/{branch}"
 
-    def branch_mask_stats(self, branch: str) -> str:
-        return f"{self.sweeps}/masks/final/{branch}/stats.csv"
+    def branch_mask(self, branch, task: str, control: bool | None = None) -> str:
+        return self.final_mask(task) if branch is None else f"{self._masks_dir(branch, control)}/{task}.safetensors"
+
+    def branch_mask_stats(self, branch: str, control: bool | None = None) -> str:
+        return f"{self._masks_dir(branch, control)}/stats.csv"
+
+    def branch_mask_localisation(self, branch: str) -> str:
+        return f"{self.sweeps}/masks/final/{branch}/localisation.csv"
 
     def branch_mask_overlap(self, branch: str) -> str:
         return f"{self.sweeps}/masks/final/{branch}/overlap.csv"

@@ -1,7 +1,7 @@
 """Sweeps: the config's `sweeps` section expanded into points, each a merge of its own (workflow/rules/sweeps.smk).
 
-A sweep varies one configured merge over the Cartesian product of its axes (location, pattern, rate, lambda,
-density, drop, zoo_seed). An axis is a list of values, or for the per-task axes (rate, lambda) either
+A sweep varies one configured merge over the Cartesian product of its axes (location, pattern, control, rate,
+lambda, density, drop, zoo_seed). An axis is a list of values, or for the per-task axes (rate, lambda) either
 {task: [values]} (a grid over those tasks) or [{task: value, ...}, ...] (a list of tuples); tasks and keys a
 point does not set keep the configured value.
 
@@ -15,6 +15,7 @@ changed value reaches:
 - scores by (zoo seed, location): a rate or pattern sweep reuses them;
 - elected masks by (scores, pattern, the task's rate): a sweep of one task's rate reuses the others' elections;
 - final masks by (scores, pattern, every rate): a λ, density or drop sweep reuses them;
+- a count-matched control (control random or magnitude) by the final masks it matches and its kind;
 - the merge and its evaluation by the point's name.
 The scores (and the zoo) are read from the main run's files when they equal them (the main zoo and
 `importance.location`: None here), since they depend on no value of the merge; the elections and masks are always
@@ -32,10 +33,23 @@ import json
 from dataclasses import dataclass, field
 
 from .errors import LedmergeError
-from .layout import AXES, PER_TASK, ZOO, ZOO_SEED, columns, election_id, masks_id, point_name, scores_id
+from .layout import (
+    AXES,
+    CONTROL,
+    NO_CONTROL,
+    PER_TASK,
+    ZOO,
+    ZOO_SEED,
+    columns,
+    control_id,
+    election_id,
+    masks_id,
+    point_name,
+    scores_id,
+)
 from .specs import merge_spec
 
-MASK_AXES = ("location", "pattern", "rate")  # what the LED masks depend on (besides the zoo)
+MASK_AXES = ("location", "pattern", "control", "rate")  # what the LED masks depend on (besides the zoo)
 
 
 @dataclass(frozen=True)
@@ -43,24 +57,27 @@ class Point:
     sweep: str
     merge: str  # the configured merge the sweep varies
     name: str  # the point's merge name (layout.point_name): the merge and the values the sweep sets
-    values: dict  # column (location, pattern, rate_<t>, lambda_<t>, density, drop, zoo_seed) -> effective value
+    values: dict  # column (location, pattern, control, rate_<t>, lambda_<t>, density, drop, zoo_seed) -> effective value
     spec: dict = field(repr=False)  # the merge spec the point runs
     zoo_seed: int | None  # None: the main zoo (or models that are not the zoo)
     uses_masks: bool
     scores: str | None = None  # branch ids (scores None: the main run's); set when uses_masks
     elections: dict = field(default_factory=dict)  # task -> election branch id
-    masks: str | None = None
+    masks: str | None = None  # the masks the point merges with: final masks, or a control of them (layout.control_id)
+    matched: str | None = None  # a control's final masks (whose per-tensor counts it keeps); None without a control
 
 
 @dataclass(frozen=True)
 class Branches:
     """What the sweeps' jobs compute, each once. `points`: every distinct point by name (sweeps that set the same
     values share one); the branch tables map each branch id (an election's with its task) to the first point that
-    needs it, which gives the values the branch is computed from."""
+    needs it, which gives the values the branch is computed from. `masks`: the final (disjoint) masks, those the
+    controls match too; `controls`: each count-matched control's branch (layout.control_id)."""
     points: dict
     scores: dict
     elections: dict
     masks: dict
+    controls: dict = field(default_factory=dict)
 
 
 def branches(points: list[Point]) -> Branches:
@@ -68,7 +85,8 @@ def branches(points: list[Point]) -> Branches:
     return Branches(points=distinct,
                     scores={p.scores: p for p in distinct.values() if p.scores},
                     elections={(e, t): p for p in distinct.values() for t, e in p.elections.items()},
-                    masks={p.masks: p for p in distinct.values() if p.masks})
+                    masks={p.matched or p.masks: p for p in distinct.values() if p.masks},
+                    controls={p.masks: p for p in distinct.values() if p.matched})
 
 
 def _per_task_points(axis) -> list[dict]:
@@ -135,7 +153,7 @@ def _point(config, sweep_name, merge, base_spec, chosen, tasks, uses_masks, wher
     from .merge import get_method
 
     main = {ZOO_SEED: config["seed"], "location": config["importance"]["location"],
-            "pattern": config["election"]["pattern"],
+            "pattern": config["election"]["pattern"], CONTROL: NO_CONTROL,
             **{f"rate_{t}": float(config["tasks"][t]["rate"]) for t in tasks},
             **({f"lambda_{t}": float(base_spec["lambdas"][t]) for t in tasks} if uses_masks else {}),
             "density": base_spec.get("density"), "drop": base_spec.get("drop")}
@@ -157,11 +175,13 @@ def _point(config, sweep_name, merge, base_spec, chosen, tasks, uses_masks, wher
     point = dict(sweep=sweep_name, merge=merge, name=point_name(merge, own, tasks), spec=spec, zoo_seed=zoo_seed,
                  uses_masks=uses_masks,
                  values={k: v for k, v in values.items() if v is not None and (uses_masks or k not in (
-                     "location", "pattern", *(f"rate_{t}" for t in tasks)))})
+                     "location", "pattern", CONTROL, *(f"rate_{t}" for t in tasks)))})
     if uses_masks:
         scores, elections, masks = _branches(config, zoo_seed, values["location"], values["pattern"],
                                              {t: values[f"rate_{t}"] for t in tasks})
         point.update(scores=scores, elections=elections, masks=masks)
+        if values[CONTROL] != NO_CONTROL:  # a count-matched control of those masks
+            point.update(masks=control_id(masks, values[CONTROL]), matched=masks)
     return Point(**point)
 
 

@@ -62,6 +62,7 @@ MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 # ---- the run's paths (ledmerge.layout.Layout: one definition each; with wildcards, the rules' patterns) ----
 LOG, HUB, TOKENIZER, SYNTHETIC, REPORT = PATHS.logs, PATHS.hub, PATHS.tokenizer, PATHS.synthetic, PATHS.report
 PAPER, SWEEPS_CSV, MASK_STATS, MASK_OVERLAP = PATHS.paper, PATHS.sweeps_csv, PATHS.mask_stats, PATHS.mask_overlap
+MASK_LOCALISATION = PATHS.mask_localisation
 calibration_file, scores_file, elected_mask, final_mask = (
     PATHS.calibration_file, PATHS.scores_file, PATHS.elected_mask, PATHS.final_mask)
 merged_dir, search_dir, eval_file, eval_data = PATHS.merged_dir, PATHS.search_dir, PATHS.eval_file, PATHS.eval_set
@@ -91,9 +92,9 @@ def expert_seed(seed, task):
 
 
 def random_args(location, task):
-    """`ledmerge importance --seed --key` for location random: the config seed and the task (not the role, so a
+    """`ledmerge importance --seed --key` for location random_shared_draws: the config seed and the task (not the role, so a
     task's base and expert get the same draws); nothing for the other methods, so the seed is no rerun trigger."""
-    return f"--seed {config['seed']} --key {task}" if location == "random" else ""
+    return f"--seed {config['seed']} --key {task}" if location == "random_shared_draws" else ""
 
 
 def opt_in(key):
@@ -301,6 +302,25 @@ def sweep_merge_inputs(wildcards):
     if p.uses_masks:
         inputs["masks"] = [branch_mask(p.masks, t) for t in TASKS]
     return inputs
+
+
+def sweep_control_inputs(wildcards):
+    """A count-matched control's inputs: the final masks it matches; for magnitude, the models (|θ_t − θ_0|)."""
+    p = SWEEP.controls[wildcards.branch]
+    inputs = {"matched": [branch_mask(p.matched, t) for t in TASKS]}
+    if p.values["control"] == "magnitude":
+        inputs.update(base=branch_model(p.zoo_seed, "base"), experts=[branch_model(p.zoo_seed, t) for t in TASKS],
+                      weights=[] if p.zoo_seed is not None else model_inputs("base", *TASKS))
+    return inputs
+
+
+def sweep_control_models(wildcards):
+    """`ledmerge control` arguments: --seed (random: the config seed), or --base and --expert (magnitude)."""
+    p = SWEEP.controls[wildcards.branch]
+    if p.values["control"] == "random":
+        return f"--seed {config['seed']}"
+    experts = pairs(TASKS, lambda t: branch_model(p.zoo_seed, t))
+    return f"--base {branch_model(p.zoo_seed, 'base')} --expert {experts}"
 
 
 def sweeps_points_json():

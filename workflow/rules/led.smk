@@ -79,6 +79,7 @@ rule disjoint:
         masks=[final_mask(t) for t in TASKS],
         stats=MASK_STATS,
         overlap=MASK_OVERLAP,
+        localisation=MASK_LOCALISATION,
     params:
         elected=pairs(TASKS, elected_mask),
         out=pairs(TASKS, final_mask),
@@ -91,4 +92,4 @@ rule disjoint:
         f"{LOG}/disjoint.log",
     shell:
         "$LEDMERGE --threads {threads} disjoint --elected {params.elected} --out {params.out} --stats {output.stats} "
-        "--overlap {output.overlap} > {log} 2>&1"
+        "--overlap {output.overlap} --localisation {output.localisation} > {log} 2>&1"

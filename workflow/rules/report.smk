@@ -44,6 +44,7 @@ rule paper:
         metrics=[eval_file(m, "metrics.json") for m in MODELS],
         stats=MASK_STATS,
         overlap=MASK_OVERLAP,
+        localisation=MASK_LOCALISATION,
         sweeps=paper_sweeps,
     output:
         tables=[
@@ -68,4 +69,4 @@ rule paper:
         f"{LOG}/paper.log",
     shell:
         "$LEDMERGE paper --summary {input.summary} --metrics {params.metrics} --mask-stats {input.stats} "
-        "--mask-overlap {input.overlap} {params.sweeps} --out-dir {params.out_dir} > {log} 2>&1"
+        "--mask-overlap {input.overlap} --localisation {input.localisation} {params.sweeps} --out-dir {params.out_dir} > {log} 2>&1"

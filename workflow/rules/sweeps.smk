@@ -71,11 +71,40 @@ use rule disjoint as sweep_disjoint with:
         masks=[branch_mask("{branch}", t) for t in TASKS],
         stats=PATHS.branch_mask_stats("{branch}"),
         overlap=PATHS.branch_mask_overlap("{branch}"),
+        localisation=PATHS.branch_mask_localisation("{branch}"),
     params:
         elected=lambda w: pairs(TASKS, lambda t: branch_elected(SWEEP.masks[w.branch].elections[t], t)),
         out=lambda w: pairs(TASKS, lambda t: branch_mask(w.branch, t)),
     log:
         f"{LOG}/sweeps/disjoint_{{branch}}.log",
+
+
+# Count-matched controls (sweep axis `control`): the final masks' per-tensor counts, placed at random (seeded by the
+# config seed) or by |task vector| (ledmerge.led.controls), under masks/control/<masks id>+<control>/.
+rule sweep_control:
+    input:
+        unpack(sweep_control_inputs),
+    output:
+        masks=[branch_mask("{branch}", t, control=True) for t in TASKS],
+        stats=PATHS.branch_mask_stats("{branch}", control=True),
+    wildcard_constraints:
+        branch=r"[^/]+\+(random|magnitude)",
+    params:
+        kind=lambda w: SWEEP.controls[w.branch].values["control"],
+        matched=lambda w: pairs(TASKS, lambda t: branch_mask(SWEEP.controls[w.branch].matched, t)),
+        out=lambda w: pairs(TASKS, lambda t: branch_mask(w.branch, t)),
+        models=sweep_control_models,
+        opt_ins=opt_in("allow_pickle"),
+    threads: rule_threads("disjoint", 1)
+    resources:
+        **rule_resources("disjoint"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOG}/sweeps/control_{{branch}}.log",
+    shell:
+        "$LEDMERGE --threads {threads} control --kind {params.kind} --matched {params.matched} --out {params.out} "
+        "--stats {output.stats} {params.models} {params.opt_ins} > {log} 2>&1"
 
 
 use rule merge as sweep_merge with:

@@ -72,6 +72,33 @@ def elect_tensor(expert: torch.Tensor | None, base: torch.Tensor | None, rate: f
     return mask
 
 
+def localisation(expert: torch.Tensor | None, base: torch.Tensor | None, rate: float, *,
+                 raw: bool = True) -> dict:
+    """How concentrated one tensor's importance is, and how much the base's and the expert's top-r agree.
+
+    `top_expert`, `top_base`: the sizes of TopR of each (⌈r·n⌉, fewer where fewer scores are positive); `overlap`:
+    |TopR(base) ∩ TopR(expert)|, which for independent choices is about top_base·top_expert/n = r²·n, so
+    overlap/top_expert is about r by chance (`chance` = top_base/n); `mass_expert`, `mass_base`: the share of the
+    summed score in the top-r (r for scores spread evenly, 1 if the top-r holds everything). The mass shares need
+    raw scores (`raw`: score_dtype float32); from rank16 codes they are None. A model that is None (pattern 'x')
+    gives None for its entries."""
+    n = (expert if expert is not None else base).numel()
+    out = {"numel": n, "top_expert": None, "top_base": None, "overlap": None, "mass_expert": None, "mass_base": None}
+    tops = {}
+    for who, scores in (("expert", expert), ("base", base)):
+        if scores is None:
+            continue
+        scores = scores.float()
+        top = tops[who] = top_r_positive(scores, rate)
+        out[f"top_{who}"] = int(top.sum())
+        if raw:
+            total = float(scores.sum(dtype=torch.float64))
+            out[f"mass_{who}"] = float(scores[top].sum(dtype=torch.float64)) / total if total > 0 else None
+    if len(tops) == 2:
+        out["overlap"] = int((tops["expert"] & tops["base"]).sum())
+    return out
+
+
 def elect(expert_scores: dict, base_scores: dict | None, rate: float, pattern: str) -> dict[str, torch.Tensor]:
     """Election E_t for every tensor: name -> bool mask.
 
@@ -176,7 +203,7 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
     use_base = pattern[0] != "x"
     if use_base and base_scores_path is None:
         raise LedmergeError(f"election pattern {pattern!r} needs the base model's scores")
-    masks, numel, kept, capped = {}, 0, 0, []
+    masks, numel, kept, capped, located = {}, 0, 0, [], {}
     with contextlib.ExitStack() as stack:  # each score file opened once, its header parsed once
         expert_file = stack.enter_context(ScoreFile(expert_scores_path))
         base_file = stack.enter_context(ScoreFile(base_scores_path)) if use_base else None
@@ -194,6 +221,9 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
                 mask = elect_tensor(expert, base, rate, pattern)
             except LedmergeError as exc:
                 raise LedmergeError(f"{name} in {expert_scores_path}: {exc}") from None
+            raw = expert_file.encoding == "float32" and (not use_base or base_file.encoding == "float32")
+            loc = localisation(expert, base, rate, raw=raw)
+            located[name] = [loc[c] for c in LOCALISATION_KEYS]
             k = top_k_count(mask.numel(), rate)
             if any(s is not None and int((s > 0).sum()) < k for c, s in zip(pattern, (base, expert)) if c != "x"):
                 capped.append(name)
@@ -205,6 +235,8 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
         "kind": "election", "rate": repr(float(rate)), "pattern": pattern,
         "expert_scores": str(expert_scores_path), "base_scores": str(base_scores_path) if use_base else "",
         "zero_capped": json.dumps(capped), **sources,
+        # per tensor, LOCALISATION_KEYS: the statistics of `localisation`, which Disjoint writes to localisation.csv
+        "localisation": json.dumps({"keys": LOCALISATION_KEYS, "tensors": located}),
     })
     return {"numel": numel, "elected": kept, "zero_capped": capped}
 
@@ -243,13 +275,33 @@ def _write_csv(path, rows: list[dict], columns: list[str]) -> None:
     write_text(path, buf.getvalue())
 
 
+LOCALISATION_KEYS = ["top_expert", "top_base", "overlap", "mass_expert", "mass_base"]
+LOCALISATION_COLUMNS = ["task", "tensor", "layer", "module", "numel", "rate", *LOCALISATION_KEYS, "chance",
+                        "overlap_share", "elected", "kept", "removed_share", "kept_fraction"]
 STATS_COLUMNS = ["task", "tensor", "layer", "module", "numel", "elected", "kept", "elected_fraction", "kept_fraction",
                  "zero_capped"]
 OVERLAP_COLUMNS = ["task_a", "task_b", "tensor", "layer", "module", "numel", "overlap", "overlap_fraction", "jaccard"]
 
 
-def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv) -> None:
-    """Disjoint over every task's election file; writes one mask file per task and the two CSVs.
+def localisation_row(task: str, name: str, rate: str, recorded: list | None, elected: int, kept: int,
+                     numel: int) -> dict:
+    """One row of localisation.csv: the election's statistics (`localisation`, recorded in its mask file) with what
+    Disjoint did to the task's election of the tensor. `chance`: the overlap share that independent top-r sets
+    would give (top_base/n, about r); `overlap_share` = overlap/top_expert; `removed_share`: the share of the
+    election that Disjoint removed; `kept_fraction`: the final mask's share of the tensor."""
+    layer, module = layer_and_module(name)
+    loc = dict(zip(LOCALISATION_KEYS, recorded or [None] * len(LOCALISATION_KEYS)))
+    top_e, top_b, both = loc["top_expert"], loc["top_base"], loc["overlap"]
+    return {"task": task, "tensor": name, "layer": layer, "module": module, "numel": numel, "rate": rate, **loc,
+            "chance": top_b / numel if top_b is not None and numel else None,
+            "overlap_share": both / top_e if both is not None and top_e else None,
+            "elected": elected, "kept": kept, "removed_share": (elected - kept) / elected if elected else None,
+            "kept_fraction": kept / numel if numel else 0.0}
+
+
+def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv, localisation_csv=None) -> None:
+    """Disjoint over every task's election file; writes one mask file per task and the two CSVs, and with
+    `localisation_csv` the localisation statistics (`localisation_row`).
 
     Tensor by tensor: only one tensor's masks (all tasks) are ever unpacked at once."""
     if set(elected_paths) != set(out_paths):
@@ -269,6 +321,8 @@ def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv)
         metadata = {t: files[t].user_metadata for t in tasks}
         # Tensors where a model had fewer positive scores than ⌈r·n⌉: the election kept fewer entries.
         zero_capped = {t: set(json.loads(metadata[t].get("zero_capped", "[]"))) for t in tasks}
+        located = {t: json.loads(metadata[t].get("localisation", '{"tensors": {}}'))["tensors"] for t in tasks}
+        loc_rows = []
         _check_same_base(elected_paths, metadata)
         for name in files[tasks[0]].shapes:
             elected = {t: {name: files[t].get(name)} for t in tasks}
@@ -277,6 +331,9 @@ def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv)
             for row in tensor_rows:
                 row["zero_capped"] = name in zero_capped[row["task"]]
                 rows[row["task"]].append(row)
+                t = row["task"]
+                loc_rows.append(localisation_row(t, name, metadata[t].get("rate", ""), located[t].get(name),
+                                                 row["elected"], row["kept"], row["numel"]))
             for row in tensor_overlap:
                 overlap_rows[(row["task_a"], row["task_b"])].append(row)
             for t in tasks:
@@ -291,3 +348,6 @@ def disjoint_files(elected_paths: dict, out_paths: dict, stats_csv, overlap_csv)
         })
     _write_csv(stats_csv, [r for t in tasks for r in rows[t]], STATS_COLUMNS)
     _write_csv(overlap_csv, [r for pair in overlap_rows for r in overlap_rows[pair]], OVERLAP_COLUMNS)
+    if localisation_csv is not None:
+        _write_csv(localisation_csv, sorted(loc_rows, key=lambda r: (tasks.index(r["task"]), r["tensor"])),
+                   LOCALISATION_COLUMNS)

@@ -68,10 +68,11 @@ are the same code whatever located the weights:
 - `wanda`: |W_ij| · ‖X_j‖₂, the norm of input feature j over every non-padding calibration token, from forward
   pre-hooks on the scored linear layers; forward passes only (no backward). Norms and embeddings are not inputs
   of a linear layer, so they cannot be scored this way (refused before any pass).
-- `random`: uniform scores in (0, 1] drawn on the CPU per tensor from sha256(seed, key, tensor name): the
-  random-mask control that the released LED code calls (`_random_prune_core`). The workflow's key is the task
-  (not the role), so a task's base and expert get the same scores, TopR of both coincide and pattern `11` elects
-  exactly ⌈r·n⌉ random weights per tensor, the paper's counts; no calibration pass.
+- `random_shared_draws` (formerly `random`): uniform scores in (0, 1] drawn on the CPU per tensor from
+  sha256(seed, key, tensor name): the random-mask control that the released LED code calls (`_random_prune_core`).
+  The workflow's key is the task (not the role), so a task's base and expert get the same scores, TopR of both
+  coincide and pattern `11` elects exactly ⌈r·n⌉ random weights per tensor, far more than SNIP's intersection at
+  the same rate; no calibration pass. The count-matched controls are `ledmerge.led.controls`.
 The metadata records where the scores came from: the model's weight files (`model_files`: name -> bytes and
 sha256, see `ledmerge.led.files`) and the calibration set (`calibration_sha256`); masks carry them on.
 """
@@ -101,7 +102,7 @@ from .per_example import NotBatchable, PerExampleTaps
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # What each location method reads besides the weights: the summed |grad| ("grad"), the summed squared inputs of
 # each linear layer ("act"), or nothing (no calibration pass).
-LOCATION_NEEDS = {"snip": "grad", "gradient": "grad", "magnitude": None, "wanda": "act", "random": None}
+LOCATION_NEEDS = {"snip": "grad", "gradient": "grad", "magnitude": None, "wanda": "act", "random_shared_draws": None}
 
 
 # ---- location methods ----
@@ -115,8 +116,8 @@ def check_location(location: str, *, include_norms: bool = False, include_embedd
         key = "include_norms" if include_norms else "include_embeddings"
         raise LedmergeError(f"location wanda scores only linear layers (|W| times the norm of their inputs): set "
                             f"importance.{key} to false, or use another location method")
-    if location == "random" and (random_seed is None or random_key is None):
-        raise LedmergeError("location random needs a seed and a key (the workflow passes the config seed and the "
+    if location == "random_shared_draws" and (random_seed is None or random_key is None):
+        raise LedmergeError("location random_shared_draws needs a seed and a key (the workflow passes the config seed and the "
                             "task): give --seed and --key")
 
 
@@ -141,7 +142,7 @@ def location_score(location: str, weight: torch.Tensor, *, grad_sum: torch.Tenso
         return w
     if location == "wanda":  # |W_ij| · ‖X_j‖₂: one norm per input column, broadcast over the output rows
         return w.mul_(act_sq_sum.to(w.device).sqrt())
-    if location == "random":  # (0, 1]: no draw is 0, so every weight can be elected
+    if location == "random_shared_draws":  # (0, 1]: no draw is 0, so every weight can be elected
         return torch.rand(weight.shape, generator=generator).neg_().add_(1).to(weight.device)
     raise LedmergeError(f"unknown location method {location!r}: use one of {list(LOCATION_NEEDS)}")
 
@@ -406,7 +407,7 @@ def compute_scores(model: nn.Module, examples: list[chat.Encoded], pad_id: int, 
                         "overflowed or the checkpoint is broken; score in dtype float32 without autocast")
         for name in params:  # one tensor at a time, freeing its accumulator
             s = location_score(location, params[name], grad_sum=acc.pop(name, None), act_sq_sum=act.pop(name, None),
-                               generator=random_generator(random_seed, random_key, name) if location == "random"
+                               generator=random_generator(random_seed, random_key, name) if location == "random_shared_draws"
                                else None)
             if not torch.isfinite(s.sum()) and not torch.isfinite(s).all():
                 raise LedmergeError(f"the weights of {name} hold NaN/inf, so its scores are not finite: the checkpoint "
@@ -444,7 +445,7 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     `loss_reduction`: "sum" over response tokens (default), or "mean" per response token of each pass, the
     Hugging Face loss the released LED code differentiates.
 
-    `location` (the importance section's) picks the location method; location random draws from `random_seed`
+    `location` (the importance section's) picks the location method; location random_shared_draws draws from `random_seed`
     and `random_key` (the workflow: the config seed and the task).
 
     `device_map` (e.g. "auto") spreads the model over the node's GPUs and makes `device` unused.
@@ -505,7 +506,7 @@ def score_model(model_dir, calibration_path, out_path, *, tokenizer_dir=None, ba
     del model
     # What was computed, from the resolved options; where it ran (device, device_map) does not change the scores.
     options = {k: v for k, v in o.items() if k not in ("device", "device_map")}
-    if o["location"] == "random":
+    if o["location"] == "random_shared_draws":
         options.update(random_seed=random_seed, random_key=random_key)
     save_scores(out_path, scores, encoding=score_dtype, metadata={
         "kind": "importance", "model_dir": str(model_dir), "calibration": str(calibration_path),

@@ -27,9 +27,12 @@ SEED = ZOO_SEED
 # the sweep axes and their columns are ledmerge.layout's). `seed`: the sweeps repeated over zoo seeds (LED and the
 # baselines alike), each point as mean ± sd over the seeds.
 ABLATIONS = {"rate": (axis_prefix("rate"),), "pattern": ("pattern",), "location": ("location",),
+             "control": ("control",),
              "lambda": (axis_prefix("lambda"),), "sparsity": ("density", "drop"), "seed": (SEED,)}
 PARAM_PREFIXES = tuple(axis_prefix(a) for a in AXES if a != ZOO_SEED)  # the swept parameters besides the seed
-TABLES = ["table_main", *(f"table_ablation_{a}" for a in ABLATIONS)]
-FIGURES = ["fig_safety_utility", "fig_rate_sweep", "fig_location_ablation", "fig_mask_overlap"]
+# table_localisation / fig_localisation: the main run's masks/localisation.csv, per task and module type.
+TABLES = ["table_main", *(f"table_ablation_{a}" for a in ABLATIONS), "table_localisation"]
+FIGURES = ["fig_safety_utility", "fig_rate_sweep", "fig_location_ablation", "fig_mask_overlap", "fig_localisation",
+           "fig_safety_only"]
 OUTPUTS = [f"{t}.{e}" for t in TABLES for e in ("tex", "md")] + [f"{f}.{e}" for f in FIGURES for e in ("pdf", "png")]
 NO_SWEEP = "no sweep configured"

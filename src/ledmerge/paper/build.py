@@ -349,8 +349,10 @@ def rate_sweep_figure(sweeps: pd.DataFrame):
     if rows.empty or "rate_safety" not in rows or rows["rate_safety"].nunique() < 2:
         return placeholder_figure(f"{NO_SWEEP}: no sweep varies rate_safety", FULL_WIDTH)
     raw = sweeps[sweeps["sweep"].isin(rows["sweep"].unique()) & sweeps["rate_safety"].notna()]
-    by = "location" if "location" in raw and raw["location"].notna().any() else None
-    raw = raw.assign(location=raw["location"].fillna("–") if by else "–")
+    # one line per location method and control (count-matched random, magnitude: `control`)
+    by = [c for c in ("location", "control") if c in raw and raw[c].notna().any()]
+    label = raw[by].astype(str).agg(" / ".join, axis=1) if by else "–"
+    raw = raw.assign(location=label)
     points = aggregate(raw, ["location", "rate_safety"], metrics_of(sweeps)).sort_values(["location", "rate_safety"],
                                                                                        kind="stable")
     fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.4), sharex=True)
@@ -360,7 +362,7 @@ def rate_sweep_figure(sweeps: pd.DataFrame):
                         color=PALETTE[i % len(PALETTE)], label=loc, elinewidth=0.6)
         ax.set(xlabel="safety rate (fraction of weights located)", ylabel=f"{label} {ARROW[d][0]}", ylim=(-0.05, 1.05))
     if by:
-        axes[1].legend(title="location method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        axes[1].legend(title=" / ".join(by), loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -388,10 +390,133 @@ def location_ablation_figure(sweeps: pd.DataFrame):
     return fig
 
 
+def safety_only_rows(sweeps: pd.DataFrame) -> pd.DataFrame:
+    """Sweep points that merge the safety task vector alone (every other task's λ 0, `rate_safety` swept): the
+    direct test of how much of it refusals need (config/ablations.yaml's `safety_only`)."""
+    others = [c for c in sweeps.columns if c.startswith("lambda_") and c != "lambda_safety"]
+    if sweeps.empty or not others or "rate_safety" not in sweeps:
+        return sweeps.iloc[0:0]
+    alone = sweeps[others].astype(float).eq(0).all(axis=1) & sweeps["rate_safety"].notna()
+    return sweeps[alone]
+
+
+def safety_only_figure(sweeps: pd.DataFrame):
+    """Harmful rate of θ_0 + M ⊙ τ_safety against the safety rate, one line per location / control."""
+    raw = safety_only_rows(sweeps)
+    if raw.empty or raw["rate_safety"].nunique() < 2:
+        return placeholder_figure(f"{NO_SWEEP}: no sweep merges the safety task vector alone over rate_safety",
+                                  COLUMN_WIDTH)
+    by = [c for c in ("location", "control") if c in raw and raw[c].notna().any()]
+    raw = raw.assign(line=raw[by].astype(str).agg(" / ".join, axis=1) if by else "LED")
+    points = aggregate(raw, ["line", "rate_safety"], metrics_of(sweeps)).sort_values(["line", "rate_safety"],
+                                                                                   kind="stable")
+    m, label, d = SAFETY[0]
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    for i, (line, g) in enumerate(points.groupby("line", sort=True)):
+        ax.errorbar(g["rate_safety"], g[m], yerr=_errorbars(g, m), marker="os^Dv<>p"[i % 8], capsize=2,
+                    color=PALETTE[i % len(PALETTE)], label=line, elinewidth=0.6)
+    ax.set(xlabel="safety rate r", ylabel=f"{label} {ARROW[d][0]}", ylim=(-0.05, 1.05), xscale="log")
+    ax.legend(title=" / ".join(by) or None, fontsize=6)
+    return fig
+
+
+# ---------------------------------------------------------------- localisation
+
+MODULE_TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LOCALISATION = [("mass_expert", "expert mass in top-r"), ("mass_base", "base mass in top-r"),
+                ("overlap_share", "top-r overlap"), ("chance", "chance"), ("removed_share", "removed by Disjoint"),
+                ("kept_fraction", "final fraction")]
+LOCALISATION_NOTE = ("Per task and module type, over the main run's scored tensors (masks/localisation.csv). "
+                     "Mass in top-r: the share of the summed importance score in the tensor's top-r (mean over "
+                     "tensors; r if scores were even, 1 if the top-r held all of it; empty for rank16 scores). "
+                     "Top-r overlap: |TopR(base) ∩ TopR(expert)| / |TopR(expert)|; chance: what independent top-r "
+                     "sets would give (|TopR(base)| / n, about r). Removed by Disjoint: the share of the task's "
+                     "election that other tasks also elected. Final fraction: the final mask's share of the weights.")
+
+
+def localisation_rows(path) -> pd.DataFrame:
+    """masks/localisation.csv aggregated per task and module type (attention q/k/v/o, MLP gate/up/down; other
+    modules under their own name): counts pooled over the tensors, mass shares averaged."""
+    df = pd.read_csv(path)
+    if df.empty:
+        return df
+    df["module"] = df["module"].astype(str)
+    df["removed"] = df["elected"] - df["kept"]
+    order = {m: i for i, m in enumerate(MODULE_TYPES)}
+    rows = []
+    for (task, module), g in df.groupby(["task", "module"], sort=False):
+        top_e, top_b = g["top_expert"].sum(min_count=1), g["top_base"].sum(min_count=1)
+        rows.append({"task": task, "module": module, "rate": g["rate"].iloc[0], "tensors": len(g),
+                     "mass_expert": g["mass_expert"].mean(), "mass_base": g["mass_base"].mean(),
+                     "overlap_share": g["overlap"].sum(min_count=1) / top_e if top_e else float("nan"),
+                     "chance": top_b / g["numel"].sum() if pd.notna(top_b) else float("nan"),
+                     "removed_share": g["removed"].sum() / g["elected"].sum() if g["elected"].sum() else float("nan"),
+                     "kept_fraction": g["kept"].sum() / g["numel"].sum()})
+    out = pd.DataFrame(rows)
+    tasks = list(dict.fromkeys(df["task"]))
+    return out.sort_values(["task", "module"], key=lambda c: c.map(
+        (lambda t: tasks.index(t)) if c.name == "task" else (lambda m: order.get(m, len(order)))),
+        kind="stable").reset_index(drop=True)
+
+
+def localisation_table(path, digits: int = 3) -> tuple[str, str]:
+    if path is None or not Path(path).is_file():
+        return placeholder_table("the localisation statistics (no masks/localisation.csv)")
+    rows = localisation_rows(path)
+    head = ["task", "module", "rate", *(label for _, label in LOCALISATION)]
+
+    def cell(v, latex):
+        if isinstance(v, float):
+            return "–" if math.isnan(v) else f"{v:.{digits}f}"
+        return latex_escape(str(v)) if latex else str(v)
+
+    tex = [f"% {LOCALISATION_NOTE}", r"\begin{tabular}{ll" + "r" * (len(head) - 2) + "}", r"\toprule",
+           " & ".join(latex_escape(h).capitalize() for h in head) + r" \\", r"\midrule"]
+    md = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    previous = None
+    for _, row in rows.iterrows():
+        if previous is not None and row["task"] != previous:
+            tex.append(r"\midrule")
+        previous = row["task"]
+        values = [row["task"], row["module"], row["rate"], *(row[c] for c, _ in LOCALISATION)]
+        tex.append(" & ".join(cell(v, True) for v in values) + r" \\")
+        md.append("| " + " | ".join(cell(v, False) for v in values) + " |")
+    tex += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(tex) + "\n", "\n".join(md) + f"\n\n{LOCALISATION_NOTE}\n"
+
+
+def localisation_figure(path):
+    """Per module type, one bar per task: the base/expert top-r overlap against chance, and the share of the
+    election that Disjoint removed."""
+    if path is None or not Path(path).is_file():
+        return placeholder_figure("no localisation statistics (masks/localisation.csv)", FULL_WIDTH)
+    rows = localisation_rows(path)
+    modules = list(dict.fromkeys(rows["module"]))
+    tasks = list(dict.fromkeys(rows["task"]))
+    fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.4), sharex=True)
+    width = 0.8 / max(1, len(tasks))
+    for ax, (col, label) in zip(axes, [("overlap_share", "top-r overlap (base ∩ expert)"),
+                                        ("removed_share", "share removed by Disjoint")]):
+        for i, task in enumerate(tasks):
+            g = rows[rows["task"] == task].set_index("module").reindex(modules)
+            xs = [j + (i - (len(tasks) - 1) / 2) * width for j in range(len(modules))]
+            ax.bar(xs, g[col].fillna(0), width=width * 0.92, color=PALETTE[i % len(PALETTE)], label=task)
+            if col == "overlap_share":  # chance: independent top-r sets
+                ax.scatter(xs, g["chance"], marker="_", color="black", s=40, zorder=3,
+                           label="chance" if i == 0 else None)
+        ax.set_xticks(range(len(modules)), modules, rotation=30, ha="right")
+        ax.set(ylim=(0, 1.05), ylabel=label)
+        ax.grid(axis="x", visible=False)
+    axes[1].legend(title="task", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0].legend(handles=[h for h in axes[0].get_legend_handles_labels()[0][-1:]], labels=["chance"],
+                   loc="upper right")
+    return fig
+
+
 # ---------------------------------------------------------------- all of it
 
 def build_paper(summary_csv, metrics_paths: dict[str, str | Path], mask_stats_csv, mask_overlap_csv, out_dir,
-                sweeps_csv=None, digits: int = 3) -> list[Path]:
+                sweeps_csv=None, digits: int = 3, localisation_csv=None) -> list[Path]:
     """Write every file of `OUTPUTS` into `out_dir` (existing files replaced atomically); returns their paths."""
     summary_csv = Path(summary_csv)
     if not summary_csv.is_file():
@@ -407,6 +532,7 @@ def build_paper(summary_csv, metrics_paths: dict[str, str | Path], mask_stats_cs
 
     tables = {"table_main": main_table(summary, counts, digits)}
     tables.update({f"table_ablation_{a}": ablation_table(sweeps, a, digits) for a in ABLATIONS})
+    tables["table_localisation"] = localisation_table(localisation_csv, digits)
     for name, (tex, md) in tables.items():
         write_text(out_dir / f"{name}.tex", tex)
         write_text(out_dir / f"{name}.md", md)
@@ -416,4 +542,6 @@ def build_paper(summary_csv, metrics_paths: dict[str, str | Path], mask_stats_cs
         save_figure(location_ablation_figure(sweeps), out_dir, "fig_location_ablation")
         plot_mask_overlap(mask_stats_csv, mask_overlap_csv, out_dir, name="fig_mask_overlap",
                           figsize=(FULL_WIDTH, 2.6))
+        save_figure(localisation_figure(localisation_csv), out_dir, "fig_localisation")
+        save_figure(safety_only_figure(sweeps), out_dir, "fig_safety_only")
     return [out_dir / name for name in OUTPUTS]
