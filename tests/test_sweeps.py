@@ -236,3 +236,23 @@ def test_sweeps_table_refuses_a_missing_metrics_file(tmp_path):
     out = tmp_path / "sweeps.csv"
     with pytest.raises(LedmergeError, match="run its evaluation first"):
         sweeps_table([{**points[0], "metrics": str(tmp_path / "none.json")}], [], out)
+
+
+def test_sweeps_table_shows_what_each_points_masks_keep(tmp_path):
+    """Patterns and locations elect very different counts: each LED point's kept fraction per task sits beside its
+    metrics (from its masks' stats.csv), and the ablation tables show it beside every row."""
+    from ledmerge.paper.build import ablation_table
+
+    stats = tmp_path / "stats.csv"
+    stats.write_text("task,tensor,numel,elected,kept\nmath,a,100,10,4\nmath,b,300,30,8\nsafety,a,100,5,5\n")
+    points = [
+        {"sweep": "p", "model": "led.pattern-11", "values": {"pattern": "11"}, "mask_stats": str(stats),
+         "metrics": _metrics(tmp_path / "a" / "metrics.json", 0.75, N)},
+        {"sweep": "p", "model": "led.pattern-x1", "values": {"pattern": "x1"}, "mask_stats": None,
+         "metrics": _metrics(tmp_path / "b" / "metrics.json", 1.0, N)},
+    ]
+    df = sweeps_table(points, ["pattern"], tmp_path / "sweeps.csv")
+    assert df["kept_math"].iloc[0] == 0.03 and df["kept_safety"].iloc[0] == 0.05  # (4 + 8) / 400, 5 / 100
+    assert df["kept_math"].isna().iloc[1]
+    for text in ablation_table(df, "pattern"):  # Markdown and LaTeX
+        assert "kept (math)" in text.lower() and "0.03" in text, text

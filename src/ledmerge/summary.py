@@ -112,14 +112,17 @@ def sweeps_table(points: list[dict], columns: list[str], out_csv) -> pd.DataFram
     """results/report/sweeps.csv: one row per sweep point, long format (a point in two sweeps is two rows).
 
     `points`: {"sweep", "model" (the point's merge name), "values" (column -> value), "metrics" (its
-    metrics.json)}; `columns`: the swept parameters, in order. Columns: sweep, model, `columns`, the safety and
-    utility metrics and mean_utility as in summary.csv, then n_<metric> for each of them (the prompts each rate is
-    over, empty when unknown) so intervals can be computed from the table alone."""
+    metrics.json), "mask_stats" (an LED point's masks/stats.csv, or None)}; `columns`: the swept parameters, in
+    order. Columns: sweep, model, `columns`, kept_<task> (the fraction of each task vector an LED point's final masks
+    keep, so ablations that elect different counts show them), the safety and utility metrics and mean_utility as
+    in summary.csv, then n_<metric> for each of them (the prompts each rate is over, empty when unknown) so
+    intervals can be computed from the table alone."""
     rows, reports = [], []
     for p in points:
         reports.append(_read_metrics(p["metrics"], f"sweep point {p['model']!r}"))
         main = [*SAFETY_METRICS, *utility_of(reports[-1])]
         rows.append({"sweep": p["sweep"], "model": p["model"], **{c: p["values"].get(c) for c in columns},
+                     **kept_fractions(p.get("mask_stats")),
                      **{m: reports[-1]["metrics"].get(m, math.nan) for m in main},
                      **{f"n_{m}": n for m, n in counts_of(reports[-1]).items() if m in main}})
     if not rows:
@@ -135,6 +138,14 @@ def sweeps_table(points: list[dict], columns: list[str], out_csv) -> pd.DataFram
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
     return df
+
+
+def kept_fractions(mask_stats) -> dict[str, float]:
+    """kept_<task>: the share of each task vector's entries that a point's final masks keep (its stats.csv)."""
+    if not mask_stats:
+        return {}
+    stats = pd.read_csv(mask_stats).groupby("task")[["kept", "numel"]].sum()
+    return {f"kept_{task}": round(float(r.kept / r.numel), 6) for task, r in stats.iterrows()}
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:

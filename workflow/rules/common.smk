@@ -323,8 +323,13 @@ def sweep_control_models(wildcards):
     return f"--base {branch_model(p.zoo_seed, 'base')} --expert {experts}"
 
 
+def point_mask_stats(p):
+    """The mask statistics of an LED point (its final or control masks' stats.csv), None for other methods."""
+    return PATHS.branch_mask_stats(p.masks) if p.uses_masks else None
+
+
 def sweeps_points_json():
-    """`ledmerge sweeps-report --points`: every point of every sweep with its metrics file."""
+    """`ledmerge sweeps-report --points`: every point of every sweep with its metrics file and mask statistics."""
     return as_json({"columns": swept_columns(config), "points": [
-        {"sweep": p.sweep, "model": p.name, "values": p.values, "metrics": point_metrics(p.name)}
-        for p in SWEEP_POINTS]})
+        {"sweep": p.sweep, "model": p.name, "values": p.values, "metrics": point_metrics(p.name),
+         "mask_stats": point_mask_stats(p)} for p in SWEEP_POINTS]})

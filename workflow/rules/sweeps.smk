@@ -144,6 +144,7 @@ localrules:
 rule sweeps_report:
     input:
         [point_metrics(name) for name in SWEEP.points],
+        [s for p in SWEEP.points.values() if (s := point_mask_stats(p))],
     output:
         report(SWEEPS_CSV, category="Sweeps"),
     params:

@@ -80,6 +80,7 @@ def aggregate(df: pd.DataFrame, keys: list[str], metrics: list[tuple[str, str, s
     for key, g in groups:
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         row["seeds"] = len(g)
+        row.update({c: float(g[c].mean()) for c in g.columns if c.startswith(KEPT)})  # mean over seeds
         for m, _, _ in metrics:
             values = g[m].astype(float)
             if len(g) == 1:
@@ -100,6 +101,9 @@ def main_rows(summary: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise LedmergeError(f"no metrics.json given for model(s) {missing} of the summary: pass each as --metrics")
     return summary.merge(counts, on="model", how="left")
+
+
+KEPT = "kept_"  # sweeps.csv's kept_<task>: the fraction of the task vector a point's final masks keep
 
 
 def ablation_rows(sweeps: pd.DataFrame, ablation: str) -> pd.DataFrame:
@@ -160,8 +164,8 @@ def _key_text(value, latex: bool) -> str:
 
 
 def param_label(col: str, latex: bool = False) -> str:
-    """rate_safety -> "rate (safety)", lambda_math -> "λ (math)"."""
-    for prefix, name in (("rate_", "rate"), ("lambda_", r"$\lambda$" if latex else "λ")):
+    """rate_safety -> "rate (safety)", lambda_math -> "λ (math)", kept_math -> "kept (math)"."""
+    for prefix, name in (("rate_", "rate"), ("lambda_", r"$\lambda$" if latex else "λ"), (KEPT, "kept")):
         if col.startswith(prefix):
             task = col.removeprefix(prefix)
             return f"{name} ({latex_escape(task) if latex else task})"
@@ -238,7 +242,10 @@ def ablation_table(sweeps: pd.DataFrame, ablation: str, digits: int = 3) -> tupl
     rows = ablation_rows(sweeps, ablation)
     if rows.empty:
         return placeholder_table(" or ".join(p.rstrip("_") for p in ABLATIONS[ablation]))
-    keys = [("sweep", "sweep")] + [(c, param_label(c)) for c in param_columns(rows)]
+    kept = [c for c in rows.columns if c.startswith(KEPT) and rows[c].notna().any()]
+    rows[kept] = rows[kept].round(digits + 1)
+    keys = [("sweep", "sweep")] + [(c, param_label(c)) for c in param_columns(rows)] + \
+        [(c, param_label(c)) for c in kept]  # counts differ across patterns and locations
     note = INTERVAL_NOTE + " Bold: the best point of each sweep per column."
     return render_table(rows.reset_index(drop=True), keys, metrics_of(sweeps), group="sweep", note=note,
                         digits=digits)
