@@ -100,3 +100,6 @@ def test_the_warm_worker_never_serves_a_job_with_other_pins():
 
     for name in [*PINS, "MKL_ENABLE_INSTRUCTIONS"]:
         assert _import_time_env({name: "x", "HOME": "/"}) == {name: "x"}, name
+    # the thread counts Snakemake sets per job are not among them: the steps set torch's threads themselves
+    threads = {f"{lib}_NUM_THREADS": "1" for lib in ("OMP", "MKL", "OPENBLAS", "VECLIB_MAXIMUM", "NUMEXPR")}
+    assert _import_time_env(threads) == {}
