@@ -28,9 +28,14 @@ import time
 
 ENV = "LEDMERGE_WORKER"
 # Read by libraries when they are imported (the worker imported them with its own values): a job whose value
-# differs runs in a fresh process. Thread counts are not here: the steps set torch's threads explicitly.
+# differs runs in a fresh process. Thread counts are not here: the steps set torch's threads explicitly. The CPU
+# kernel choices (ATEN_CPU_CAPABILITY, MKL_CBWR, ...: ledmerge.portable) are, so a job never computes with the
+# worker's kernels when its own environment asks for others (named one by one: Snakemake sets each job's
+# OMP/MKL/OPENBLAS_NUM_THREADS).
 IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "TOKENIZERS_",
-                   "PYTHON", "LD_", "MPLBACKEND", "MPLCONFIGDIR", "XDG_CACHE_HOME", "LEDMERGE_PRELOAD")
+                   "PYTHON", "LD_", "MPLBACKEND", "MPLCONFIGDIR", "XDG_CACHE_HOME", "LEDMERGE_PRELOAD", "ATEN_",
+                   "MKL_CBWR", "MKL_DYNAMIC", "MKL_ENABLE_INSTRUCTIONS", "OMP_DYNAMIC", "ONEDNN_", "DNNL_",
+                   "OPENBLAS_CORETYPE", "NPY_")
 PRELOAD = ("torch", "safetensors.torch", "transformers", "transformers.models.llama.modeling_llama", "jsonschema",
            "yaml", "tqdm", "pandas", "matplotlib", "matplotlib.pyplot", "lm_eval", "lm_eval.evaluator",
            "lm_eval.tasks", "lm_eval.models.huggingface", "ledmerge.cli", "ledmerge.led.location",

@@ -39,6 +39,7 @@ from ledmerge.layout import (
 from ledmerge.specs import merge_spec
 from ledmerge.sweeps import branches as sweep_branches, expand as expand_sweeps, swept_columns
 from ledmerge.paper import FIGURES as PAPER_FIGURES, TABLES as PAPER_TABLES
+from ledmerge.portable import pin as pin_numerics
 from ledmerge.tokenizer import GENERATION_CONFIG, TEMPLATE_FILE, TOKENIZER_FILES
 
 PATHS = Layout(config)
@@ -48,6 +49,10 @@ R = PATHS.results
 # environment, so no `envvars:` is needed); every other value reaches a rule through its
 # input/output/params, which keeps provenance tracking and `snakemake --lint` clean.
 os.environ.update(LEDMERGE=f"{sys.executable} -m ledmerge")
+# portable_numerics: the CPU kernels every job computes with, pinned here, at parse time, so that the jobs' shells
+# and the warm worker (started in onstart, it imports torch once for all jobs) inherit them, and a cluster job's
+# Snakemake, parsing this file again, sets them again (ledmerge.portable: the variables).
+pin_numerics(config)
 # Documents the software of every rule (see the note at the top).
 CONDA_ENV = os.path.join(workflow.basedir, "envs", "ledmerge.yaml")
 TASKS = sorted(config["tasks"])

@@ -1,6 +1,7 @@
 """The three build steps of the toy zoo, as the workflow calls them. Each takes the config's `zoo` section as
 keyword options, resolved through the schema (`schema.resolve`: missing keys take its defaults), and the run's
-seed."""
+seed. The training steps' summaries (printed into their logs) say which CPU kernels they ran with
+(`ledmerge.portable.in_effect`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from ..fileio import read_jsonl, write_jsonl
 from ..layout import PRETRAIN, data_file
+from ..portable import in_effect
 from ..schema import resolve
 from .data import build_datasets, corpus_texts
 from .word_tokenizer import build_tokenizer
@@ -35,9 +37,10 @@ def build_base(data_dir, tokenizer_dir, out_dir, seed: int, **opts) -> dict:
 
     params = resolve("zoo", opts)
     lines = [r["text"] for r in read_jsonl(data_file(data_dir, PRETRAIN), required=("text",))]
-    return pretrain_base(tokenizer_dir, lines, out_dir, **{k: params[k] for k in ARCH_KEYS},
-                         steps=params["pretrain_steps"], batch_size=params["batch_size"], lr=params["pretrain_lr"],
-                         seed=seed)
+    summary = pretrain_base(tokenizer_dir, lines, out_dir, **{k: params[k] for k in ARCH_KEYS},
+                            steps=params["pretrain_steps"], batch_size=params["batch_size"], lr=params["pretrain_lr"],
+                            seed=seed)
+    return {**summary, "numerics": in_effect()}
 
 
 def build_expert(base_dir, train_path, out_dir, seed: int, task: str, **opts) -> dict:
@@ -46,5 +49,6 @@ def build_expert(base_dir, train_path, out_dir, seed: int, task: str, **opts) ->
 
     params = resolve("zoo", opts)
     rows = read_jsonl(train_path, required=("prompt", "response"))
-    return finetune_expert(base_dir, rows, out_dir, steps=params["finetune_steps"], batch_size=params["batch_size"],
-                           lr=params["finetune_lr"], seed=seed, desc=f"fine-tune {task} expert")
+    summary = finetune_expert(base_dir, rows, out_dir, steps=params["finetune_steps"], batch_size=params["batch_size"],
+                              lr=params["finetune_lr"], seed=seed, desc=f"fine-tune {task} expert")
+    return {**summary, "numerics": in_effect()}
