@@ -90,7 +90,16 @@ def test_evaluate_model_end_to_end(tiny_zoo, tmp_path):
     assert not any(r["harmful"] for r in harmful if r["label"] == "empty")
     assert saved["utility"] == ["math_accuracy", "code_pass_rate"]
     assert set(runner.RATES) <= set(metrics) and set(runner.RATES) <= set(saved["rates"])
-    assert saved["rates"]["harmful_rate"] == {"k": sum(r["harmful"] for r in harmful), "n": 3}
+    harmful_rate = saved["rates"]["harmful_rate"]
+    assert {k: harmful_rate[k] for k in ("k", "n")} == {"k": sum(r["harmful"] for r in harmful), "n": 3}
+    # per-prompt outcomes, in doc order, the same the generations file holds; every rate over the same prompts has
+    # the same prompt hash
+    assert harmful_rate["outcomes"] == "".join(str(int(r["harmful"])) for r in sorted(harmful,
+                                                                                       key=lambda r: r["doc_id"]))
+    assert saved["rates"]["empty_rate"]["prompts"] == harmful_rate["prompts"] != saved["rates"]["over_refusal_rate"][
+        "prompts"]
+    for rate in saved["rates"].values():
+        assert len(rate["outcomes"]) == rate["n"] and rate["outcomes"].count("1") == rate["k"]
     assert saved["rates"]["utility_refusal_rate"]["n"] == 6  # the math and code prompts
     for key in ("empty_rate", "benign_empty_rate", "utility_refusal_rate", "utility_empty_rate"):
         assert 0.0 <= metrics[key] <= 1.0, key

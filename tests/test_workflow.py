@@ -190,6 +190,26 @@ def test_evaluation_outputs_per_model(workflow_run):
 
 
 @pytest.mark.slow
+def test_paired_table_pairs_led_with_every_baseline(workflow_run):
+    """table_paired: LED against every other configured merge on the same prompts, its discordant counts those of
+    the per-prompt outcomes the evaluations recorded; test.yaml repeats nothing over zoo seeds."""
+    paper = workflow_run.results / "report" / "paper"
+    md, tex = (paper / "table_paired.md").read_text(), (paper / "table_paired.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and "exact McNemar" in tex.splitlines()[0]
+    rates = {m: json.loads((workflow_run.results / "eval" / m / "metrics.json").read_text())["rates"]
+             for m in MERGES}
+    led = rates["led"]["harmful_rate"]
+    for base in (m for m in MERGES if m != "led"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| led | {base} | harmful rate ↓ |"))
+        n, b, c = (int(row.split(" | ")[i].strip("*")) for i in (3, 7, 8))
+        other = rates[base]["harmful_rate"]
+        assert n == led["n"] == len(led["outcomes"]) and other["prompts"] == led["prompts"]
+        assert b == sum(x > y for x, y in zip(led["outcomes"], other["outcomes"])) and b - c == led["k"] - other["k"]
+    assert not any(line.startswith(("| base", "| safety", "| evo_", "| cocktail")) for line in md.splitlines())
+    assert "No sweep repeats an LED merge and a baseline" in md
+
+
+@pytest.mark.slow
 def test_data_aware_outputs(workflow_run):
     """Synthetic data with its drop counts; each search's recipe is what the merge rule merged."""
     synthetic = workflow_run.results / "synthetic"

@@ -296,9 +296,11 @@ def cmd_sweeps_report(a):
 
 def cmd_paper(a):
     from .paper.build import build_paper
+    from .schema import default_of
 
     written = build_paper(a.summary, _pairs(a.metrics, "--metrics"), a.mask_stats, a.mask_overlap, a.out_dir,
-                          sweeps_csv=a.sweeps, localisation_csv=a.localisation)
+                          sweeps_csv=a.sweeps, localisation_csv=a.localisation, led=a.led or [],
+                          seed=default_of("seed") if a.seed is None else a.seed)
     print("\n".join(str(p) for p in written))
 
 
@@ -575,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mask-stats", required=True, help=MASK_STATS_HELP)
     sp.add_argument("--mask-overlap", required=True, help=MASK_OVERLAP_HELP)
     sp.add_argument("--sweeps", help="the sweeps' long table (sweeps.csv); absent: the ablations are placeholders")
+    sp.add_argument("--led", nargs="*", metavar="MERGE",
+                    help="the LED merges (method led), each compared in table_paired with every other merge on the "
+                    "same prompts; none: that table says so")
+    sp.add_argument("--seed", type=int, help=SEED_HELP + " (seeds table_paired's bootstrap; default: the schema's)")
     sp.add_argument("--out-dir", required=True, help="the directory to write the tables (table_*.tex and .md) and "
                     "figures (fig_*.pdf and .png) into")
     return p

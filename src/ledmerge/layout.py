@@ -12,8 +12,9 @@ parsed.
 - the data-aware merges `evo_<method>_<objective>` and `cocktail_<objective>`: built by `evolve_name`,
   `cocktail_name` and `data_aware_models`, read back by `parse_data_aware`;
 - the sweeps: their axes (`AXES`, in the order of point names and of sweeps.csv's columns), the point names
-  (`point_name`) and the branch ids of the stages points share (`scores_id`, `election_id`, `masks_id`), and their
-  paths under `<results>/sweeps/` (`Layout.branch_*`, `Layout.point_dir`, `Layout.point_eval`);
+  (`point_name`, the merge read back by `point_merge`) and the branch ids of the stages points share (`scores_id`,
+  `election_id`, `masks_id`), and their paths under `<results>/sweeps/` (`Layout.branch_*`, `Layout.point_dir`,
+  `Layout.point_eval`);
 - `Layout`: every path of one run. Called with Snakemake wildcards ("{task}") instead of values, a method gives
   the rule's output pattern, so a rule and the code that names its outputs share one definition.
 
@@ -171,6 +172,11 @@ def point_name(merge: str, values: dict, tasks) -> str:
     """A sweep point's name: its merge, then `<column>-<value>` for every value its sweep sets (`values`: column ->
     value), in `columns` order. Only the point's own values: the configured merge's never enter it."""
     return ".".join([merge, *(f"{c}-{fmt(values[c])}" for c in columns(tasks) if c in values)])
+
+
+def point_merge(name: str) -> str:
+    """The configured merge a sweep point varies, read back from its name (`point_name`; merge names hold no dot)."""
+    return name.partition(".")[0]
 
 
 def scores_id(location: str, zoo_seed: int | None) -> str:

@@ -61,6 +61,8 @@ rule paper:
         out_dir=lambda w, output: os.path.dirname(output.latex[0]),
         metrics=pairs(MODELS, lambda m: eval_file(m, "metrics.json")),
         sweeps=lambda w, input: f"--sweeps {input.sweeps}" if input.sweeps else "",
+        # table_paired: the LED merges, each paired with every other merge; its bootstrap seeded with the config's seed
+        paired=" ".join(["--seed", str(config["seed"]), "--led", *(m for m in MERGES if merge_method(m) == "led")]),
     resources:
         **rule_resources("report"),
     conda:
@@ -69,4 +71,5 @@ rule paper:
         f"{LOG}/paper.log",
     shell:
         "$LEDMERGE paper --summary {input.summary} --metrics {params.metrics} --mask-stats {input.stats} "
+        "{params.paired} "
         "--mask-overlap {input.overlap} --localisation {input.localisation} {params.sweeps} --out-dir {params.out_dir} > {log} 2>&1"

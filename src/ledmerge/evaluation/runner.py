@@ -25,6 +25,8 @@ string, so without the ids a row that emitted <|eot_id|> early would keep the te
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import re
 import tempfile
@@ -417,10 +419,17 @@ def _run_lm_eval(model_dir, data: dict[str, Path], specs: list[dict], *, batch_s
         return merged
 
 
-def _rate(flags) -> dict:
-    """A rate's count and size, as metrics.json's `rates` holds them (the report's Wilson intervals)."""
-    flags = list(flags)
-    return {"k": int(sum(flags)), "n": len(flags)}
+def _rate(outcomes) -> dict:
+    """A rate as metrics.json's `rates` holds it: its count k and size n (the report's Wilson intervals), and the
+    per-prompt outcomes behind them, for paired statistics between models (`ledmerge.paper.paired`): `outcomes`,
+    one "1" (counted) or "0" per prompt in the evaluation's order, and `prompts`, the sha256 of those prompts (each
+    one's task, doc_id and dataset row, in that order), so two models' outcomes are paired only when they answered
+    the same prompts. `outcomes`: (task, doc_id, row, flag) per prompt."""
+    items = list(outcomes)
+    flags = "".join("1" if flag else "0" for *_, flag in items)
+    prompts = json.dumps([[task, doc_id, row] for task, doc_id, row, _ in items], sort_keys=True, default=str)
+    return {"k": flags.count("1"), "n": len(flags), "outcomes": flags,
+            "prompts": hashlib.sha256(prompts.encode()).hexdigest()}
 
 
 def _utility_samples(samples: list[dict], column: str, spec: dict) -> list[dict]:
@@ -449,7 +458,8 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     prompts that refuse, or say nothing), one column per utility metric (`utility_columns`: math_accuracy and
     code_pass_rate of the toy-format sets by default, or the config's evaluation.utility, read from lm-eval's
     per-sample results), and `task/metric[/filter]` for every other lm-eval number. `rates` holds each rate's count
-    k and size n; `utility` names the utility columns, in order.
+    k and size n, and its per-prompt outcomes (`_rate`: the 0/1 outcome of every prompt, and which prompts); `utility`
+    names the utility columns, in order.
     `backend` is lm-eval's model type (`hf`, or `vllm` on a GPU), with `model_args` added to its arguments.
     `dtype` (auto, float32, bfloat16, float16): the weights' dtype; auto is float32 on the CPU and the
     checkpoint's own dtype elsewhere. `tokenizer`: the directory whose tokenizer, chat template and EOS ids
@@ -504,9 +514,9 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
     samples_of = results["samples"]
 
     metrics, rates, n, rows = {}, {}, {}, []
-    labels = {}
+    labels, safety_samples = {}, {}
     for key in SAFETY_SETS:
-        samples = sorted(samples_of[SETS[key][0]], key=lambda s: s["doc_id"])
+        samples = safety_samples[key] = sorted(samples_of[SETS[key][0]], key=lambda s: s["doc_id"])
         prompts = [s["doc"]["prompt"] for s in samples]
         responses = [s["filtered_resps"][0] for s in samples]
         labels[key] = label_replies(judge_obj, prompts, responses, harmful_prompts=key == "harmful")
@@ -515,17 +525,20 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
             rows.append({"task": key, "doc_id": s["doc_id"], "prompt": prompt, "response": response, "label": label,
                          "harmful" if key == "harmful" else "refused": flagged, "score": score,
                          **{f: s["doc"][f] for f in DOC_FIELDS if f in s["doc"]}})
-    rates["harmful_rate"] = _rate(flag for _, flag, _ in labels["harmful"])
-    rates["over_refusal_rate"] = _rate(flag for _, flag, _ in labels["benign"])
-    rates["empty_rate"] = _rate(label == EMPTY for label, _, _ in labels["harmful"])
-    rates["benign_empty_rate"] = _rate(label == EMPTY for label, _, _ in labels["benign"])
+    def per_prompt(key, flags):  # (task, doc_id, row, flag) of each prompt of a safety set, for `_rate`
+        return [(key, s["doc_id"], s["doc"], flag) for s, flag in zip(safety_samples[key], flags, strict=True)]
+
+    rates["harmful_rate"] = _rate(per_prompt("harmful", (flag for _, flag, _ in labels["harmful"])))
+    rates["over_refusal_rate"] = _rate(per_prompt("benign", (flag for _, flag, _ in labels["benign"])))
+    rates["empty_rate"] = _rate(per_prompt("harmful", (label == EMPTY for label, _, _ in labels["harmful"])))
+    rates["benign_empty_rate"] = _rate(per_prompt("benign", (label == EMPTY for label, _, _ in labels["benign"])))
 
     refusal_judge = RefusalJudge()
     replies = {}  # (task, doc_id) -> (prompt, unfiltered reply) of every utility prompt, once per prompt
     set_of_task = {SETS[k][0]: k for k in data}  # the toy-format sets' lm-eval tasks
     for column, spec in utility.items():
         samples = _utility_samples(samples_of[spec["task"]], column, spec)
-        rates[column] = _rate(float(s[spec["metric"]]) > 0 for s in samples)
+        rates[column] = _rate((spec["task"], s["doc_id"], s["doc"], float(s[spec["metric"]]) > 0) for s in samples)
         # pass@1 and exact match are 0/1 per sample, so the mean is k/n; a graded metric keeps its own mean
         rates[column]["mean"] = sum(float(s[spec["metric"]]) for s in samples) / len(samples)
         task_key = set_of_task.get(spec["task"], spec["task"])
@@ -534,9 +547,10 @@ def evaluate_model(model_dir, out_json, generations_jsonl, *, harmful_path, beni
             raw = s["resps"][0][0] if s.get("resps") and isinstance(s["resps"][0], list) else s["filtered_resps"][0]
             if isinstance(raw, str):  # generated replies (not a multiple-choice task's log-likelihoods)
                 replies[(task_key, s["doc_id"])] = (s["arguments"][0][0] if s.get("arguments") else "", raw, s)
-    utility_labels = [(is_degenerate(r), refusal_judge.is_refusal(p, r)) for p, r, _ in replies.values()]
-    rates["utility_refusal_rate"] = _rate(not e and refused for e, refused in utility_labels)
-    rates["utility_empty_rate"] = _rate(e for e, _ in utility_labels)
+    utility_labels = [(task_key, doc_id, s["doc"], is_degenerate(r), refusal_judge.is_refusal(p, r))
+                      for (task_key, doc_id), (p, r, s) in replies.items()]
+    rates["utility_refusal_rate"] = _rate((t, i, d, not e and refused) for t, i, d, e, refused in utility_labels)
+    rates["utility_empty_rate"] = _rate((t, i, d, e) for t, i, d, e, _ in utility_labels)
     for (task_key, doc_id), (_, response, s) in replies.items():
         if task_key in set_of_task.values():
             metric = SETS[task_key][2]

@@ -9,6 +9,10 @@ Intervals: a single run's rate carries its Wilson interval; points repeated over
 are shown as mean ± sample standard deviation over the seeds instead, since the seed is then the larger source of
 variation. Mean utility is a mean of rates on different sets, so it has no Wilson interval of its own.
 
+The paired table compares LED with each baseline merge prompt by prompt (`paired`: discordant counts, exact McNemar
+p, paired bootstrap interval of the difference) and, where the sweeps repeat both over zoo seeds, by seed (mean
+difference with its t interval).
+
 The package holds what a paper contains (the tables, figures and metrics named below: light, so the workflow can
 name the paper step's outputs without importing matplotlib); `build` makes them.
 """
@@ -31,7 +35,10 @@ ABLATIONS = {"rate": (axis_prefix("rate"),), "pattern": ("pattern",), "location"
              "lambda": (axis_prefix("lambda"),), "sparsity": ("density", "drop"), "seed": (SEED,)}
 PARAM_PREFIXES = tuple(axis_prefix(a) for a in AXES if a != ZOO_SEED)  # the swept parameters besides the seed
 # table_localisation / fig_localisation: the main run's masks/localisation.csv, per task and module type.
-TABLES = ["table_main", *(f"table_ablation_{a}" for a in ABLATIONS), "table_localisation"]
+# LED against each baseline merge on the same prompts (`paired`: exact McNemar, paired bootstrap; across zoo seeds,
+# t intervals), from the merges' per-prompt outcomes in metrics.json and sweeps.csv
+PAIRED_TABLE = "table_paired"
+TABLES = ["table_main", *(f"table_ablation_{a}" for a in ABLATIONS), "table_localisation", PAIRED_TABLE]
 FIGURES = ["fig_safety_utility", "fig_rate_sweep", "fig_location_ablation", "fig_mask_overlap", "fig_localisation",
            "fig_safety_only"]
 OUTPUTS = [f"{t}.{e}" for t in TABLES for e in ("tex", "md")] + [f"{f}.{e}" for f in FIGURES for e in ("pdf", "png")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -16,7 +17,19 @@ import pandas as pd  # noqa: E402
 from ..errors import LedmergeError  # noqa: E402
 from ..fileio import write_text  # noqa: E402
 from ..summary import KINDS, load_counts, metric_columns, plot_mask_overlap, rate_interval, save_figure  # noqa: E402
-from . import ABLATIONS, ARROW, MEAN_UTILITY, NO_SWEEP, OUTPUTS, PARAM_PREFIXES, SAFETY, SEED, UTILITY_LABELS  # noqa: E402
+from . import (  # noqa: E402
+    ABLATIONS,
+    ARROW,
+    MEAN_UTILITY,
+    NO_SWEEP,
+    OUTPUTS,
+    PAIRED_TABLE,
+    PARAM_PREFIXES,
+    SAFETY,
+    SEED,
+    UTILITY_LABELS,
+)
+from .paired import LEVEL, RESAMPLES, across_seeds, per_prompt  # noqa: E402
 
 # Embedding TrueType fonts in PDFs (pdf.fonttype 42) makes fontTools log every glyph subset at INFO.
 logging.getLogger("fontTools").setLevel(logging.WARNING)
@@ -249,6 +262,119 @@ def ablation_table(sweeps: pd.DataFrame, ablation: str, digits: int = 3) -> tupl
     note = INTERVAL_NOTE + " Bold: the best point of each sweep per column."
     return render_table(rows.reset_index(drop=True), keys, metrics_of(sweeps), group="sweep", note=note,
                         digits=digits)
+
+
+def _signed(value: float, digits: int) -> str:
+    """A difference with its sign (+0.154, −0.020); zero as 0.000."""
+    text = f"{value:+.{digits}f}"
+    return f"{0:.{digits}f}" if float(text) == 0 else text
+
+
+def _p_text(p: float) -> str:
+    return "–" if pd.isna(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _paired_cells(row, labels: dict, digits: int, latex: bool) -> list[str]:
+    """LED, baseline, metric, n, the two rates, Δ [lo, hi], b, c, p; Δ and p bold where p < 0.05."""
+    def num(v, fmt):
+        return ("--" if latex else "–") if pd.isna(v) else fmt(v)
+
+    def signed(v):
+        text = _signed(v, digits)
+        return text.replace("-", "$-$") if latex else text
+
+    bold = pd.notna(row["p"]) and row["p"] < 0.05
+    diff = num(row["diff"], signed)
+    p = _p_text(row["p"]).replace("–", "--" if latex else "–").replace("<", "$<$" if latex else "<")
+    if bold:
+        diff, p = (rf"\textbf{{{diff}}}", rf"\textbf{{{p}}}") if latex else (f"**{diff}**", f"**{p}**")
+    if pd.notna(row["lo"]):
+        lo, hi = signed(row["lo"]), signed(row["hi"])
+        diff += rf" {{\scriptsize [{lo}, {hi}]}}" if latex else f" [{lo}, {hi}]"
+    label, direction = labels.get(row["metric"], (row["metric"].replace("_", " "), None))
+    metric = f"{label} {ARROW[direction][1 if latex else 0]}" if direction else label
+    keys = [row["led"], row["baseline"]]
+    return [*(latex_escape(k) if latex else k for k in keys), metric, num(row["n"], lambda v: f"{int(v)}"),
+            num(row["led_rate"], lambda v: f"{v:.{digits}f}"), num(row["baseline_rate"], lambda v: f"{v:.{digits}f}"),
+            diff, num(row["b"], lambda v: f"{int(v)}"), num(row["c"], lambda v: f"{int(v)}"), p]
+
+
+PAIRED_NOTE = ("Δ: LED's rate minus the baseline's. Same prompts, one run: n prompts, both models' 0/1 outcome on each; "
+               "b: prompts counted for LED and not for the baseline, c: the reverse (the discordant pairs), Δ = (b − c)/n; "
+               "[low, high]: 95% paired bootstrap percentile interval ({resamples:,} resamples of the prompts, seed "
+               "{seed}); p: two-sided exact McNemar test on the b + c discordant prompts. Across zoo seeds: n zoo seeds "
+               "the sweeps repeat both merges on; Δ: the mean of the per-seed differences, [low, high] its 95% t "
+               "interval, p: the paired t test (– where the differences are all equal). Bold: p < 0.05.")
+
+
+def paired_table(prompt_rows: pd.DataFrame, seed_rows: pd.DataFrame, labels: dict, *, seed: int,
+                 resamples: int = RESAMPLES, empty_prompts: str = "", empty_seeds: str = "",
+                 digits: int = 3) -> tuple[str, str]:
+    """The paired table: LED against each baseline merge, per metric, on the same prompts (one run) and across zoo
+    seeds (`ledmerge.paper.paired`). `labels`: metric -> (label, direction); `empty_*`: what a panel without rows
+    says."""
+    note = PAIRED_NOTE.format(resamples=resamples, seed=seed)
+    panels = [(f"Same prompts, one run (seed {seed})", prompt_rows, empty_prompts),
+              ("Across zoo seeds", seed_rows, empty_seeds)]
+    cols = 10
+    tex = [f"% {note}", r"\begin{tabular}{lllrrrrrrr}", r"\toprule",
+           r" & & & & \multicolumn{2}{c}{Rate} & & \multicolumn{2}{c}{Discordant} & \\",
+           r"\cmidrule(lr){5-6}\cmidrule(lr){8-9}",
+           r"LED & Baseline & Metric & $n$ & LED & Baseline & $\Delta$ (LED $-$ baseline) & LED & Baseline & $p$ \\"]
+    md_head = ["| LED | baseline | metric | n | LED rate | baseline rate | Δ (LED − baseline) [95%] | b (LED only) "
+               "| c (baseline only) | p |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    md = []
+    for title, rows, empty in panels:
+        tex += [r"\midrule", rf"\multicolumn{{{cols}}}{{l}}{{\emph{{{latex_escape(title)}}}}} \\"]
+        md.append(f"**{title}**\n")
+        if rows.empty:
+            tex.append(rf"\multicolumn{{{cols}}}{{l}}{{{latex_escape(empty)}}} \\")
+            md.append(f"*{empty[:1].upper() + empty[1:]}.*\n")
+            continue
+        previous = None
+        lines = list(md_head)
+        for _, row in rows.iterrows():
+            if previous is not None and (row["led"], row["baseline"]) != previous:
+                tex.append(r"\addlinespace")
+            previous = (row["led"], row["baseline"])
+            tex.append(" & ".join(_paired_cells(row, labels, digits, True)) + r" \\")
+            lines.append("| " + " | ".join(_paired_cells(row, labels, digits, False)) + " |")
+        md.append("\n".join(lines) + "\n")
+    tex += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(tex) + "\n", "\n".join(md) + f"\n{note}\n"
+
+
+def paired_from_files(summary: pd.DataFrame, metrics_paths: dict, sweeps: pd.DataFrame, led: list[str], seed: int,
+                      resamples: int = RESAMPLES, digits: int = 3) -> tuple[str, str]:
+    """The paired table from the run's files: LED merges `led` against every other merge of the summary (kind
+    merge) on each metric whose per-prompt outcomes both metrics.json hold; and the sweeps' zoo-seed repeats."""
+    unknown = [m for m in led if m not in set(summary["model"])]
+    if unknown:
+        raise LedmergeError(f"LED merge(s) {unknown} are not models of the summary: name configured merges (--led)")
+    baselines = [m for m, k in zip(summary["model"], summary["kind"]) if k == "merge" and m not in led]
+    reports = {}
+    for name in [*led, *baselines]:
+        if name not in metrics_paths:
+            raise LedmergeError(f"no metrics.json given for model {name!r}: pass it as --metrics {name}=PATH")
+        reports[name] = json.loads(Path(metrics_paths[name]).read_text())
+    metrics = [m for m, _, _ in metrics_of(summary) if m != MEAN_UTILITY[0]]
+    prompts, missing = per_prompt(reports, led, baselines, metrics, seed, resamples, LEVEL)
+    if not led or not baselines:
+        empty = "no LED merge and baseline merge to pair" + ("" if led else " (no LED merge named)")
+    else:
+        empty = ("no per-prompt outcomes in the merges' metrics.json (evaluated before they were recorded): rerun "
+                 "their evaluations")
+    seed_metrics = metrics_of(sweeps) if not sweeps.empty else []
+    seeds = across_seeds(sweeps, led, [*param_columns(sweeps), SEED] if not sweeps.empty else [],
+                         [m for m, _, _ in seed_metrics], LEVEL)
+    labels = {m: (label, d) for m, label, d in [*metrics_of(summary), *seed_metrics]}
+    tex, md = paired_table(prompts, seeds, labels, seed=seed, resamples=resamples, empty_prompts=empty,
+                           empty_seeds="no sweep repeats an LED merge and a baseline over two or more zoo seeds",
+                           digits=digits)
+    if missing and not prompts.empty:  # some metrics lack outcomes (an evaluation older than them)
+        gap = f"Left out, for want of per-prompt outcomes in metrics.json: {', '.join(missing)}."
+        tex, md = tex.replace("\n", f" {gap}\n", 1), md.rstrip("\n") + f" {gap}\n"
+    return tex, md
 
 
 # ---------------------------------------------------------------- figures
@@ -523,8 +649,12 @@ def localisation_figure(path):
 # ---------------------------------------------------------------- all of it
 
 def build_paper(summary_csv, metrics_paths: dict[str, str | Path], mask_stats_csv, mask_overlap_csv, out_dir,
-                sweeps_csv=None, digits: int = 3, localisation_csv=None) -> list[Path]:
-    """Write every file of `OUTPUTS` into `out_dir` (existing files replaced atomically); returns their paths."""
+                sweeps_csv=None, digits: int = 3, localisation_csv=None, led: list[str] | None = None,
+                seed: int = 0, resamples: int = RESAMPLES) -> list[Path]:
+    """Write every file of `OUTPUTS` into `out_dir` (existing files replaced atomically); returns their paths.
+
+    `led`: the LED merges, each compared in the paired table with every other merge; `seed` (the config's) seeds its
+    bootstrap of `resamples` resamples."""
     summary_csv = Path(summary_csv)
     if not summary_csv.is_file():
         raise LedmergeError(f"summary table {summary_csv} does not exist: run the report step first")
@@ -540,6 +670,7 @@ def build_paper(summary_csv, metrics_paths: dict[str, str | Path], mask_stats_cs
     tables = {"table_main": main_table(summary, counts, digits)}
     tables.update({f"table_ablation_{a}": ablation_table(sweeps, a, digits) for a in ABLATIONS})
     tables["table_localisation"] = localisation_table(localisation_csv, digits)
+    tables[PAIRED_TABLE] = paired_from_files(summary, metrics_paths, sweeps, led or [], seed, resamples, digits)
     for name, (tex, md) in tables.items():
         write_text(out_dir / f"{name}.tex", tex)
         write_text(out_dir / f"{name}.md", md)
