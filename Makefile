@@ -60,6 +60,7 @@ record: env
 	$(BIN)/python -m ledmerge record-run --results results --out docs/run --command "make run"
 	cp results/report/paper/fig_rate_sweep.png docs/figures/rate_sweep.png
 	cp results/report/paper/fig_safety_utility.png docs/figures/safety_utility.png
+	cp results/report/paper/fig_safety_only.png docs/figures/safety_only.png
 	cp results/report/paper/table_paired.md results/report/paper/table_ablation_control.md \
 	   results/report/paper/table_localisation.md docs/run/
 	$(MAKE) docs

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.text  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..errors import LedmergeError  # noqa: E402
@@ -549,6 +550,10 @@ def safety_only_figure(sweeps: pd.DataFrame):
         ax.errorbar(g["rate_safety"], g[m], yerr=_errorbars(g, m), marker="os^Dv<>p"[i % 8], capsize=2,
                     color=PALETTE[i % len(PALETTE)], label=line, elinewidth=0.6)
     ax.set(xlabel="safety rate r", ylabel=f"{label} {ARROW[d][0]}", ylim=(-0.05, 1.05), xscale="log")
+    rates = sorted(points["rate_safety"].unique())  # one labelled tick per swept rate, none in between
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(rates))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{r:g}" for r in rates]))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.legend(title=" / ".join(by) or None, fontsize=6)
     return fig
 
