@@ -37,11 +37,12 @@ RULES = ["zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration", "impo
 # The sweeps' jobs in each shipped config. config.yaml: 3 rate tuples x {LED's masks, count-matched random,
 # count-matched magnitude}, each point its own merge (LED at the paper's rates too: points are named by their own
 # values, never the configured merge): the main run's SNIP scores, 3 mask sets (9 elections), 2 controls of each,
-# 9 merges. test.yaml: a rate sweep of math, which reuses every score, and the other tasks' elections (made once,
-# for both points).
+# 9 merges; then the safety-only sweep, 3 safety rates x {LED's masks, count-matched random}: 1 more election (safety
+# at 0.5; 0.05 and 0.2 are the rate sweep's), 3 mask sets, 3 random controls, 6 merges. test.yaml: a rate sweep of
+# math, which reuses every score, and the other tasks' elections (made once, for both points).
 SWEEP_JOBS = {
-    "config.yaml": {"sweep_election": 9, "sweep_disjoint": 3, "sweep_control": 6, "sweep_merge": 9,
-                    "sweep_evaluation": 9, "sweeps_report": 1},
+    "config.yaml": {"sweep_election": 10, "sweep_disjoint": 6, "sweep_control": 9, "sweep_merge": 15,
+                    "sweep_evaluation": 15, "sweeps_report": 1},
     "test.yaml": {"sweep_election": 4, "sweep_disjoint": 2, "sweep_merge": 2, "sweep_evaluation": 2,
                   "sweeps_report": 1},
 }
@@ -278,7 +279,10 @@ def test_sweeps_table_has_a_row_per_point(workflow_run):
 
     with open(workflow_run.results / "report" / "sweeps.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["sweep", "model", "rate_math", *METRICS, "mean_utility", *(f"n_{m}" for m in METRICS)]
+    kept = [f"kept_{t}" for t in TASKS]  # what each point's final masks keep of each task vector
+    assert list(rows[0]) == ["sweep", "model", "rate_math", *METRICS, "mean_utility", *kept,
+                             *(f"n_{m}" for m in METRICS)]
+    assert all(0.0 < float(r[k]) < 1.0 for r in rows for k in kept), rows
     assert [(r["sweep"], r["model"], float(r["rate_math"])) for r in rows] == [
         ("rate", SWEEP_POINTS[0], 0.2), ("rate", SWEEP_POINTS[1], 0.3)]
     for row in rows:
