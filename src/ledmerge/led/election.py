@@ -58,22 +58,34 @@ def _check_same(a: dict, b: dict, what_a: str, what_b: str) -> None:
                                 f"{list(b[name].shape)} in {what_b}")
 
 
-def elect_tensor(expert: torch.Tensor | None, base: torch.Tensor | None, rate: float, pattern: str) -> torch.Tensor:
-    """One tensor's election. pattern[0] is the base, pattern[1] the expert: '1' = must be in that model's
-    top-r (of its positive scores), '0' = must not be, 'x' = that model is ignored (its scores may be None)."""
-    _check_pattern(pattern)
+def top_sets(expert: torch.Tensor | None, base: torch.Tensor | None, rate: float) -> dict[str, torch.Tensor]:
+    """TopR of each model's positive scores ({"expert", "base"}, a model that is None left out): selected once per
+    tensor, then shared by the election and its localisation statistics."""
+    return {who: top_r_positive(scores.float(), rate) for who, scores in (("expert", expert), ("base", base))
+            if scores is not None}
+
+
+def elect_from_tops(tops: dict[str, torch.Tensor], pattern: str) -> torch.Tensor:
+    """pattern[0] is the base, pattern[1] the expert: '1' = in that model's top-r, '0' = not in it, 'x' = ignored."""
     mask = None
-    for char, scores in zip(pattern, (base, expert)):
+    for char, who in zip(pattern, ("base", "expert")):
         if char == "x":
             continue
-        top = top_r_positive(scores.float(), rate)
-        cond = top if char == "1" else ~top
+        cond = tops[who] if char == "1" else ~tops[who]
         mask = cond if mask is None else mask & cond
     return mask
 
 
+def elect_tensor(expert: torch.Tensor | None, base: torch.Tensor | None, rate: float, pattern: str) -> torch.Tensor:
+    """One tensor's election. pattern[0] is the base, pattern[1] the expert: '1' = must be in that model's
+    top-r (of its positive scores), '0' = must not be, 'x' = that model is ignored (its scores may be None)."""
+    _check_pattern(pattern)
+    used = {who: scores for char, who, scores in zip(pattern, ("base", "expert"), (base, expert)) if char != "x"}
+    return elect_from_tops(top_sets(used.get("expert"), used.get("base"), rate), pattern)
+
+
 def localisation(expert: torch.Tensor | None, base: torch.Tensor | None, rate: float, *,
-                 raw: bool = True) -> dict:
+                 raw: bool = True, tops: dict[str, torch.Tensor] | None = None) -> dict:
     """How concentrated one tensor's importance is, and how much the base's and the expert's top-r agree.
 
     `top_expert`, `top_base`: the sizes of TopR of each (⌈r·n⌉, fewer where fewer scores are positive); `overlap`:
@@ -81,15 +93,15 @@ def localisation(expert: torch.Tensor | None, base: torch.Tensor | None, rate: f
     overlap/top_expert is about r by chance (`chance` = top_base/n); `mass_expert`, `mass_base`: the share of the
     summed score in the top-r (r for scores spread evenly, 1 if the top-r holds everything). The mass shares need
     raw scores (`raw`: score_dtype float32); from rank16 codes they are None. A model that is None (pattern 'x')
-    gives None for its entries."""
+    gives None for its entries. `tops`: the models' `top_sets`, when the caller has them already."""
     n = (expert if expert is not None else base).numel()
     out = {"numel": n, "top_expert": None, "top_base": None, "overlap": None, "mass_expert": None, "mass_base": None}
-    tops = {}
+    tops = top_sets(expert, base, rate) if tops is None else tops
     for who, scores in (("expert", expert), ("base", base)):
         if scores is None:
             continue
         scores = scores.float()
-        top = tops[who] = top_r_positive(scores, rate)
+        top = tops[who]
         out[f"top_{who}"] = int(top.sum())
         if raw:
             total = float(scores.sum(dtype=torch.float64))
@@ -217,12 +229,13 @@ def elect_files(expert_scores_path, base_scores_path, rate: float, pattern: str,
         for name in sorted(expert_file.shapes):
             expert = expert_file.get(name)
             base = base_file.get(name) if use_base else None
-            try:
-                mask = elect_tensor(expert, base, rate, pattern)
+            try:  # each model's top-r selected once, for the mask and its statistics
+                tops = top_sets(expert, base, rate)
+                mask = elect_from_tops(tops, pattern)
             except LedmergeError as exc:
                 raise LedmergeError(f"{name} in {expert_scores_path}: {exc}") from None
             raw = expert_file.encoding == "float32" and (not use_base or base_file.encoding == "float32")
-            loc = localisation(expert, base, rate, raw=raw)
+            loc = localisation(expert, base, rate, raw=raw, tops=tops)
             located[name] = [loc[c] for c in LOCALISATION_KEYS]
             k = top_k_count(mask.numel(), rate)
             if any(s is not None and int((s > 0).sum()) < k for c, s in zip(pattern, (base, expert)) if c != "x"):
