@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Steps are named as their rule and config section (rule = step = section). Paths and per-job values are
     flags; a step's config section is `--options` (schema defaults, listed in the step's --help). No option has a
     default here: the schema (src/ledmerge/schemas/config.schema.yaml) holds them all."""
-    from .schema import help_epilog
+    from .schema import help_epilog, sweep_values
 
     p = argparse.ArgumentParser(prog="ledmerge", description=(
         "Safety-aware model merging (LED-Merging and baselines). Each subcommand is one step of the "
@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("control", cmd_control, "count-matched control masks: the final masks' per-tensor counts, placed at "
              "random or by |task vector| (disjoint across tasks)")
-    sp.add_argument("--kind", required=True, choices=["random", "magnitude"], help="random: seeded uniform draws; "
+    sp.add_argument("--kind", required=True, choices=[v for v in sweep_values("control") if v != "none"],
+                    help="random: seeded uniform draws; "
                     "magnitude: the largest |expert - base|")
     sp.add_argument("--matched", nargs="+", required=True, metavar="TASK=PATH",
                     help="each task's final mask file whose per-tensor counts the control keeps (`ledmerge disjoint`)")

@@ -176,6 +176,11 @@ def allowed(path_to_key: str) -> list:
     return list(node["enum"])
 
 
+def sweep_values(axis: str) -> list:
+    """The values a sweep axis allows (an enum axis such as `control`), as the schema's sweep definition lists them."""
+    return list(schema()["definitions"]["sweep"]["properties"][axis]["items"]["enum"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The configuration reference (docs/configuration.md, and each CLI step's --help).
 

@@ -21,11 +21,12 @@ import contextlib
 import torch
 
 from ..errors import LedmergeError
+from ..schema import sweep_values
 from ..topk import top_k_mask
 from .files import MaskFile, PackedMask, pack_bits, save_masks
 from .location import random_generator
 
-CONTROLS = ("random", "magnitude")  # the schema's sweep axis `control`, less `none` (LED's own masks)
+CONTROLS = tuple(v for v in sweep_values("control") if v != "none")  # the sweep axis `control`, less LED's own masks
 
 
 def random_control(counts: dict[str, int], shape, generator: torch.Generator) -> dict[str, torch.Tensor]:
