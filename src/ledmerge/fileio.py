@@ -163,8 +163,9 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, marker: s
     if directory:
         if marker is None:
             raise ValueError("a directory output names the marker file that proves a later run it is ours")
-        check_replaceable(target, marker, force=force)
-    check_output_root(target.parent)
+        check_replaceable(target, marker, force=force)  # checks the parent folder too
+    else:
+        check_output_root(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     prefix = f".{target.name}.tmp-{os.getpid()}-"

@@ -25,6 +25,7 @@ string, so without the ids a row that emitted <|eot_id|> early would keep the te
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -256,18 +257,25 @@ def generation_kwargs(max_new_tokens: int, until: list[str], eos_ids: list[int],
 TASK_LINE = re.compile(r"^['\"]?task['\"]?:\s*['\"]?([^'\"\s]+)['\"]?\s*$", re.MULTILINE)
 
 
-def task_yamls(names) -> dict[str, list[Path]]:
-    """The lm-eval YAML files whose `task:` line names each of `names`: one pass over lm-eval's task folder
-    (~2 s), without building its task index (~12 s)."""
+@functools.lru_cache(maxsize=1)
+def _task_lines() -> dict[str, tuple[Path, ...]]:
+    """Every lm-eval task name a YAML's `task:` line defines, and its files: one pass over lm-eval's task folder
+    (~2 s) per process, shared by the name check and the local-copy wrappers, without lm-eval's index (~12 s)."""
     import lm_eval.tasks
 
-    found = {name: [] for name in names}
-    if found:
-        for path in Path(lm_eval.tasks.__file__).parent.rglob("*.yaml"):
-            for name in TASK_LINE.findall(path.read_text(errors="ignore")):
-                if name in found:
-                    found[name].append(path)
-    return found
+    index: dict[str, list[Path]] = {}
+    for path in Path(lm_eval.tasks.__file__).parent.rglob("*.yaml"):
+        for name in TASK_LINE.findall(path.read_text(errors="ignore")):
+            index.setdefault(name, []).append(path)
+    return {name: tuple(paths) for name, paths in index.items()}
+
+
+def task_yamls(names) -> dict[str, list[Path]]:
+    """The lm-eval YAML files whose `task:` line names each of `names`."""
+    if not names:
+        return {}
+    index = _task_lines()
+    return {name: list(index.get(name, ())) for name in names}
 
 
 def runs_code(task_yaml: Path) -> bool:
