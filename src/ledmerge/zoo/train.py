@@ -1,7 +1,8 @@
-"""Pretraining the toy base and fully fine-tuning experts from it, deterministically, on CPU.
+"""Pretraining the toy base, and fine-tuning experts from a base (the toy's or a real checkpoint), deterministically.
 
 Experts start from the base and train briefly with a small learning rate, like real instruction or
-domain fine-tunes, so their task vectors stay small enough for merging to be meaningful.
+domain fine-tunes, so their task vectors stay small enough for merging to be meaningful. They are saved in float32
+whatever the base's dtype: a bfloat16 copy would round most of a small fine-tuning update away.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def _train(model, batches, steps: int, lr: float, desc: str, loss_fn) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    trained = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     model.train()
     losses = []
     bar = tqdm(range(steps), desc=desc, mininterval=2.0)
@@ -48,7 +50,7 @@ def _train(model, batches, steps: int, lr: float, desc: str, loss_fn) -> list[fl
         loss = loss_fn(logits, batch["labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         losses.append(loss.item())
         if step % 50 == 0:
@@ -98,6 +100,14 @@ def pretrain_base(tokenizer_dir: str | Path, lines: list[str], out_dir: str | Pa
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def copy_base(source: str | Path, out_dir: str | Path) -> dict:
+    """A user's pretrained model as the zoo's base, in float32 (see the module's docstring), with its tokenizer."""
+    tok = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    save_zoo_dir(out_dir, f"base model copied from {source}", model, tok)
+    return {"source": str(source), "parameters": sum(p.numel() for p in model.parameters())}
+
+
 class _Plain:
     """A plain-text example: every token after the first is a target."""
 
@@ -106,19 +116,35 @@ class _Plain:
         self.labels = [IGNORE_INDEX] + ids[1:]
 
 
+# The decoder's linear layers (Llama, Mistral, Qwen names): LoRA adapts these, as LoRA fine-tunes of the experts do.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def finetune_expert(base_dir: str | Path, rows: list[dict], out_dir: str | Path, *, steps: int, batch_size: int,
-                    lr: float, seed: int, desc: str = "fine-tune") -> dict:
-    """Full fine-tuning in chat format with the loss on response tokens only."""
+                    lr: float, seed: int, max_length: int, finetune: str = "full", lora_rank: int = 16,
+                    lora_alpha: float = 32, desc: str = "fine-tune") -> dict:
+    """Fine-tuning in chat format with the loss on response tokens only: every weight (`full`) or LoRA adapters
+    merged into the weights when saved (`lora`), so either way the expert is a full model directory."""
     _seed_all(seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    encoded = [encode(tok, r["prompt"], r["response"], max_length=model.config.max_position_embeddings) for r in rows]
+    if finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS))
+    length = min(max_length, model.config.max_position_embeddings)
+    encoded = [encode(tok, r["prompt"], r["response"], max_length=length) for r in rows]
     rng = random.Random(seed)
 
     def batches(_step):
         return collate([encoded[rng.randrange(len(encoded))] for _ in range(batch_size)], tok.pad_token_id)
 
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.time()
     losses = _train(model, batches, steps, lr, desc, lambda lg, lb: response_nll(lg, lb, "mean"))
+    if finetune == "lora":
+        model = model.merge_and_unload()
     save_zoo_dir(out_dir, desc, model, tok)
-    return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.time() - start}
+    return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.time() - start, "finetune": finetune,
+            "trained_parameters": trained}
