@@ -113,23 +113,23 @@ def test_per_task_density_and_drop():
 
 
 def test_genome_and_decode():
-    genes = genome("dare_ties", TASKS, 1.0)
-    assert [g[:2] for g in genes] == [("weight", t) for t in TASKS] + [("density", t) for t in TASKS]
-    assert [g[4] for g in genes] == [1 / 3] * 3 + [1.0] * 3  # start: weight 1/N, density 1
+    genes = genome("dare_ties", TASKS, weight_min=0.0, weight_max=1.0)
+    assert [(g.kind, g.task) for g in genes] == [("weight", t) for t in TASKS] + [("density", t) for t in TASKS]
+    assert [g.start for g in genes] == [1 / 3] * 3 + [1.0] * 3  # start: weight 1/N, density 1
     spec = decode("dare_ties", genes, [-0.5, 0.5, 2.0, 0.0, 0.5, 1.5])  # clipped into the bounds
     assert spec["weights"] == {"code": 1e-6, "math": 0.5, "safety": 1.0}
     assert spec["drop"] == pytest.approx({"code": 0.95, "math": 0.5, "safety": 0.0})
-    assert decode("led", genome("led", TASKS, 1.0), [0.1, 0.2, 0.3]) == {
+    assert decode("led", genome("led", TASKS, weight_min=0.0, weight_max=1.0), [0.1, 0.2, 0.3]) == {
         "method": "led", "lambdas": {"code": 0.1, "math": 0.2, "safety": 0.3}}
-    assert decode("task_arithmetic", genome("task_arithmetic", TASKS, 2.0), [0.0, 1.5, 3.0])["weights"] == {
-        "code": 0.0, "math": 1.5, "safety": 2.0}
+    assert decode("task_arithmetic", genome("task_arithmetic", TASKS, weight_min=0.0, weight_max=2.0),
+                  [0.0, 1.5, 3.0])["weights"] == {"code": 0.0, "math": 1.5, "safety": 2.0}
     with pytest.raises(LedmergeError, match="no method"):
-        genome("linear", TASKS, 1.0)
+        genome("linear", TASKS, weight_min=0.0, weight_max=1.0)
 
 
 def test_search_is_reproducible_by_seed(evaluator):
     def run(seed):
-        history, best = evolve(evaluator, "ties", w_align=1.0, w_task=1.0, budget=10, seed=seed)
+        history, best, _ = evolve(evaluator, "ties", w_align=1.0, w_task=1.0, budget=10, seed=seed)
         return [{k: v for k, v in r.items() if k != "spec"} for r in history], best
 
     first, best = run(0)
@@ -168,7 +168,7 @@ def test_led_search_uses_the_masks(tiny_zoo, tmp_path):
         save_masks(masks[t], {n: idx[n] == i for n in names})
     ev = MergeEvaluator(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, {"search": ROWS, "heldout": []}, masks,
                         tokenizer=tiny_zoo["base"])
-    history, best = evolve(ev, "led", w_align=1.0, w_task=1.0, budget=4, seed=0)
+    history, best, _ = evolve(ev, "led", w_align=1.0, w_task=1.0, budget=4, seed=0)
     assert best["spec"]["method"] == "led" and set(best["spec"]["lambdas"]) == set(TASKS)
     spec = {"method": "led", "lambdas": {"code": 1.0, "math": 1.0, "safety": 1.0}}
     merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, spec, tmp_path / "m", masks=masks)
