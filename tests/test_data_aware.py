@@ -512,3 +512,48 @@ def test_greedy_refusal_ranks_a_refusing_model_above_a_complying_one(tiny_zoo, t
     assert fitness(refusing, 1.0, 0.0) > fitness(complying, 1.0, 0.0)
     result = cocktail(ev, w_align=1.0, w_task=0.0, temperature=0.1)
     assert result["weights"]["safety"] > 0.99 and result["experts"]["math"]["harmful_align"] == 1.0
+
+
+def test_data_aware_base_model_resolves_and_is_checked(tmp_path, tiny_zoo):
+    """data_aware.base_model: unset, the run's base; a task, its expert; else the model it names. An instruct base
+    makes its own task vector zero: any weight on it merges to the base itself."""
+    import copy
+
+    import yaml
+
+    from ledmerge.config import check, validate
+    from ledmerge.layout import data_aware_base, hub_dir, model_dir
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "test.yaml").read_text())
+    cfg["results"] = str(tmp_path)
+    validate(cfg)
+
+    def with_da(**da):
+        out = copy.deepcopy(cfg)
+        out["data_aware"].update(da)
+        if "evolve" in da:
+            out["data_aware"]["evolve"] = {**cfg["data_aware"]["evolve"], **da["evolve"]}
+        return validate(out)
+
+    assert data_aware_base(cfg) == data_aware_base(with_da(base_model="zoo")) == model_dir(cfg, "base")
+    assert data_aware_base(with_da(base_model="safety")) == model_dir(cfg, "safety")
+    assert data_aware_base(with_da(base_model={"hub": "org/instruct"})) == hub_dir(cfg, {"hub": "org/instruct"})
+    assert data_aware_base(with_da(base_model=str(tiny_zoo["safety"]))) == str(tiny_zoo["safety"])
+    check(with_da(base_model="safety", evolve={"methods": ["ties"]}))
+    cases = [
+        (with_da(base_model="safety"), "led's masks are elected on the task vectors of base_model"),
+        (with_da(base_model=str(tmp_path / "nope"), evolve={"methods": ["ties"]}), "data_aware.base_model"),
+        (with_da(evolve={"weight_min": -0.5}), "need normalize: false"),
+        (with_da(evolve={"weight_min": 1.0}), "not below weight_max"),
+    ]
+    for bad, needle in cases:
+        with pytest.raises(LedmergeError, match=needle):
+            check(bad)
+    check(with_da(evolve={"weight_min": -0.5, "normalize": False}))
+
+    ev = MergeEvaluator(tiny_zoo["safety"], {t: tiny_zoo[t] for t in TASKS}, {"search": ROWS, "heldout": []},
+                        tokenizer=tiny_zoo["base"])
+    safety = load_state_dict(tiny_zoo["safety"])
+    with ev.merged(get_method({"method": "task_arithmetic", "weights": {"safety": 3.0, "math": 0.0, "code": 0.0}})) \
+            as model:
+        assert all(torch.equal(model.state_dict()[n], v) for n, v in safety.items())
