@@ -1,5 +1,7 @@
 """Data-aware merging: in-place merge and restore, the fitness against a hand computation, the seeded
-CMA-ES search, LM-Cocktail weights, per-task density/drop, the recipe path into `ledmerge merge`, the figure."""
+CMA-ES search, LM-Cocktail weights, per-task density/drop, the recipe path into `ledmerge merge`, the figure; and
+MergeAlign's setting: another base, per-layer genes, negative weights, the judged greedy-reply term, held-out
+selection."""
 
 from __future__ import annotations
 
