@@ -89,7 +89,8 @@ def run_mergekit(config: dict, out):
     ({"method": "della_linear", "density": 0.45, "epsilon": 0.1, "scale": 0.8, "weights": WEIGHTS},
      {"merge_method": "della_linear", "parameters": {"lambda": 0.8, "normalize": False, "rescale": True},
       "threshold_draws": True}),
-], ids=["task_arithmetic", "ties", "ties-weighted", "ties-unnormalised", "ties-unnormalised-negative", "linear", "breadcrumbs", "breadcrumbs-rescale",
+], ids=["task_arithmetic", "ties", "ties-weighted", "ties-unnormalised", "ties-unnormalised-negative", "linear",
+        "breadcrumbs", "breadcrumbs-rescale",
         "breadcrumbs_ties", "della-density-1", "della-threshold-draws", "della_linear-threshold-draws"])
 def test_agrees_with_mergekit(tiny_zoo, tmp_path, monkeypatch, ours, theirs):
     weights = {t: 1.0 for t in TASKS} if theirs.pop("unit_weights", False) else WEIGHTS

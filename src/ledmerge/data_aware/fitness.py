@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from ..chat import IGNORE_INDEX, collate, encode, load_tokenizer, pad_id, response_nll
-from ..evaluation.judges import RefusalJudge
 from ..checkpoint import check_compatible, load_state_dict, open_model, tensor_shapes
 from ..errors import LedmergeError
+from ..evaluation.judges import RefusalJudge
 from ..fileio import read_jsonl
 from ..led.files import MaskFiles
 from ..merge import get_method
