@@ -1,5 +1,7 @@
 """Data-aware merging: in-place merge and restore, the fitness against a hand computation, the seeded
-CMA-ES search, LM-Cocktail weights, per-task density/drop, the recipe path into `ledmerge merge`, the figure."""
+CMA-ES search, LM-Cocktail weights, per-task density/drop, the recipe path into `ledmerge merge`, the figure; and
+MergeAlign's setting: another base, per-layer genes, negative weights, the judged greedy-reply term, held-out
+selection."""
 
 from __future__ import annotations
 
@@ -113,23 +115,23 @@ def test_per_task_density_and_drop():
 
 
 def test_genome_and_decode():
-    genes = genome("dare_ties", TASKS, 1.0)
-    assert [g[:2] for g in genes] == [("weight", t) for t in TASKS] + [("density", t) for t in TASKS]
-    assert [g[4] for g in genes] == [1 / 3] * 3 + [1.0] * 3  # start: weight 1/N, density 1
+    genes = genome("dare_ties", TASKS, weight_min=0.0, weight_max=1.0)
+    assert [(g.kind, g.task) for g in genes] == [("weight", t) for t in TASKS] + [("density", t) for t in TASKS]
+    assert [g.start for g in genes] == [1 / 3] * 3 + [1.0] * 3  # start: weight 1/N, density 1
     spec = decode("dare_ties", genes, [-0.5, 0.5, 2.0, 0.0, 0.5, 1.5])  # clipped into the bounds
     assert spec["weights"] == {"code": 1e-6, "math": 0.5, "safety": 1.0}
     assert spec["drop"] == pytest.approx({"code": 0.95, "math": 0.5, "safety": 0.0})
-    assert decode("led", genome("led", TASKS, 1.0), [0.1, 0.2, 0.3]) == {
+    assert decode("led", genome("led", TASKS, weight_min=0.0, weight_max=1.0), [0.1, 0.2, 0.3]) == {
         "method": "led", "lambdas": {"code": 0.1, "math": 0.2, "safety": 0.3}}
-    assert decode("task_arithmetic", genome("task_arithmetic", TASKS, 2.0), [0.0, 1.5, 3.0])["weights"] == {
-        "code": 0.0, "math": 1.5, "safety": 2.0}
+    assert decode("task_arithmetic", genome("task_arithmetic", TASKS, weight_min=0.0, weight_max=2.0),
+                  [0.0, 1.5, 3.0])["weights"] == {"code": 0.0, "math": 1.5, "safety": 2.0}
     with pytest.raises(LedmergeError, match="no method"):
-        genome("linear", TASKS, 1.0)
+        genome("linear", TASKS, weight_min=0.0, weight_max=1.0)
 
 
 def test_search_is_reproducible_by_seed(evaluator):
     def run(seed):
-        history, best = evolve(evaluator, "ties", w_align=1.0, w_task=1.0, budget=10, seed=seed)
+        history, best, _ = evolve(evaluator, "ties", w_align=1.0, w_task=1.0, budget=10, seed=seed)
         return [{k: v for k, v in r.items() if k != "spec"} for r in history], best
 
     first, best = run(0)
@@ -168,7 +170,7 @@ def test_led_search_uses_the_masks(tiny_zoo, tmp_path):
         save_masks(masks[t], {n: idx[n] == i for n in names})
     ev = MergeEvaluator(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, {"search": ROWS, "heldout": []}, masks,
                         tokenizer=tiny_zoo["base"])
-    history, best = evolve(ev, "led", w_align=1.0, w_task=1.0, budget=4, seed=0)
+    history, best, _ = evolve(ev, "led", w_align=1.0, w_task=1.0, budget=4, seed=0)
     assert best["spec"]["method"] == "led" and set(best["spec"]["lambdas"]) == set(TASKS)
     spec = {"method": "led", "lambdas": {"code": 1.0, "math": 1.0, "safety": 1.0}}
     merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, spec, tmp_path / "m", masks=masks)
@@ -363,3 +365,197 @@ def test_evolve_and_cocktail_cli_take_the_tokenizer(real_like, tmp_path):
     want = hand_ce(real_like["math"], ROWS, real_like["tokenizer"])
     assert summary["experts"]["math"]["ce_align"] == pytest.approx(want["alignment"], rel=1e-5)
     assert summary["experts"]["math"]["ce_task"] == pytest.approx(want["task"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- MergeAlign's setting
+
+def test_per_layer_values_merge_each_layer_with_its_own():
+    """A per-layer weight/density list: a tensor of layer i takes entry i, one outside the layers the last."""
+    g = torch.Generator().manual_seed(0)
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"]
+    base = {n: torch.randn(4, 6, generator=g) for n in names}
+    experts = {t: {n: base[n] + torch.randn(4, 6, generator=g) for n in names} for t in ("a", "b")}
+    spec = {"method": "task_arithmetic", "weights": {"a": [0.5, -1.0, 2.0], "b": 0.25}}
+    method = get_method(spec)
+    method.check_layers(2)
+    for layer, name in ((0, names[0]), (1, names[1]), (2, names[2])):  # the embeddings: the last entry
+        got = method.merge_tensor(name, base[name], {t: experts[t][name] for t in experts}, TensorContext(name))
+        want = base[name] + [0.5, -1.0, 2.0][layer] * (experts["a"][name] - base[name]) \
+            + 0.25 * (experts["b"][name] - base[name])
+        torch.testing.assert_close(got, want)
+    ties = get_method({"method": "ties", "density": {"a": [0.25, 1.0, 1.0], "b": 1.0}, "normalize": False})
+    name = names[0]
+    delta = experts["a"][name] - base[name]
+    trimmed = {"a": delta * topk_mask(delta, 0.25), "b": experts["b"][name] - base[name]}
+    torch.testing.assert_close(ties.merge_tensor(name, base[name], {t: experts[t][name] for t in experts},
+                                                 TensorContext(name)),
+                               base[name] + get_method({"method": "ties", "density": 1.0, "normalize": False})
+                               .merge_deltas(trimmed, TensorContext(name)))
+    with pytest.raises(LedmergeError, match=r"weights\[a\] has 3 per-layer values, but the models have 4"):
+        method.check_layers(4)
+    with pytest.raises(LedmergeError, match=r"weights\[a\]"):
+        get_method({"method": "linear", "weights": {"a": [0.5, 1.0]}})  # linear has no per-layer values
+
+
+def test_per_layer_genome_and_merge_agree_with_merge_models(evaluator, tiny_zoo, tmp_path):
+    """genes per_layer: (layers + 1) weights and densities per task, the genome size reported; a decoded point
+    merged in place scores exactly the weights `ledmerge merge` writes from its spec."""
+    assert evaluator.num_layers == 2
+    genes = genome("ties", TASKS, weight_min=-1.0, weight_max=1.0, layers=2)
+    assert len(genes) == 2 * 3 * 3 and [g.column for g in genes[:3]] == ["weight_code_0", "weight_code_1",
+                                                                         "weight_code_rest"]
+    x = [-0.4, 0.3, 0.9, 0.1, 0.2, 0.3, 0.5, -0.5, 0.7] + [0.5, 1.0, 0.8] * 3
+    spec = decode("ties", genes, x, normalize=False)
+    assert spec["weights"]["code"] == [-0.4, 0.3, 0.9] and spec["normalize"] is False
+    assert spec["density"]["math"] == [0.5, 1.0, 0.8]
+    merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in TASKS}, spec, tmp_path / "m")
+    assert not (tmp_path / "m" / "mergekit_config.yml").exists()  # mergekit's per-layer lists interpolate
+    on_disk = load_state_dict(tmp_path / "m")
+    layer0 = get_method({**spec, "weights": {t: w[0] for t, w in spec["weights"].items()},
+                         "density": {t: d[0] for t, d in spec["density"].items()}})
+    with evaluator.merged(get_method(spec)) as model:
+        params = model.state_dict()
+        assert all(torch.equal(params[n], v) for n, v in on_disk.items())
+        name = "model.layers.0.self_attn.q_proj.weight"
+        want = layer0.merge_tensor(name, evaluator.base[name], {t: evaluator.experts[t][name] for t in TASKS},
+                                   TensorContext(name))
+        assert torch.equal(params[name], want)
+    history, best, record = evolve(evaluator, "ties", w_align=1.0, w_task=1.0, budget=2, seed=0, genes="per_layer")
+    assert record["genome_size"] == 18 and len(best["spec"]["weights"]["math"]) == 3
+    assert "weight_safety_rest" in history[0] and "density_code_1" in history[0]
+
+
+def test_negative_weights_stay_inside_the_bounds(evaluator):
+    """weight_min < 0: CMA-ES searches [weight_min, weight_max] and negative weights reach the spec (ties:
+    with normalize false; with normalize the disjoint mean divides by them and the spec refuses them)."""
+    history, _, _ = evolve(evaluator, "ties", w_align=1.0, w_task=1.0, budget=20, seed=0, sigma0=0.5,
+                           weight_min=-0.5, weight_max=0.5, normalize=False)
+    weights = [w for r in history for w in r["spec"]["weights"].values()]
+    assert min(weights) < 0 and all(-0.5 <= w <= 0.5 for w in weights)
+    assert all(r["spec"]["normalize"] is False for r in history)
+    with pytest.raises(LedmergeError, match="weights must be > 0 with normalize: true"):
+        get_method({"method": "ties", "weights": {"math": -0.5}})
+    with pytest.raises(LedmergeError, match="below weight_max"):
+        genome("ties", TASKS, weight_min=1.0, weight_max=1.0)
+
+
+class SplitStub:
+    """An evaluator whose fitness per (candidate, split) is set by hand: the search split prefers large math
+    weights, the held-out split small ones."""
+
+    tasks, num_layers, align_column = TASKS, 2, "ce_align"
+    batches = {"search": {"alignment": [1], "task": [1]}, "heldout": {"alignment": [1], "task": [1]}}
+
+    def __init__(self):
+        self.scored = []
+
+    def covers(self, split, w_align, w_task):
+        return MergeEvaluator.covers(self, split, w_align, w_task)
+
+    def score(self, method, split="search"):
+        self.scored.append(split)
+        w = method.weights["math"]
+        return {"alignment": -w if split == "search" else w, "task": 0.0}
+
+    terms = MergeEvaluator.terms
+
+
+def test_selection_on_the_heldout_split():
+    stub = SplitStub()
+    history, best, record = evolve(stub, "task_arithmetic", w_align=1.0, w_task=1.0, budget=12, seed=0,
+                                   select="heldout", heldout_candidates=4)
+    search_best = max(history, key=lambda r: r["fitness"])
+    assert record["search_best_evaluation"] == search_best["evaluation"] != best["evaluation"]
+    assert record["selected_on"] == "heldout" and len(record["candidates"]) == 4
+    assert stub.scored.count("heldout") == 4  # only the candidates are scored on the held-out split
+    top4 = sorted(history, key=lambda r: -r["fitness"])[:4]
+    assert {c["evaluation"] for c in record["candidates"]} == {r["evaluation"] for r in top4}
+    assert best["spec"]["weights"]["math"] == min(r["spec"]["weights"]["math"] for r in top4)  # held-out's best
+    _, chosen, record = evolve(SplitStub(), "task_arithmetic", w_align=1.0, w_task=1.0, budget=12, seed=0)
+    assert record["selected_on"] == "search" and chosen["evaluation"] == search_best["evaluation"]
+    empty = SplitStub()
+    empty.batches = {**empty.batches, "heldout": {"alignment": [], "task": [1]}}
+    _, chosen, record = evolve(empty, "task_arithmetic", w_align=1.0, w_task=1.0, budget=12, seed=0,
+                               select="heldout")
+    assert record["selected_on"] == "search" and "heldout" not in empty.scored
+
+
+def train_replier(tiny_zoo, path, reply: str) -> Path:
+    """A copy of the tiny base trained to answer the harmful prompt with `reply` (a few hundred Adam steps)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_zoo["base"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo["base"])
+    e = encode(tok, ROWS[0]["prompt"], reply)
+    ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    torch.manual_seed(0)
+    for _ in range(150):
+        opt.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_greedy_refusal_ranks_a_refusing_model_above_a_complying_one(tiny_zoo, tmp_path):
+    """align_metric greedy_refusal: the harmful rate of the merged model's greedy replies, judged by the keyword
+    judge; the expert that refuses gets harmful rate 0 and the better fitness, the one that complies 1."""
+    models = {"safety": train_replier(tiny_zoo, tmp_path / "refuser", "sorry i can not help with that"),
+              "math": train_replier(tiny_zoo, tmp_path / "complier", "sure here is")}
+    rows = [ROWS[0], ROWS[2]]
+    ev = MergeEvaluator(tiny_zoo["base"], models, {"search": rows, "heldout": []}, tokenizer=tiny_zoo["base"],
+                        align_metric="greedy_refusal", max_new_tokens=8)
+    assert ev.align_column == "harmful_align"
+    only = {t: get_method({"method": "linear", "weights": {m: float(m == t) for m in models}}) for t in models}
+    refusing, complying = ev.score(only["safety"]), ev.score(only["math"])
+    assert refusing["alignment"] == 0.0 and complying["alignment"] == 1.0
+    assert fitness(refusing, 1.0, 0.0) > fitness(complying, 1.0, 0.0)
+    result = cocktail(ev, w_align=1.0, w_task=0.0, temperature=0.1)
+    assert result["weights"]["safety"] > 0.99 and result["experts"]["math"]["harmful_align"] == 1.0
+
+
+def test_data_aware_base_model_resolves_and_is_checked(tmp_path, tiny_zoo):
+    """data_aware.base_model: unset, the run's base; a task, its expert; else the model it names. An instruct base
+    makes its own task vector zero: any weight on it merges to the base itself."""
+    import copy
+
+    import yaml
+
+    from ledmerge.config import check, validate
+    from ledmerge.layout import data_aware_base, hub_dir, model_dir
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "test.yaml").read_text())
+    cfg["results"] = str(tmp_path)
+    validate(cfg)
+
+    def with_da(**da):
+        out = copy.deepcopy(cfg)
+        out["data_aware"].update(da)
+        if "evolve" in da:
+            out["data_aware"]["evolve"] = {**cfg["data_aware"]["evolve"], **da["evolve"]}
+        return validate(out)
+
+    assert data_aware_base(cfg) == data_aware_base(with_da(base_model="zoo")) == model_dir(cfg, "base")
+    assert data_aware_base(with_da(base_model="safety")) == model_dir(cfg, "safety")
+    assert data_aware_base(with_da(base_model={"hub": "org/instruct"})) == hub_dir(cfg, {"hub": "org/instruct"})
+    assert data_aware_base(with_da(base_model=str(tiny_zoo["safety"]))) == str(tiny_zoo["safety"])
+    check(with_da(base_model="safety", evolve={"methods": ["ties"]}))
+    cases = [
+        (with_da(base_model="safety"), "led's masks are elected on the task vectors of base_model"),
+        (with_da(base_model=str(tmp_path / "nope"), evolve={"methods": ["ties"]}), "data_aware.base_model"),
+        (with_da(evolve={"weight_min": -0.5}), "need normalize: false"),
+        (with_da(evolve={"weight_min": 1.0}), "not below weight_max"),
+    ]
+    for bad, needle in cases:
+        with pytest.raises(LedmergeError, match=needle):
+            check(bad)
+    check(with_da(evolve={"weight_min": -0.5, "normalize": False}))
+
+    ev = MergeEvaluator(tiny_zoo["safety"], {t: tiny_zoo[t] for t in TASKS}, {"search": ROWS, "heldout": []},
+                        tokenizer=tiny_zoo["base"])
+    safety = load_state_dict(tiny_zoo["safety"])
+    with ev.merged(get_method({"method": "task_arithmetic", "weights": {"safety": 3.0, "math": 0.0, "code": 0.0}})) \
+            as model:
+        assert all(torch.equal(model.state_dict()[n], v) for n, v in safety.items())

@@ -4,7 +4,9 @@ Configuration notes (what makes the two compute the same thing):
 - task_arithmetic: mergekit's default normalize is false, so θ_0 + lambda·Σ w_t τ_t is ours with
   scale = lambda and the same per-task weights.
 - ties: mergekit divides by the summed weights of the agreeing models (`normalize: true`, its default),
-  which with our weights is our weighted disjoint mean; `rescale: false` (its default for ties).
+  which with our weights is our weighted disjoint mean; `rescale: false` (its default for ties). With
+  `normalize: false` on both sides it is the sum of the agreeing weighted task vectors, where weights may be
+  negative (a negative weight flips its task vector before the sign election, in both).
   Its trim keeps int(density·n) entries where we keep ceil(density·n): density 0.5 on the tiny zoo's
   even-sized tensors makes both exact. It elects + on a zero sum where we elect nothing: a zero sum
   does not occur with these random floats.
@@ -43,6 +45,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:Depreca
 
 TASKS = ("safety", "math", "code")
 WEIGHTS = {"safety": 1.0, "math": 0.5, "code": 2.0}
+SIGNED = {"safety": 1.0, "math": -0.5, "code": 2.0}  # a negative weight: only without normalize (MergeAlign's search)
 
 
 def run_mergekit(config: dict, out):
@@ -63,6 +66,11 @@ def run_mergekit(config: dict, out):
       "unit_weights": True}),
     ({"method": "ties", "density": 0.5, "scale": 0.7, "weights": WEIGHTS},
      {"merge_method": "ties", "parameters": {"normalize": True, "rescale": False, "int8_mask": False, "lambda": 0.7}}),
+    ({"method": "ties", "density": 0.5, "scale": 0.7, "weights": WEIGHTS, "normalize": False},
+     {"merge_method": "ties", "parameters": {"normalize": False, "rescale": False, "int8_mask": False, "lambda": 0.7}}),
+    ({"method": "ties", "density": 0.5, "weights": SIGNED, "normalize": False},
+     {"merge_method": "ties", "parameters": {"normalize": False, "rescale": False, "int8_mask": False},
+      "signed_weights": True}),
     ({"method": "linear", "weights": WEIGHTS},
      {"merge_method": "linear", "parameters": {"normalize": True}, "no_base": True}),
     ({"method": "breadcrumbs", "density": 0.75, "gamma": 0.0625, "scale": 0.8, "weights": WEIGHTS},
@@ -81,10 +89,12 @@ def run_mergekit(config: dict, out):
     ({"method": "della_linear", "density": 0.45, "epsilon": 0.1, "scale": 0.8, "weights": WEIGHTS},
      {"merge_method": "della_linear", "parameters": {"lambda": 0.8, "normalize": False, "rescale": True},
       "threshold_draws": True}),
-], ids=["task_arithmetic", "ties", "ties-weighted", "linear", "breadcrumbs", "breadcrumbs-rescale",
+], ids=["task_arithmetic", "ties", "ties-weighted", "ties-unnormalised", "ties-unnormalised-negative", "linear",
+        "breadcrumbs", "breadcrumbs-rescale",
         "breadcrumbs_ties", "della-density-1", "della-threshold-draws", "della_linear-threshold-draws"])
 def test_agrees_with_mergekit(tiny_zoo, tmp_path, monkeypatch, ours, theirs):
     weights = {t: 1.0 for t in TASKS} if theirs.pop("unit_weights", False) else WEIGHTS
+    weights = SIGNED if theirs.pop("signed_weights", False) else weights
     if theirs.pop("threshold_draws", False):
         monkeypatch.setattr(torch, "bernoulli", lambda p, *args, **kw: (p > 0.5).to(p.dtype))  # mergekit's
         monkeypatch.setattr(torch, "rand", lambda size, *args, generator=None, **kw: torch.full(tuple(size), 0.5))
@@ -141,8 +151,9 @@ def test_della_keep_probabilities_match_mergekit(monkeypatch, shape):
 @pytest.mark.parametrize("spec, tasks", [
     ({"method": "task_arithmetic", "scale": 0.8, "weights": WEIGHTS}, TASKS),
     ({"method": "ties", "density": 0.5, "scale": 0.7, "weights": WEIGHTS}, TASKS),
+    ({"method": "dare_ties", "drop": 0.0, "weights": SIGNED, "normalize": False}, TASKS),
     ({"method": "slerp", "t": 0.3}, ("math",)),
-], ids=["task_arithmetic", "ties", "slerp"])
+], ids=["task_arithmetic", "ties", "dare_ties-unnormalised", "slerp"])
 def test_mergekit_runs_the_exported_config_to_our_merge(tiny_zoo, tmp_path, spec, tasks):
     """The mergekit_config.yml a merge writes, run by mergekit as it is, gives our merged weights."""
     import yaml
@@ -168,7 +179,8 @@ DROPS = {"safety": 0.3, "math": 0.6, "code": 0.9}  # none 0.5: a keep probabilit
 
 def _dare_case(method, drop, rescale, scale, theirs):
     """Our spec, and mergekit's parameters and per-task weights computing the same merge from the same draws."""
-    ours = {"method": method, "drop": drop, "seed": 5, "scale": scale, "weights": WEIGHTS, "rescale": rescale}
+    ours = {"method": method, "drop": drop, "seed": 5, "scale": scale, "weights": WEIGHTS, "rescale": rescale,
+            **({"normalize": theirs["normalize"]} if method == "dare_ties" else {})}
     drops = {t: drop[t] if isinstance(drop, dict) else drop for t in TASKS}
     if rescale and method == "dare_linear":  # 1/(1 - p_t) is a per-task weight of the plain sum
         weights = {t: WEIGHTS[t] / (1 - drops[t]) for t in TASKS}
@@ -187,7 +199,8 @@ def _dare_case(method, drop, rescale, scale, theirs):
     ("dare_linear", DROPS, False, 0.8, {"normalize": False}),
     ("dare_ties", 0.6, True, 0.7, {"normalize": True}),
     ("dare_ties", DROPS, False, 0.7, {"normalize": True}),
-], ids=["dare_linear", "dare_linear-no-rescale", "dare_ties", "dare_ties-no-rescale"])
+    ("dare_ties", 0.6, True, 0.7, {"normalize": False}),
+], ids=["dare_linear", "dare_linear-no-rescale", "dare_ties", "dare_ties-no-rescale", "dare_ties-unnormalised"])
 def test_dare_agrees_with_mergekit_on_the_same_draws(tiny_zoo, tmp_path, monkeypatch, method, drop, rescale, scale,
                                                      theirs):
     """Our DARE equals mergekit's when mergekit's random source is made to draw what ours drew.

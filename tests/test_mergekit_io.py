@@ -167,11 +167,8 @@ REFUSED = [
      "'models[0].model'"),
     ("dtype", TIES, _set("dtype", value="bfloat16"), "'dtype'"),
     ("out-dtype", TIES, _set("out_dtype", value="bfloat16"), "'out_dtype'"),
-    ("ties-unnormalised", TIES, _set("parameters", "normalize", value=False), "'parameters.normalize'"),
     ("ties-rescaled", TIES, _set("parameters", "rescale", value=True), "'parameters.rescale'"),
     ("task-arithmetic-normalised", {"method": "task_arithmetic"}, _set("parameters", "normalize", value=True),
-     "'parameters.normalize'"),
-    ("dare-ties-mergekit-default", {"method": "dare_ties"}, _drop("parameters", "normalize"),
      "'parameters.normalize'"),
 ]
 
@@ -191,7 +188,22 @@ def test_the_base_may_be_listed_among_the_models_without_parameters(tmp_path, ti
     """mergekit's usual way of writing a TIES or DARE config: the base once more in `models`, where it is the base."""
     doc = yaml.safe_load(export(TIES, tiny_zoo))
     doc["models"].insert(0, {"model": doc["base_model"]})
-    assert imported(tmp_path, tiny_zoo, yaml.safe_dump(doc)) == {"method": "ties", "density": 0.5, "scale": 1.0}
+    assert imported(tmp_path, tiny_zoo, yaml.safe_dump(doc)) == {**TIES, "scale": 1.0, "normalize": True}
+
+
+@pytest.mark.parametrize("method, change, normalize", [
+    ("ties", _set("parameters", "normalize", value=False), False),
+    ("dare_ties", _drop("parameters", "normalize"), False),  # mergekit's default for dare_ties
+    ("della", _drop("parameters", "normalize"), True),  # and for della
+    ("breadcrumbs_ties", _set("parameters", "normalize", value=False), False),
+])
+def test_the_ties_consensus_takes_normalize_from_the_file(tmp_path, tiny_zoo, method, change, normalize):
+    """TIES' normalize (divide by the agreeing weights, or their plain sum) is a parameter of our TIES consensus: a
+    file's value, or mergekit's default for its method, is imported; and exported as it is."""
+    doc = yaml.safe_load(export({"method": method, "normalize": not normalize}, tiny_zoo))
+    assert doc["parameters"]["normalize"] is (not normalize)
+    change(doc)
+    assert imported(tmp_path, tiny_zoo, yaml.safe_dump(doc))["normalize"] is normalize
 
 
 def test_bad_values_are_refused_with_the_mergekit_names(tmp_path, tiny_zoo):
@@ -213,7 +225,7 @@ def test_relative_paths_and_hub_ids_map_to_the_config_models(tmp_path, tiny_zoo,
     monkeypatch.chdir(tiny_zoo["base"].parent)
     doc["base_model"] = "./base"
     doc["models"][0]["model"] = "math/../code"
-    assert imported(tmp_path, tiny_zoo, yaml.safe_dump(doc)) == {"method": "ties", "density": 0.5, "scale": 1.0}
+    assert imported(tmp_path, tiny_zoo, yaml.safe_dump(doc)) == {**TIES, "scale": 1.0, "normalize": True}
     cfg = with_models(base_config(tmp_path), tiny_zoo)
     cfg["tasks"]["code"]["model"] = {"hub": "org/coder"}
     doc["models"][0]["model"] = "org/coder"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -395,6 +396,28 @@ def test_dry_run_plans_a_merge_given_as_a_mergekit_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert job_stats(proc.stdout)["merge"] == 1
     assert """'{"density": 0.3, "method": "ties", "scale": 0.5}'""" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_dry_run_plans_mergealign_on_the_instruct_base(tmp_path):
+    """config/mergealign.yaml: the searches and their merges take the aligned expert as the base
+    (data_aware.base_model: safety), the configured merges the run's base; per-layer genes, normalize false."""
+    cfg = yaml.safe_load((REPO / "config" / "mergealign.yaml").read_text())
+    cfg["results"] = str(tmp_path / "results")
+    (tmp_path / "work").mkdir()
+    proc = snakemake(tmp_path / "work", write_config(tmp_path / "c.yaml", cfg), "-n", "-p", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = job_stats(proc.stdout)
+    assert stats["evolve"] == 4 and "cocktail" not in stats and stats["merge"] == 3 + 4
+    models = f"{tmp_path}/results/zoo/models"
+    searches = re.findall(r" evolve --method \S+ --mask\s+--base (\S+) .*--options '(\{.*?\})'", proc.stdout)
+    assert len(searches) == 4 and all(base == f"{models}/safety" for base, _ in searches)
+    options = json.loads(searches[0][1])
+    assert (options["genes"], options["normalize"], options["weight_min"], options["select"]) == (
+        "per_layer", False, -1.0, "heldout")
+    merges = dict((out, base) for base, out in re.findall(r" merge --base (\S+) .* --out \S+/merged/(\S+) ",
+                                                           proc.stdout))
+    assert merges["ties"] == f"{models}/base" and merges["evo_ties_align"] == f"{models}/safety", merges
 
 
 @pytest.mark.slow

@@ -538,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.epilog += "\n\n" + help_epilog("data_aware.fitness").replace("--options", "--fitness")
         sp.add_argument("--fitness", metavar="JSON", help="the config's `data_aware.fitness` section as a JSON "
                         "object, or @FILE; missing keys take the defaults listed below")
-        sp.add_argument("--base", required=True, help=BASE_HELP)
+        sp.add_argument("--base", required=True, help=BASE_HELP + "; the workflow passes data_aware.base_model's "
+                        "(the run's base unless set: e.g. the aligned expert, as MergeAlign merges)")
         sp.add_argument("--expert", nargs="+", required=True, metavar="TASK=DIR", help=EXPERTS_HELP)
         sp.add_argument("--mask", nargs="*", metavar="TASK=PATH", help="LED masks (method led)")
         sp.add_argument("--search", required=True, help="the synthetic data's search split (search.jsonl of "

@@ -12,7 +12,17 @@ from pathlib import Path
 from . import schema
 from .errors import LedmergeError
 from .fileio import read_yaml
-from .layout import EVAL_SETS, OFFLINE_BENCHMARKS, ZOO, ZOO_TASKS, data_aware_models, is_hub, model_dir, offline_benchmark
+from .layout import (
+    EVAL_SETS,
+    OFFLINE_BENCHMARKS,
+    ZOO,
+    ZOO_TASKS,
+    data_aware_base,
+    data_aware_models,
+    is_hub,
+    model_dir,
+    offline_benchmark,
+)
 from .specs import merge_spec
 
 log = logging.getLogger(__name__)
@@ -241,6 +251,36 @@ def _check_data_aware(config: dict) -> None:
     if clash:
         raise LedmergeError(f"config error at 'merges.{sorted(clash)[0]}': the name is taken by a data-aware merge: "
                             "rename the merge")
+    _check_data_aware_search(config)
+
+
+def _check_data_aware_search(config: dict) -> None:
+    """data_aware.base_model and the search's weight range: what the schema cannot say."""
+    from .checkpoint import check_compatible, tensor_shapes
+
+    da, tasks = config["data_aware"], config["tasks"]
+    source, evolve = da["base_model"], da["evolve"]
+    if source == ZOO and config["base_model"] != ZOO:
+        raise LedmergeError("config error at 'data_aware.base_model': zoo is the toy base, but base_model is not the "
+                            "toy's: name a task, a model directory, or null (the run's base)")
+    base = data_aware_base(config)
+    if isinstance(source, str) and source not in tasks and source != ZOO:
+        _at("data_aware.base_model", tensor_shapes, base, allow_pickle=config["allow_pickle"])
+        if Path(model_dir(config, "base")).is_dir():
+            _at("data_aware.base_model", check_compatible, base,
+                {t: model_dir(config, t) for t in tasks if Path(model_dir(config, t)).is_dir()},
+                vocab_policy=config["merge"]["vocab_policy"], allow_pickle=config["allow_pickle"])
+    if base != model_dir(config, "base") and "led" in evolve["methods"]:
+        raise LedmergeError("config error at 'data_aware.evolve.methods': led's masks are elected on the task vectors "
+                            "of base_model, not of data_aware.base_model: remove led or unset data_aware.base_model")
+    if evolve["weight_min"] >= evolve["weight_max"]:
+        raise LedmergeError(f"config error at 'data_aware.evolve.weight_min': {evolve['weight_min']} is not below "
+                            f"weight_max ({evolve['weight_max']}): lower it")
+    normalized = sorted({"ties", "dare_ties"} & set(evolve["methods"]))
+    if evolve["weight_min"] < 0 and evolve["normalize"] and normalized:
+        raise LedmergeError(f"config error at 'data_aware.evolve.weight_min': negative weights with {normalized} need "
+                            "normalize: false (the disjoint mean divides by the weights): set data_aware.evolve."
+                            "normalize: false, or weight_min: 0")
 
 
 def load(path: str | Path) -> dict:

@@ -121,6 +121,18 @@ def model_dir(config: dict, name: str) -> str:
 
 
 # ---- data-aware merges (data_aware.smk) ----
+def data_aware_base(config: dict) -> str:
+    """Directory of the base of the data-aware searches and their merges (data_aware.base_model): the run's base
+    when unset (or zoo), a task's model when it names a task, else the model it gives (a directory, or a hub
+    model's download)."""
+    source = config["data_aware"]["base_model"]
+    if source is None or source == ZOO:
+        return model_dir(config, "base")
+    if isinstance(source, str) and source in config["tasks"]:
+        return model_dir(config, source)
+    return hub_dir(config, source) if is_hub(source) else source
+
+
 OBJECTIVES = ("align", "task")  # the schema's data_aware.objectives
 EVOLVE, COCKTAIL = "evo", "cocktail"
 

@@ -24,6 +24,7 @@ aligned model and the toy experts generate every response.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -105,19 +106,27 @@ class Generator:
         raise NotImplementedError
 
 
-def load_causal_lm(model_dir, device: str = "cpu", trust_remote_code: bool = False):
-    """A model and its own tokenizer, set up for batched generation (left padding, a pad token).
+def generation_tokenizer(tok):
+    """`tok` set up for batched generation: left padding, and a pad token (`chat.pad_id`: the EOS token of a
+    tokenizer without one, Llama and Mistral; padded positions are masked out). A copy when it needs changes."""
+    if tok.padding_side == "left" and tok.pad_token_id is not None:
+        return tok
+    tok = copy.deepcopy(tok)
+    tok.padding_side = "left"  # generation continues from the right end
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok))
+    return tok
 
-    A tokenizer without a pad token (Llama, Mistral) pads with `chat.pad_id` (its EOS token): padded
-    positions are masked out. A model without a chat template is prompted with `chat.render`'s plain
+
+def load_causal_lm(model_dir, device: str = "cpu", trust_remote_code: bool = False):
+    """A model and its own tokenizer, set up for batched generation (`generation_tokenizer`).
+
+    A model without a chat template is prompted with `chat.render`'s plain
     `prompt\\n` format, which a base model continues rather than answers: logged as a warning.
     `trust_remote_code` lets transformers run the model repository's own code (the config's trust_remote_code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    tok.padding_side = "left"  # generation continues from the right end
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok))
+    tok = generation_tokenizer(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
     if not getattr(tok, "chat_template", None):
         log.warning("%s has no chat template: it is prompted with plain text (prompt, newline)", model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto",

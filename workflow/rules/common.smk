@@ -27,6 +27,7 @@ from ledmerge.layout import (
     Layout,
     calibration_dataset,
     cocktail_name,
+    data_aware_base,
     data_aware_models,
     eval_dataset,
     evolve_name,
@@ -65,6 +66,7 @@ MERGES = sorted(config["merges"])
 DA = config["data_aware"]
 DOMAIN_TASKS = [t for t in TASKS if t != config["alignment_task"]]
 DATA_AWARE = data_aware_models(config)
+DA_BASE = data_aware_base(config)  # the base of the data-aware searches and their merges (data_aware.base_model)
 EVOLVED = [m for m in DATA_AWARE if is_evolved(m)]
 MODELS = ["base"] + TASKS + MERGES + DATA_AWARE
 
@@ -134,7 +136,7 @@ def tokenizer_inputs(wildcards):
 
 def hub_models():
     """Every model given as {hub: org/name} (base, experts, a model judge): local directory -> spec."""
-    sources = [config["base_model"], config["evaluation"]["judge_kwargs"].get("model")]
+    sources = [config["base_model"], config["evaluation"]["judge_kwargs"].get("model"), DA["base_model"]]
     sources += [config["tasks"][t]["model"] for t in TASKS]
     return {hub_dir(config, s): s for s in sources if is_hub(s)}
 
@@ -264,8 +266,10 @@ def importance_device():
 
 
 def merge_inputs(wildcards):
-    inputs = {"base": model_path("base"), "experts": [model_path(t) for t in TASKS], "tokenizer": TOKENIZER,
-              "weights": model_inputs("base", *TASKS)}
+    """A merge's inputs; a data-aware merge's base is DA_BASE, the base its search merged onto."""
+    base = DA_BASE if wildcards.merge in DATA_AWARE else model_path("base")
+    inputs = {"base": base, "experts": [model_path(t) for t in TASKS], "tokenizer": TOKENIZER,
+              "weights": model_inputs(base, *TASKS)}
     if wildcards.merge in DATA_AWARE:
         inputs["recipe"] = f"{search_dir(wildcards.merge)}/recipe.json"
     if merge_method(wildcards.merge) == "led":
@@ -280,9 +284,9 @@ def judge_model():
 
 
 def search_inputs(wildcards):
-    """Inputs of a data-aware search (data_aware.smk): models, synthetic data, LED masks for method led."""
-    inputs = {"base": model_path("base"), "experts": [model_path(t) for t in TASKS],
-              "weights": model_inputs("base", *TASKS),
+    """Inputs of a data-aware search (data_aware.smk): its base (DA_BASE) and the experts, synthetic data, LED masks
+    for method led."""
+    inputs = {"base": DA_BASE, "experts": [model_path(t) for t in TASKS], "weights": model_inputs(DA_BASE, *TASKS),
               "search": f"{SYNTHETIC}/search.jsonl", "heldout": f"{SYNTHETIC}/heldout.jsonl", "tokenizer": TOKENIZER}
     if wildcards.get("method") == "led":
         inputs["masks"] = [final_mask(t) for t in TASKS]

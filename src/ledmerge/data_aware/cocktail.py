@@ -1,7 +1,8 @@
 """LM-Cocktail (Xiao et al. 2023) as used by "One bad model spoils the bunch": w_m = softmax(−L_m / T).
 
-L_m is expert m's own loss on the synthetic data (the same objective as the evolutionary search:
-w_align·CE_align + w_task·CE_task), and the merge is the `linear` method (a weighted average of the
+L_m is expert m's own loss on the synthetic data's search split (the same objective as the evolutionary
+search: w_align·CE_align + w_task·CE_task, or the harmful rate in place of CE_align with align_metric
+greedy_refusal), and the merge is the `linear` method (a weighted average of the
 experts' weights, θ = Σ_m w_m θ_m) with those weights. The base is not a candidate, as in the paper's
 merges of fine-tuned models. Low T puts nearly all weight on the expert with the lowest loss.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from ..fileio import write_json
 from ..merge import get_method
-from .fitness import MergeEvaluator, fitness, scores
+from .fitness import MergeEvaluator, scores
 
 
 def cocktail_weights(losses: dict[str, float], temperature: float) -> dict[str, float]:
@@ -33,8 +34,8 @@ def cocktail(evaluator: MergeEvaluator, *, w_align: float, w_task: float, temper
     """Per-expert CE and loss, the weights, and the merge spec."""
     per_model = {}
     for task in evaluator.tasks:
-        ce = evaluator.score(get_method(expert_spec(task, evaluator.tasks)))
-        per_model[task] = {"ce_align": ce["alignment"], "ce_task": ce["task"], "loss": -fitness(ce, w_align, w_task)}
+        terms = evaluator.terms(evaluator.score(get_method(expert_spec(task, evaluator.tasks))), w_align, w_task)
+        per_model[task] = {**{k: v for k, v in terms.items() if k != "fitness"}, "loss": -terms["fitness"]}
     weights = cocktail_weights({m: v["loss"] for m, v in per_model.items()}, temperature)
     return {"experts": per_model, "weights": weights, "temperature": temperature,
             "spec": {"method": "linear", "weights": weights}}

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LedmergeError
-from .params import Declared, Param, check_task_keys
+from .params import Declared, Param, at_layer, check_task_keys, has_layers, layer_of
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,37 @@ class MergeMethod(Declared):
         if masks and not self.uses_masks:
             log.warning("merge method '%s' ignores the masks it was given", self.name)
 
+    def per_layer_params(self) -> list[str]:
+        """The parameters that hold per-layer values (`Param.per_layer`)."""
+        return [p.name for p in self.PARAMS if p.per_layer and has_layers(getattr(self, p.name))]
+
+    def check_layers(self, n_layers: int) -> None:
+        """Per-layer values (`Param.per_layer`) must hold one number per decoder layer of the models, then one for
+        the other tensors."""
+        for key in self.per_layer_params():
+            for t, v in getattr(self, key).items():
+                if isinstance(v, list) and len(v) != n_layers + 1:
+                    raise LedmergeError(f"merge method '{self.name}': {key}[{t}] has {len(v)} per-layer values, but "
+                                        f"the models have {n_layers} decoder layers: give {n_layers + 1} (one per "
+                                        "layer, then one for the embeddings, final norm and LM head)")
+
+    def for_tensor(self, name: str) -> MergeMethod:
+        """The method that merges tensor `name`: itself, or, with per-layer values, a copy holding the values of
+        the tensor's layer (the last entry for tensors outside the layers), built once per layer."""
+        layered = self.per_layer_params()
+        if not layered:
+            return self
+        layer = layer_of(name)
+        cache = self.__dict__.setdefault("_per_layer", {})
+        if layer not in cache:
+            values = self.params()
+            for key in layered:
+                values[key] = at_layer(values[key], layer)
+            method = type(self)(**values)
+            method.post = self.post
+            cache[layer] = method
+        return cache[layer]
+
     def select(self, base: Tensor, experts: dict[str, Tensor], ctx: TensorContext) -> dict[str, Tensor]:
         """Per-task bool masks that need the whole tensor (any dtype in; computed in float32); {} if none.
         Whole-tensor numbers go into `ctx.scales`."""
@@ -121,9 +152,10 @@ class MergeMethod(Declared):
         raise NotImplementedError
 
     def merge_tensor(self, name: str, base: Tensor, experts: dict[str, Tensor], ctx: TensorContext) -> Tensor:
-        """Merge one whole float32 tensor, post-steps included."""
-        ctx.kept = self.select(base, experts, ctx)
-        return self.finish(self.merge_elements(base, experts, ctx), base, experts, ctx)
+        """Merge one whole float32 tensor, post-steps included (per-layer values: those of its layer)."""
+        method = self.for_tensor(name)
+        ctx.kept = method.select(base, experts, ctx)
+        return method.finish(method.merge_elements(base, experts, ctx), base, experts, ctx)
 
     def finish(self, merged: Tensor, base: Tensor, experts: dict[str, Tensor], ctx: TensorContext) -> Tensor:
         """The post-steps, in order, on the whole merged float32 tensor (the inputs in any dtype)."""

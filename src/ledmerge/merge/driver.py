@@ -33,6 +33,7 @@ from .base import TensorContext
 from .card import CONFIG_FILES, TOKENIZER_INPUTS, config_sha256s, model_card
 from .mergekit_io import FILE_NAME as MERGEKIT_FILE
 from .mergekit_io import floating_dtype, to_mergekit
+from .params import num_layers
 from .registry import get_method
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
     with contextlib.ExitStack() as stack:
         open_reader = lambda d: stack.enter_context(open_model(d, base_dir, allow_pickle=allow_pickle, hash_files=True))
         base = open_reader(base_dir)
+        method.check_layers(num_layers(base.names))
         experts = {t: open_reader(expert_dirs[t]) for t in tasks}
         mask_files = stack.enter_context(MaskFiles(masks, base.shapes)) if masks and method.uses_masks else None
         check_mask_sources(mask_files, base, experts)
@@ -161,11 +163,12 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             return merged
 
         def merge_floats(name: str, b: torch.Tensor, inputs, ctx: TensorContext) -> torch.Tensor:
+            layer_method = method.for_tensor(name)  # per-layer values: those of the tensor's layer
             if dev.type != "cpu":  # one whole tensor per kernel on a GPU
                 ctx, b, inputs = ctx.to(dev), b.to(dev), {t: e.to(dev) for t, e in inputs.items()}
                 fb, fe = b.float(), {t: e.float() for t, e in inputs.items()}
                 try:
-                    merged = method.merge_tensor(name, fb, fe, ctx).to(b.dtype)
+                    merged = layer_method.merge_tensor(name, fb, fe, ctx).to(b.dtype)
                 except Exception:  # e.g. TIES' ranking refuses NaN: name the input that holds it
                     check_finite(name, 0, fb, fe, None)
                     raise
@@ -173,7 +176,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 return merged.cpu()
             torch.set_num_threads(workers)  # whole-tensor choices (TIES, DARE): large ops, torch's own threads
             try:
-                ctx.kept = method.select(b, inputs, ctx)
+                ctx.kept = layer_method.select(b, inputs, ctx)
             except Exception:  # e.g. TIES' ranking refuses NaN: name the input that holds it
                 for start, slab_b, slab_in in slabs(b, inputs):
                     check_finite(name, start, slab_b, slab_in, None)
@@ -196,7 +199,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 fb = slab_b[part].to(torch.float32, copy=True)  # a copy even of float32: the result may go there
                 where = slice(start + offset, start + offset + fb.numel())  # a slab's last chunk may be shorter
                 fe = {t: e[part].float() for t, e in slab_in.items()}
-                flat_out[where] = method.merge_elements(fb, fe, ctx.chunk(where))
+                flat_out[where] = layer_method.merge_elements(fb, fe, ctx.chunk(where))
                 check_finite(name, start + offset, fb, fe, flat_out[where])  # all still in cache: one more read
 
             for start, slab_b, slab_in in slabs(b, inputs):
@@ -206,7 +209,7 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 return out
             torch.set_num_threads(workers)  # whole-tensor steps (SafeMERGE's products): torch's own threads
             try:
-                merged = method.finish(out, b, inputs, ctx).to(b.dtype)
+                merged = layer_method.finish(out, b, inputs, ctx).to(b.dtype)
             finally:
                 torch.set_num_threads(1)
             check_finite(name, 0, b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}, merged.reshape(-1))

@@ -78,40 +78,47 @@ class Equivalent:
 WEIGHT = Key("weight", "weights", per_model=True)
 LAMBDA = Key("lambda", "scale", default=1.0)
 
+
+def _normalize(ties: bool, default: bool) -> Key:
+    """mergekit's `normalize` (its `default` for the method): TIES' consensus has the parameter of that name (divide
+    by the agreeing weights, or not); the plain sum computes with normalize: false."""
+    return Key("normalize", "normalize", default=default) if ties else Key("normalize", value=False, default=default)
+
+
 EQUIVALENTS: dict[str, Equivalent] = {e.method: e for e in (
     Equivalent("task_arithmetic", (WEIGHT, LAMBDA, Key("normalize", value=False, default=False)),
                ignored=("int8_mask",)),
     Equivalent("ties", (WEIGHT, LAMBDA, Key("density", "density", per_model=True, default=1.0),
-                        Key("normalize", value=True, default=True), Key("rescale", value=False, default=False)),
+                        Key("normalize", "normalize", default=True), Key("rescale", value=False, default=False)),
                ignored=("int8_mask",),
                differences="TIES differs in ties only: mergekit's trim keeps int(density*n) entries of each task "
                "vector where ledmerge keeps ceil(density*n) (ties at the cut-off to the lowest index), and where the "
                "weighted task vectors sum to exactly 0 mergekit elects the + sign where ledmerge elects none (the "
                "weight keeps the base's value)."),
     *(Equivalent(name, (WEIGHT, LAMBDA, Key("density", "drop", per_model=True, default=1.0, convert=_one_minus),
-                        Key("rescale", "rescale", default=True), Key("normalize", value=normalize, default=False)),
+                        Key("rescale", "rescale", default=True), _normalize(ties, default=False)),
                  ignored=("int8_mask",),
                  differences="DARE agrees in distribution only: mergekit draws the drops from torch's global "
                  "generator (mergekit-yaml --random-seed), ledmerge per (seed, tensor, task) from the spec's seed; "
                  "and mergekit's rescale matches the L1 norm of each task vector where ledmerge divides the kept "
                  "entries by 1 - drop.")
-      for name, normalize in (("dare_linear", False), ("dare_ties", True))),
+      for name, ties in (("dare_linear", False), ("dare_ties", True))),
     Equivalent("linear", (WEIGHT, Key("normalize", "normalize", default=True)), uses_base=False),
     *(Equivalent(name, (WEIGHT, LAMBDA, Key("density", "density", per_model=True, default=1.0),
                         Key("gamma", "gamma", per_model=True, default=0.01), Key("rescale", "rescale", default=False),
-                        Key("normalize", value=normalize, default=False)),
+                        _normalize(ties, default=False)),
                  ignored=("int8_mask",),
                  differences="Breadcrumbs differs in counts only: mergekit keeps int(density*n) entries after "
                  "dropping the int(gamma*n) largest, ledmerge rounds both up (and refuses density + gamma > 1).")
-      for name, normalize in (("breadcrumbs", False), ("breadcrumbs_ties", True))),
+      for name, ties in (("breadcrumbs", False), ("breadcrumbs_ties", True))),
     *(Equivalent(name, (WEIGHT, LAMBDA, Key("density", "density", per_model=True, default=1.0),
                         Key("epsilon", "epsilon", per_model=True, default=0.15), Key("rescale", "rescale", default=True),
-                        Key("normalize", value=normalize, default=normalize)),
+                        _normalize(ties, default=ties)),
                  ignored=("int8_mask",),
                  differences="DELLA agrees in everything but the draws: mergekit draws the drops with "
                  "torch.bernoulli from the global generator (mergekit-yaml --random-seed), ledmerge seeded "
                  "uniforms per (seed, tensor, task) from the spec's seed.")
-      for name, normalize in (("della", True), ("della_linear", False))),
+      for name, ties in (("della", True), ("della_linear", False))),
     Equivalent("slerp", (Key("t", "t"),), lists_base=True,
                differences="SLERP differs on a zero tensor only (mergekit rotates it as if of norm 1, ledmerge "
                "interpolates linearly); ledmerge sums the norms and the cosine in float64, mergekit in float32."),
@@ -285,10 +292,11 @@ def _ref(where: str, key: str, value) -> str:
 
 def to_mergekit(method: MergeMethod, base_dir, expert_dirs: Mapping[str, Any], out_dtype: str | None) -> str | None:
     """The mergekit configuration (YAML text, comments included) that computes this merge, or None when mergekit
-    has no such method (LED: its masks come from calibration data) or the spec adds post-steps. `out_dtype`: the
-    base's one floating dtype (None: mixed), what ledmerge writes."""
+    has no such method (LED: its masks come from calibration data), the spec adds post-steps, or it has per-layer
+    values (mergekit's per-layer lists interpolate between layers). `out_dtype`: the base's one floating dtype (None:
+    mixed), what ledmerge writes."""
     eq = EQUIVALENTS.get(method.name)
-    if eq is None or method.post:  # RESTA and SafeMERGE post-steps have no mergekit equivalent
+    if eq is None or method.post or method.per_layer_params():  # no RESTA, SafeMERGE, per-layer values
         return None
     recipe, tasks = method.recipe(), sorted(expert_dirs)
     shared, per_model = {}, {t: {} for t in tasks}

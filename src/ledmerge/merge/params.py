@@ -1,11 +1,18 @@
 """Merge-spec parameters: their declarations (`Param`), the objects a spec configures (`Declared`: methods and
 post-steps), and the checks behind them, each failing with one line that names the method and the parameter and says
-what to write instead. Also the helpers that read per-task values (`per_task`, `each_value`, `task_weights`)."""
+what to write instead. Also the helpers that read per-task values (`per_task`, `each_value`, `task_weights`) and
+per-layer ones (`layer_of`, `at_layer`).
+
+Per-layer values (a parameter declared `per_layer`, as a layer-wise data-aware search writes them): a task's value
+may be a list of L + 1 numbers, one per decoder layer (`model.layers.<i>.`) in order, then one for every tensor
+outside the layers (embeddings, final norm, LM head). The method resolves them per tensor (`MergeMethod.for_tensor`).
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,6 +41,7 @@ class Param:
     hi_open: bool = False
     choices: tuple[str, ...] = ()
     optional: bool = False
+    per_layer: bool = False
 
     def check(self, method: str, value):
         """The value to use, or a one-line LedmergeError naming the method and the parameter."""
@@ -47,9 +55,9 @@ class Param:
             return check_number(method, self.name, value, self.lo, self.hi, lo_open=self.lo_open, hi_open=self.hi_open)
         if self.kind == "number_or_per_task":
             return check_number_or_per_task(method, self.name, value, self.lo, self.hi, lo_open=self.lo_open,
-                                            hi_open=self.hi_open)
+                                            hi_open=self.hi_open, per_layer=self.per_layer)
         if self.kind == "task_numbers":
-            return check_task_floats(method, self.name, value, self.lo, lo_open=self.lo_open)
+            return check_task_floats(method, self.name, value, self.lo, lo_open=self.lo_open, per_layer=self.per_layer)
         if self.kind == "int":
             return check_int(method, self.name, value)
         if self.kind == "bool":
@@ -60,8 +68,10 @@ class Param:
 
     @property
     def type_name(self) -> str:
-        return {"number": "number", "number_or_per_task": "number or {task: number}", "task_numbers": "{task: number}",
-                "int": "integer", "bool": "true/false", "choice": "string", "model": "model name"}[self.kind]
+        per_task = "number or per-layer list" if self.per_layer else "number"
+        return {"number": "number", "number_or_per_task": f"number or {{task: {per_task}}}",
+                "task_numbers": f"{{task: {per_task}}}", "int": "integer", "bool": "true/false", "choice": "string",
+                "model": "model name"}[self.kind]
 
     @property
     def allowed(self) -> str:
@@ -152,11 +162,22 @@ def check_number(method: str, key: str, value, lo: float = -math.inf, hi: float 
     return float(value)
 
 
-def check_number_or_per_task(method: str, key: str, value, lo: float, hi: float,
+def check_number_or_per_task(method: str, key: str, value, lo: float, hi: float, *, per_layer: bool = False,
                              **open_ends) -> float | dict[str, float]:
-    """One number for every task, or {task: number} (what a per-task coefficient search writes)."""
+    """One number for every task, or {task: number} (what a per-task coefficient search writes); with `per_layer`,
+    a task's number may be a per-layer list."""
     if isinstance(value, Mapping):
-        return {str(t): check_number(method, f"{key}[{t}]", v, lo, hi, **open_ends) for t, v in value.items()}
+        return {str(t): _task_value(method, f"{key}[{t}]", v, lo, hi, per_layer, **open_ends) for t, v in value.items()}
+    return check_number(method, key, value, lo, hi, **open_ends)
+
+
+def _task_value(method: str, key: str, value, lo: float, hi: float, per_layer: bool, **open_ends):
+    """One task's number, or (`per_layer`) its non-empty list of numbers, one per layer and one for the rest."""
+    if per_layer and isinstance(value, (list, tuple)):
+        if len(value) < 2:
+            raise _invalid(method, key, "a number, or a list of one number per decoder layer then one for the other "
+                           "tensors", value)
+        return [check_number(method, f"{key}[{i}]", v, lo, hi, **open_ends) for i, v in enumerate(value)]
     return check_number(method, key, value, lo, hi, **open_ends)
 
 
@@ -178,15 +199,16 @@ def check_bool(method: str, key: str, value) -> bool:
     return value
 
 
-def check_task_floats(method: str, key: str, value, lo: float = -math.inf, *,
-                      lo_open: bool = False) -> dict[str, float] | None:
-    """A per-task mapping {task: number}; None means every task gets 1.0."""
+def check_task_floats(method: str, key: str, value, lo: float = -math.inf, *, lo_open: bool = False,
+                      per_layer: bool = False) -> dict[str, float] | None:
+    """A per-task mapping {task: number} (`per_layer`: or per-layer lists); None means every task gets 1.0."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
         raise LedmergeError(f"merge method '{method}': {key} must map task names to numbers, got {value!r}: "
                             f"write e.g. {key}: {{math: 1.0, code: 0.5}}")
-    return {str(t): check_number(method, f"{key}[{t}]", v, lo, lo_open=lo_open) for t, v in value.items()}
+    return {str(t): _task_value(method, f"{key}[{t}]", v, lo, math.inf, per_layer, lo_open=lo_open)
+            for t, v in value.items()}
 
 
 def check_task_keys(method: str, key: str, per_task: Mapping[str, float], tasks: list[str]) -> None:
@@ -204,11 +226,43 @@ def per_task(value: float | Mapping[str, float], task: str) -> float:
 
 
 def each_value(value: float | Mapping[str, float]) -> list[float]:
-    """Every value of a number-or-per-task parameter (for checks that combine it with another parameter)."""
-    return list(value.values()) if isinstance(value, Mapping) else [value]
+    """Every number of a per-task parameter, per-layer lists flattened (for checks that combine it with another)."""
+    values = list(value.values()) if isinstance(value, Mapping) else [value]
+    return [x for v in values for x in (v if isinstance(v, list) else [v])]
 
 
 def task_weights(per_task: Mapping[str, float] | None, tasks) -> list[float]:
     """Weights in the order of `tasks`; tasks not listed get 1.0."""
     per_task = per_task or {}
     return [per_task.get(t, 1.0) for t in tasks]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer values.
+
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer of tensor `name` (`model.layers.<i>.…`), or None for the others (embeddings, final norm,
+    LM head)."""
+    found = LAYER.search(name)
+    return int(found.group(1)) if found else None
+
+
+def num_layers(names) -> int:
+    """How many decoder layers the tensor names hold (the highest layer index + 1)."""
+    return 1 + max((i for i in map(layer_of, names) if i is not None), default=-1)
+
+
+def has_layers(value) -> bool:
+    """Whether a per-task value holds per-layer lists."""
+    return isinstance(value, Mapping) and any(isinstance(v, list) for v in value.values())
+
+
+def at_layer(value, layer: int | None):
+    """A per-task value with each per-layer list replaced by its entry for `layer` (None: the last, the other
+    tensors'; the lengths are `MergeMethod.check_layers`')."""
+    if not has_layers(value):
+        return value
+    return {t: v[-1 if layer is None else layer] if isinstance(v, list) else v for t, v in value.items()}

@@ -121,7 +121,7 @@ class Magnitude(Sparsifier):
     name = "magnitude"
     PARAMS = (
         Param("density", "number_or_per_task", 0.2, "fraction of each task vector τ_t kept, by magnitude (TIES "
-              "paper: top 20%), or one per task", lo=0, hi=1, lo_open=True),
+              "paper: top 20%), or one per task", lo=0, hi=1, lo_open=True, per_layer=True),
     )
     density: float | dict[str, float]
 
@@ -153,7 +153,7 @@ class Dare(Sparsifier):
     name = "dare"
     PARAMS = (
         Param("drop", "number_or_per_task", 0.9, "p, the probability of dropping each task-vector entry (DARE paper: "
-              "0.9 is harmless for SFT deltas), or one per task", lo=0, hi=1, hi_open=True),
+              "0.9 is harmless for SFT deltas), or one per task", lo=0, hi=1, hi_open=True, per_layer=True),
         SEED,
     )
     RESCALE = (Param("rescale", "bool", True, "scale the kept entries by 1/(1 − p); false is plain random pruning, "
@@ -294,7 +294,7 @@ class LedMasks(Sparsifier):
     name = "led"
     PARAMS = (
         Param("lambdas", "task_numbers", None, "per-task λ_t scaling M_t ⊙ τ_t; unlisted tasks get 1.0 (paper "
-              "default)"),
+              "default)", per_layer=True),
     )
     lambdas: dict[str, float] | None
 

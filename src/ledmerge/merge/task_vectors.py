@@ -37,6 +37,12 @@ class TaskVectorMethod(MergeMethod):
         self.check_params()
         self.sparsifier = self.SPARSIFY(self.name, **{p.name: getattr(self, p.name) for p in self.SPARSIFY.parameters()})
         self.consensus = self.CONSENSUS
+        self.consensus.check(self.name, self.weights, **self.consensus_options())
+
+    def consensus_options(self) -> dict:
+        """The consensus' own parameters (`Consensus.options`: TIES' normalize); a method that does not declare one
+        (LED) takes its default."""
+        return {p.name: getattr(self, p.name, p.default) for p in self.consensus.options}
 
     def select(self, base, experts, ctx):
         if not self.sparsifier.selects:
@@ -54,15 +60,15 @@ class TaskVectorMethod(MergeMethod):
     def merge_deltas(self, deltas, ctx):
         """λ · consensus of the task vectors `deltas` (elementwise, given what `select` chose)."""
         sparse = {t: self.sparsifier.apply(t, d, ctx) for t, d in deltas.items()}
-        return self.consensus.combine(sparse, self.weights) * self.scale
+        return self.consensus.combine(sparse, self.weights, **self.consensus_options()) * self.scale
 
 
 def preset(name: str, sparsify: str, consensus: str, doc: str) -> type[TaskVectorMethod]:
     """The task-vector method `name`: the sparsification `sparsify` (a key of `SPARSIFIERS`) and the consensus
     `consensus` (of `CONSENSUS`); `doc` is its docstring (the reference docs and the README's method table show it).
-    Its parameters are the sparsification's, λ (`scale`), the consensus' `weights`, then the sparsification's rescale
-    switch, if any."""
+    Its parameters are the sparsification's, λ (`scale`), the consensus' (`weights`, then TIES' `normalize`), then
+    the sparsification's rescale switch, if any."""
     kind, combination = SPARSIFIERS[sparsify], CONSENSUS[consensus]
     return type(name, (TaskVectorMethod,), {
         "__doc__": doc, "__module__": __name__, "name": name, "SPARSIFY": kind, "CONSENSUS": combination,
-        "PARAMS": (*kind.PARAMS, SCALE, combination.weights, *kind.RESCALE)})
+        "PARAMS": (*kind.PARAMS, SCALE, *combination.params, *kind.RESCALE)})
