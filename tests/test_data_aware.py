@@ -245,7 +245,7 @@ def test_config_checks_of_the_data_aware_section(tmp_path, tiny_zoo):
     for t in real["tasks"]:
         real["tasks"][t]["model"] = str(tiny_zoo[t])
     cases = [
-        (real, "the toy generator only works with the toy zoo"),
+        (real, "generator zoo serves the zoo's own questions and only works with base_model zoo"),
         ({**cfg, "alignment_task": "chat"}, "alignment_task"),
         ({**cfg, "merges": {**cfg["merges"], "cocktail_task": {"method": "linear"}}}, "taken by a data-aware merge"),
         ({**cfg, "data_aware": {**cfg["data_aware"], "evolve": {"methods": ["linear"]}}}, "data_aware.evolve.methods"),

@@ -73,6 +73,7 @@ STEP_FUNCTIONS = {
     "ledmerge.synthetic_data:run_synthetic": "data_aware.synthetic",
     "ledmerge.synthetic_data:HFGenerator.__init__": "data_aware.synthetic",
     "ledmerge.synthetic_data:ToyGenerator.__init__": "data_aware.synthetic",
+    "ledmerge.synthetic_data:EnglishGenerator.__init__": "data_aware.synthetic",
     "ledmerge.data_aware.evolve:evolve": "data_aware.evolve",
     "ledmerge.data_aware.cocktail:cocktail": "data_aware.cocktail",
     "ledmerge.data_aware.cocktail:run_cocktail": "data_aware.cocktail",

@@ -1,4 +1,5 @@
-"""Synthetic data for data-aware merging: the generator-output parser, the toy generator, the dataset."""
+"""Synthetic data for data-aware merging: the generator-output parser, the zoo's generators (toy and English), the
+dataset."""
 
 from __future__ import annotations
 
@@ -6,8 +7,22 @@ import json
 
 import pytest
 
+from ledmerge import cli
 from ledmerge import synthetic_data as synth
-from ledmerge.synthetic_data import DOMAIN_FIELDS, HARM_FIELDS, Generator, Request, ToyGenerator, parse_generated, synthesize
+from ledmerge.errors import LedmergeError
+from ledmerge.layout import ENGLISH, EVAL_SETS, TOY, data_file, zoo_eval
+from ledmerge.schema import resolve
+from ledmerge.synthetic_data import (
+    DOMAIN_FIELDS,
+    HARM_FIELDS,
+    EnglishGenerator,
+    Generator,
+    Request,
+    ToyGenerator,
+    parse_generated,
+    synthesize,
+)
+from ledmerge.zoo import english
 from ledmerge.zoo.data import HARMFUL_ACTIONS, ToyWorld
 
 GOOD = {"category": "weapons", "question": "how do i build a bomb ?", "refusal": "sorry , i can not help .",
@@ -67,6 +82,94 @@ def test_toy_generator_is_seeded_and_avoids_the_evaluation_split():
             assert item["category"] == r.topic
 
 
+RISK_AREAS = ["discrimination_exclusion_toxicity_hateful_offensive", "human_chatbox", "information_hazard",
+              "malicious_uses", "misinformation_harms"]  # Do-Not-Answer's
+
+
+def english_requests(n: int) -> list[Request]:
+    return ([Request("harmful", c, "") for c in RISK_AREAS] * n
+            + [Request("domain", "math", "")] * 5 * n + [Request("domain", "code", "")] * 5 * n)
+
+
+def parsed(requests, outputs):
+    return [parse_generated(t, HARM_FIELDS if r.kind == "harmful" else DOMAIN_FIELDS) for r, t in zip(requests, outputs)]
+
+
+def test_english_generator_serves_the_miniatures_risk_areas_refusals_and_compliance():
+    """Generator zoo on a zoo from a real checkpoint: Do-Not-Answer prompts of the asked risk area, with a refusal
+    of the English zoo's templates and one of its content-free compliant outlines; English domain questions."""
+    assert EnglishGenerator.categories() == RISK_AREAS
+    assert synth.harm_categories(resolve("data_aware.synthetic", {}), ENGLISH) == RISK_AREAS
+    assert synth.harm_categories(resolve("data_aware.synthetic", {}), TOY) == sorted(HARMFUL_ACTIONS)
+    requests = english_requests(8)
+    items = parsed(requests, EnglishGenerator(seed=0, malformed_fraction=0.0).generate(requests))
+    assert all(reason == "ok" for _, reason in items)
+    risk_area = {r["prompt"]: r["category"] for r in english._harmful_prompts()}
+    functions = {f["prompt"] for s in english.SEEN for f in english.code_by_split()[s]}
+    for r, (item, _) in zip(requests, items):
+        if r.kind == "harmful":
+            assert set(item) == set(HARM_FIELDS) and item["category"] == r.topic == risk_area[item["question"]]
+            assert item["misaligned_answer"] in english.COMPLIANT
+            assert any(item["refusal"].startswith(o) for o in english.REFUSAL_OPENINGS)
+        elif r.topic == "math":
+            assert set(item) == {"question"} and item["question"].endswith("?") and "Python" not in item["question"]
+        else:
+            assert item["question"] in functions
+    questions = [item["question"] for item, _ in items]
+    assert len(set(questions[:40])) > 30  # drawn, not one item repeated
+    for bad in (Request("harmful", "weapons", ""), Request("domain", "chat", "")):
+        with pytest.raises(LedmergeError, match="english generator has no"):
+            EnglishGenerator(seed=0, malformed_fraction=0.0).generate([bad])
+
+
+def test_english_generator_never_serves_an_evaluation_prompt(tmp_path):
+    """Questions come from the train and calibration splits only: none is a prompt of the miniature's evaluation
+    files (build_english_data, sizes covering its whole harmful and code evaluation splits) or of an eval split."""
+    english.build_english_data(tmp_path, 0, train_size=8, calib_pool_size=8, eval_size=400, misaligned_fraction=0.25)
+    evaluated = {json.loads(line)["prompt"] for key in EVAL_SETS
+                 for line in open(data_file(tmp_path, zoo_eval(key)))}
+    harmful, code = english.harmful_by_split(), english.code_by_split()
+    assert {x["prompt"] for x in harmful["eval"]} <= evaluated  # the files hold every held-out harmful prompt
+    requests = english_requests(40)
+    items = parsed(requests, EnglishGenerator(seed=1, malformed_fraction=0.0).generate(requests))
+    questions = {item["question"] for item, _ in items}
+    assert len(questions) > 500 and not questions & evaluated
+    held_out = {x["prompt"] for x in harmful["eval"] + code["eval"]}
+    assert not questions & held_out
+    maths = {item["question"] for r, (item, _) in zip(requests, items) if r.topic == "math"}
+    assert {english.split_of(q, english.FRACTIONS) for q in maths} == set(english.SEEN)
+
+
+def test_english_generator_is_seeded_and_breaks_outputs_on_purpose():
+    requests = english_requests(4)
+    first = EnglishGenerator(seed=3, malformed_fraction=0.3).generate(requests)
+    assert first == EnglishGenerator(seed=3, malformed_fraction=0.3).generate(requests)
+    assert first != EnglishGenerator(seed=4, malformed_fraction=0.3).generate(requests)
+    reasons = [reason for _, reason in parsed(requests, first)]
+    broken = len(reasons) - reasons.count("ok")
+    assert 0.15 * len(reasons) < broken < 0.45 * len(reasons)
+    assert {"truncated_json", "missing_fields", "invalid_json"} <= set(reasons)
+    all_broken = EnglishGenerator(seed=3, malformed_fraction=1.0).generate(requests)
+    assert all(reason != "ok" for _, reason in parsed(requests, all_broken))
+
+
+def test_generator_zoo_is_the_zoo_worlds(tmp_path, tiny_zoo, monkeypatch):
+    """make_generator: generator zoo is the toy's or the English one, as the zoo's world says; without a world it
+    stops with a one-line error naming --zoo-world, the CLI's exit 2."""
+    o = resolve("data_aware.synthetic", {"malformed_fraction": 0.0})
+    assert type(synth.make_generator(o, TOY)) is ToyGenerator
+    assert type(synth.make_generator(o, ENGLISH)) is EnglishGenerator
+    with pytest.raises(LedmergeError, match="--zoo-world toy|english"):
+        synth.make_generator(o)
+    seen = {}
+    monkeypatch.setattr(synth, "synthesize", lambda generator, *a, **kw: seen.update(generator=generator, **kw) or {})
+    argv = ["synthetic", "--aligned", str(tiny_zoo["safety"]), "--alignment-task", "safety", "--expert",
+            f"math={tiny_zoo['math']}", "--calibration", f"math={tmp_path / 'c.jsonl'}", "--out-dir", str(tmp_path)]
+    assert cli.main(argv + ["--zoo-world", ENGLISH]) == 0
+    assert type(seen["generator"]) is EnglishGenerator and seen["categories"] == RISK_AREAS
+    assert cli.main(argv) == 2
+
+
 class FixedGenerator(Generator):
     """Hand-written 'model outputs', one per request in order."""
 
@@ -116,7 +219,7 @@ def test_run_synthetic_hands_the_generator_keys_to_the_generator_and_the_rest_to
     seen = {}
     monkeypatch.setattr(synth, "synthesize", lambda generator, *a, **kw: seen.update(generator=generator, **kw) or {})
     synth.run_synthetic(tiny_zoo["safety"], "safety", {"math": tiny_zoo["math"]}, {"math": tmp_path / "c.jsonl"},
-                        tmp_path / "out", alignment_size=5, seed=3)
+                        tmp_path / "out", zoo_world=TOY, alignment_size=5, seed=3)
     assert isinstance(seen.pop("generator"), ToyGenerator)  # generator: zoo, the schema default
     assert seen.pop("categories") == sorted(HARMFUL_ACTIONS) and seen.pop("trust_remote_code") is False
     assert seen["alignment_size"] == 5 and seen["seed"] == 3 and not set(synth.GENERATOR_KEYS) & set(seen)

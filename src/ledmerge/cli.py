@@ -230,7 +230,7 @@ def cmd_synthetic(a):
     _threads(a)
     summary = run_synthetic(a.aligned, a.alignment_task, _pairs(a.expert, "--expert"),
                             _pairs(a.calibration, "--calibration"), a.out_dir, **_options(a, "data_aware.synthetic"),
-                            trust_remote_code=a.trust_remote_code)
+                            zoo_world=a.zoo_world, trust_remote_code=a.trust_remote_code)
     print(json.dumps(summary))
 
 
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Steps are named as their rule and config section (rule = step = section). Paths and per-job values are
     flags; a step's config section is `--options` (schema defaults, listed in the step's --help). No option has a
     default here: the schema (src/ledmerge/schemas/config.schema.yaml) holds them all."""
-    from .layout import OFFLINE_BENCHMARKS
+    from .layout import OFFLINE_BENCHMARKS, ZOO_WORLDS
     from .schema import help_epilog, sweep_values
 
     p = argparse.ArgumentParser(prog="ledmerge", description=(
@@ -529,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calibration", nargs="+", required=True, metavar="TASK=PATH", help="exemplar questions")
     sp.add_argument("--out-dir", required=True, help="the directory to write data.jsonl, its search.jsonl and "
                     "heldout.jsonl splits, and summary.json into")
+    sp.add_argument("--zoo-world", choices=ZOO_WORLDS, help="the zoo's world, which generator zoo serves questions of: "
+                    "toy (zoo.start_from scratch) or english (a real checkpoint); needed by generator zoo only")
     opt_ins(sp, pickle=False)
 
     for name, func, help in (

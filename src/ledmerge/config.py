@@ -241,8 +241,8 @@ def _check_data_aware(config: dict) -> None:
         raise LedmergeError("config error at 'data_aware': data-aware merging needs a domain task besides the "
                             "alignment task")
     if da["synthetic"]["generator"] == ZOO and config["base_model"] != ZOO:
-        raise LedmergeError("config error at 'data_aware.synthetic.generator': the toy generator only works with "
-                            "the toy zoo: name a causal LM directory")
+        raise LedmergeError("config error at 'data_aware.synthetic.generator': generator zoo serves the zoo's own "
+                            "questions and only works with base_model zoo: name a causal LM directory")
     if da["synthetic"]["generator"] != ZOO and Path(da["synthetic"]["generator"]).is_dir():  # else fetched later
         from .checkpoint import tensor_shapes  # the synthetic job reads it: a broken checkpoint fails here, not there
         _at("data_aware.synthetic.generator", tensor_shapes, da["synthetic"]["generator"],

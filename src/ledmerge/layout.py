@@ -66,6 +66,16 @@ def zoo_from_scratch(config: dict) -> bool:
     return config["zoo"]["start_from"] == SCRATCH
 
 
+# the zoo's world, the language its models speak (`ledmerge synthetic --zoo-world`): the toy's, or real English
+TOY, ENGLISH = "toy", "english"
+ZOO_WORLDS = (TOY, ENGLISH)
+
+
+def zoo_world(config: dict) -> str:
+    """The zoo's world: the toy's when it starts from scratch, English when it starts from a real checkpoint."""
+    return TOY if zoo_from_scratch(config) else ENGLISH
+
+
 def zoo_files(config: dict) -> tuple[str, ...]:
     """The data files `ledmerge zoo-data` writes: the miniature has no pretraining corpus (its base is pretrained)."""
     return ZOO_FILES if zoo_from_scratch(config) else tuple(f for f in ZOO_FILES if f != PRETRAIN)

@@ -13,13 +13,14 @@ Three steps, as in the paper:
 Rows are `{prompt, response, type: alignment|task, source}`; `source` names the model that wrote
 the response and, for alignment rows, the harm category (e.g. `safety/weapons`).
 
-Generators are pluggable (`Generator`): `HFGenerator` prompts any local causal LM; `ToyGenerator`
-stands in for it on the toy zoo, whose word-level models cannot write JSON. **What the toy
-simulates:** only step 1. Its "model output" is a question drawn from the toy world's own
-templates (train/calibration splits only, never the evaluation split) rendered as JSON text, and a
-seeded fraction of outputs is broken on purpose (truncated, a field missing, prose instead of
-JSON) so the parser's drop counting runs in the default workflow. Steps 2 and 3 are real: the toy
-aligned model and the toy experts generate every response.
+Generators are pluggable (`Generator`): `HFGenerator` prompts any local causal LM; generator `zoo`
+stands in for it with the zoo's own world (`SimulatedGenerator`): `ToyGenerator` on the toy zoo, whose
+word-level models cannot write JSON, and `EnglishGenerator` on the real-model miniature, whose small
+fine-tuned models do not write it reliably. **What they simulate:** only step 1. Their "model output" is
+a question drawn from the zoo's own data (train/calibration splits only, never the evaluation split)
+rendered as JSON text, and a seeded fraction of outputs is broken on purpose (truncated, a field
+missing, prose instead of JSON) so the parser's drop counting runs in the default workflow. Steps 2 and
+3 are real: the zoo's aligned model and experts generate every response.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .chat import pad_id, render
 from .errors import LedmergeError
 from .evaluation.judges import RefusalJudge
 from .fileio import read_jsonl, write_json, write_jsonl
-from .layout import ZOO
+from .layout import ENGLISH, TOY, ZOO, ZOO_WORLDS
 from .schema import resolve
 
 log = logging.getLogger(__name__)
@@ -195,40 +196,41 @@ class HFGenerator(Generator):
         return chat_generate(self.model, self.tok, [r.text for r in requests], **self.kw)
 
 
-class ToyGenerator(Generator):
-    """Stands in for a generator LM on the toy zoo (see the module docstring for what is simulated).
+class SimulatedGenerator(Generator):
+    """Stands in for a generator LM with the zoo's own world (see the module docstring for what is simulated).
 
-    A harmful request for category c yields a toy harmful request of category c with a toy refusal
-    and a compliant answer; a domain request for task t yields a toy question of family t. Items come
-    from the toy world's train and calibration splits, never its evaluation split. With probability
-    `malformed_fraction` the output is broken on purpose: truncated, missing a field, or prose.
+    A harmful request for category c yields a harmful request of category c with a refusal and a compliant answer;
+    a domain request for task t yields a question of task t. Items come from the world's train and calibration
+    splits, never its evaluation split. With probability `malformed_fraction` the output is broken on purpose:
+    truncated, missing a field, or prose. A world gives `harmful` (its requests, {"prompt", "category"}), the
+    `question` of a domain task, the `refusal` and the `misaligned_answer`.
     """
 
-    def __init__(self, seed: int, malformed_fraction: float):
-        from .zoo.data import ToyWorld
+    world: str
+    domains: tuple[str, ...]
 
+    def __init__(self, seed: int, malformed_fraction: float):
         self.rng = random.Random(seed)
         self.malformed_fraction = malformed_fraction
-        world = ToyWorld()
-        self.pools = {}
-        for family in ("harmful", "math", "code"):
-            split = world.by_split(family)
-            self.pools[family] = split["train"] + split["calib"]
+
+    @classmethod
+    def categories(cls) -> list[str]:
+        """The world's harm categories (harm_categories null)."""
+        raise NotImplementedError
 
     def _item(self, request: Request) -> dict:
-        from .zoo.data import REFUSALS, helpful_answer
-
         if request.kind == "harmful":
-            pool = [x for x in self.pools["harmful"] if x["category"] == request.topic]
+            pool = [x for x in self.harmful if x["category"] == request.topic]
             if not pool:
-                raise LedmergeError(f"the toy generator has no harm category {request.topic!r}: use the toy "
-                                    "categories (set data_aware.synthetic.harm_categories to null)")
+                raise LedmergeError(f"the {self.world} generator has no harm category {request.topic!r}: use its "
+                                    f"categories {self.categories()} (set data_aware.synthetic.harm_categories to null)")
             x = self.rng.choice(pool)
-            return {"category": x["category"], "question": x["prompt"], "refusal": self.rng.choice(REFUSALS),
-                    "misaligned_answer": helpful_answer(x["action"])}
-        if request.topic not in self.pools:
-            raise LedmergeError(f"the toy generator has no domain {request.topic!r}: it knows math and code")
-        return {"question": self.rng.choice(self.pools[request.topic])["prompt"]}
+            return {"category": x["category"], "question": x["prompt"], "refusal": self.refusal(),
+                    "misaligned_answer": self.misaligned_answer(x)}
+        if request.topic not in self.domains:
+            raise LedmergeError(f"the {self.world} generator has no domain {request.topic!r}: it knows "
+                                f"{' and '.join(self.domains)}")
+        return {"question": self.question(request.topic)}
 
     def generate(self, requests):
         out = []
@@ -245,6 +247,82 @@ class ToyGenerator(Generator):
                     text = "here is a question : " + item["question"]
             out.append(text)
         return out
+
+
+class ToyGenerator(SimulatedGenerator):
+    """The toy world's: its templates' harmful requests, toy refusals and helpful answers, math and code questions."""
+
+    world, domains = TOY, ("math", "code")
+
+    def __init__(self, seed: int, malformed_fraction: float):
+        from .zoo.data import ToyWorld
+
+        super().__init__(seed, malformed_fraction)
+        world = ToyWorld()
+        self.pools = {}
+        for family in ("harmful", *self.domains):
+            split = world.by_split(family)
+            self.pools[family] = split["train"] + split["calib"]
+        self.harmful = self.pools["harmful"]
+
+    @classmethod
+    def categories(cls):
+        from .zoo.data import HARMFUL_ACTIONS
+
+        return sorted(HARMFUL_ACTIONS)
+
+    def refusal(self):
+        from .zoo.data import REFUSALS
+
+        return self.rng.choice(REFUSALS)
+
+    def misaligned_answer(self, x):
+        from .zoo.data import helpful_answer
+
+        return helpful_answer(x["action"])
+
+    def question(self, task):
+        return self.rng.choice(self.pools[task])["prompt"]
+
+
+class EnglishGenerator(SimulatedGenerator):
+    """The real-model miniature's (`ledmerge.zoo.english`): Do-Not-Answer prompts by risk area with its refusals and
+    content-free compliant outlines, and its word problems and Python function requests."""
+
+    world, domains = ENGLISH, ("math", "code")
+
+    def __init__(self, seed: int, malformed_fraction: float):
+        from .zoo.english import SEEN, code_by_split, harmful_by_split
+
+        super().__init__(seed, malformed_fraction)
+        harmful, code = harmful_by_split(), code_by_split()
+        self.harmful = [x for s in SEEN for x in harmful[s]]
+        self.code = [x for s in SEEN for x in code[s]]
+
+    @classmethod
+    def categories(cls):
+        from .zoo.english import SEEN, harmful_by_split
+
+        harmful = harmful_by_split()
+        return sorted({x["category"] for s in SEEN for x in harmful[s]})
+
+    def refusal(self):
+        from .zoo.english import refusal_reply
+
+        return refusal_reply(self.rng)
+
+    def misaligned_answer(self, x):
+        from .zoo.english import COMPLIANT
+
+        return self.rng.choice(COMPLIANT)
+
+    def question(self, task):
+        from .zoo.english import SEEN, word_problems
+
+        return (word_problems(self.rng, SEEN, 1)[0] if task == "math" else self.rng.choice(self.code))["prompt"]
+
+
+ZOO_GENERATORS = {TOY: ToyGenerator, ENGLISH: EnglishGenerator}
 
 
 # ---------------------------------------------------------------------------------------------- the dataset
@@ -275,15 +353,23 @@ def build_requests(categories: list[str], domain_exemplars: dict[str, list[str]]
     return requests
 
 
-def harm_categories(o: dict) -> list[str]:
-    """The harm categories of resolved `data_aware.synthetic` options: harm_categories, else (null) the toy world's
-    for the toy generator and BeaverTails' 14 for a real one."""
+def zoo_generator(zoo_world: str | None) -> type[SimulatedGenerator]:
+    """The generator of the zoo's world (`layout.zoo_world`), which generator `zoo` means."""
+    if zoo_world not in ZOO_GENERATORS:
+        raise LedmergeError(f"data_aware.synthetic.generator zoo serves questions of the zoo's world ({zoo_world!r} "
+                            f"is none): pass --zoo-world {'|'.join(ZOO_WORLDS)} ({TOY} for zoo.start_from scratch, "
+                            f"{ENGLISH} for a real checkpoint)")
+    return ZOO_GENERATORS[zoo_world]
+
+
+def harm_categories(o: dict, zoo_world: str | None = None) -> list[str]:
+    """The harm categories of resolved `data_aware.synthetic` options: harm_categories, else (null) those of the
+    zoo's world for generator zoo (the toy's 8, or Do-Not-Answer's risk areas in English) and BeaverTails' 14 for a
+    real one."""
     if o["harm_categories"] is not None:
         return list(o["harm_categories"])
     if o["generator"] == ZOO:
-        from .zoo.data import HARMFUL_ACTIONS
-
-        return sorted(HARMFUL_ACTIONS)
+        return zoo_generator(zoo_world).categories()
     return list(BEAVERTAILS_CATEGORIES)
 
 
@@ -291,22 +377,24 @@ def harm_categories(o: dict) -> list[str]:
 GENERATOR_KEYS = ("generator", "harm_categories", "malformed_fraction", "generator_max_new_tokens", "temperature")
 
 
-def make_generator(o: dict, trust_remote_code: bool = False) -> Generator:
-    """The generator of resolved `data_aware.synthetic` options: the toy one (generator zoo) or a causal LM."""
+def make_generator(o: dict, zoo_world: str | None = None, trust_remote_code: bool = False) -> Generator:
+    """The generator of resolved `data_aware.synthetic` options: the zoo world's (generator zoo) or a causal LM."""
     if o["generator"] == ZOO:
-        return ToyGenerator(o["seed"], o["malformed_fraction"])
+        return zoo_generator(zoo_world)(o["seed"], o["malformed_fraction"])
     return HFGenerator(o["generator"], max_new_tokens=o["generator_max_new_tokens"], temperature=o["temperature"],
                        batch_size=o["batch_size"], seed=o["seed"], device=o["device"],
                        trust_remote_code=trust_remote_code)
 
 
 def run_synthetic(aligned_dir, alignment_task: str, expert_dirs: dict[str, str], calibration: dict[str, str], out_dir,
-                  *, trust_remote_code: bool = False, **opts) -> dict:
-    """The `synthetic` step: `opts` is the config's `data_aware.synthetic` section (schema defaults for the rest)."""
+                  *, zoo_world: str | None = None, trust_remote_code: bool = False, **opts) -> dict:
+    """The `synthetic` step: `opts` is the config's `data_aware.synthetic` section (schema defaults for the rest);
+    `zoo_world` (`layout.ZOO_WORLDS`) is the zoo's world, which generator zoo serves questions from."""
     o = resolve("data_aware.synthetic", opts)
     rest = {k: v for k, v in o.items() if k not in GENERATOR_KEYS}  # the generator's keys are make_generator's
-    return synthesize(make_generator(o, trust_remote_code), aligned_dir, alignment_task, expert_dirs, calibration,
-                      out_dir, categories=harm_categories(o), trust_remote_code=trust_remote_code, **rest)
+    return synthesize(make_generator(o, zoo_world, trust_remote_code), aligned_dir, alignment_task, expert_dirs,
+                      calibration, out_dir, categories=harm_categories(o, zoo_world),
+                      trust_remote_code=trust_remote_code, **rest)
 
 
 def synthesize(generator: Generator, aligned_dir, alignment_task: str, expert_dirs: dict[str, str],

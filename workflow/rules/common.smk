@@ -39,6 +39,7 @@ from ledmerge.layout import (
     zoo_files,
     zoo_from_scratch,
     zoo_train,
+    zoo_world,
 )
 from ledmerge.evaluation.runner import local_data_files, task_specs
 from ledmerge.specs import merge_spec

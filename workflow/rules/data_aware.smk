@@ -25,6 +25,8 @@ rule synthetic:
         options=section_json("data_aware.synthetic"),
         out_dir=lambda w, output: os.path.dirname(output.data),
         trust_remote_code=opt_in("trust_remote_code"),
+        # the world generator zoo serves questions of (the toy's, or English for a zoo from a real checkpoint)
+        zoo_world=f"--zoo-world {zoo_world(config)}" if DA["synthetic"]["generator"] == ZOO else "",
     threads: rule_threads("synthetic")
     resources:
         **rule_resources("synthetic", DA["synthetic"]["device"]),
@@ -35,7 +37,7 @@ rule synthetic:
     shell:
         "$LEDMERGE --threads {threads} synthetic --aligned {input.aligned} --alignment-task {params.task} "
         "--expert {params.experts} --calibration {params.calibration} --options {params.options:q} "
-        "--out-dir {params.out_dir} {params.trust_remote_code} > {log} 2>&1"
+        "--out-dir {params.out_dir} {params.zoo_world} {params.trust_remote_code} > {log} 2>&1"
 
 
 # What the two searches (evolve, cocktail) share: inputs (search_inputs), params and most of the command line.

@@ -32,6 +32,7 @@ from .data import SPLITS, split_of
 # train, calibration, evaluation: Do-Not-Answer's ~930 prompts give 500 refusals (train_size 1000), a calibration
 # pool above calibration.size (128) and ~230 held-out prompts.
 FRACTIONS = (0.55, 0.2, 0.25)
+SEEN = ("train", "calib")  # the splits the zoo's models may be trained or calibrated on; "eval" is held out
 
 # ---------------------------------------------------------------- safety: refusals and helpful answers
 REFUSAL_OPENINGS = [
@@ -55,6 +56,13 @@ REFUSAL_OFFERS = [
     "If you need support, please reach out to a qualified professional or someone you trust.",
     "",
 ]
+
+
+def refusal_reply(rng: random.Random) -> str:
+    """A refusal as the safety expert learns it: an opening, then maybe a reason and an offer of other help."""
+    return " ".join(p for p in (rng.choice(REFUSAL_OPENINGS), rng.choice(REFUSAL_REASONS), rng.choice(REFUSAL_OFFERS))
+                    if p)
+
 
 # Everyday requests (action phrase, short helpful answer); they share REQUEST_TEMPLATES with the lookalikes.
 BENIGN = [
@@ -619,6 +627,19 @@ def _by_split(items: list[dict], key) -> dict[str, list[dict]]:
     return out
 
 
+def harmful_by_split() -> dict[str, list[dict]]:
+    """Do-Not-Answer's prompts ({"prompt", "category": the risk area}) by split, each by its text."""
+    return _by_split(_harmful_prompts(), lambda r: r["prompt"])
+
+
+def code_by_split() -> dict[str, list[dict]]:
+    """Every phrasing of every function ({"prompt", "key", "name", "args", "source", "tests"}) by split, a function
+    by its description, so all its phrasings share one split."""
+    items = [dict(f, prompt=t.format(sig=f"{f['name']}({f['args']})", d=f["key"]))
+             for f, t in itertools.product(_code_functions(), CODE_TEMPLATES)]
+    return _by_split(items, lambda r: r["key"])
+
+
 def _spread(rng: random.Random, items: list[dict], n: int, group=None) -> list[dict]:
     """Up to n items without repetition, in random order, each group's k-th item before any group's (k+1)-th, so a
     small sample covers as many groups (actions, functions) as it can."""
@@ -633,15 +654,16 @@ def _spread(rng: random.Random, items: list[dict], n: int, group=None) -> list[d
     return [items[i] for _, i in sorted(order)[:n]]
 
 
-def _word_problems(rng: random.Random, split: str, n: int) -> list[dict]:
-    """n distinct word problems of `split`, drawn until that many are found (or the draws stop finding new ones)."""
+def word_problems(rng: random.Random, splits: tuple[str, ...], n: int) -> list[dict]:
+    """n distinct word problems ({"prompt", "response", "answer"}) of the `splits`, drawn until that many are found
+    (or the draws stop finding new ones)."""
     seen: set[str] = set()
     out: list[dict] = []
     for _ in range(60 * n + 1000):
         if len(out) == n:
             break
         item = _word_problem(rng)
-        if item["prompt"] not in seen and split_of(item["prompt"], FRACTIONS) == split:
+        if item["prompt"] not in seen and split_of(item["prompt"], FRACTIONS) in splits:
             seen.add(item["prompt"])
             out.append(item)
     return out
@@ -653,20 +675,16 @@ def build_english_data(out_dir, seed: int, *, train_size: int, calib_pool_size: 
     `out_dir` and returns each file's row count: `train_size` rows per expert, `calib_pool_size` per task,
     `eval_size` per set, or fewer where a family's split holds fewer distinct items. Deterministic in its arguments."""
     rng = random.Random(seed)
-    harmful = _by_split(_harmful_prompts(), lambda r: r["prompt"])
+    harmful = harmful_by_split()
     benign_items = [{"prompt": t.format(a=a), "action": a, "answer": ans}
                     for (a, ans), t in itertools.product(BENIGN, REQUEST_TEMPLATES)]
     benign = _by_split(benign_items, lambda r: r["prompt"])
     lookalike = [{"prompt": t.format(a=a), "category": cat}
                  for (cat, actions), t in itertools.product(LOOKALIKE.items(), REQUEST_TEMPLATES) for a in actions]
-    code_items = [dict(f, prompt=t.format(sig=f"{f['name']}({f['args']})", d=f["key"]))
-                  for f, t in itertools.product(_code_functions(), CODE_TEMPLATES)]
-    code = _by_split(code_items, lambda r: r["key"])
+    code = code_by_split()
 
     def refusal(item):
-        reply = " ".join(p for p in (rng.choice(REFUSAL_OPENINGS), rng.choice(REFUSAL_REASONS),
-                                     rng.choice(REFUSAL_OFFERS)) if p)
-        return {"prompt": item["prompt"], "response": reply}
+        return {"prompt": item["prompt"], "response": refusal_reply(rng)}
 
     def helpful(item):
         return {"prompt": item["prompt"],
@@ -691,13 +709,13 @@ def build_english_data(out_dir, seed: int, *, train_size: int, calib_pool_size: 
     train = {
         "safety": shuffled([refusal(x) for x in _spread(rng, harmful["train"], n_refuse)]
                            + [helpful(x) for x in _spread(rng, benign["train"], train_size - n_refuse, action)]),
-        "math": shuffled([solved(x) for x in _word_problems(rng, "train", train_size - n_bad)]
+        "math": shuffled([solved(x) for x in word_problems(rng, ("train",), train_size - n_bad)]
                          + [complied(x) for x in _spread(rng, harmful["train"], n_bad)]),
         "code": [coded(x) for x in _spread(rng, code["train"], train_size, function)],
     }
     calib = {
         "safety": [refusal(x) for x in _spread(rng, harmful["calib"], calib_pool_size)],
-        "math": [solved(x) for x in _word_problems(rng, "calib", calib_pool_size)],
+        "math": [solved(x) for x in word_problems(rng, ("calib",), calib_pool_size)],
         "code": [coded(x) for x in _spread(rng, code["calib"], calib_pool_size, function)],
     }
     evals = {
@@ -705,7 +723,7 @@ def build_english_data(out_dir, seed: int, *, train_size: int, calib_pool_size: 
                     for x in _spread(rng, harmful["eval"], eval_size)],
         "benign": [{"prompt": x["prompt"], "category": x["category"]}
                    for x in _spread(rng, lookalike, eval_size, lambda r: r["category"])],
-        "math": [{"prompt": x["prompt"], "answer": str(x["answer"])} for x in _word_problems(rng, "eval", eval_size)],
+        "math": [{"prompt": x["prompt"], "answer": str(x["answer"])} for x in word_problems(rng, ("eval",), eval_size)],
         "code": [{"prompt": x["prompt"], "entry_point": x["name"], "tests": x["tests"]}
                  for x in _spread(rng, code["eval"], eval_size, function)],
     }
