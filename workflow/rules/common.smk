@@ -100,6 +100,17 @@ def section_json(path):
     return as_json(node)
 
 
+# the zoo: the toy world pretrained here, or the real-model miniature (zoo.start_from)
+ZOO_SCRATCH = zoo_from_scratch(config)
+
+
+def zoo_base_inputs(wildcards):
+    """The toy base is pretrained on the zoo's corpus with its tokenizer; a real base needs nothing of the workflow."""
+    if not ZOO_SCRATCH:
+        return {}
+    return {"corpus": PATHS.zoo_data(PRETRAIN), "tokenizer": PATHS.zoo_tokenizer}
+
+
 def expert_seed(seed, task):
     """Training seed of a toy expert, from the zoo's seed (the config's, or a swept zoo seed)."""
     return seed + 1 + (TASKS.index(task) if task in TASKS else 0)

@@ -2,15 +2,6 @@
 # world) the data rule also writes the toy tokenizer and the base is pretrained on the data; from a real checkpoint
 # (zoo.start_from, the real-model miniature) the base is that checkpoint and the data is real English.
 # Its files and directories are named in ledmerge.layout (zoo_files, PATHS.zoo_data, PATHS.zoo_model).
-ZOO_SCRATCH = zoo_from_scratch(config)
-
-
-def zoo_base_inputs(wildcards):
-    """The toy base is pretrained on the zoo's corpus with its tokenizer; a real base needs nothing of the workflow."""
-    if not ZOO_SCRATCH:
-        return {}
-    return {"corpus": PATHS.zoo_data(PRETRAIN), "tokenizer": PATHS.zoo_tokenizer}
-
 
 rule zoo_data:
     output:
