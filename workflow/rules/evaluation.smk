@@ -24,6 +24,8 @@ rule evaluation:
         **rule_resources("evaluation", config["evaluation"]["device"]),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("evaluation", "{model}"),
     log:
         f"{LOG}/evaluation_{{model}}.log",
     shell:

@@ -12,6 +12,8 @@ rule zoo_data:
         seed=config["seed"],
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("zoo_data"),
     log:
         f"{LOG}/zoo_data.log",
     shell:
@@ -35,6 +37,8 @@ rule zoo_base:
         **rule_resources("zoo_base"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("zoo_base"),
     log:
         f"{LOG}/zoo_base.log",
     shell:
@@ -58,6 +62,8 @@ rule zoo_expert:
         **rule_resources("zoo_expert"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("zoo_expert", "{task}"),
     log:
         f"{LOG}/zoo_expert_{{task}}.log",
     shell:
