@@ -287,9 +287,11 @@ def cmd_report(a):
     print(df.to_string(index=False))
     if a.benchmarks:
         from .run_costs import build_run_costs
-        from .worker import in_use
 
-        costs = build_run_costs(a.benchmarks, a.out_dir, _json_arg(a.requested, "--requested"), warm_worker=in_use())
+        # A run whose jobs the warm worker runs (LEDMERGE_WORKER names its socket; ledmerge.worker.ENV, not imported
+        # here: the worker imports this module) has records of the worker's client: no CPU time or memory of steps.
+        warm = os.environ.get("LEDMERGE_WORKER", "") not in ("", "off")
+        costs = build_run_costs(a.benchmarks, a.out_dir, _json_arg(a.requested, "--requested"), warm_worker=warm)
         print(costs.to_string(index=False))
 
 

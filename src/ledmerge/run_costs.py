@@ -16,7 +16,6 @@ job's process tree: such a record's CPU time and memory are the client's, not th
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +31,6 @@ COLUMNS = ["rule", "jobs", "wall_s_sum", "wall_s_mean", "wall_s_max", "cpu_s_sum
            "max_rss_mb_mean", "max_rss_mb_max", "threads", "mem_mb", "runtime_min", "rss_of_mem_mb",
            "wall_of_runtime"]
 MEASURED = ("s", "cpu_time", "max_rss")  # the columns of a record this table reads
-RUNTIME_UNITS = {"s": 1 / 60, "m": 1, "min": 1, "h": 60, "d": 24 * 60}
 
 
 def read_benchmark(path) -> dict[str, float]:
@@ -50,23 +48,10 @@ def read_benchmark(path) -> dict[str, float]:
     return {c: float(pd.to_numeric(df[c], errors="coerce").mean()) for c in MEASURED}
 
 
-def runtime_minutes(value) -> float:
-    """A Snakemake `runtime` (minutes, or a number with a unit: 90m, 4h, 1d) in minutes; NaN if not given."""
-    if value is None:
-        return math.nan
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-z]*)\s*", str(value).lower())
-    if not match or match.group(2) not in ("", *RUNTIME_UNITS):
-        raise LedmergeError(f"runtime {value!r} is not minutes or a number with a unit (s, m, h, d): fix "
-                            "resources.<rule>.runtime")
-    return float(match.group(1)) * RUNTIME_UNITS.get(match.group(2), 1)
-
-
 def run_costs(benchmarks, requested: dict[str, dict] | None = None, warm_worker: bool = False) -> pd.DataFrame:
     """One row per rule (COLUMNS), in the order of the rules' first records in `benchmarks` (each job's record:
-    `Layout.benchmark` paths, the rule read from the path); `requested`: {rule: {threads, mem_mb, runtime}} as
-    the rules ask for them (absent: unknown). With `warm_worker` the CPU time and memory are left out (NaN)."""
+    `Layout.benchmark` paths, the rule read from the path); `requested`: {rule: {threads, mem_mb, runtime (minutes)}}
+    as the rules ask for them (absent: unknown). With `warm_worker` the CPU time and memory are left out (NaN)."""
     jobs = [{"rule": benchmark_rule(p), **read_benchmark(p)} for p in benchmarks]
     if not jobs:
         raise LedmergeError("no benchmark records to summarise: give each job's record (<results>/benchmarks/...)")
@@ -82,7 +67,7 @@ def run_costs(benchmarks, requested: dict[str, dict] | None = None, warm_worker:
     asked = {rule: (requested or {}).get(rule, {}) for rule in out.index}
     out["threads"] = [asked[r].get("threads", math.nan) for r in out.index]
     out["mem_mb"] = [asked[r].get("mem_mb", math.nan) for r in out.index]
-    out["runtime_min"] = [runtime_minutes(asked[r].get("runtime")) for r in out.index]
+    out["runtime_min"] = [asked[r].get("runtime", math.nan) for r in out.index]
     out["rss_of_mem_mb"] = out["max_rss_mb_max"] / out["mem_mb"]
     out["wall_of_runtime"] = out["wall_s_max"] / (60 * out["runtime_min"])
     return out.reset_index()[COLUMNS]

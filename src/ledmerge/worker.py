@@ -45,12 +45,6 @@ PRELOAD = ("torch", "safetensors.torch", "transformers", "transformers.models.ll
 IDLE_EXIT_S = 3600  # a worker nobody uses goes away (its Snakemake run died without stopping it)
 
 
-def in_use() -> bool:
-    """Whether this process's workflow run hands its jobs to a warm worker (LEDMERGE_WORKER names its socket): then
-    Snakemake's benchmark records see the client, not the step (ledmerge.run_costs)."""
-    return os.environ.get(ENV, "") not in ("", "off")
-
-
 def _import_time_env(env: dict) -> dict:
     return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)}
 

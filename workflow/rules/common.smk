@@ -380,8 +380,11 @@ def job_benchmarks():
 
 def requested_resources():
     """`ledmerge report --requested`: what each rule's jobs ask for, read from the rules themselves (their `threads:`
-    and rule_resources: the config's `resources` section) as JSON {rule: {threads, mem_mb, runtime}}; a key is absent
-    where the rule sets none (Snakemake's defaults apply)."""
-    asked = {rule.name: {"threads": rule.resources.get("_cores"), "mem_mb": rule.resources.get("mem_mb"),
-                         "runtime": rule.resources.get("runtime")} for rule in workflow.rules}
-    return as_json({r: {k: v for k, v in d.items() if isinstance(v, (int, str))} for r, d in asked.items()})
+    and rule_resources: the config's `resources` section; runtime in minutes, as Snakemake parses it), as JSON
+    {rule: {threads, mem_mb, runtime}}; a key is absent where the rule sets none (Snakemake's defaults apply)."""
+    asked = {}
+    for rule in workflow.rules:
+        values = {key: rule.resources[name].value for key, name in (("threads", "_cores"), ("mem_mb", "mem_mb"),
+                                                                     ("runtime", "runtime")) if name in rule.resources}
+        asked[rule.name] = {k: v for k, v in values.items() if isinstance(v, int)}
+    return as_json(asked)
