@@ -383,8 +383,8 @@ def requested_resources():
     and rule_resources: the config's `resources` section; runtime in minutes, as Snakemake parses it), as JSON
     {rule: {threads, mem_mb, runtime}}; a key is absent where the rule sets none (Snakemake's defaults apply)."""
     asked = {}
-    for rule in workflow.rules:
-        values = {key: rule.resources[name].value for key, name in (("threads", "_cores"), ("mem_mb", "mem_mb"),
-                                                                     ("runtime", "runtime")) if name in rule.resources}
-        asked[rule.name] = {k: v for k, v in values.items() if isinstance(v, int)}
+    for r in workflow.rules:  # (not `rule`: `snakemake --lint` would take the loop for a rule)
+        values = {key: r.resources[name].value for key, name in (("threads", "_cores"), ("mem_mb", "mem_mb"),
+                                                                  ("runtime", "runtime")) if name in r.resources}
+        asked[r.name] = {k: v for k, v in values.items() if isinstance(v, int)}
     return as_json(asked)
