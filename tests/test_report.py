@@ -88,3 +88,62 @@ def test_report_without_masks_and_errors(tmp_path):
         build_report({**paths, "x": tmp_path / "nope.json"}, {**kinds, "x": "merge"}, tmp_path / "r3")
     with pytest.raises(LedmergeError, match="both"):
         build_report(paths, kinds, tmp_path / "r4", mask_stats_csv=tmp_path / "stats.csv")
+
+
+# Snakemake 9's benchmark TSV (snakemake.benchmark.BenchmarkRecord): one header line, one row per job run.
+BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def _bench(root, rule: str, job: str, s: float, rss, cpu) -> str:
+    path = root / "benchmarks" / rule / f"{job}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(BENCH_HEADER + f"{s}\t0:00:{int(s):02d}\t{rss}\t900.00\t{rss}\t{rss}\t1.00\t2.00\t90.00\t{cpu}\n")
+    return str(path)
+
+
+def test_run_costs_per_rule_beside_the_request(tmp_path):
+    """Per rule: wall and CPU summed, averaged, largest; peak memory averaged and largest; the request beside it
+    (runtime in minutes); a job that ended before its first sample (NA) counts for wall time only."""
+    from ledmerge.run_costs import build_run_costs
+
+    records = [_bench(tmp_path, "merge", "led", 10.0, 400.0, 8.0), _bench(tmp_path, "merge", "ties", 30.0, 600.0, 24.0),
+               _bench(tmp_path, "tokenizer", "tokenizer", 0.5, "NA", "NA"),
+               _bench(tmp_path, "evaluation", "base", 120.0, 2000.0, 100.0)]
+    requested = {"merge": {"threads": 2, "mem_mb": 1000, "runtime": 60}, "evaluation": {"threads": 1, "runtime": 1},
+                 "tokenizer": {"threads": 1}}
+    df = build_run_costs(records, tmp_path / "report", requested).set_index("rule")
+    assert list(df.index) == ["merge", "tokenizer", "evaluation"]  # first record's order
+    merge = df.loc["merge"]
+    assert (merge["jobs"], merge["wall_s_sum"], merge["wall_s_mean"], merge["wall_s_max"]) == (2, 40.0, 20.0, 30.0)
+    assert (merge["cpu_s_sum"], merge["cpu_s_max"], merge["max_rss_mb_mean"], merge["max_rss_mb_max"]) == (
+        32.0, 24.0, 500.0, 600.0)
+    assert (merge["threads"], merge["mem_mb"], merge["runtime_min"]) == (2, 1000, 60)
+    assert merge["rss_of_mem_mb"] == pytest.approx(0.6) and merge["wall_of_runtime"] == pytest.approx(30 / 3600)
+    assert df.loc["evaluation", "wall_of_runtime"] == 2.0 and pd.isna(df.loc["evaluation", "mem_mb"])  # over time
+    tok = df.loc["tokenizer"]
+    assert tok["wall_s_sum"] == 0.5 and pd.isna(tok["cpu_s_sum"]) and pd.isna(tok["max_rss_mb_max"])
+    out = tmp_path / "report"
+    assert pd.read_csv(out / "run_costs.csv").set_index("rule").loc["merge", "wall_s_sum"] == 40.0
+    table = [line for line in (out / "run_costs.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3 and table[2].startswith("| merge | 2 | 40.00 |")
+    assert (out / "run_costs.png").read_bytes().startswith(PNG_MAGIC)
+
+    # The warm worker: the records see its client, so CPU time and memory are left out, wall time kept.
+    warm = build_run_costs(records, tmp_path / "warm", requested, warm_worker=True).set_index("rule")
+    assert warm["cpu_s_sum"].isna().all() and warm["max_rss_mb_max"].isna().all()
+    assert warm.loc["merge", "wall_s_sum"] == 40.0
+    assert "not shown: the warm worker" in (tmp_path / "warm" / "run_costs.md").read_text()
+
+
+def test_run_costs_refuses_bad_records(tmp_path):
+    from ledmerge.run_costs import run_costs
+
+    with pytest.raises(LedmergeError, match="does not exist"):
+        run_costs([tmp_path / "benchmarks" / "merge" / "led.tsv"])
+    bad = tmp_path / "benchmarks" / "merge" / "x.tsv"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("a\tb\n1\t2\n")
+    with pytest.raises(LedmergeError, match="not a Snakemake benchmark record"):
+        run_costs([bad])
+    with pytest.raises(LedmergeError, match="no benchmark records"):
+        run_costs([])

@@ -31,6 +31,8 @@ from conftest import REPO, env, job_stats, sha256, snakemake, snakemake_command,
 from slurm_cluster import SlurmCluster, missing_tools
 from test_workflow import TASKS
 
+from ledmerge.layout import Layout
+
 MISSING = missing_tools()
 pytestmark = [
     pytest.mark.slow,
@@ -73,11 +75,19 @@ def seed_results(reference: Path, results: Path) -> None:
     """Copy what the SLURM run does not redo from the reference run into `results`, file times kept (copy2, and
     copytree keeps the directories'), so the outputs are as old, relative to each other, as Snakemake wrote them:
     the zoo, the tokenizer, the calibration data, the evaluations of the base and experts, and every task's scores
-    and elected mask but CLUSTER_TASK's."""
+    and elected mask but CLUSTER_TASK's, each with its job's benchmark record."""
     kept = [reference / p for p in ("zoo", "tokenizer", "calibration", "eval/base", *(f"eval/{t}" for t in TASKS))]
     for task in TASKS:
         if task != CLUSTER_TASK:
             kept += [reference / "importance" / task, reference / "masks" / "elected" / f"{task}.safetensors"]
+    # and those jobs' benchmark records, which the report reads (without them, Snakemake would run the jobs again)
+    bench = Layout({"results": str(reference)})
+    kept += [Path(bench.benchmark(r)).parent for r in ("zoo_data", "zoo_base", "zoo_expert", "tokenizer", "calibration")]
+    kept += [Path(bench.benchmark("evaluation", m)) for m in ("base", *TASKS)]
+    for task in TASKS:
+        if task != CLUSTER_TASK:
+            kept += [Path(bench.benchmark("election", task))]
+            kept += [Path(bench.benchmark("importance", task, role)) for role in ("base", "expert")]
     for source in kept:
         target = results / source.relative_to(reference)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import yaml
 from conftest import REPO, SNAKEMAKE, Run, env, job_stats, ledmerge, sha256, snakemake, test_config, write_config  # noqa: F401 (re-exported)
 
 from ledmerge.config import validate
-from ledmerge.layout import data_aware_models
+from ledmerge.layout import Layout, data_aware_models
 from ledmerge.paper import OUTPUTS as PAPER_OUTPUTS
 
 TASKS = ["code", "math", "safety"]
@@ -48,6 +48,13 @@ SWEEP_JOBS = {
                   "sweeps_report": 1},
 }
 SWEEP_POINTS = ["led.rate_math-0.2", "led.rate_math-0.3"]  # config/test.yaml's
+# Every job of config/test.yaml, by rule.
+TEST_JOBS = {"zoo_data": 1, "zoo_base": 1, "zoo_expert": len(TASKS), "tokenizer": 1, "calibration": len(TASKS),
+             "importance": 2 * len(TASKS), "election": len(TASKS), "disjoint": 1, "synthetic": 1,
+             "evolve": sum(m.startswith("evo_") for m in DATA_AWARE),
+             "cocktail": sum(m.startswith("cocktail_") for m in DATA_AWARE),
+             "merge": len(MERGES) + len(DATA_AWARE), "evaluation": len(MODELS), "report": 1, "paper": 1,
+             **SWEEP_JOBS["test.yaml"]}
 
 
 @pytest.mark.slow
@@ -182,6 +189,34 @@ def test_every_rule_has_logs(workflow_run):
 
 
 @pytest.mark.slow
+def test_every_job_has_a_benchmark_record_and_the_report_its_costs(workflow_run):
+    """Every job wrote its Snakemake benchmark record (<results>/benchmarks/<rule>/<job>.tsv, timed); run_costs has
+    one row per rule with its jobs (all but the report's and the paper's, which come after it), what the rule asked
+    for (config/test.yaml's resources: the schema's defaults), and, this run's jobs being the warm worker's, no CPU
+    time or memory (the records see the worker's client)."""
+    records = sorted((workflow_run.results / "benchmarks").glob("*/*.tsv"))
+    per_rule = {}
+    for path in records:
+        per_rule[path.parent.name] = per_rule.get(path.parent.name, 0) + 1
+        with open(path) as fh:
+            row = next(csv.DictReader(fh, delimiter="\t"))
+        assert float(row["s"]) > 0 and {"max_rss", "cpu_time"} <= set(row), path
+    assert per_rule == TEST_JOBS
+    assert Path(Layout({"results": str(workflow_run.results)}).benchmark("importance", "math", "base")) in records
+    with open(workflow_run.results / "report" / "run_costs.csv") as fh:
+        costs = {row["rule"]: row for row in csv.DictReader(fh)}
+    assert {rule: int(row["jobs"]) for rule, row in costs.items()} == {
+        rule: n for rule, n in TEST_JOBS.items() if rule not in ("report", "paper")}
+    assert all(float(row["wall_s_sum"]) > 0 and row["cpu_s_sum"] == row["max_rss_mb_max"] == "" for row in costs.values())
+    cfg = validate(test_config(workflow_run.results))
+    merge = cfg["resources"]["merge"]
+    assert (float(costs["merge"]["mem_mb"]), float(costs["merge"]["runtime_min"])) == (merge["mem_mb"], merge["runtime"])
+    assert float(costs["sweep_merge"]["threads"]) == cfg["threads"] and costs["zoo_data"]["mem_mb"] == ""
+    assert "not shown: the warm worker" in (workflow_run.results / "report" / "run_costs.md").read_text()
+    assert (workflow_run.results / "report" / "run_costs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
 def test_evaluation_outputs_per_model(workflow_run):
     for model in MODELS:
         metrics = json.loads((workflow_run.results / "eval" / model / "metrics.json").read_text())
@@ -309,7 +344,8 @@ def test_changing_one_sweep_value_reruns_only_that_branch(workflow_run, tmp_path
     cfg = test_config(workflow_run.results, sweeps=change)
     proc = snakemake(workflow_run.workdir, write_config(tmp_path / "c.yaml", cfg), "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert job_stats(proc.stdout) == {**expected, "paper": 1, "all": 1}, proc.stdout[-3000:]  # paper: its ablations
+    # paper: its ablations; report: the sweep jobs' benchmark records
+    assert job_stats(proc.stdout) == {**expected, "report": 1, "paper": 1, "all": 1}, proc.stdout[-3000:]
     # the unchanged point is not merged again
     assert not any(out.endswith(f"sweeps/merged/{SWEEP_POINTS[0]}") for out in planned_outputs(proc.stdout))
 
@@ -377,6 +413,11 @@ def test_dry_run_plans_every_rule(tmp_path, name):
     assert {rule: stats[rule] for rule in SWEEP_JOBS[name]} == SWEEP_JOBS[name]
     assert stats["merge"] == len(MERGES) + len(data_aware) and stats["importance"] == 2 * len(TASKS)
     assert stats["evaluation"] == 1 + len(TASKS) + len(MERGES) + len(data_aware)
+    # The report reads the benchmark record of every planned job but its own and the paper's, and of no other job.
+    jobs = planned_jobs(proc.stdout)
+    report = next(job for job in jobs if job["rule"] == "report")
+    assert {f for f in report["input"] if "/benchmarks/" in f} == {
+        job["benchmark"] for job in jobs if job["rule"] not in ("report", "paper", "all")}
     assert not (tmp_path / "results").exists()
 
 
@@ -454,6 +495,18 @@ def planned_outputs(stdout: str) -> set[str]:
             for p in line.strip()[len("output: "):].split(", ")}
 
 
+def planned_jobs(stdout: str) -> list[dict]:
+    """The jobs a dry run lists: rule, input and output (lists of paths) and benchmark (a path, or None)."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", stdout):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        if rule:
+            fields = dict(re.findall(r"^ +(input|output|benchmark): (.*)$", block, re.M))
+            jobs.append({"rule": rule.group(1), "input": fields.get("input", "").split(", "),
+                         "output": fields.get("output", "").split(", "), "benchmark": fields.get("benchmark")})
+    return jobs
+
+
 def real_model_run(tmp_path: Path, tiny_zoo: dict, data_aware: bool = False) -> Run:
     """config/test.yaml on a copy of the tiny models (the code expert sharded; with `data_aware`, the base's copy
     `generator` writes the synthetic data), its outputs present and up to date without running a job: the dry run's
@@ -484,10 +537,17 @@ def real_model_run(tmp_path: Path, tiny_zoo: dict, data_aware: bool = False) -> 
             path.touch()
         else:
             path.mkdir(parents=True, exist_ok=True)
+    jobs = [job for job in planned_jobs(proc.stdout) if job["benchmark"]]
+    for job in jobs:  # the report reads every job's benchmark record
+        Path(job["benchmark"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(job["benchmark"]).touch()
     # Up to date now: the tests' own dry run after a rewrite plans exactly the rewritten model's readers, which it
     # could not if anything else were still out of date.
     proc = snakemake(run.workdir, run.configfile, "--touch", "--cores", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in jobs:  # `--touch` leaves benchmark records alone: each as old as its job's outputs
+        when = min(os.stat(out).st_mtime for out in job["output"])
+        os.utime(job["benchmark"], (when, when))
     run.models = models
     return run
 
@@ -518,7 +578,7 @@ def test_replaced_expert_checkpoint_reruns_exactly_its_readers(tmp_path, tiny_zo
     expected |= {f"{r}/masks/final/{t}.safetensors" for t in TASKS} | {f"{r}/merged/{m}" for m in MERGES}
     expected |= {f"{r}/eval/{m}/{f}" for m in [expert] + MERGES for f in ("metrics.json", "generations.jsonl")}
     expected |= {f"{r}/report/{f}" for f in ("summary.csv", "summary.md", "safety_utility.png", "benchmarks.png",
-                                             "mask_overlap.png")}
+                                             "mask_overlap.png", "run_costs.csv", "run_costs.md", "run_costs.png")}
     expected |= {f"{r}/report/paper/{f}" for f in PAPER_OUTPUTS}
     assert planned_outputs(proc.stdout) == expected, proc.stdout[-3000:]
     assert job_stats(proc.stdout) == {"importance": 1, "election": 1, "disjoint": 1, "merge": len(MERGES),

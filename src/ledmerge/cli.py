@@ -299,6 +299,14 @@ def cmd_report(a):
     df = build_report(metrics, kinds, a.out_dir, mask_stats_csv=a.mask_stats, mask_overlap_csv=a.mask_overlap,
                       histories=_pairs(a.history, "--history") or None)
     print(df.to_string(index=False))
+    if a.benchmarks:
+        from .run_costs import build_run_costs
+
+        # A run whose jobs the warm worker runs (LEDMERGE_WORKER names its socket; ledmerge.worker.ENV, not imported
+        # here: the worker imports this module) has records of the worker's client: no CPU time or memory of steps.
+        warm = os.environ.get("LEDMERGE_WORKER", "") not in ("", "off")
+        costs = build_run_costs(a.benchmarks, a.out_dir, _json_arg(a.requested, "--requested"), warm_worker=warm)
+        print(costs.to_string(index=False))
 
 
 def cmd_sweeps_report(a):
@@ -586,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-dir", required=True, help="the directory to write summary.csv, summary.md and the "
                     "figures (PNG) into")
     sp.add_argument("--history", nargs="*", metavar="NAME=CSV", help="CMA-ES search histories (data-aware merges)")
+    sp.add_argument("--benchmarks", nargs="*", metavar="TSV", help="each job's Snakemake benchmark record "
+                    "(<results>/benchmarks/<rule>/<job>.tsv): run_costs.csv, run_costs.md and run_costs.png, per rule")
+    sp.add_argument("--requested", help='JSON (inline or @FILE): what each rule asks for, {rule: {"threads", '
+                    '"mem_mb", "runtime"}}, beside what its jobs used in run_costs')
 
     sp = add("sweeps-report", cmd_sweeps_report, "the long table of the sweeps: one row per point (sweeps.csv)")
     sp.add_argument("--points", required=True, help='JSON (inline or @FILE): {"columns": [swept parameters], '

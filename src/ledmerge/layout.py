@@ -15,7 +15,8 @@ parsed.
   (`point_name`, the merge read back by `point_merge`) and the branch ids of the stages points share (`scores_id`,
   `election_id`, `masks_id`), and their paths under `<results>/sweeps/` (`Layout.branch_*`, `Layout.point_dir`,
   `Layout.point_eval`);
-- `Layout`: every path of one run. Called with Snakemake wildcards ("{task}") instead of values, a method gives
+- `Layout`: every path of one run (each job's benchmark record too: `Layout.benchmark`, read back by
+  `benchmark_rule`). Called with Snakemake wildcards ("{task}") instead of values, a method gives
   the rule's output pattern, so a rule and the code that names its outputs share one definition.
 
 Sweep points are named by their own values, never by the configured merge's (docs/workflow.md#sweeps): a point
@@ -26,6 +27,8 @@ point.
 """
 
 from __future__ import annotations
+
+import os
 
 ZOO = "zoo"  # the toy zoo, as a model, calibration source, evaluation set or generator in the config
 ZOO_TASKS = ("safety", "math", "code")  # the tasks the toy zoo has experts and data for
@@ -248,6 +251,11 @@ def is_control(branch) -> bool:
     return branch is not None and "+" in branch
 
 
+def benchmark_rule(path) -> str:
+    """The rule whose job wrote benchmark record `path` (`Layout.benchmark`)."""
+    return os.path.basename(os.path.dirname(str(path)))
+
+
 class Layout:
     """Every path of one run, from its validated config: the main run's outputs under `results`, hub models under
     the hub folder, the sweeps' branches under `results/sweeps`. A branch id of None is the main run's file."""
@@ -257,6 +265,7 @@ class Layout:
         r = self.results = config["results"]
         self.hub = hub_root(config)
         self.logs = f"{r}/logs"
+        self.benchmarks = f"{r}/benchmarks"
         self.tokenizer = f"{r}/tokenizer"
         self.synthetic = f"{r}/synthetic"
         self.report = f"{r}/report"
@@ -266,6 +275,12 @@ class Layout:
         self.mask_localisation = f"{r}/masks/localisation.csv"
         self.zoo_data_dir, self.zoo_tokenizer = f"{r}/zoo/data", f"{r}/zoo/tokenizer"
         self.sweeps = f"{r}/sweeps"
+
+    # ---- what each job cost: Snakemake's `benchmark:` record of a job of `rule`, named by its wildcards ----
+    def benchmark(self, rule: str, *wildcards: str) -> str:
+        """<results>/benchmarks/<rule>/<wildcard values joined by _>.tsv (<rule>/<rule>.tsv for a rule without
+        wildcards); called with "{task}" and the like, the rule's `benchmark:` pattern."""
+        return f"{self.benchmarks}/{rule}/{'_'.join(wildcards) or rule}.tsv"
 
     # ---- inputs: the toy zoo, fetched datasets, the evaluation sets and calibration pools ----
     def zoo_data(self, name: str) -> str:

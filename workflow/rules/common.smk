@@ -80,6 +80,7 @@ calibration_file, scores_file, elected_mask, final_mask = (
 merged_dir, search_dir, eval_file, eval_data = PATHS.merged_dir, PATHS.search_dir, PATHS.eval_file, PATHS.eval_set
 # the lm-eval tasks' local data files, inputs of every evaluation (a named benchmark's is written by benchmark_data)
 LM_EVAL_DATA = [f for spec in task_specs(config["evaluation"]["lm_eval_tasks"]) for f in local_data_files(spec["data"]).values()]
+benchmark_file = PATHS.benchmark  # every rule's `benchmark:`, next to its `log:` (f"{LOG}/...")
 
 
 def paper_sweeps(wildcards):
@@ -154,20 +155,18 @@ def hub_models():
 
 
 def datasets_to_fetch():
-    """Hugging Face datasets the workflow exports to JSONL: file -> (spec, {field: column})."""
+    """Hugging Face datasets the workflow exports to JSONL (PATHS.dataset): name -> (spec, {field: column})."""
     out = {}
     for t in TASKS:
         cal = config["tasks"][t]["calibration"]
         if cal["source"] == "hf":
             spec = {k: cal.get(k) for k in ("name", "config_name", "split")}
-            out[PATHS.dataset(calibration_dataset(t))] = (spec, {"prompt": cal["prompt_column"],
-                                                                  "response": cal["response_column"]})
+            out[calibration_dataset(t)] = (spec, {"prompt": cal["prompt_column"], "response": cal["response_column"]})
     for key in EVAL_SETS:
         source = config["evaluation"][key]
         if isinstance(source, dict):
             spec = {"name": source["hf"], "config_name": source["config_name"], "split": source["split"]}
-            out[PATHS.dataset(eval_dataset(key))] = (spec, {"prompt": source["prompt_column"],
-                                                           "category": source["category_column"]})
+            out[eval_dataset(key)] = (spec, {"prompt": source["prompt_column"], "category": source["category_column"]})
     return out
 
 
@@ -360,3 +359,56 @@ def sweeps_points_json():
     return as_json({"columns": swept_columns(config), "points": [
         {"sweep": p.sweep, "model": p.name, "values": p.values, "metrics": point_metrics(p.name),
          "mask_stats": point_mask_stats(p)} for p in SWEEP_POINTS]})
+
+
+# ---- run costs (report.smk): the benchmark record of every job the report summarises ----
+def job_benchmarks():
+    """Every job's `benchmark:` record (benchmark_file, the rules' own patterns filled in), for each job the
+    workflow runs for this config, but the report's and the paper's: those come after the report (the paper reads
+    its summary). The report lists them as inputs (Snakemake writes a job's record when it ends), so listing a job
+    that the run does not have would add it: the dry runs of the shipped configs plan the same jobs with and
+    without this list (tests/test_workflow.py checks a record per planned job)."""
+    zoo_data = config["base_model"] == ZOO or any(config["tasks"][t]["calibration"]["source"] == ZOO for t in TASKS)
+    zoo_data = zoo_data or any(config["evaluation"][k] == ZOO for k in EVAL_SETS)
+    zoo_seeds = sorted({p.zoo_seed for p in SWEEP.points.values() if p.zoo_seed is not None})
+    jobs = {
+        "fetch_model": [[os.path.basename(d)] for d in HUB_MODELS],
+        "fetch_dataset": [[name] for name in DATASETS],
+        "benchmark_data": [[n] for n in OFFLINE_BENCHMARKS
+                           if PATHS.dataset(n) in {eval_data(k) for k in EVAL_SETS} | set(LM_EVAL_DATA)],
+        "zoo_data": [[]] if zoo_data else [],
+        "zoo_base": [[]] if config["base_model"] == ZOO else [],
+        "zoo_expert": [[t] for t in TASKS if config["tasks"][t]["model"] == ZOO],
+        "tokenizer": [[]],
+        "calibration": [[t] for t in TASKS],
+        "importance": [[t, role] for t in TASKS for role in ("base", "expert")],
+        "election": [[t] for t in TASKS],
+        "disjoint": [[]],
+        "synthetic": [[]] if DATA_AWARE else [],
+        "evolve": [list(parse_data_aware(m)[1:]) for m in EVOLVED],
+        "cocktail": [[parse_data_aware(m)[2]] for m in DATA_AWARE if not is_evolved(m)],
+        "merge": [[m] for m in MERGES + DATA_AWARE],
+        "evaluation": [[m] for m in MODELS],
+        "sweep_zoo_base": [[str(s)] for s in zoo_seeds],
+        "sweep_zoo_expert": [[str(s), t] for s in zoo_seeds for t in TASKS],
+        "sweep_importance": [[b, t, role] for b in SWEEP.scores for t in TASKS for role in ("base", "expert")],
+        "sweep_election": [[b, t] for b, t in SWEEP.elections],
+        "sweep_disjoint": [[b] for b in SWEEP.masks],
+        "sweep_control": [[b] for b in SWEEP.controls],
+        "sweep_merge": [[p] for p in SWEEP.points],
+        "sweep_evaluation": [[p] for p in SWEEP.points],
+        "sweeps_report": [[]] if SWEEP_POINTS else [],
+    }
+    return [benchmark_file(rule, *w) for rule, values in jobs.items() for w in values]
+
+
+def requested_resources():
+    """`ledmerge report --requested`: what each rule's jobs ask for, read from the rules themselves (their `threads:`
+    and rule_resources: the config's `resources` section; runtime in minutes, as Snakemake parses it), as JSON
+    {rule: {threads, mem_mb, runtime}}; a key is absent where the rule sets none (Snakemake's defaults apply)."""
+    asked = {}
+    for r in workflow.rules:  # (not `rule`: `snakemake --lint` would take the loop for a rule)
+        values = {key: r.resources[name].value for key, name in (("threads", "_cores"), ("mem_mb", "mem_mb"),
+                                                                  ("runtime", "runtime")) if name in r.resources}
+        asked[r.name] = {k: v for k, v in values.items() if isinstance(v, int)}
+    return as_json(asked)

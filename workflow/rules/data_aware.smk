@@ -32,6 +32,8 @@ rule synthetic:
         **rule_resources("synthetic", DA["synthetic"]["device"]),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("synthetic"),
     log:
         f"{LOG}/synthetic.log",
     shell:
@@ -73,6 +75,8 @@ rule evolve:
         **rule_resources("evolve", DA["fitness"]["device"]),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("evolve", "{method}", "{objective}"),
     log:
         f"{LOG}/evolve_{{method}}_{{objective}}.log",
     shell:
@@ -95,6 +99,8 @@ rule cocktail:
         **rule_resources("cocktail", DA["fitness"]["device"]),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("cocktail", "{objective}"),
     log:
         f"{LOG}/cocktail_{{objective}}.log",
     shell:

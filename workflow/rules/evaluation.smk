@@ -25,6 +25,8 @@ rule evaluation:
         **rule_resources("evaluation", config["evaluation"]["device"]),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("evaluation", "{model}"),
     log:
         f"{LOG}/evaluation_{{model}}.log",
     shell:
@@ -42,6 +44,8 @@ rule benchmark_data:
         PATHS.dataset("{benchmark}"),
     wildcard_constraints:
         benchmark="|".join(OFFLINE_BENCHMARKS),
+    benchmark:
+        benchmark_file("benchmark_data", "{benchmark}")
     conda:
         CONDA_ENV
     log:

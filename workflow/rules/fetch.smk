@@ -18,6 +18,8 @@ rule fetch_model:
         revision=lambda w: HUB_MODELS[f"{HUB}/{w.repo}"]["revision"],  # filled by config validation
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("fetch_model", "{repo}"),
     log:
         f"{LOG}/fetch_model_{{repo}}.log",
     shell:
@@ -30,10 +32,12 @@ rule fetch_dataset:
     wildcard_constraints:
         dataset=DATASET_NAME,
     params:
-        spec=lambda w, output: as_json(DATASETS[output[0]][0]),
-        columns=lambda w, output: as_json(DATASETS[output[0]][1]),
+        spec=lambda w: as_json(DATASETS[w.dataset][0]),
+        columns=lambda w: as_json(DATASETS[w.dataset][1]),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("fetch_dataset", "{dataset}"),
     log:
         f"{LOG}/fetch_dataset_{{dataset}}.log",
     shell:

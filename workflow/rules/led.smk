@@ -14,6 +14,8 @@ rule calibration:
         **rule_resources("calibration"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("calibration", "{task}"),
     log:
         f"{LOG}/calibration_{{task}}.log",
     shell:
@@ -43,6 +45,8 @@ rule importance:
         **rule_resources("importance", importance_device()),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("importance", "{task}", "{role}"),
     log:
         f"{LOG}/importance_{{task}}_{{role}}.log",
     shell:
@@ -65,6 +69,8 @@ rule election:
         **rule_resources("election"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("election", "{task}"),
     log:
         f"{LOG}/election_{{task}}.log",
     shell:
@@ -88,6 +94,8 @@ rule disjoint:
         **rule_resources("disjoint"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("disjoint"),
     log:
         f"{LOG}/disjoint.log",
     shell:

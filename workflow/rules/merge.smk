@@ -17,6 +17,8 @@ rule merge:
         **rule_resources("merge", config["merge"]["device"]),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("merge", "{merge}"),
     log:
         f"{LOG}/merge_{{merge}}.log",
     shell:

@@ -1,4 +1,4 @@
-# Summary table (CSV + Markdown) and figures for every model.
+# Summary table (CSV + Markdown) and figures for every model, and what each rule's jobs cost (run_costs).
 # Both rules here are seconds of work on small files: on a cluster they run on the submitting host (local rules)
 # instead of waiting in the queue for a node, as does `sweeps_report` (sweeps.smk).
 
@@ -16,23 +16,32 @@ rule report:
         stats=MASK_STATS,
         overlap=MASK_OVERLAP,
         histories=[f"{search_dir(m)}/history.csv" for m in EVOLVED],
+        # every job's benchmark record but this rule's and the paper's (they come after it): its costs, per rule
+        benchmarks=job_benchmarks(),
     output:
         csv=report(f"{REPORT}/summary.csv", category="Summary"),
         md=f"{REPORT}/summary.md",
         figures=[report(f"{REPORT}/{f}.png", category="Figures") for f in REPORT_FIGURES],
+        costs=report(f"{REPORT}/run_costs.csv", category="Run costs"),
+        costs_md=f"{REPORT}/run_costs.md",
+        costs_figure=report(f"{REPORT}/run_costs.png", category="Run costs"),
     params:
         out_dir=lambda w, output: os.path.dirname(output.csv),
         metrics=pairs(MODELS, lambda m: f"{model_kind(m)}={eval_file(m, 'metrics.json')}"),
         histories=pairs(EVOLVED, lambda m: f"{search_dir(m)}/history.csv"),
+        requested=lambda w: requested_resources(),  # at job time: every rule is defined by then
     resources:
         **rule_resources("report"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("report"),
     log:
         f"{LOG}/report.log",
     shell:
         "$LEDMERGE --threads {threads} report --metrics {params.metrics} --mask-stats {input.stats} "
-        "--mask-overlap {input.overlap} --history {params.histories} --out-dir {params.out_dir} > {log} 2>&1"
+        "--mask-overlap {input.overlap} --history {params.histories} --benchmarks {input.benchmarks} "
+        "--requested {params.requested:q} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 # Paper outputs: booktabs tables (LaTeX + Markdown) and print-ready figures (PDF + PNG), a fixed set of files
@@ -67,6 +76,8 @@ rule paper:
         **rule_resources("report"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("paper"),
     log:
         f"{LOG}/paper.log",
     shell:

@@ -16,6 +16,8 @@ use rule zoo_base as sweep_zoo_base with:
         directory(branch_model("{zoo_seed}", "base")),
     params:
         seed=lambda w: int(w.zoo_seed),
+    benchmark:
+        benchmark_file("sweep_zoo_base", "{zoo_seed}"),
     log:
         f"{LOG}/sweeps/zoo_base_seed{{zoo_seed}}.log",
 
@@ -28,6 +30,8 @@ use rule zoo_expert as sweep_zoo_expert with:
         directory(branch_model("{zoo_seed}", "{task}")),
     params:
         seed=lambda w: expert_seed(int(w.zoo_seed), w.task),
+    benchmark:
+        benchmark_file("sweep_zoo_expert", "{zoo_seed}", "{task}"),
     log:
         f"{LOG}/sweeps/zoo_expert_seed{{zoo_seed}}_{{task}}.log",
 
@@ -45,6 +49,8 @@ use rule importance as sweep_importance with:
     params:
         options=lambda w: as_json({**config["importance"], "location": SWEEP.scores[w.branch].values["location"]}),
         random=lambda w: random_args(SWEEP.scores[w.branch].values["location"], w.task),
+    benchmark:
+        benchmark_file("sweep_importance", "{branch}", "{task}", "{role}"),
     log:
         f"{LOG}/sweeps/importance_{{branch}}_{{task}}_{{role}}.log",
 
@@ -60,6 +66,8 @@ use rule election as sweep_election with:
         options=lambda w: as_json(
             {**config["election"], "pattern": SWEEP.elections[w.branch, w.task].values["pattern"]}
         ),
+    benchmark:
+        benchmark_file("sweep_election", "{branch}", "{task}"),
     log:
         f"{LOG}/sweeps/election_{{branch}}_{{task}}.log",
 
@@ -75,6 +83,8 @@ use rule disjoint as sweep_disjoint with:
     params:
         elected=lambda w: pairs(TASKS, lambda t: branch_elected(SWEEP.masks[w.branch].elections[t], t)),
         out=lambda w: pairs(TASKS, lambda t: branch_mask(w.branch, t)),
+    benchmark:
+        benchmark_file("sweep_disjoint", "{branch}"),
     log:
         f"{LOG}/sweeps/disjoint_{{branch}}.log",
 
@@ -100,6 +110,8 @@ rule sweep_control:
         **rule_resources("disjoint"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("sweep_control", "{branch}"),
     log:
         f"{LOG}/sweeps/control_{{branch}}.log",
     shell:
@@ -118,6 +130,8 @@ use rule merge as sweep_merge with:
         masks=lambda w: pairs(TASKS, lambda t: branch_mask(SWEEP.points[w.point].masks, t))
         if SWEEP.points[w.point].uses_masks
         else "",
+    benchmark:
+        benchmark_file("sweep_merge", "{point}"),
     log:
         f"{LOG}/sweeps/merge_{{point}}.log",
 
@@ -133,6 +147,8 @@ use rule evaluation as sweep_evaluation with:
         generations=PATHS.point_eval("{point}", "generations.jsonl"),
     params:
         opt_ins=opt_in("trust_remote_code"),  # a merge is never an adapter
+    benchmark:
+        benchmark_file("sweep_evaluation", "{point}"),
     log:
         f"{LOG}/sweeps/evaluation_{{point}}.log",
 
@@ -153,6 +169,8 @@ rule sweeps_report:
         **rule_resources("report"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("sweeps_report"),
     log:
         f"{LOG}/sweeps_report.log",
     shell:

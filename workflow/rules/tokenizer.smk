@@ -15,6 +15,8 @@ rule tokenizer:
         trust_remote_code=opt_in("trust_remote_code"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("tokenizer"),
     log:
         f"{LOG}/tokenizer.log",
     shell:

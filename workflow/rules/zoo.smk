@@ -14,6 +14,8 @@ rule zoo_data:
         seed=config["seed"],
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("zoo_data"),
     log:
         f"{LOG}/zoo_data.log",
     shell:
@@ -37,6 +39,8 @@ rule zoo_base:
         **rule_resources("zoo_base"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("zoo_base"),
     log:
         f"{LOG}/zoo_base.log",
     shell:
@@ -60,6 +64,8 @@ rule zoo_expert:
         **rule_resources("zoo_expert"),
     conda:
         CONDA_ENV
+    benchmark:
+        benchmark_file("zoo_expert", "{task}"),
     log:
         f"{LOG}/zoo_expert_{{task}}.log",
     shell:
