@@ -203,7 +203,7 @@ def test_docs_result_tables_are_the_recorded_runs():
     with the paper's own renderer: a typed or stale table fails here."""
     from pathlib import Path
 
-    from ledmerge.paper.record import MARKERS, main_table_markdown, with_main_table
+    from ledmerge.paper.record import main_table_markdown, markers, with_main_table
 
     repo = Path(__file__).resolve().parents[1]
     record = repo / "docs" / "run"
@@ -211,7 +211,8 @@ def test_docs_result_tables_are_the_recorded_runs():
     for doc in (repo / "README.md", repo / "docs" / "results.md"):
         text = doc.read_text()
         assert with_main_table(text, record) == text, f"{doc.name} is stale: run make docs"
-        block = text.split(MARKERS[0], 1)[1].split(MARKERS[1], 1)[0]
+        begin, end = markers(record)
+        block = text.split(begin, 1)[1].split(end, 1)[0]
         assert block == table
     summary = pd.read_csv(record / "summary.csv")
     assert {"base", "led", "task_arithmetic"} <= set(summary["model"])
@@ -226,7 +227,7 @@ def test_docs_result_tables_are_the_recorded_runs():
 
 
 def test_record_run_and_main_table_markers(tmp_path):
-    from ledmerge.paper.record import MARKERS, record_run, with_main_table
+    from ledmerge.paper.record import markers, record_run, with_main_table
 
     summary, metrics = _fixtures(tmp_path)
     results = tmp_path / "results"
@@ -237,7 +238,8 @@ def test_record_run_and_main_table_markers(tmp_path):
         (results / "eval" / model / "metrics.json").write_text(path.read_text())
     record = record_run(results, tmp_path / "record", "make run")
     assert json.loads((record / "run.json").read_text())["command"] == "make run"
-    doc = f"intro\n{MARKERS[0]}old table\n{MARKERS[1]}after\n"
+    begin, end = markers(record)
+    doc = f"intro\n{begin}old table\n{end}after\n"
     new = with_main_table(doc, record)
     assert new.startswith("intro\n") and new.endswith("after\n") and "old table" not in new and "| led | merge |" in new
     with pytest.raises(LedmergeError, match="no main-table markers"):
