@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= all
 
-.PHONY: env run test check lint dryrun lock clean bench docs record
+.PHONY: env run test check lint dryrun lock clean bench docs record run-miniature record-miniature
 
 env: $(STAMP)
 
@@ -27,6 +27,12 @@ $(STAMP): envs/requirements.txt pyproject.toml
 
 run: env
 	OMP_NUM_THREADS=1 $(BIN)/snakemake --cores $(CORES)
+
+# The real-model miniature (docs/real-miniature.md): experts fine-tuned from SmolLM2-135M-Instruct, every merge,
+# control and sweep, evaluated on HarmBench and HumanEval; about 2 h on 2 CPU cores (docs/results.md).
+MINIATURE := results/real_miniature
+run-miniature: env
+	OMP_NUM_THREADS=1 $(BIN)/snakemake --cores $(CORES) --configfile=config/real_miniature.yaml
 
 # The full suite (what .ci/run runs), on 3 pytest-xdist workers: tests that share a session fixture (the toy
 # workflow run and the SLURM run that reuses it; the real checkpoint) stay on one worker (tests/conftest.py). Three on
@@ -52,6 +58,8 @@ docs: env
 	$(BIN)/python -m ledmerge config-reference > docs/configuration.md
 	$(BIN)/python -m ledmerge config-reference --readme README.md
 	$(BIN)/python -m ledmerge results-tables --record docs/run README.md docs/results.md
+	test ! -f docs/run-miniature/run.json || \
+	  $(BIN)/python -m ledmerge results-tables --record docs/run-miniature README.md docs/results.md
 	$(BIN)/python tests/test_bad_input_sweep.py docs/bad-input.md
 	$(BIN)/python tests/test_docs.py
 
@@ -63,6 +71,14 @@ record: env
 	cp results/report/paper/fig_safety_only.png docs/figures/safety_only.png
 	cp results/report/paper/table_paired.md results/report/paper/table_ablation_control.md \
 	   results/report/paper/table_localisation.md docs/run/
+	$(MAKE) docs
+
+# After `make run-miniature`: its record (docs/run-miniature/), paper tables and figures, then the docs from it.
+record-miniature: env
+	$(BIN)/python -m ledmerge record-run --results $(MINIATURE) --out docs/run-miniature --command "make run-miniature"
+	cd $(MINIATURE)/report/paper && cp table_paired.md table_ablation_control.md table_localisation.md \
+	   fig_rate_sweep.png fig_safety_only.png fig_safety_utility.png $(CURDIR)/docs/run-miniature/
+	cp $(MINIATURE)/report/run_costs.md $(MINIATURE)/report/sweeps.csv docs/run-miniature/
 	$(MAKE) docs
 
 dryrun: env
