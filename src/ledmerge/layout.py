@@ -61,7 +61,7 @@ ZOO_FILES = (PRETRAIN, *map(zoo_eval, EVAL_SETS), *(f(t) for t in ZOO_TASKS for 
 # ---- where the zoo starts (zoo.start_from): the toy world pretrained here, or a real checkpoint ----
 SCRATCH, SMOLLM2 = "scratch", "smollm2"
 # the zoo's keys that only the experts' fine-tuning reads: changing one does not rebuild the base
-ZOO_FINETUNE_KEYS = ("finetune_steps", "finetune_lr", "finetune", "lora_rank", "lora_alpha", "max_length")
+ZOO_FINETUNE_KEYS = ("finetune_steps", "finetune_lr", "finetune", "lora_rank", "lora_alpha", "max_length", "device")
 
 
 def zoo_from_scratch(config: dict) -> bool:

@@ -61,7 +61,7 @@ rule zoo_expert:
         seed=lambda w: expert_seed(config["seed"], w.task),
     threads: rule_threads("zoo_expert")
     resources:
-        **rule_resources("zoo_expert"),
+        **rule_resources("zoo_expert", config["zoo"]["device"]),
     conda:
         CONDA_ENV
     benchmark:

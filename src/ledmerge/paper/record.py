@@ -22,6 +22,7 @@ import pandas as pd
 from ..errors import LedmergeError
 from ..fileio import write_json, write_text
 
+
 def markers(record_dir) -> tuple[str, str]:
     """The lines that open and close the main table of the run recorded in `record_dir`, in a Markdown file."""
     name = Path(record_dir).name

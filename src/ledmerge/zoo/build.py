@@ -77,5 +77,5 @@ def build_expert(base_dir, train_path, out_dir, seed: int, task: str, **opts) ->
     summary = finetune_expert(base_dir, rows, out_dir, steps=params["finetune_steps"], batch_size=params["batch_size"],
                               lr=params["finetune_lr"], seed=seed, max_length=params["max_length"],
                               finetune=params["finetune"], lora_rank=params["lora_rank"],
-                              lora_alpha=params["lora_alpha"], desc=f"fine-tune {task} expert")
+                              lora_alpha=params["lora_alpha"], device=params["device"], desc=f"fine-tune {task} expert")
     return {**summary, "numerics": in_effect()}

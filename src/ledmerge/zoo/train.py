@@ -122,12 +122,12 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def finetune_expert(base_dir: str | Path, rows: list[dict], out_dir: str | Path, *, steps: int, batch_size: int,
                     lr: float, seed: int, max_length: int, finetune: str = "full", lora_rank: int = 16,
-                    lora_alpha: float = 32, desc: str = "fine-tune") -> dict:
+                    lora_alpha: float = 32, device: str = "cpu", desc: str = "fine-tune") -> dict:
     """Fine-tuning in chat format with the loss on response tokens only: every weight (`full`) or LoRA adapters
     merged into the weights when saved (`lora`), so either way the expert is a full model directory."""
     _seed_all(seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     if finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -138,13 +138,14 @@ def finetune_expert(base_dir: str | Path, rows: list[dict], out_dir: str | Path,
     rng = random.Random(seed)
 
     def batches(_step):
-        return collate([encoded[rng.randrange(len(encoded))] for _ in range(batch_size)], tok.pad_token_id)
+        batch = collate([encoded[rng.randrange(len(encoded))] for _ in range(batch_size)], tok.pad_token_id)
+        return {k: v.to(device) for k, v in batch.items()}
 
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.time()
     losses = _train(model, batches, steps, lr, desc, lambda lg, lb: response_nll(lg, lb, "mean"))
     if finetune == "lora":
         model = model.merge_and_unload()
-    save_zoo_dir(out_dir, desc, model, tok)
+    save_zoo_dir(out_dir, desc, model.to("cpu"), tok)
     return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.time() - start, "finetune": finetune,
             "trained_parameters": trained}
