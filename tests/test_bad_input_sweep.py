@@ -228,6 +228,12 @@ CASES = [
          setting("tasks.base", {"model": "zoo", "rate": 0.1, "calibration": {"source": "zoo"}})),
     Case(CONFIG_VALUES, "a zoo model for a task the toy lacks", "config error at 'tasks.bio.model': the toy zoo has "
          "experts only for [<...>]", setting("tasks.bio", {"model": "zoo", "rate": 0.1, "calibration": {"source": "zoo"}})),
+    Case(CONFIG_VALUES, "zoo.start_from names no model directory", "config error at 'zoo.start_from': <path> is not a "
+         "Hugging Face model directory with its tokenizer: name scratch (the toy base), smollm2, or such a directory",
+         config(lambda cfg, tmp: cfg.setdefault("zoo", {}).update(start_from=str(tmp / "no_model")))),
+    Case(CONFIG_VALUES, "zoo.start_from is a folder without a model", "config error at 'zoo.start_from': <path> is "
+         "not a Hugging Face model directory with its tokenizer: name scratch (the toy base), smollm2, or such a "
+         "directory", config(lambda cfg, tmp: cfg.setdefault("zoo", {}).update(start_from=str(tmp)))),
     Case(CONFIG_VALUES, "jsonl calibration without a path", "config error at 'tasks.safety.calibration': source "
          "jsonl needs a 'path'", setting("tasks.safety.calibration", {"source": "jsonl"})),
     Case(CONFIG_VALUES, "results is a file", "config error at 'results': <path> is a file, not a directory: choose "

