@@ -165,9 +165,9 @@ def merge_section(a, zoo: dict[str, Path], env: dict, root: Path) -> tuple[list[
                          + (f" ({c['unexplained']:,} unexplained by TIES' documented tie and zero-sum cases)"
                             if "unexplained" in c else "")))
         rows.append(row)
-    head = ["method", "ledmerge min s", "ledmerge median s", "ledmerge CPU s"]
+    head = ["method", "ledmerge min s", "ledmerge median s", "ledmerge min CPU s"]
     if not a.no_mergekit:
-        head += ["mergekit min s", "mergekit median s", "mergekit CPU s", "x faster (min)", "x faster (median)",
+        head += ["mergekit min s", "mergekit median s", "mergekit min CPU s", "x faster (min)", "x faster (median)",
                  "target"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
     for r in rows:
