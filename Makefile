@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= all
 
-.PHONY: env run test check lint dryrun lock clean bench docs record run-miniature record-miniature
+.PHONY: env run test check lint dryrun lock clean bench bench-startup docs record run-miniature record-miniature
 
 env: $(STAMP)
 
@@ -84,11 +84,18 @@ record-miniature: env
 dryrun: env
 	$(BIN)/snakemake -n --cores $(CORES)
 
-# ledmerge vs mergekit on random 1.1B/3.0B Llama checkpoints (bench/README.md: ~1 h, ~40 GB free disk).
+# ledmerge vs mergekit: first `make bench-startup` (a few minutes), then random 1.1B/3.0B Llama checkpoints
+# (bench/README.md: ~1 h, ~40 GB free disk).
 BENCH_SIZES ?= 1b:3,1b:2,3b:2
 BENCH_ARGS  ?=
-bench: env
+bench: bench-startup
 	$(BIN)/python bench/merge_bench.py --sizes $(BENCH_SIZES) $(BENCH_ARGS)
+
+# Only the start-up part: imports of the merge path, and `ledmerge merge` against mergekit-yaml on the real 135M
+# checkpoint (converted into bench/work once; STARTUP_ARGS="--zoo DIR" for directories converted elsewhere).
+STARTUP_ARGS ?=
+bench-startup: env
+	$(BIN)/python bench/startup_bench.py $(STARTUP_ARGS)
 
 # Re-resolve the pins from envs/requirements.in (needs the package registry).
 lock:

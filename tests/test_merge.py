@@ -338,3 +338,36 @@ def test_merged_model_loads_and_generates(tiny_zoo, tmp_path):
     ids = tok("what is 3 + 4", return_tensors="pt").input_ids
     gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert gen.shape[1] == ids.shape[1] + 4
+
+
+# --- start-up -----------------------------------------------------------------------------------------------------
+
+HEAVY = ("transformers", "lm_eval", "datasets", "pandas", "matplotlib")
+
+
+def test_merge_step_imports_only_what_it_needs(tiny_zoo, tmp_path):
+    """`ledmerge merge` (task arithmetic and TIES, with a tokenizer directory) and its --help import torch but none
+    of the evaluation and report stack: each costs seconds of start-up per merge job (docs/benchmarks.md)."""
+    import json
+    import subprocess
+    import sys
+
+    experts = [f"{t}={tiny_zoo[t]}" for t in ("safety", "math", "code")]
+    runs = [["--threads", "1", "merge", "--base", str(tiny_zoo["base"]), "--expert", *experts, "--spec",
+             json.dumps(spec), "--out", str(tmp_path / spec["method"]), "--tokenizer", str(tiny_zoo["base"])]
+            for spec in ({"method": "task_arithmetic"}, {"method": "ties", "density": 0.5})]
+    script = ("import contextlib, io, json, sys\n"
+              "from ledmerge.cli import main\n"
+              f"for argv in {runs!r}:\n"
+              "    with contextlib.redirect_stdout(io.StringIO()):\n"
+              "        assert main(argv) == 0, argv\n"
+              "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+              "    main(['merge', '--help'])\n"
+              f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+              "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    imported, torch_loaded = proc.stdout.splitlines()[-2:]
+    assert json.loads(imported) == [], f"the merge step imported {imported}"
+    assert torch_loaded == "True"  # the check saw the merge run
+    assert (tmp_path / "ties" / "model.safetensors").is_file()

@@ -351,12 +351,27 @@ MASK_STATS_HELP = "the per-tensor mask statistics CSV (`ledmerge disjoint --stat
 MASK_OVERLAP_HELP = "the mask overlap CSV (`ledmerge disjoint --overlap`), for the mask overlap figure"
 
 
+class StepParser(argparse.ArgumentParser):
+    """A step's parser whose epilog, the `--options` keys read from the schema, is built only when its help is
+    printed: building every step's at each start-up cost every job ~0.1 s."""
+
+    options_sections: tuple[tuple[str, str], ...] = ()  # (config section, the flag that takes it as JSON)
+
+    def format_help(self) -> str:
+        if self.options_sections and self.epilog is None:
+            from .schema import help_epilog
+
+            self.epilog = "\n\n".join(help_epilog(path).replace("--options", flag)
+                                       for path, flag in self.options_sections)
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Steps are named as their rule and config section (rule = step = section). Paths and per-job values are
     flags; a step's config section is `--options` (schema defaults, listed in the step's --help). No option has a
     default here: the schema (src/ledmerge/schemas/config.schema.yaml) holds them all."""
     from .layout import OFFLINE_BENCHMARKS, ZOO_WORLDS
-    from .schema import help_epilog, sweep_values
+    from .schema import sweep_values
 
     p = argparse.ArgumentParser(prog="ledmerge", description=(
         "Safety-aware model merging (LED-Merging and baselines). Each subcommand is one step of the "
@@ -366,13 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "one-line message")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: $LEDMERGE_THREADS, else the config "
                    "schema's top-level threads)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="STEP")
+    sub = p.add_subparsers(dest="command", required=True, metavar="STEP", parser_class=StepParser)
 
     def add(name, func, help, section=None):
-        sp = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=help_epilog(section) if section else None)
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(func=func)
         if section:
+            sp.options_sections = ((section, "--options"),)
             sp.add_argument("--options", metavar="JSON", help=f"the config's `{section}` section as a JSON object, "
                             "or @FILE holding one; missing keys take the defaults listed below")
         return sp
@@ -545,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("evolve", cmd_evolve, "CMA-ES search of a merge method's coefficients on synthetic data"),
             ("cocktail", cmd_cocktail, "LM-Cocktail weights from the experts' losses on synthetic data")):
         sp = add(name, func, help, f"data_aware.{name}")
-        sp.epilog += "\n\n" + help_epilog("data_aware.fitness").replace("--options", "--fitness")
+        sp.options_sections += (("data_aware.fitness", "--fitness"),)
         sp.add_argument("--fitness", metavar="JSON", help="the config's `data_aware.fitness` section as a JSON "
                         "object, or @FILE; missing keys take the defaults listed below")
         sp.add_argument("--base", required=True, help=BASE_HELP + "; the workflow passes data_aware.base_model's "

@@ -178,7 +178,7 @@ def allowed(path_to_key: str) -> list:
 
 def sweep_values(axis: str) -> list:
     """The values a sweep axis allows (an enum axis such as `control`), as the schema's sweep definition lists them."""
-    return list(schema()["definitions"]["sweep"]["properties"][axis]["items"]["enum"])
+    return list(_parsed_schema()["definitions"]["sweep"]["properties"][axis]["items"]["enum"])  # a copy of the list
 
 
 # ----------------------------------------------------------------------------------------------------------------
