@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from pathlib import Path
 
 import pytest
 import real_checkpoint
@@ -124,3 +125,25 @@ def test_real_miniature_few_steps(instruct, tmp_path):
         harmful = [g for g in generations if g["task"] == "harmful"]
         assert [g["prompt"] for g in harmful] == [json.loads(line)["prompt"] for line in
                                                  (results / "data" / "harmbench.jsonl").read_text().splitlines()[:2]]
+
+
+@pytest.mark.integration  # a Snakemake subprocess: not in `make check`
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_expert_fine_tuning_asks_for_a_gpu_where_it_runs_on_one(tmp_path, device):
+    """zoo.device cuda: the fine-tuning jobs ask the cluster for a GPU, as scoring and evaluation do."""
+    import re
+    import subprocess
+    import sys
+
+    from test_workflow import REPO, write_config
+
+    cfg = yaml.safe_load((REPO / "config" / "real_miniature.yaml").read_text())
+    cfg["zoo"]["device"] = device
+    cfg["results"] = str(tmp_path / "results")
+    proc = subprocess.run([str(Path(sys.executable).with_name("snakemake")), "-n", "--snakefile", str(REPO / "Snakefile"),
+                           "--configfile", str(write_config(tmp_path / "config.yaml", cfg)), "--directory", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = re.findall(r"rule zoo_expert:\n(?:    .*\n)*?    resources: (.*)", proc.stdout)
+    assert len(jobs) == 3
+    assert all(f"gpu={1 if device == 'cuda' else 0}" in r for r in jobs), jobs
