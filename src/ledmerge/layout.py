@@ -106,7 +106,7 @@ OFFLINE_BENCHMARKS = ("harmbench", "humaneval")
 
 
 def offline_benchmark(config: dict, name: str) -> str:
-    return data_file(f"{config['results']}/data", name)
+    return Layout(config).dataset(name)
 
 
 # ---- hub models ----
