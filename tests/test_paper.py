@@ -226,6 +226,28 @@ def test_docs_result_tables_are_the_recorded_runs():
     assert rate.loc["task_arithmetic", "harmful_rate"] >= rate.loc["safety", "harmful_rate"] + 0.5
 
 
+def test_docs_miniature_tables_are_its_recorded_run():
+    """The real-model miniature's main table in README.md and docs/results.md is generated from its record
+    (docs/run-miniature/, `make record-miniature`), like the default run's."""
+    from pathlib import Path
+
+    from ledmerge.paper.record import main_table_markdown, markers, with_main_table
+
+    repo = Path(__file__).resolve().parents[1]
+    record = repo / "docs" / "run-miniature"
+    if not (record / "run.json").is_file():
+        pytest.skip("no recorded miniature run")
+    table = main_table_markdown(record)
+    for doc in (repo / "README.md", repo / "docs" / "results.md"):
+        text = doc.read_text()
+        assert with_main_table(text, record) == text, f"{doc.name} is stale: run make docs"
+        begin, end = markers(record)
+        assert text.split(begin, 1)[1].split(end, 1)[0] == table
+    summary = pd.read_csv(record / "summary.csv")
+    assert {"base", "safety", "math", "code", "led", "task_arithmetic"} <= set(summary["model"])
+    assert {"math_accuracy", "humaneval_pass_rate"} <= set(summary.columns)
+
+
 def test_record_run_and_main_table_markers(tmp_path):
     from ledmerge.paper.record import markers, record_run, with_main_table
 
