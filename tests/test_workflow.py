@@ -436,7 +436,7 @@ def test_dry_run_plans_a_merge_given_as_a_mergekit_file(tmp_path):
     proc = snakemake(tmp_path / "work", write_config(tmp_path / "c.yaml", cfg), "-n", "-p", "--cores", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert job_stats(proc.stdout)["merge"] == 1
-    assert """'{"density": 0.3, "method": "ties", "scale": 0.5}'""" in proc.stdout, proc.stdout[-3000:]
+    assert """'{"density": 0.3, "method": "ties", "normalize": true, "scale": 0.5}'""" in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.slow
