@@ -24,6 +24,7 @@ from .layout import (
     is_hub,
     model_dir,
     offline_benchmark,
+    offline_benchmark_files,
 )
 from .specs import merge_spec
 
@@ -113,8 +114,7 @@ def check(config: dict) -> None:
             raise LedmergeError(f"config error at 'evaluation.{key}': not set, and the toy's prompt set (zoo) is the "
                                 f"default only for the toy models: name {fix}, or zoo to use the toy's prompts anyway")
         source = config["evaluation"][key]
-        offline = {offline_benchmark(config, name) for name in OFFLINE_BENCHMARKS}  # written by the workflow
-        if source not in (None, ZOO, *offline) and not isinstance(source, dict):
+        if source not in (None, ZOO, *offline_benchmark_files(config)) and not isinstance(source, dict):
             _at(f"evaluation.{key}", read_set, key, source)
     _check_evaluation(config)
     _check_vocab_scoring(config)
@@ -189,7 +189,7 @@ def _check_evaluation(config: dict) -> None:
         raise LedmergeError(f"config error at 'evaluation.judge': unknown judge {ev['judge']!r}: choose one of "
                             f"{sorted(JUDGES)}")
     specs = task_specs(ev["lm_eval_tasks"])
-    offline = {offline_benchmark(config, name) for name in OFFLINE_BENCHMARKS}  # written by the workflow
+    offline = offline_benchmark_files(config)
     _at("evaluation.lm_eval_tasks", check_lm_eval_tasks, specs, ev["unsandboxed_code"])
     for i, spec in enumerate(specs):
         for split, path in local_data_files(spec["data"]).items():

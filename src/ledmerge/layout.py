@@ -109,6 +109,11 @@ def offline_benchmark(config: dict, name: str) -> str:
     return Layout(config).dataset(name)
 
 
+def offline_benchmark_files(config: dict) -> set[str]:
+    """Every file the benchmark_data rule may write: inputs the config names before the run has made them."""
+    return {offline_benchmark(config, name) for name in OFFLINE_BENCHMARKS}
+
+
 # ---- hub models ----
 def is_hub(source) -> bool:
     """A model given as {hub: org/name}: fetched by the workflow rather than read from a local directory."""
