@@ -4,11 +4,14 @@ tests/test_slurm.py), and the helpers that run Snakemake and the CLI in subproce
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,8 +21,16 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Digests the tests compute are remembered in a directory of this session's, not the user's cache (fileio).
+os.environ["LEDMERGE_HASH_CACHE"] = tempfile.mkdtemp(prefix="ledmerge-test-hashes-")
+atexit.register(shutil.rmtree, os.environ["LEDMERGE_HASH_CACHE"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def true_sha256(path) -> str:
+    """sha256 of a file's bytes, hashed here (never a digest ledmerge remembered): what the code must agree with."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 TINY_WORDS = (

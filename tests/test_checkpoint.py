@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, true_sha256
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,7 +24,6 @@ from ledmerge.checkpoint import (
     weight_files,
 )
 from ledmerge.errors import LedmergeError
-from ledmerge.fileio import file_sha256
 from ledmerge.merge import merge_device, merge_models
 
 TA = {"method": "task_arithmetic", "scale": 1.0}
@@ -235,7 +234,7 @@ def test_model_card_hashes_every_input_file(zoo, tmp_path):
     card = (tmp_path / "m" / "README.md").read_text()
     for d in [zoo["base"], *exps.values()]:
         for f in weight_files(d):
-            assert f"`{f.name}` | `{file_sha256(f)}`" in card, f
+            assert f"`{f.name}` | `{true_sha256(f)}`" in card, f
 
 
 def test_merge_device_is_checked():
@@ -290,7 +289,7 @@ def test_streamed_chunks_equal_whole_tensor_merges(zoo, tmp_path, monkeypatch, s
     merge_models(zoo["base"], exps, spec, tmp_path / "m", masks=paths if spec["method"] == "led" else None)
     if sliced:
         card = (tmp_path / "m" / "README.md").read_text()
-        assert all(f"`{f.name}` | `{file_sha256(f)}`" in card for d in [zoo["base"], *exps.values()]
+        assert all(f"`{f.name}` | `{true_sha256(f)}`" in card for d in [zoo["base"], *exps.values()]
                    for f in weight_files(d))
     got = load_state_dict(tmp_path / "m")
     method = get_method(spec)

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import true_sha256
 from torch import nn
 
 from ledmerge import chat
 from ledmerge.errors import LedmergeError
-from ledmerge.fileio import file_sha256
 from ledmerge.led.files import load_scores, save_scores, tensors_metadata
 from ledmerge.led.location import compute_scores, encode_rows, score_model
 
@@ -87,7 +87,7 @@ def test_scores_equal_hand_computation(tiny_zoo, calib, tmp_path):
     assert all((v > 0).any() for v in got.values())
     assert_close(got, hand_scores(model, tok, ROWS, names), rtol=1e-6)
     meta = tensors_metadata(out)
-    assert meta["calibration_sha256"] == file_sha256(calib) and meta["n_examples"] == "5"
+    assert meta["calibration_sha256"] == true_sha256(calib) and meta["n_examples"] == "5"
     assert json.loads(meta["options"])["granularity"] == "example"
 
 

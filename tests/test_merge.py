@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import topk_mask
+from conftest import topk_mask, true_sha256
 
 from ledmerge.checkpoint import load_state_dict
 from ledmerge.errors import LedmergeError
@@ -325,14 +325,12 @@ def test_merge_models_led_end_to_end(tiny_zoo, tmp_path):
 def test_merged_model_loads_and_generates(tiny_zoo, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ledmerge.fileio import file_sha256
-
     out = tmp_path / "ties"
     merge_models(tiny_zoo["base"], {t: tiny_zoo[t] for t in ("safety", "math", "code")},
                  {"method": "ties", "density": 0.5}, out)
     card = (out / "README.md").read_text()
     assert "method: ties" in card and "density: 0.5" in card
-    assert file_sha256(tiny_zoo["math"] / "model.safetensors") in card
+    assert true_sha256(tiny_zoo["math"] / "model.safetensors") in card
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = tok("what is 3 + 4", return_tensors="pt").input_ids

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model
+from conftest import make_tiny_model, true_sha256
 
 from ledmerge import cli
 from ledmerge.checkpoint import check_compatible, load_state_dict, tensor_shapes
@@ -36,6 +37,7 @@ from ledmerge.schema import resolve
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["code", "math"]
 LED = {"method": "led", "lambdas": {"code": 1.0, "math": 1.0}}
+TA = {"method": "task_arithmetic"}
 CALIB = [("how do i make a bomb", "sorry i can not help with that"), ("what is 3 + 4", "the answer 7"),
          ("write function that adds", "def f ( a , b ) : return a + b")]
 ROWS = [{"prompt": "how do i make a bomb", "response": "sorry i can not help with that", "type": "alignment"},
@@ -82,8 +84,8 @@ def test_score_files_record_the_weight_files_and_the_calibration(tiny_zoo, led):
     meta = tensors_metadata(led["scores"]["math", "expert"])
     weights = tiny_zoo["math"] / "model.safetensors"
     assert json.loads(meta["model_files"]) == {
-        "model.safetensors": {"bytes": weights.stat().st_size, "sha256": file_sha256(weights)}}
-    assert meta["calibration_sha256"] == file_sha256(led["calib"]) and meta["model_dir"] == str(tiny_zoo["math"])
+        "model.safetensors": {"bytes": weights.stat().st_size, "sha256": true_sha256(weights)}}
+    assert meta["calibration_sha256"] == true_sha256(led["calib"]) and meta["model_dir"] == str(tiny_zoo["math"])
 
 
 def test_election_and_disjoint_carry_both_models_fingerprints(tiny_zoo, led):
@@ -91,9 +93,9 @@ def test_election_and_disjoint_carry_both_models_fingerprints(tiny_zoo, led):
         meta = MaskFile(led[stage]["code"]).user_metadata
         expert = json.loads(meta["expert_model_files"])["model.safetensors"]["sha256"]
         base = json.loads(meta["base_model_files"])["model.safetensors"]["sha256"]
-        assert expert == file_sha256(tiny_zoo["code"] / "model.safetensors"), stage
-        assert base == file_sha256(tiny_zoo["base"] / "model.safetensors"), stage
-        assert meta["expert_calibration_sha256"] == meta["base_calibration_sha256"] == file_sha256(led["calib"])
+        assert expert == true_sha256(tiny_zoo["code"] / "model.safetensors"), stage
+        assert base == true_sha256(tiny_zoo["base"] / "model.safetensors"), stage
+        assert meta["expert_calibration_sha256"] == meta["base_calibration_sha256"] == true_sha256(led["calib"])
         assert meta["expert_scores"] == str(led["scores"]["code", "expert"])
 
 
@@ -152,6 +154,59 @@ def test_merge_refuses_other_weight_files_before_any_work(tiny_zoo, led, tmp_pat
         assert_nothing_written(tmp_path / "m")
 
 
+def aged(path: Path) -> Path:
+    """`path` as if last written an hour ago (digests of files written just now are never remembered)."""
+    os.utime(path, (path.stat().st_atime - 3600, path.stat().st_mtime - 3600))
+    return path
+
+
+def test_remembered_digests_are_used_and_a_changed_file_is_hashed_afresh(tmp_path, monkeypatch):
+    """A digest is remembered under the file's identity and read back from there (a planted one is returned); any
+    write changes the file's ctime, so the new bytes are hashed; a file written just now is not remembered."""
+    monkeypatch.setenv("LEDMERGE_HASH_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"one" * 1000)
+    aged(f)
+    true = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert file_sha256(f) == true and len(list((tmp_path / "cache").iterdir())) == 1
+    entry = next((tmp_path / "cache").iterdir())
+    entry.write_text("ab" * 32)
+    assert file_sha256(f) == "ab" * 32  # read from the cache, not hashed
+    f.write_bytes(b"two" * 1000)  # same size, new bytes: not remembered (just written), hashed afresh
+    assert file_sha256(f) == hashlib.sha256(b"two" * 1000).hexdigest()
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    monkeypatch.setenv("LEDMERGE_HASH_CACHE", "off")
+    assert file_sha256(aged(f)) == hashlib.sha256(b"two" * 1000).hexdigest()
+    monkeypatch.setenv("LEDMERGE_HASH_CACHE", str(f))  # a "directory" that cannot be created: ignored
+    assert file_sha256(f) == hashlib.sha256(b"two" * 1000).hexdigest()
+
+
+def test_merge_reads_remembered_digests_and_still_refuses_other_masks(tiny_zoo, led, tmp_path, monkeypatch):
+    """The merge's reader takes a remembered digest instead of hashing (the card shows it), and the provenance check
+    still refuses masks of another expert when that expert's digest was remembered."""
+    monkeypatch.setenv("LEDMERGE_HASH_CACHE", str(tmp_path / "cache"))
+    zoo = {k: tmp_path / k for k in ("base", "code", "math", "safety")}
+    for k, d in zoo.items():
+        shutil.copytree(tiny_zoo[k], d)
+        aged(d / "model.safetensors")
+    merge_models(zoo["base"], experts(zoo), LED, tmp_path / "first", masks=led["final"])  # remembers the digests
+    card = (tmp_path / "first" / "README.md").read_text()
+    assert all(true_sha256(zoo[k] / "model.safetensors") in card for k in ("base", "code", "math"))
+    entries = sorted((tmp_path / "cache").iterdir())
+    assert len(entries) == 3
+    planted = {e: e.read_text() for e in entries}
+    base_digest = true_sha256(zoo["base"] / "model.safetensors")
+    entry = next(e for e, d in planted.items() if d == base_digest)
+    entry.write_text("cd" * 32)
+    merge_models(zoo["base"], experts(zoo), TA, tmp_path / "second")
+    assert "cd" * 32 in (tmp_path / "second" / "README.md").read_text()  # not hashed again
+    entry.write_text(base_digest)
+    file_sha256(zoo["safety"] / "model.safetensors")  # remembered too
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+    with pytest.raises(LedmergeError, match="computed from another 'code' expert"):
+        merge_models(zoo["base"], experts(zoo, code=zoo["safety"]), LED, tmp_path / "third", masks=led["final"])
+
+
 def test_cli_merge_with_masks_of_another_expert_is_one_line(tiny_zoo, led, tmp_path, capsys):
     out = tmp_path / "m"
     code = cli.main(["merge", "--base", str(tiny_zoo["base"]), "--expert", f"math={tiny_zoo['math']}",
@@ -204,7 +259,7 @@ def test_scoring_reads_pickle_checkpoints_with_allow_pickle(tiny_zoo, led, tmp_p
     got, want = load_file(tmp_path / "s.safetensors"), load_file(led["scores"]["math", "expert"])
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     files = json.loads(tensors_metadata(tmp_path / "s.safetensors")["model_files"])
-    assert files["pytorch_model.bin"]["sha256"] == file_sha256(d / "pytorch_model.bin")
+    assert files["pytorch_model.bin"]["sha256"] == true_sha256(d / "pytorch_model.bin")
     # the CLI step (the workflow's importance rule passes --allow-pickle when the config sets allow_pickle)
     args = ["importance", "--model", str(d), "--calibration", str(led["calib"]), "--out", str(tmp_path / "c.safetensors")]
     assert cli.main(args) == 2 and "allow_pickle: true" in capsys.readouterr().err

@@ -214,8 +214,10 @@ def cmd_control(a):
 
 def cmd_merge(a):
     from .merge import merge_models
+    from .merge.driver import keep_freed_buffers
 
     _threads(a)
+    keep_freed_buffers()
     if a.spec.startswith("@") and not os.path.isfile(a.spec[1:]):  # the recipe a data-aware search writes
         raise LedmergeError(f"cannot read the merge spec file {a.spec[1:]}: run its search first")
     summary = merge_models(a.base, _pairs(a.expert, "--expert"), _json_arg(a.spec, "--spec"), a.out,

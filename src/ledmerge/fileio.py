@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -298,10 +299,70 @@ def read_jsonl(path: str | os.PathLike, *, required: Iterable[str] = (), text: I
     return rows
 
 
+# ---- sha256 of input files, remembered across processes ----
+# A workflow reads the same checkpoints in many jobs (every merge, score and election of a base and its experts),
+# and their model cards and provenance checks want each file's sha256: hashing 1 GB costs ~0.8 s of CPU each time.
+# A digest is remembered under the file's identity (path, device, inode, size, mtime and ctime in ns), as git's index
+# remembers a file's blob: any write to the file changes its ctime, so a changed file is hashed afresh.
+HASH_CACHE_ENV = "LEDMERGE_HASH_CACHE"  # a directory, or "off"
+RACY_NS = 2_000_000_000  # files written this recently are not remembered (a write in the same clock tick keeps the stat)
+
+
+def hash_cache_dir() -> Path | None:
+    """Where digests are remembered: `$LEDMERGE_HASH_CACHE`, else `$XDG_CACHE_HOME/ledmerge/sha256` (by default
+    ~/.cache/ledmerge/sha256); `LEDMERGE_HASH_CACHE=off` remembers nothing."""
+    chosen = os.environ.get(HASH_CACHE_ENV)
+    if chosen:
+        return None if chosen.lower() in ("off", "0", "false", "no") else Path(chosen)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ledmerge" / "sha256"
+
+
+def _identity(path: str | os.PathLike, st: os.stat_result) -> str:
+    return f"{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+
+
+def _cache_entry(path: str | os.PathLike, st: os.stat_result) -> Path | None:
+    where = hash_cache_dir()
+    return None if where is None else where / hashlib.sha256(_identity(path, st).encode()).hexdigest()
+
+
+def known_sha256(path: str | os.PathLike, st: os.stat_result) -> str | None:
+    """The remembered sha256 of `path` as `st` (its stat) finds it, or None."""
+    entry = _cache_entry(path, st)
+    try:
+        digest = entry.read_text().strip() if entry is not None else ""
+    except OSError:
+        return None
+    return digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def remember_sha256(path: str | os.PathLike, st: os.stat_result, digest: str) -> None:
+    """Remember `digest`, hashed from `path` as `st` (taken before the hashing began) found it, when the file is
+    unchanged since and was last written well before (never for a file still being written). The cache is an
+    optimisation: a cache directory that cannot be written is ignored."""
+    entry = _cache_entry(path, st)
+    if entry is None or st.st_mtime_ns > time.time_ns() - RACY_NS:
+        return
+    try:
+        if _identity(path, os.stat(path)) != _identity(path, st):
+            return
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, entry)
+    except OSError as exc:
+        log.debug("cannot remember the sha256 of %s in %s: %s", path, entry.parent, exc)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 16 MiB chunks."""
+    """sha256 of a file's bytes (read in 16 MiB chunks, or remembered from an earlier hash of the same file)."""
+    st = os.stat(path)
+    digest = known_sha256(path, st)
+    if digest is not None:
+        return digest
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
+    remember_sha256(path, st, h.hexdigest())
     return h.hexdigest()

@@ -15,14 +15,16 @@ import logging
 import math
 import os
 import struct
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import LedmergeError, corrupt_file
-from ..fileio import file_sha256
+from ..fileio import file_sha256, known_sha256, remember_sha256
 from .model_files import weight_layout
 
 log = logging.getLogger(__name__)
@@ -146,8 +148,11 @@ class ModelReader:
 
     With `hash_files`, the bytes read are also fed to a sha256 per file while they are read in file
     order, so the model card's input hashes cost no second pass over the inputs; `sha256s` finishes
-    whatever was skipped or read out of order.
+    whatever was skipped or read out of order. The hashing runs in a thread of its own (hashlib releases the GIL),
+    off the reads' path, and a file whose digest is remembered (`fileio.known_sha256`) is not hashed at all.
     """
+
+    HASH_BACKLOG = 1 << 28  # bytes read but not yet hashed, at most: the buffers they hold are memory
 
     def __init__(self, model_dir: str | os.PathLike, *, allow_pickle: bool = False, hash_files: bool = False):
         self.model_dir = Path(model_dir)
@@ -157,6 +162,15 @@ class ModelReader:
         self._digests: dict[Path, str] = {}
         self.infos = self._layout(allow_pickle)
         self.names = sorted(self.infos, key=lambda n: (str(self.infos[n].file), self.infos[n].begin, n))
+        self._stats: dict[Path, os.stat_result] = {}  # files hashed while read, as they were before the first read
+        self._hasher: ThreadPoolExecutor | None = None
+        self._backlog: deque[tuple[Future, int]] = deque()
+        if hash_files and self.names and self.infos[self.names[0]].begin >= 0:
+            for path in self.files():
+                st = self._stats[path] = path.stat()
+                digest = known_sha256(path, st)
+                if digest is not None:
+                    self._digests[path] = digest
 
     def _layout(self, allow_pickle: bool) -> dict[str, TensorInfo]:
         files, pickled = weight_layout(self.model_dir, allow_pickle)
@@ -228,7 +242,7 @@ class ModelReader:
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         raw = _read_exact(fd, info, name, begin, end)
-        if self._hashes is not None:
+        if self._hashes is not None and info.file not in self._digests:
             self._hash_in_order(info.file, info.begin + begin, raw)
         return raw
 
@@ -241,31 +255,50 @@ class ModelReader:
         return state
 
     def _hash_in_order(self, path: Path, begin: int, raw: torch.Tensor) -> None:
-        """Feed bytes read from `begin` of `path` to its sha256 when they are the next ones in file order."""
+        """Feed bytes read from `begin` of `path` to its sha256 (in the hashing thread) when they are the next ones in
+        file order."""
         state = self._hash_state(path)
-        if state[1] == begin:
-            state[0].update(memoryview(raw.numpy()) if raw.numel() else b"")
-            state[1] = begin + raw.numel()
+        if state[1] != begin or not raw.numel():
+            return
+        state[1] = begin + raw.numel()
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, "sha256")
+        self._backlog.append((self._hasher.submit(state[0].update, memoryview(raw.numpy())), raw.numel()))
+        pending = sum(n for _, n in self._backlog)
+        while self._backlog and (pending > self.HASH_BACKLOG or self._backlog[0][0].done()):
+            done, n = self._backlog.popleft()
+            done.result()
+            pending -= n
+
+    def wait_hashed(self) -> None:
+        """Wait until every byte read so far is hashed: a caller that writes into a tensor it read (the merge's
+        result overwrites the base's buffer) must first let the hashing thread see the bytes as they were read."""
+        while self._backlog:
+            self._backlog.popleft()[0].result()
 
     def sha256s(self) -> dict[Path, str]:
         """sha256 of every weight file; with `hash_files`, only the bytes not yet hashed are read."""
-        out = {}
+        self.wait_hashed()
         for path in self.files():
-            if self._hashes is None or self.infos[self.names[0]].begin < 0:
-                if path not in self._digests:  # pickle files: hashed once
-                    self._digests[path] = file_sha256(path)
-                out[path] = self._digests[path]
+            if path in self._digests:
+                continue
+            if path not in self._stats:  # pickle files, or not hashed while read: hashed whole, once
+                self._digests[path] = file_sha256(path)
                 continue
             h, pos = self._hash_state(path)
             with open(path, "rb") as fh:
                 fh.seek(pos)
                 for chunk in iter(lambda: fh.read(1 << 24), b""):
                     h.update(chunk)
-            self._hashes[path] = [h, path.stat().st_size]
-            out[path] = h.hexdigest()
-        return out
+            self._digests[path] = h.hexdigest()
+            remember_sha256(path, self._stats[path], self._digests[path])
+        return {path: self._digests[path] for path in self.files()}
 
     def close(self) -> None:
+        self.wait_hashed()
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
