@@ -86,6 +86,9 @@ def top_k_mask_chunks(scores: Callable[[slice], torch.Tensor], n: int, k: int,
         return torch.ones(n, dtype=torch.bool, device=scores(slice(0, 1)).device)
     chunk = chunk or SELECT_CHUNK
     parts = [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if len(parts) == 1:  # one slice: computed once, kept for the later passes (its memory is a slice's anyway)
+        once = scores(parts[0])
+        scores = lambda part: once
     hist = None
     for part in parts:
         v = scores(part)

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -157,16 +157,26 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
             base.wait_hashed()  # the merged result may overwrite b
             return b, inputs, masks_of
 
-        def merge_one(name: str, b: torch.Tensor, inputs, tensor_masks) -> torch.Tensor:
+        def merge_one(name: str, b: torch.Tensor, inputs, tensor_masks, busy: bool) -> Callable[[], torch.Tensor]:
+            """Start merging one tensor; returns what waits for its result. `busy`: the pool is still merging the
+            previous tensor's chunks (see `merge_floats`)."""
             if not b.is_floating_point():  # integer buffers are copied from the base
-                return b
+                return lambda: b
             ctx = TensorContext(name, seed=method.seed, masks=tensor_masks)
-            merged = merge_floats(name, b, inputs, ctx)
-            for step, record in ctx.report.items():
-                reports.setdefault(step, {})[name] = record
-            return merged
+            result = merge_floats(name, b, inputs, ctx, busy)
 
-        def merge_floats(name: str, b: torch.Tensor, inputs, ctx: TensorContext) -> torch.Tensor:
+            def finish() -> torch.Tensor:
+                merged = result()
+                for step, record in ctx.report.items():
+                    reports.setdefault(step, {})[name] = record
+                return merged
+            return finish
+
+        def merge_floats(name: str, b: torch.Tensor, inputs, ctx: TensorContext, busy: bool) -> Callable[[], torch.Tensor]:
+            """The common case, whole tensors on the CPU without post-steps, is pipelined: the whole-tensor choices
+            (`select`) run here, on one torch thread while the pool still merges the previous tensor's chunks (on
+            torch's threads when it is idle), and this tensor's chunks are queued behind them, so the cores never
+            wait for one phase to end. The other cases are merged before returning."""
             layer_method = method.for_tensor(name)  # per-layer values: those of the tensor's layer
             if dev.type != "cpu":  # one whole tensor per kernel on a GPU
                 ctx, b, inputs = ctx.to(dev), b.to(dev), {t: e.to(dev) for t, e in inputs.items()}
@@ -177,8 +187,10 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                     check_finite(name, 0, fb, fe, None)
                     raise
                 check_finite(name, 0, fb, fe, merged)
-                return merged.cpu()
-            torch.set_num_threads(workers)  # whole-tensor choices (TIES, DARE): large ops, torch's own threads
+                merged = merged.cpu()
+                return lambda: merged
+            # Whole-tensor choices (TIES, DARE): large ops, on torch's own threads unless the pool is busy.
+            torch.set_num_threads(1 if busy else workers)
             try:
                 ctx.kept = layer_method.select(b, inputs, ctx)
             except Exception:  # e.g. TIES' ranking refuses NaN: name the input that holds it
@@ -206,18 +218,27 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 flat_out[where] = layer_method.merge_elements(fb, fe, ctx.chunk(where))
                 check_finite(name, start + offset, fb, fe, flat_out[where])  # all still in cache: one more read
 
+            if not method.post and not isinstance(b, TensorSlices):
+                flat_b, flat_in = b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}
+                chunks = [pool.submit(merge_chunk, 0, flat_b, flat_in, offset) for offset in range(0, flat_b.numel(), CHUNK)]
+
+                def result() -> torch.Tensor:
+                    for c in chunks:
+                        c.result()
+                    return out
+                return result
             for start, slab_b, slab_in in slabs(b, inputs):
                 for _ in pool.map(functools.partial(merge_chunk, start, slab_b, slab_in), range(0, slab_b.numel(), CHUNK)):
                     pass
             if not method.post:
-                return out
+                return lambda: out
             torch.set_num_threads(workers)  # whole-tensor steps (SafeMERGE's products): torch's own threads
             try:
                 merged = layer_method.finish(out, b, inputs, ctx).to(b.dtype)
             finally:
                 torch.set_num_threads(1)
             check_finite(name, 0, b.reshape(-1), {t: e.reshape(-1) for t, e in inputs.items()}, merged.reshape(-1))
-            return merged
+            return lambda: merged
 
         def slabs(b, inputs):
             """(start, base, {task: expert}) flat slabs of one tensor in order: views of whole tensors, or slabs
@@ -240,17 +261,27 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
         with bar, ThreadPoolExecutor(1, "read") as reader, ThreadPoolExecutor(1, "write") as writer_thread:
             order = writer.order
             ahead = reader.submit(load, order[0])
-            written = None
-            for i, name in enumerate(order):
-                loaded = ahead.result()
-                if i + 1 < len(order):
-                    ahead = reader.submit(load, order[i + 1])
-                merged = merge_one(name, *loaded)
-                del loaded
+            written = pending = None  # pending: (name, result) of the tensor whose chunks the pool is merging
+
+            def write_pending() -> None:
+                nonlocal written
+                name, result = pending
+                merged = result()
                 if written is not None:
                     written.result()  # at most one tensor waits for the disk
                 written = writer_thread.submit(writer.write, name, merged)
                 bar.update(merged.numel() * merged.element_size())
+
+            for i, name in enumerate(order):
+                loaded = ahead.result()
+                if i + 1 < len(order):
+                    ahead = reader.submit(load, order[i + 1])
+                result = merge_one(name, *loaded, busy=pending is not None)
+                del loaded
+                if pending is not None:
+                    write_pending()
+                pending = name, result
+            write_pending()
             if written is not None:
                 written.result()
         writer.close()
