@@ -318,9 +318,12 @@ def keep_freed_buffers() -> None:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
     mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
     mallopt(M_TRIM_THRESHOLD, KEEP_FREED)
+    # One arena for all threads: a thread's own arena is made of 64 MiB heaps that glibc unmaps whenever one is
+    # free, whatever the trim threshold, and buffers read in one thread are freed in another.
+    mallopt(M_ARENA_MAX, 1)
 
 
 def check_mask_sources(mask_files: MaskFiles | None, base: ModelReader,

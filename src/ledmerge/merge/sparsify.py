@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import ClassVar
 
 import torch
@@ -58,6 +59,17 @@ class DeltaChunks:
 
     def whole(self) -> Tensor:
         return self(slice(None)).view(self.shape)
+
+    def top_k_abs(self, k: int) -> Tensor:
+        """Flat bool mask of the k largest |τ| (ties at the threshold to the lowest flat indices): fused passes over
+        the inputs (`ledmerge.kernels`) for whole bf16 or float32 CPU tensors, else `top_k_mask_chunks` over slices."""
+        n = math.prod(self.shape)
+        if self._mask is None and isinstance(self._expert, Tensor) and isinstance(self._base, Tensor):
+            from .. import kernels
+
+            if kernels.supports(self._expert, self._base):
+                return kernels.top_k_abs_delta_mask(self._expert, self._base, k)
+        return top_k_mask_chunks(lambda part: self(part).abs_(), n, k)
 
     def masked(self, mask: Tensor) -> DeltaChunks:
         """The task vector times a bool mask of its shape (M_t ⊙ τ_t), read the same way."""
@@ -107,6 +119,13 @@ class Sparsifier:
         kept = delta * ctx.kept[task] if task in ctx.kept else delta
         return kept * ctx.scales[task] if task in ctx.scales else kept
 
+    def apply_terms(self, task: str, ctx: TensorContext) -> tuple[Tensor | None, float | None, float | None] | None:
+        """What `apply` does, as (kept mask, factor, divisor), each None when not applied, for a fused kernel
+        (`ledmerge.kernels.ties_elements`); None when `apply` is not that (a subclass' own)."""
+        if type(self).apply is not Sparsifier.apply:
+            return None
+        return ctx.kept.get(task), ctx.scales.get(task), None
+
 
 class NoSparsify(Sparsifier):
     """Every entry of every task vector."""
@@ -127,7 +146,7 @@ class Magnitude(Sparsifier):
 
     def select(self, task, delta, n, ctx):
         k = top_k_count(n, per_task(self.density, task))
-        return None if k >= n else top_k_mask_chunks(lambda part: delta(part).abs_(), n, k)
+        return None if k >= n else delta.top_k_abs(k)
 
 
 def dare_keep(n: int, drop: float, generator: torch.Generator) -> Tensor:
@@ -172,6 +191,9 @@ class Dare(Sparsifier):
 
     def apply(self, task, delta, ctx):
         return dare_rescaled(delta, ctx.kept[task], per_task(self.drop, task), self.rescale)
+
+    def apply_terms(self, task, ctx):
+        return ctx.kept[task], None, (1 - per_task(self.drop, task)) if self.rescale else None
 
 
 def l1_rescale(magnitudes: Tensor, keep: Tensor, ctx: TensorContext, task: str) -> None:

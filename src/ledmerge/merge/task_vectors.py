@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from .base import MergeMethod
 from .consensus import CONSENSUS, Consensus
-from .params import Param
+from .params import Param, task_weights
 from .sparsify import SPARSIFIERS, DeltaChunks, Sparsifier
 
 SCALE = Param("scale", "number", 1.0, "λ, multiplies the merged task vector")
@@ -55,7 +55,26 @@ class TaskVectorMethod(MergeMethod):
         return kept
 
     def merge_elements(self, base, experts, ctx):
+        fused = self.fused_elements(base, experts, ctx)
+        if fused is not None:
+            return fused
         return base + self.merge_deltas({t: e - base for t, e in experts.items()}, ctx)
+
+    def fused_elements(self, base, experts, ctx):
+        """TIES' consensus on the CPU in one fused pass (`ledmerge.kernels.ties_elements`, the same bits), or None
+        where it does not apply (another consensus or sparsification step, a GPU)."""
+        if self.consensus.name != "ties" or base.device.type != "cpu":
+            return None
+        tasks = sorted(experts)
+        terms = [self.sparsifier.apply_terms(t, ctx) for t in tasks]
+        if any(term is None for term in terms):
+            return None
+        from .. import kernels
+
+        kept, mul, div = zip(*terms)
+        return kernels.ties_elements(base, [experts[t] for t in tasks], list(kept), list(mul), list(div),
+                                     task_weights(self.weights, tasks) if self.weights else None,
+                                     self.consensus_options()["normalize"], self.scale)
 
     def merge_deltas(self, deltas, ctx):
         """λ · consensus of the task vectors `deltas` (elementwise, given what `select` chose)."""
