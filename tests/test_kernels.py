@@ -16,7 +16,8 @@ import torch
 from ledmerge import kernels
 from ledmerge.checkpoint import load_state_dict
 from ledmerge.errors import LedmergeError
-from ledmerge.merge import merge_models
+from ledmerge.merge import merge_models, sparsify
+from ledmerge.merge import task_vectors as task_vector_methods
 from ledmerge.merge.base import TensorContext
 from ledmerge.merge.registry import get_method
 from ledmerge.merge.sparsify import DeltaChunks
@@ -24,6 +25,13 @@ from ledmerge.merge.task_vectors import TaskVectorMethod
 from ledmerge.topk import top_k_mask_chunks
 
 TASKS = ("code", "math", "safety")
+
+
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """The kernels for tensors of any size (the merges use them from `FUSED_FROM` entries on)."""
+    monkeypatch.setattr(sparsify, "FUSED_FROM", 0)
+    monkeypatch.setattr(task_vector_methods, "FUSED_FROM", 0)
 
 
 def task_vectors(n: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -46,9 +54,10 @@ def test_fused_trim_is_the_chunked_top_k(dtype):
     base, experts = task_vectors(20_011, dtype, seed=1)
     n = base.numel()
     for t, e in experts.items():
+        delta = DeltaChunks(e, base)
         for k in (1, 2, 17, n // 10, n // 2, n - 3, n - 1, n):
             fused = kernels.top_k_abs_delta_mask(e, base, k)
-            ref = top_k_mask_chunks(lambda part: DeltaChunks(e, base)(part).abs_(), n, k, chunk=4096)
+            ref = top_k_mask_chunks(delta.abs_slice, n, k, chunk=4096)
             assert torch.equal(fused, ref), (t, k)
             assert int(fused.sum()) == k
 
@@ -59,7 +68,7 @@ def test_fused_trim_refuses_nan_as_the_chunked_one_does():
     with pytest.raises(LedmergeError, match="scores contain NaN"):
         kernels.top_k_abs_delta_mask(experts["code"], base, 100)
     with pytest.raises(LedmergeError, match="scores contain NaN"):
-        top_k_mask_chunks(lambda part: DeltaChunks(experts["code"], base)(part).abs_(), 1000, 100)
+        top_k_mask_chunks(DeltaChunks(experts["code"], base).abs_slice, 1000, 100)
 
 
 SPECS = [
@@ -75,7 +84,7 @@ SPECS = [
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["method"])
-def test_fused_consensus_is_the_torch_ops(spec):
+def test_fused_consensus_is_the_torch_ops(spec, fused_everywhere):
     method = get_method(spec)
     assert isinstance(method, TaskVectorMethod) and method.consensus.name == "ties"
     base, experts = task_vectors(30_000, torch.bfloat16, seed=4)
@@ -91,17 +100,21 @@ def test_fused_consensus_is_the_torch_ops(spec):
     assert torch.equal(fused.view(torch.int32), ref.view(torch.int32))  # -0.0 and +0.0 told apart
 
 
-def test_other_consensus_and_led_take_the_torch_ops():
+def test_other_consensus_and_small_chunks_take_the_torch_ops():
     base, experts = task_vectors(1000, torch.float32, seed=5)
+    assert get_method({"method": "ties", "density": 0.5}).fused_elements(base, experts, TensorContext("x")) is None
     ctx = TensorContext("x")
     assert get_method({"method": "task_arithmetic"}).fused_elements(base, experts, ctx) is None
     assert get_method({"method": "dare_linear"}).fused_elements(base, experts, ctx) is None
 
 
 @pytest.mark.parametrize("spec", SPECS[:5], ids=lambda s: s["method"])
-def test_merges_are_byte_identical_without_the_kernels(tiny_zoo, tmp_path, monkeypatch, spec):
+def test_merges_are_byte_identical_without_the_kernels(tiny_zoo, tmp_path, monkeypatch, fused_everywhere, spec):
     experts = {t: tiny_zoo[t] for t in TASKS}
+    calls = []
+    monkeypatch.setattr(kernels, "ties_elements", lambda *a, f=kernels.ties_elements: calls.append(1) or f(*a))
     merge_models(tiny_zoo["base"], experts, spec, tmp_path / "fused", progress=False)
+    assert calls  # the kernels ran
     monkeypatch.setattr(TaskVectorMethod, "fused_elements", lambda self, *a: None)
     monkeypatch.setattr(kernels, "supports", lambda *a: False)
     merge_models(tiny_zoo["base"], experts, spec, tmp_path / "torch", progress=False)

@@ -44,8 +44,8 @@ CHUNK = 1 << 18  # elements per elementwise step on the CPU (1 MiB in float32)
 # are read a slab at a time (`TensorSlices`) rather than whole, so a merge does not hold every input's copy at once.
 SLICED = 1 << 26
 SLAB = 1 << 22  # entries of every input read at a time from a sliced tensor (8 MiB per bf16 input)
-MMAP_FROM = 1 << 29  # bytes from which a buffer has its own mapping (`keep_freed_buffers`)
-KEEP_FREED = 1 << 30  # bytes of freed memory glibc may keep for reuse
+MMAP_FROM = 1 << 26  # bytes from which a buffer has its own mapping (`keep_freed_buffers`)
+KEEP_FREED = 1 << 28  # bytes of freed memory glibc may keep for reuse
 SUMMARY_FILE = "ledmerge_merge.json"  # the recipe and what each post-step did per tensor (also the CLI's stdout)
 
 

@@ -42,6 +42,9 @@ from .params import Param, each_value, per_task
 log = logging.getLogger(__name__)
 
 SEED = Param("seed", "int", 0, "seed of the random drops (drawn per seed, tensor and task)")
+# Entries from which a tensor (or a chunk of one) is worth `ledmerge.kernels`: numba's import and the kernels' loading
+# cost ~0.4 s per process, once; the toy zoo's tensors never pay it.
+FUSED_FROM = 1 << 16
 RANK_BLOCK = 1 << 22  # entries DELLA ranks at once: bounds the sort's int64 scratch on embedding-sized tensors
 
 
@@ -60,16 +63,21 @@ class DeltaChunks:
     def whole(self) -> Tensor:
         return self(slice(None)).view(self.shape)
 
+    def abs_slice(self, part: slice) -> Tensor:
+        """|τ| of the flat slice `part`, float32 (a fresh tensor)."""
+        return self(part).abs_()
+
     def top_k_abs(self, k: int) -> Tensor:
         """Flat bool mask of the k largest |τ| (ties at the threshold to the lowest flat indices): fused passes over
         the inputs (`ledmerge.kernels`) for whole bf16 or float32 CPU tensors, else `top_k_mask_chunks` over slices."""
         n = math.prod(self.shape)
-        if self._mask is None and isinstance(self._expert, Tensor) and isinstance(self._base, Tensor):
+        if (self._mask is None and isinstance(self._expert, Tensor) and isinstance(self._base, Tensor)
+                and n >= FUSED_FROM):
             from .. import kernels
 
             if kernels.supports(self._expert, self._base):
                 return kernels.top_k_abs_delta_mask(self._expert, self._base, k)
-        return top_k_mask_chunks(lambda part: self(part).abs_(), n, k)
+        return top_k_mask_chunks(self.abs_slice, n, k)
 
     def masked(self, mask: Tensor) -> DeltaChunks:
         """The task vector times a bool mask of its shape (M_t ⊙ τ_t), read the same way."""

@@ -16,7 +16,7 @@ from typing import ClassVar
 from .base import MergeMethod
 from .consensus import CONSENSUS, Consensus
 from .params import Param, task_weights
-from .sparsify import SPARSIFIERS, DeltaChunks, Sparsifier
+from .sparsify import FUSED_FROM, SPARSIFIERS, DeltaChunks, Sparsifier
 
 SCALE = Param("scale", "number", 1.0, "λ, multiplies the merged task vector")
 
@@ -63,7 +63,7 @@ class TaskVectorMethod(MergeMethod):
     def fused_elements(self, base, experts, ctx):
         """TIES' consensus on the CPU in one fused pass (`ledmerge.kernels.ties_elements`, the same bits), or None
         where it does not apply (another consensus or sparsification step, a GPU)."""
-        if self.consensus.name != "ties" or base.device.type != "cpu":
+        if self.consensus.name != "ties" or base.device.type != "cpu" or base.numel() < FUSED_FROM:
             return None
         tasks = sorted(experts)
         terms = [self.sparsifier.apply_terms(t, ctx) for t in tasks]
