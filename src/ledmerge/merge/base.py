@@ -17,6 +17,7 @@ import logging
 import os
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -42,6 +43,9 @@ class TensorContext:
     # two coefficients): a chunk cannot compute them from its own slice.
     scales: dict[str, float] = field(default_factory=dict)
     report: dict[str, dict] = field(default_factory=dict)  # post-step -> what it did to this tensor (model card)
+    # Where `select` may run tasks side by side: the driver's pool of single-threaded workers, for whole CPU tensors
+    # (a sliced tensor's slab reads feed the inputs' sha256 in file order, one thread at a time).
+    pool: Executor | None = None
 
     def generator(self, task: str, seed: int | None = None) -> torch.Generator:
         """A generator seeded from (seed, tensor name, task): independent of visiting order. `seed` overrides the

@@ -189,8 +189,10 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
                 check_finite(name, 0, fb, fe, merged)
                 merged = merged.cpu()
                 return lambda: merged
-            # Whole-tensor choices (TIES, DARE): large ops, on torch's own threads unless the pool is busy.
-            torch.set_num_threads(1 if busy else workers)
+            # Whole-tensor choices (TIES, DARE): one task here, the others on the pool, single-threaded; a sliced
+            # tensor's, one task at a time on torch's own threads unless the pool is busy.
+            ctx.pool = None if isinstance(b, TensorSlices) else pool
+            torch.set_num_threads(1 if busy or ctx.pool is not None else workers)
             try:
                 ctx.kept = layer_method.select(b, inputs, ctx)
             except Exception:  # e.g. TIES' ranking refuses NaN: name the input that holds it

@@ -45,14 +45,15 @@ class TaskVectorMethod(MergeMethod):
         return {p.name: getattr(self, p.name, p.default) for p in self.consensus.options}
 
     def select(self, base, experts, ctx):
+        """Each task's choice, the tasks side by side when the driver lends its pool (`ctx.pool`): one here, the
+        others there."""
         if not self.sparsifier.selects:
             return {}
-        kept = {}
-        for t in sorted(experts):
-            keep = self.sparsifier.select(t, DeltaChunks(experts[t], base), base.numel(), ctx)
-            if keep is not None:
-                kept[t] = keep.to(base.device).view(base.shape)
-        return kept
+        tasks = sorted(experts)
+        choose = lambda t: self.sparsifier.select(t, DeltaChunks(experts[t], base), base.numel(), ctx)
+        others = [ctx.pool.submit(choose, t) for t in tasks[1:]] if ctx.pool is not None else []
+        chosen = [choose(tasks[0]), *(f.result() for f in others)] if others else [choose(t) for t in tasks]
+        return {t: keep.to(base.device).view(base.shape) for t, keep in zip(tasks, chosen) if keep is not None}
 
     def merge_elements(self, base, experts, ctx):
         fused = self.fused_elements(base, experts, ctx)
