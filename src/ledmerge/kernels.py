@@ -1,14 +1,17 @@
-"""Fused CPU kernels (numba) for the passes a merge makes over every entry of a task vector.
+"""Fused CPU kernels (numba) for the passes TIES makes over every entry of its task vectors.
 
-TIES' trim keeps the k largest |τ| = |θ_t − θ_0| of each task vector. With torch ops each pass over a tensor is
-several: convert the bf16 inputs, subtract, take the absolute value, then histogram or compare, each reading and
-writing the whole tensor; on 2 cores the trim of three 1.1B-parameter experts took 36 s (docs/benchmarks.md). Here
-one pass reads the two inputs once and does the rest in registers. `top_k_abs_delta_mask` gives the same mask as
-`topk.top_k_mask_chunks` over `|expert − base|` (same radix select on the float32 bit patterns, ties at the
-threshold to the lowest flat indices): `tests/test_topk.py` checks it bit for bit.
+With torch ops each pass over a tensor is several: convert the bf16 inputs, subtract, take the absolute value,
+then histogram, compare or combine, each reading and writing whole temporaries; on 2 cores TIES' trim of three
+1.1B-parameter experts took 36 s (docs/benchmarks.md). Here a pass reads the inputs once and does the rest in
+registers:
 
-Compiled once per machine (numba's cache next to this file, else in NUMBA_CACHE_DIR) and released from the GIL,
-so several run at once in a merge's thread pool. Imported only by the merges that use it.
+- `top_k_abs_delta_mask`: the trim, the k largest |τ| = |θ_t − θ_0|, with the same radix select on the float32 bit
+  patterns as `topk.top_k_mask_chunks` and ties at the threshold to the lowest flat indices;
+- `ties_elements`: TIES' sign election and disjoint mean of one chunk, task by task in vectorised loops.
+
+Both give the same bits as the torch ops (`tests/test_kernels.py`). Compiled once per machine (numba's cache next
+to this file, else in its user-wide cache) and released from the GIL, so several run at once in a merge's thread
+pool. Imported only by the merges that use them (`merge.sparsify.FUSED_FROM`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from .errors import LedmergeError
+from .topk import bucket_of_kth
 
 HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32 (its sign bit is 0)
 LOW_BINS = 1 << 16
@@ -69,7 +73,7 @@ def _high_histogram(e, b, hist):
 
 @njit(nogil=True, cache=True)
 def _low_histogram(e, b, bucket, low):
-    """Histogram of the low 16 bits of the entries in `bucket` (branch-free: the others add 0 to a bin)."""
+    """Histogram of the low 16 bits of the entries in `bucket` (branch-free: the others count in a spare bin)."""
     outside = np.uint32(low.size - 1)  # a spare last bin counts the others
     for i in range(e.size):
         bits = _abs_bits(e, b, i)
@@ -103,8 +107,6 @@ def supports(expert: torch.Tensor, base: torch.Tensor) -> bool:
 def top_k_abs_delta_mask(expert: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
     """Flat bool mask of the k largest |expert − base| (float32), ties at the threshold to the lowest flat indices:
     `topk.top_k_mask_chunks(lambda part: (expert - base)[part].abs(), n, k)` in three fused passes."""
-    from .topk import _bucket_of_kth
-
     n = base.numel()
     if k >= n:
         return torch.ones(n, dtype=torch.bool)
@@ -114,10 +116,10 @@ def top_k_abs_delta_mask(expert: torch.Tensor, base: torch.Tensor, k: int) -> to
     hist = np.zeros(HIGH_BINS, dtype=np.int64)
     if _high_histogram(e, b, hist):
         raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
-    bucket, above = _bucket_of_kth(torch.from_numpy(hist), k)
+    bucket, above = bucket_of_kth(torch.from_numpy(hist), k)
     low = np.zeros(LOW_BINS + 1, dtype=np.int64)
     _low_histogram(e, b, np.uint32(bucket), low)
-    rest, more = _bucket_of_kth(torch.from_numpy(low[:LOW_BINS]), k - above)
+    rest, more = bucket_of_kth(torch.from_numpy(low[:LOW_BINS]), k - above)
     threshold, mask = np.uint32(bucket << 16 | rest), torch.empty(n, dtype=torch.bool)
     _mark_above(e, b, threshold, mask.numpy())
     _mark_ties(e, b, threshold, k - above - more, mask.numpy())
@@ -158,7 +160,7 @@ def ties_elements(base: torch.Tensor, experts: list[torch.Tensor], kept: list[to
                   scale: float) -> torch.Tensor:
     """TIES' consensus of one flat float32 chunk in one pass: base + λ · (disjoint mean of the w_t · x_t that agree
     with the sign of their sum), x_t the task vector times its kept mask (`kept`), times `mul` or divided by `div`
-    (a rescale); the same bits as `TaskVectorMethod.merge_elements` with the torch ops (tests/test_topk.py)."""
+    (a rescale); the same bits as `TaskVectorMethod.merge_elements` with the torch ops (tests/test_kernels.py)."""
     f32, shape, base = np.float32, base.shape, base.reshape(-1).contiguous()
     everything = torch.ones_like(base, dtype=torch.bool)
     out = torch.empty(base.numel(), dtype=torch.float32)

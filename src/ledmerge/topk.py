@@ -96,7 +96,7 @@ def top_k_mask_chunks(scores: Callable[[slice], torch.Tensor], n: int, k: int,
         if int(h[0x7F80:].sum()) and bool(torch.isnan(v).any()):
             raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
         hist = h if hist is None else hist.add_(h)
-    bucket, above = _bucket_of_kth(hist, k)
+    bucket, above = bucket_of_kth(hist, k)
     mask = torch.empty(n, dtype=torch.bool, device=hist.device)
     if int(hist[bucket]) <= chunk:  # the bucket's entries fit in a chunk's memory: keep them, one pass less
         where, values = [], []
@@ -118,7 +118,7 @@ def top_k_mask_chunks(scores: Callable[[slice], torch.Tensor], n: int, k: int,
         bits = scores(part).view(torch.int32)
         h = _histogram(bits[_high_bits(bits) == bucket] & 0xFFFF, 1 << 16)
         low = h if low is None else low.add_(h)
-    rest, more = _bucket_of_kth(low, k - above)
+    rest, more = bucket_of_kth(low, k - above)
     threshold = torch.tensor([bucket << 16 | rest], dtype=torch.int32).view(torch.float32).item()
     wanted = k - above - more  # tied entries kept, the lowest flat indices first
     for part in parts:
@@ -136,7 +136,7 @@ def _high_bits(v: torch.Tensor) -> torch.Tensor:
     return v.view(torch.int16)[1::2] if sys.byteorder == "little" else (v.view(torch.int32) >> 16)
 
 
-def _bucket_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
+def bucket_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The histogram bin holding the k-th largest entry (bins ordered like the values) and how many entries lie
     in the bins above it."""
     at_or_above = hist.flip(0).cumsum(0).flip(0)  # [i]: entries in bins >= i

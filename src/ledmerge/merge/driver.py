@@ -174,9 +174,9 @@ def merge_models(base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os
 
         def merge_floats(name: str, b: torch.Tensor, inputs, ctx: TensorContext, busy: bool) -> Callable[[], torch.Tensor]:
             """The common case, whole tensors on the CPU without post-steps, is pipelined: the whole-tensor choices
-            (`select`) run here, on one torch thread while the pool still merges the previous tensor's chunks (on
-            torch's threads when it is idle), and this tensor's chunks are queued behind them, so the cores never
-            wait for one phase to end. The other cases are merged before returning."""
+            (`select`) run while the pool still merges the previous tensor's chunks (one task's here, the others'
+            queued on the pool, all single-threaded), and this tensor's chunks are queued behind them, so the cores
+            never wait for one phase to end. The other cases are merged before returning."""
             layer_method = method.for_tensor(name)  # per-layer values: those of the tensor's layer
             if dev.type != "cpu":  # one whole tensor per kernel on a GPU
                 ctx, b, inputs = ctx.to(dev), b.to(dev), {t: e.to(dev) for t, e in inputs.items()}
