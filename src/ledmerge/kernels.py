@@ -9,9 +9,12 @@ registers:
   patterns as `topk.top_k_mask_chunks` and ties at the threshold to the lowest flat indices;
 - `ties_elements`: TIES' sign election and disjoint mean of one chunk, task by task in vectorised loops.
 
-Both give the same bits as the torch ops (`tests/test_kernels.py`). Compiled once per machine (numba's cache next
-to this file, else in its user-wide cache) and released from the GIL, so several run at once in a merge's thread
-pool. Imported only by the merges that use them (`merge.sparsify.FUSED_FROM`).
+Both give the same bits as the torch ops (`tests/test_kernels.py`), and on any x86-64 CPU (`portable_numerics`):
+only IEEE float32 subtractions, products, quotients and comparisons, each entry's in a fixed order, no fast-math
+(so no fused multiply-adds), integer histograms; vectorising for the host's width reorders nothing. Compiled once
+per machine (numba's cache next to this file, else in its user-wide cache; a cache built on another CPU is
+recompiled) and released from the GIL, so several run at once in a merge's thread pool. Imported only by the
+merges that use them (`merge.sparsify.FUSED_FROM`).
 """
 
 from __future__ import annotations
