@@ -24,7 +24,7 @@ import torch
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from .errors import LedmergeError
+from .errors import nan_scores
 from .topk import bucket_of_kth
 
 HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32 (its sign bit is 0)
@@ -118,7 +118,7 @@ def top_k_abs_delta_mask(expert: torch.Tensor, base: torch.Tensor, k: int) -> to
     e, b = as_array(expert), as_array(base)
     hist = np.zeros(HIGH_BINS, dtype=np.int64)
     if _high_histogram(e, b, hist):
-        raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
+        raise nan_scores()
     bucket, above = bucket_of_kth(torch.from_numpy(hist), k)
     low = np.zeros(LOW_BINS + 1, dtype=np.int64)
     _low_histogram(e, b, np.uint32(bucket), low)

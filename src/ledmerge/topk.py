@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import torch
 
-from .errors import LedmergeError
+from .errors import LedmergeError, nan_scores
 
 SELECT_CHUNK = 1 << 22  # entries per slice of a chunked selection (16 MiB of float32 scores)
 
@@ -94,7 +94,7 @@ def top_k_mask_chunks(scores: Callable[[slice], torch.Tensor], n: int, k: int,
         v = scores(part)
         h = _histogram(_high_bits(v), 1 << 15)
         if int(h[0x7F80:].sum()) and bool(torch.isnan(v).any()):
-            raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
+            raise nan_scores()
         hist = h if hist is None else hist.add_(h)
     bucket, above = bucket_of_kth(hist, k)
     mask = torch.empty(n, dtype=torch.bool, device=hist.device)

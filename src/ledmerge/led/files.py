@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..checkpoint import weight_files
-from ..errors import LedmergeError, corrupt_file
+from ..errors import LedmergeError, corrupt_file, nan_scores
 from ..fileio import atomic_path, file_sha256
 from ..schema import allowed
 
@@ -170,7 +170,7 @@ def rank_code(scores: torch.Tensor) -> torch.Tensor:
         raise LedmergeError(f"scores must be floating point, got {scores.dtype}")
     flat = scores.detach().reshape(-1)
     if torch.isnan(flat).any():
-        raise LedmergeError("scores contain NaN: the scoring run diverged (try dtype float32)")
+        raise nan_scores()
     n, dev = flat.numel(), flat.device
     m = int((flat > 0).sum())  # positive scores: codes 1..L-1; the rest: 0
     # position p -> flat index, the positive scores first, highest first; ties: lowest index first. Non-negative
